@@ -1,0 +1,139 @@
+"""DSA selectors: configuration, block metadata and the select call (orchestration of ops)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks as check
+from .. import ops
+from ..cache import KVCache
+from ..ops._common import check_block_size
+from ..ops.scoring import AGGREGATES
+from ..ops.select import check_budget
+
+METHODS = ("quest", "infllm_v2", "oracle")
+
+
+@dataclass(frozen=True, slots=True)
+class SparseConfig:
+    """What DSA selects per (sequence, KV head): ``n_sink`` first blocks, ``n_local`` last blocks and the
+    ``top_k`` best-scored others, blocks of ``block_size`` tokens. ``window``/``stride`` are the InfLLM-v2
+    compression (ignored by the other methods)."""
+
+    method: str = "quest"
+    block_size: int = 16
+    top_k: int = 125
+    n_sink: int = 1
+    n_local: int = 2
+    aggregate: str = "sum"
+    window: int = 32
+    stride: int = 16
+
+    def __post_init__(self):
+        check.choice("method", self.method, METHODS)
+        check.power_of_two("block_size", self.block_size)
+        check_budget(self.top_k, self.n_sink, self.n_local)
+        check.choice("aggregate", self.aggregate, AGGREGATES)
+        if self.method == "infllm_v2":
+            check.positive_int("window", self.window)
+            check.positive_int("stride", self.stride)
+            if self.block_size % self.stride or self.block_size < self.window or self.window % self.stride:
+                raise ValueError(
+                    f"infllm_v2 needs block_size ({self.block_size}) >= window ({self.window}), both multiples "
+                    f"of stride ({self.stride})"
+                )
+
+    @property
+    def k_max(self) -> int:
+        """Capacity of a selection, in blocks."""
+        return self.n_sink + self.n_local + self.top_k
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.k_max * self.block_size
+
+    @classmethod
+    def from_budget(cls, method: str, budget_tokens: int, **kw) -> SparseConfig:
+        """A config whose selection holds `budget_tokens` tokens in all (forced blocks included).
+
+        Defaults: Quest blocks of 16 tokens; InfLLM-v2 blocks of 64 tokens; oracle blocks of 16; one sink and
+        two local blocks.
+        """
+        check.choice("method", method, METHODS)
+        check.positive_int("budget_tokens", budget_tokens)
+        bs = kw.pop("block_size", 64 if method == "infllm_v2" else 16)
+        n_sink, n_local = kw.pop("n_sink", 1), kw.pop("n_local", 2)
+        top_k = budget_tokens // bs - n_sink - n_local
+        if top_k <= 0:
+            raise ValueError(
+                f"budget_tokens={budget_tokens} leaves no dynamic block (block_size={bs}, n_sink={n_sink}, "
+                f"n_local={n_local})"
+            )
+        return cls(method=method, block_size=bs, top_k=top_k, n_sink=n_sink, n_local=n_local, **kw)
+
+    def replace(self, **kw) -> SparseConfig:
+        fields = {f: getattr(self, f) for f in self.__slots__}
+        fields.update(kw)
+        return SparseConfig(**fields)
+
+
+@dataclass
+class Selection:
+    """``indices [B, Hkv, K_max]`` int32 (sorted, -1 padded), ``counts [B, Hkv]`` int32 and, for a true
+    selection, the block ``scores [B, Hkv, N_max]`` float32 that produced it (the predictor's input)."""
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+class BlockMetadata:
+    """The selector's per-block summary of the cache, kept in step with it.
+
+    Build once after prefill (:meth:`build`), then call :meth:`append` after every ``KVCache.append``.
+    """
+
+    def __init__(self, cfg: SparseConfig, cache: KVCache):
+        if not isinstance(cfg, SparseConfig):
+            raise TypeError(f"cfg must be a SparseConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.kmin = self.kmax = self.ckeys = None
+        self.build(cache)
+
+    def build(self, cache: KVCache) -> None:
+        cfg = self.cfg
+        if cfg.method == "quest":
+            self.kmin, self.kmax = ops.quest_metadata(cache, cfg.block_size)
+        elif cfg.method == "infllm_v2":
+            self.ckeys = ops.infllm_metadata(cache, cfg.window, cfg.stride)
+        else:  # the oracle reads the cache itself; only the block size needs checking
+            check_block_size(cfg.block_size, cache.page_size)
+
+    def append(self, cache: KVCache) -> None:
+        cfg = self.cfg
+        if cfg.method == "quest":
+            ops.quest_metadata_append(self.kmin, self.kmax, cache, cfg.block_size)
+        elif cfg.method == "infllm_v2":
+            ops.infllm_metadata_append(self.ckeys, cache, cfg.window, cfg.stride)
+
+    def scores(self, q: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Block scores ``[B, Hkv, N_max]`` float32 of the configured method."""
+        cfg = self.cfg
+        if cfg.method == "quest":
+            return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate)
+        if cfg.method == "infllm_v2":
+            return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate)
+        return ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
+
+
+def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None) -> Selection:
+    """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K."""
+    if not isinstance(meta, BlockMetadata):
+        raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
+    cfg = meta.cfg
+    scores = meta.scores(q, cache)
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local)
+    return Selection(idx, cnt, scores)

@@ -1,0 +1,155 @@
+"""One decode-attention step of one layer: serialized DSA, and PRR.
+
+Both take the cache *after* the current token was appended (the query attends to itself) and the block
+metadata kept in step with it, and return a :class:`StepOutput`. PRR in ``exact`` mode returns attention over
+the true selection S (serialized DSA's output up to float rounding); in ``union`` mode attention over
+``P ∪ S``. This module is the reference orchestration; the GPU runtime runs the same stages on two streams.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks as check
+from .. import ops
+from ..cache import KVCache
+from .predictor import HoltPredictor, forced_blocks
+from .sparse import BlockMetadata, Selection, select
+
+MODES = ("exact", "union")
+
+
+@dataclass
+class StepStats:
+    """Per (sequence, KV head) block counts of one step, each ``[B, Hkv]`` int32.
+
+    ``hits + misses == selected`` and ``hits + false_positives == predicted``. ``forced`` blocks (sink and
+    local, or all blocks of a short context) are in both S and P. For serialized DSA, P is empty.
+    """
+
+    selected: torch.Tensor  # |S|
+    predicted: torch.Tensor  # |P|
+    hits: torch.Tensor  # |S ∩ P|
+    misses: torch.Tensor  # |S \ P|, attended after the selection
+    false_positives: torch.Tensor  # |P \ S|
+    forced: torch.Tensor  # blocks in every selection
+
+    def hit_rate(self) -> float:
+        """Dynamic hit rate ``sum(hits - forced) / sum(selected - forced)`` (1.0 when nothing is dynamic)."""
+        dyn = (self.selected - self.forced).sum()
+        return float((self.hits - self.forced).sum() / dyn) if bool(dyn > 0) else 1.0
+
+    def summary(self) -> dict:
+        return {
+            "selected": float(self.selected.float().mean()),
+            "predicted": float(self.predicted.float().mean()),
+            "hits": float(self.hits.float().mean()),
+            "misses": float(self.misses.float().mean()),
+            "false_positives": float(self.false_positives.float().mean()),
+            "hit_rate": self.hit_rate(),
+        }
+
+
+@dataclass
+class StepOutput:
+    o: torch.Tensor  # [B, Hq, D], q.dtype
+    lse: torch.Tensor  # [B, Hq] float32 (float64 for float64 input)
+    selection: Selection  # the true S with its scores
+    stats: StepStats
+    predicted: Selection | None = None  # P (PRR only)
+
+
+def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
+    """``[B, Hkv, ...]`` -> ``[B, Hq, ...]``: query head i reads KV head i // G."""
+    return x.repeat_interleave(g, dim=1)
+
+
+def dsa_step(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, scale: float | None = None) -> StepOutput:
+    """Serialized DSA: select, then attend over the selection."""
+    cfg = meta.cfg if isinstance(meta, BlockMetadata) else None
+    sel = select(q, cache, meta)
+    o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, scale)
+    zero = torch.zeros_like(sel.counts)
+    forced = forced_blocks(ops.num_blocks(cache.seq_lens, cfg.block_size), cfg.n_sink, cfg.n_local, cfg.k_max)
+    forced = forced.to(torch.int32)[:, None].expand_as(sel.counts)
+    return StepOutput(o, lse, sel, StepStats(sel.counts, zero, zero, sel.counts, zero, forced))
+
+
+def speculative_top_k(top_k: int, ratio: float) -> int:
+    """``K' = ceil(r * K)`` dynamic blocks speculated for a budget of K."""
+    if not (isinstance(ratio, (int, float)) and ratio > 0 and math.isfinite(ratio)):
+        raise ValueError(f"ratio must be a positive number, got {ratio!r}")
+    return max(1, math.ceil(ratio * top_k - 1e-9))
+
+
+def prr_step(
+    q: torch.Tensor,
+    cache: KVCache,
+    meta: BlockMetadata,
+    predictor: HoltPredictor,
+    layer: int,
+    *,
+    ratio: float = 1.0,
+    mode: str = "exact",
+    scale: float | None = None,
+    update: bool = True,
+) -> StepOutput:
+    """Predict, speculate, select, reuse, repair, merge (and update the predictor).
+
+    Args:
+        q: ``[B, Hq, D]`` queries of this step; cache/meta hold the current token already.
+        predictor: Holt state; its ``layer`` slot is read, then updated with the true scores.
+        ratio: speculation ratio r; ``K' = ceil(r * K)`` dynamic blocks are speculated.
+        mode: ``"exact"`` (attention over S) or ``"union"`` (attention over ``P ∪ S``).
+    """
+    check.choice("mode", mode, MODES)
+    if not isinstance(predictor, HoltPredictor):
+        raise TypeError(f"predictor must be a HoltPredictor, got {type(predictor).__name__}")
+    if not isinstance(meta, BlockMetadata):
+        raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
+    cfg = meta.cfg
+    g = check.gqa(q.shape[1], cache.num_kv_heads) if q.dim() == 3 else 1
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+
+    # 1. Predict P: sink ∪ local ∪ the K' blocks with the best predicted scores.
+    spec_k = speculative_top_k(cfg.top_k, ratio)
+    p_idx, p_cnt = ops.select_blocks(predictor.predict(layer), nblk, spec_k, cfg.n_sink, cfg.n_local)
+
+    # 2. Speculate: attention over P (per-block partial states for exact mode). On the GPU this runs on a
+    #    side stream, concurrently with step 3.
+    o_p, lse_p, blk_o, blk_lse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale,
+                                                   return_block_states=True)
+
+    # 3. Select: the true S and its scores.
+    sel = select(q, cache, meta)
+
+    # 4. Reuse: which speculated blocks are in S.
+    hit = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts)  # [B, Hkv, K'_max]
+
+    # 5. Repair: attention over the misses S \ P.
+    m_idx, m_cnt = ops.selection_difference(sel.indices, sel.counts, p_idx, p_cnt)
+    o_m, lse_m = ops.sparse_decode(q, cache, m_idx, m_cnt, cfg.block_size, scale)
+
+    # 6. Merge disjoint parts: exact = hits' partials + misses (== S); union = all of P + misses (== P ∪ S).
+    if mode == "exact":
+        kept_lse = blk_lse.masked_fill(~_expand_heads(hit, g), float("-inf"))
+        o, lse = ops.merge_states(torch.cat([blk_o, o_m.to(blk_o.dtype)[:, :, None]], dim=2),
+                                  torch.cat([kept_lse, lse_m.to(kept_lse.dtype)[:, :, None]], dim=2))
+        o = o.to(q.dtype)
+    else:
+        o, lse = ops.merge_two(o_p, lse_p, o_m, lse_m)
+
+    # 7. Update the predictor with the scores the selection already produced.
+    if update:
+        predictor.update(layer, sel.scores, nblk)
+
+    hits = hit.sum(-1, dtype=torch.int32)
+    # Blocks forced into both S and P (P's capacity may be the smaller one when K' < K).
+    forced = torch.minimum(forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.k_max),
+                           forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.n_sink + cfg.n_local + spec_k))
+    forced = forced.to(torch.int32)[:, None].expand_as(hits)
+    stats = StepStats(sel.counts, p_cnt, hits, m_cnt, p_cnt - hits, forced)
+    return StepOutput(o, lse, sel, stats, Selection(p_idx, p_cnt))

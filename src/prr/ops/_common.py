@@ -1,0 +1,44 @@
+"""Helpers shared by the reference ops (no kernels here)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks as check
+from ..cache import KVCache
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (exactness tests), everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_query(q: torch.Tensor, cache: KVCache) -> int:
+    """Validate ``q: [B, Hq, D]`` against the cache; return G = Hq / Hkv."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a prr.KVCache, got {type(cache).__name__}")
+    check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES, device=cache.device)
+    check.shape("q", q, (cache.batch, None, cache.head_dim))
+    check.same_dtype("q", q, cache.dtype, "the cache")
+    check.finite("q", q)
+    return check.gqa(q.shape[1], cache.num_kv_heads)
+
+
+def check_block_size(block_size: int, page_size: int) -> int:
+    check.power_of_two("block_size", block_size)
+    if block_size % page_size:
+        raise ValueError(f"block_size={block_size} must be a multiple of the page size ({page_size})")
+    return block_size
+
+
+def check_selection(indices: torch.Tensor, counts: torch.Tensor, cache: KVCache, name: str = "indices"):
+    check.tensor(name, indices, ndim=3, dtypes=check.INDEX_DTYPES, device=cache.device)
+    check.shape(name, indices, (cache.batch, cache.num_kv_heads, None))
+    cname = name.replace("indices", "counts") if "indices" in name else name + "_counts"
+    check.tensor(cname, counts, ndim=2, dtypes=check.INDEX_DTYPES, device=cache.device)
+    check.shape(cname, counts, (cache.batch, cache.num_kv_heads))
+
+
+def num_blocks(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks per sequence, ``ceil(seq_len / BS)``: [B] int32."""
+    return ((seq_lens + block_size - 1) // block_size).to(torch.int32)

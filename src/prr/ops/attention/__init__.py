@@ -1,0 +1,3 @@
+from .reference import dense_decode, gather_blocks, sparse_decode
+
+__all__ = ["dense_decode", "gather_blocks", "sparse_decode"]

@@ -1,0 +1,116 @@
+"""Block metadata for DSA selection, built in bulk and updated in place one token at a time.
+
+Quest: per sequence, KV head and block, the element-wise min and max of the block's keys:
+``kmin, kmax: [B, Hkv, N_max, D]`` in the cache dtype (min/max are exact in any dtype). Blocks past a
+sequence's end hold ``(+inf, -inf)``.
+
+InfLLM-v2-style compressed keys: the mean of the keys over windows of ``window`` tokens every ``stride``
+tokens, ``ckeys: [B, Hkv, C_max, D]`` float32, with ``C_max = (capacity - window) // stride + 1``. Only
+complete windows (``i*stride + window <= seq_len``) are defined; the others hold 0 and are never read.
+
+The ``*_append`` functions take the cache *after* ``KVCache.append`` and fold in the token at
+``seq_len - 1`` of every sequence, with no host sync; the result equals a bulk rebuild bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _checks as check
+from ...cache import KVCache
+from .._common import check_block_size
+
+
+def _max_blocks(cache: KVCache, block_size: int) -> int:
+    return -(-cache.capacity // block_size)
+
+
+def quest_metadata(cache: KVCache, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bulk Quest metadata of every sequence: ``(kmin, kmax)``, each ``[B, Hkv, N_max, D]``."""
+    check_block_size(block_size, cache.page_size)
+    nmax = _max_blocks(cache, block_size)
+    k = cache.logical("k")  # [B, Hkv, C, D]
+    pad = nmax * block_size - cache.capacity
+    if pad:
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+    valid = torch.arange(nmax * block_size, device=k.device)[None, :] < cache.seq_lens[:, None]
+    valid = valid[:, None, :, None]
+    shape = (cache.batch, cache.num_kv_heads, nmax, block_size, cache.head_dim)
+    kmin = k.masked_fill(~valid, float("inf")).view(shape).amin(dim=3)
+    kmax = k.masked_fill(~valid, float("-inf")).view(shape).amax(dim=3)
+    return kmin, kmax
+
+
+def _last_token(cache: KVCache, which: str = "k") -> torch.Tensor:
+    """The newest key of every sequence: ``[B, Hkv, D]``."""
+    pool = cache.k if which == "k" else cache.v
+    pos = (cache.seq_lens.long() - 1).clamp(min=0)
+    rows = torch.arange(cache.batch, device=cache.device)
+    page = cache.page_table.long()[rows, pos // cache.page_size]
+    return pool[page, :, pos % cache.page_size]
+
+
+def quest_metadata_append(kmin: torch.Tensor, kmax: torch.Tensor, cache: KVCache, block_size: int) -> None:
+    """Fold the token at ``seq_len - 1`` of each sequence into its block's min/max, in place."""
+    check_block_size(block_size, cache.page_size)
+    nmax = _max_blocks(cache, block_size)
+    for name, t in (("kmin", kmin), ("kmax", kmax)):
+        check.tensor(name, t, ndim=4, device=cache.device)
+        check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
+        check.same_dtype(name, t, cache.dtype, "the cache")
+    knew = _last_token(cache)  # [B, Hkv, D]
+    pos = (cache.seq_lens.long() - 1).clamp(min=0)
+    rows = torch.arange(cache.batch, device=cache.device)
+    blk = pos // block_size
+    first = (pos % block_size == 0)[:, None, None]
+    kmin[rows, :, blk] = torch.where(first, knew, torch.minimum(kmin[rows, :, blk], knew))
+    kmax[rows, :, blk] = torch.where(first, knew, torch.maximum(kmax[rows, :, blk], knew))
+
+
+def _check_window(window: int, stride: int) -> None:
+    check.positive_int("window", window)
+    check.positive_int("stride", stride)
+    if window % stride:
+        raise ValueError(f"window={window} must be a multiple of stride={stride}")
+
+
+def num_windows(capacity: int, window: int, stride: int) -> int:
+    return max(0, (capacity - window) // stride + 1)
+
+
+def _window_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim -2 of ``[..., window, D]`` in float32 (float64 stays); shared by bulk and append."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(acc).contiguous().sum(dim=-2) / x.shape[-2]
+
+
+def infllm_metadata(cache: KVCache, window: int = 32, stride: int = 16) -> torch.Tensor:
+    """Bulk compressed keys ``[B, Hkv, C_max, D]`` (float32; float64 for a float64 cache)."""
+    _check_window(window, stride)
+    cmax = num_windows(cache.capacity, window, stride)
+    if cmax == 0:
+        raise ValueError(f"the cache capacity ({cache.capacity}) is shorter than one window ({window})")
+    k = cache.logical("k")  # [B, Hkv, C, D]
+    starts = torch.arange(cmax, device=k.device) * stride
+    tok = starts[:, None] + torch.arange(window, device=k.device)  # [C_max, window]
+    c = _window_mean(k[:, :, tok])  # [B, Hkv, C_max, D]
+    complete = (starts + window)[None, :] <= cache.seq_lens[:, None]  # [B, C_max]
+    return c.masked_fill(~complete[:, None, :, None], 0.0)
+
+
+def infllm_metadata_append(ckeys: torch.Tensor, cache: KVCache, window: int = 32, stride: int = 16) -> None:
+    """Write the compressed key whose window the newest token completes (if any), in place."""
+    _check_window(window, stride)
+    cmax = num_windows(cache.capacity, window, stride)
+    check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
+    check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, cmax, cache.head_dim))
+    end = cache.seq_lens.long()  # one past the newest token
+    start = end - window
+    done = (start >= 0) & (start % stride == 0)  # [B]
+    i = (start // stride).clamp(0, cmax - 1)
+    pos = start.clamp(min=0)[:, None] + torch.arange(window, device=cache.device)  # [B, window]
+    pages = cache.page_table.long().gather(1, pos // cache.page_size)  # [B, window]
+    win = cache.k[pages, :, pos % cache.page_size]  # [B, window, Hkv, D]
+    c = _window_mean(win.transpose(1, 2))  # [B, Hkv, D]
+    rows = torch.arange(cache.batch, device=cache.device)
+    ckeys[rows, :, i] = torch.where(done[:, None, None], c.to(ckeys.dtype), ckeys[rows, :, i])
