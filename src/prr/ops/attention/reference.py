@@ -38,6 +38,7 @@ def dense_decode(q: torch.Tensor, cache: KVCache, scale: float | None = None):
     s = torch.einsum("bhgd,bhtd->bhgt", qg, k) * scale
     valid = torch.arange(cache.capacity, device=q.device)[None, :] < cache.seq_lens[:, None]  # [B, C]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    v = torch.where(valid[:, None, :, None], v, 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.where(torch.isfinite(lse)[..., None], torch.exp(s - lse[..., None]), torch.zeros_like(s))
     o = torch.einsum("bhgt,bhtd->bhgd", p, v)
@@ -104,7 +105,8 @@ def sparse_decode(
     qg = q.to(acc).view(bsz, cache.num_kv_heads, g, d)
     s = torch.einsum("bhgd,bhktd->bhgkt", qg, k.to(acc)) * scale  # [B, Hkv, G, K, BS]
     s = s.masked_fill(~valid[:, :, None], float("-inf"))
-    vv = v.to(acc)[:, :, None]  # [B, Hkv, 1, K, BS, D]
+    # Masked tokens may hold garbage (NaN in never-written pages): zero them, 0 * NaN would leak.
+    vv = torch.where(valid[..., None], v.to(acc), 0.0)[:, :, None]  # [B, Hkv, 1, K, BS, D]
     o, lse = _softmax_state(s, vv, dims=(-2, -1))
     o = o.reshape(bsz, hq, d).to(q.dtype)
     lse = lse.reshape(bsz, hq)

@@ -37,7 +37,9 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     tot = w.sum(dim=-1, keepdim=True)
     out_lse = (torch.log(tot) + m).squeeze(-1)
     w = torch.where(tot > 0, w / tot, torch.zeros_like(w))
-    out = (w.unsqueeze(-1) * o.to(acc)).sum(dim=-2)
+    # An empty part weighs 0 even if its o holds garbage (NaN/inf): select, do not multiply.
+    w = w.unsqueeze(-1)
+    out = torch.where(w > 0, w * o.to(acc), 0.0).sum(dim=-2)
     return out.to(o.dtype), out_lse
 
 

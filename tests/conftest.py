@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import prr
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_cache(lens, hkv=2, d=64, *, page_size=16, capacity=None, dtype=torch.float64, shuffle=True, seed=0):
+    """A paged cache of random keys/values with the given per-sequence lengths, pages scattered."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lens)
+    cap = capacity or max(t, 1)
+    k = torch.randn(len(lens), hkv, t, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(len(lens), hkv, t, d, generator=gen, dtype=torch.float64).to(dtype)
+    return prr.KVCache.from_dense(k, v, lens, page_size=page_size, capacity=cap,
+                                  shuffle_pages=torch.Generator().manual_seed(seed + 1) if shuffle else None)
+
+
+def make_query(cache, g, *, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(cache.batch, cache.num_kv_heads * g, cache.head_dim, generator=gen, dtype=torch.float64)
+    return (q * scale).to(cache.dtype)
+
+
+def all_blocks(cache, block_size):
+    """A selection of every live block of every (sequence, KV head)."""
+    n = prr.num_blocks(cache.seq_lens, block_size)
+    nmax = -(-cache.capacity // block_size)
+    idx = torch.arange(nmax, dtype=torch.int32).expand(cache.batch, cache.num_kv_heads, nmax)
+    cnt = n[:, None].expand(cache.batch, cache.num_kv_heads).contiguous()
+    return torch.where(idx < cnt[..., None], idx, -1).contiguous(), cnt
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
