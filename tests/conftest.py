@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; the switch is read when a kernel module is
+# first imported, which prr does lazily, so setting it here (before any test imports one) is enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import prr
 

@@ -62,11 +62,6 @@ class StepOutput:
     predicted: Selection | None = None  # P (PRR only)
 
 
-def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
-    """``[B, Hkv, ...]`` -> ``[B, Hq, ...]``: query head i reads KV head i // G."""
-    return x.repeat_interleave(g, dim=1)
-
-
 def dsa_step(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, scale: float | None = None) -> StepOutput:
     """Serialized DSA: select, then attend over the selection."""
     cfg = meta.cfg if isinstance(meta, BlockMetadata) else None
@@ -111,45 +106,38 @@ def prr_step(
     if not isinstance(meta, BlockMetadata):
         raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
     cfg = meta.cfg
-    g = check.gqa(q.shape[1], cache.num_kv_heads) if q.dim() == 3 else 1
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
 
     # 1. Predict P: sink ∪ local ∪ the K' blocks with the best predicted scores.
     spec_k = speculative_top_k(cfg.top_k, ratio)
     p_idx, p_cnt = ops.select_blocks(predictor.predict(layer), nblk, spec_k, cfg.n_sink, cfg.n_local)
 
-    # 2. Speculate: attention over P (per-block partial states for exact mode). On the GPU this runs on a
-    #    side stream, concurrently with step 3.
-    o_p, lse_p, blk_o, blk_lse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale,
-                                                   return_block_states=True)
+    # 2. Speculate: attention over P -- per-block partial states (exact) or one merged state (union). On the
+    #    GPU this runs on a side stream, concurrently with step 3.
+    if mode == "exact":
+        _, _, blk_o, blk_lse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale,
+                                                 return_block_states=True)
+        spec = dict(block_o=blk_o, block_lse=blk_lse)
+    else:
+        o_p, lse_p = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale)
+        spec = dict(spec_o=o_p, spec_lse=lse_p)
 
     # 3. Select: the true S and its scores.
     sel = select(q, cache, meta)
 
-    # 4. Reuse: which speculated blocks are in S.
-    hit = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts)  # [B, Hkv, K'_max]
-
-    # 5. Repair: attention over the misses S \ P.
-    m_idx, m_cnt = ops.selection_difference(sel.indices, sel.counts, p_idx, p_cnt)
-    o_m, lse_m = ops.sparse_decode(q, cache, m_idx, m_cnt, cfg.block_size, scale)
-
-    # 6. Merge disjoint parts: exact = hits' partials + misses (== S); union = all of P + misses (== P ∪ S).
-    if mode == "exact":
-        kept_lse = blk_lse.masked_fill(~_expand_heads(hit, g), float("-inf"))
-        o, lse = ops.merge_states(torch.cat([blk_o, o_m.to(blk_o.dtype)[:, :, None]], dim=2),
-                                  torch.cat([kept_lse, lse_m.to(kept_lse.dtype)[:, :, None]], dim=2))
-        o = o.to(q.dtype)
-    else:
-        o, lse = ops.merge_two(o_p, lse_p, o_m, lse_m)
+    # 4-6. Reuse the partials of S ∩ P, repair the misses S \ P from the cache, merge the disjoint parts
+    #      (one fused op; its reference spells the three stages out).
+    o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts, mode=mode,
+                                scale=scale, **spec)
 
     # 7. Update the predictor with the scores the selection already produced.
     if update:
         predictor.update(layer, sel.scores, nblk)
 
-    hits = hit.sum(-1, dtype=torch.int32)
+    hits = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts).sum(-1, dtype=torch.int32)
     # Blocks forced into both S and P (P's capacity may be the smaller one when K' < K).
     forced = torch.minimum(forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.k_max),
                            forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.n_sink + cfg.n_local + spec_k))
     forced = forced.to(torch.int32)[:, None].expand_as(hits)
-    stats = StepStats(sel.counts, p_cnt, hits, m_cnt, p_cnt - hits, forced)
+    stats = StepStats(sel.counts, p_cnt, hits, sel.counts - hits, p_cnt - hits, forced)
     return StepOutput(o, lse, sel, stats, Selection(p_idx, p_cnt))

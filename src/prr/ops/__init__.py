@@ -1,16 +1,21 @@
-"""Pure functions on tensors: the only layer that will import Triton.
+"""Pure functions on tensors: the only layer that imports Triton.
 
-Each op lives in its own folder with ``reference.py``, the PyTorch ground truth (any device, dtype-generic).
+Each op lives in its own folder: ``reference.py`` is the PyTorch ground truth (any device, dtype-generic),
+``triton.py`` the kernel with the same signature, and the folder's ``__init__`` dispatches between them
+(:mod:`prr.ops.backend`): CUDA tensors run the kernels, CPU tensors the reference.
 """
 
+from . import backend
 from ._common import num_blocks
 from .attention import dense_decode, sparse_decode
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
+from .repair import repair_combine
 from .scoring import infllm_scores, oracle_scores, quest_scores
 from .select import select_blocks, selection_contains, selection_difference, selection_mask
 
 __all__ = [
+    "backend",
     "dense_decode",
     "infllm_metadata",
     "infllm_metadata_append",
@@ -22,6 +27,7 @@ __all__ = [
     "quest_metadata",
     "quest_metadata_append",
     "quest_scores",
+    "repair_combine",
     "select_blocks",
     "selection_contains",
     "selection_difference",

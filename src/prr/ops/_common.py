@@ -42,3 +42,31 @@ def check_selection(indices: torch.Tensor, counts: torch.Tensor, cache: KVCache,
 def num_blocks(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """Blocks per sequence, ``ceil(seq_len / BS)``: [B] int32."""
     return ((seq_lens + block_size - 1) // block_size).to(torch.int32)
+
+
+def check_decode_inputs(q, cache, indices, counts, block_size) -> int:
+    """Checks shared by both sparse_decode implementations; returns G."""
+    g = check_query(q, cache)
+    check_block_size(block_size, cache.page_size)
+    check_selection(indices, counts, cache)
+    return g
+
+
+def check_quest_inputs(q, kmin, kmax, cache, block_size) -> int:
+    g = check_query(q, cache)
+    check_block_size(block_size, cache.page_size)
+    nmax = -(-cache.capacity // block_size)
+    for name, t in (("kmin", kmin), ("kmax", kmax)):
+        check.tensor(name, t, ndim=4, device=cache.device)
+        check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
+    return g
+
+
+def check_infllm_inputs(q, ckeys, cache, block_size, window, stride) -> int:
+    g = check_query(q, cache)
+    check_block_size(block_size, cache.page_size)
+    if block_size % stride or block_size < window:
+        raise ValueError(f"block_size={block_size} must be a multiple of stride={stride} and >= window={window}")
+    check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
+    check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, None, cache.head_dim))
+    return g

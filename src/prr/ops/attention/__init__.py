@@ -1,3 +1,21 @@
-from .reference import dense_decode, gather_blocks, sparse_decode
+"""Decode attention. ``sparse_decode`` dispatches (see :mod:`prr.ops.backend`); ``dense_decode`` is the
+reference oracle on every device."""
+
+from .. import backend
+from .._common import check_decode_inputs
+from . import reference
+from .reference import dense_decode, gather_blocks
+
+
+def sparse_decode(q, cache, indices, counts, block_size, scale=None, return_block_states=False):
+    if backend.use_triton(q):
+        check_decode_inputs(q, cache, indices, counts, block_size)
+        from . import triton as kernels
+
+        return kernels.sparse_decode(q, cache, indices, counts, block_size, scale, return_block_states)
+    return reference.sparse_decode(q, cache, indices, counts, block_size, scale, return_block_states)
+
+
+sparse_decode.__doc__ = reference.sparse_decode.__doc__
 
 __all__ = ["dense_decode", "gather_blocks", "sparse_decode"]

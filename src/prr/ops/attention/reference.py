@@ -12,7 +12,7 @@ import math
 import torch
 
 from ...cache import KVCache
-from .._common import acc_dtype, check_block_size, check_query, check_selection
+from .._common import acc_dtype, check_decode_inputs, check_query
 
 
 def _softmax_state(s: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]):
@@ -94,9 +94,7 @@ def sparse_decode(
         `return_block_states`, also ``block_o: [B, Hq, K, D]`` and ``block_lse: [B, Hq, K]`` (float32 /
         float64; padding slots are ``(0, -inf)``), whose merge equals ``(o, lse)``.
     """
-    g = check_query(q, cache)
-    check_block_size(block_size, cache.page_size)
-    check_selection(indices, counts, cache)
+    g = check_decode_inputs(q, cache, indices, counts, block_size)
     bsz, hq, d = q.shape
     acc = acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d) if scale is None else scale

@@ -14,6 +14,13 @@ from ... import _checks as check
 from .._common import acc_dtype
 
 
+def check_merge_inputs(o, lse) -> None:
+    check.tensor("o", o, dtypes=check.FLOAT_DTYPES)
+    check.tensor("lse", lse, dtypes=check.FLOAT_DTYPES, device=o.device)
+    if o.dim() < 2 or tuple(lse.shape) != tuple(o.shape[:-1]):
+        raise ValueError(f"o must be [..., N, D] and lse [..., N]; got o {list(o.shape)}, lse {list(lse.shape)}")
+
+
 def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge N partial states.
 
@@ -24,10 +31,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     Returns:
         ``(o [..., D] in o.dtype, lse [...] float32; float64 if lse is float64)``.
     """
-    check.tensor("o", o, dtypes=check.FLOAT_DTYPES)
-    check.tensor("lse", lse, dtypes=check.FLOAT_DTYPES, device=o.device)
-    if o.dim() < 2 or tuple(lse.shape) != tuple(o.shape[:-1]):
-        raise ValueError(f"o must be [..., N, D] and lse [..., N]; got o {list(o.shape)}, lse {list(lse.shape)}")
+    check_merge_inputs(o, lse)
     acc = acc_dtype(lse.dtype)
     lse_a = lse.to(acc)
     m = lse_a.amax(dim=-1, keepdim=True)

@@ -50,14 +50,18 @@ def _last_token(cache: KVCache, which: str = "k") -> torch.Tensor:
     return pool[page, :, pos % cache.page_size]
 
 
-def quest_metadata_append(kmin: torch.Tensor, kmax: torch.Tensor, cache: KVCache, block_size: int) -> None:
-    """Fold the token at ``seq_len - 1`` of each sequence into its block's min/max, in place."""
+def check_quest_append(kmin, kmax, cache: KVCache, block_size: int) -> None:
     check_block_size(block_size, cache.page_size)
     nmax = _max_blocks(cache, block_size)
     for name, t in (("kmin", kmin), ("kmax", kmax)):
         check.tensor(name, t, ndim=4, device=cache.device)
         check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
         check.same_dtype(name, t, cache.dtype, "the cache")
+
+
+def quest_metadata_append(kmin: torch.Tensor, kmax: torch.Tensor, cache: KVCache, block_size: int) -> None:
+    """Fold the token at ``seq_len - 1`` of each sequence into its block's min/max, in place."""
+    check_quest_append(kmin, kmax, cache, block_size)
     knew = _last_token(cache)  # [B, Hkv, D]
     pos = (cache.seq_lens.long() - 1).clamp(min=0)
     rows = torch.arange(cache.batch, device=cache.device)
@@ -98,12 +102,17 @@ def infllm_metadata(cache: KVCache, window: int = 32, stride: int = 16) -> torch
     return c.masked_fill(~complete[:, None, :, None], 0.0)
 
 
-def infllm_metadata_append(ckeys: torch.Tensor, cache: KVCache, window: int = 32, stride: int = 16) -> None:
-    """Write the compressed key whose window the newest token completes (if any), in place."""
+def check_infllm_append(ckeys, cache: KVCache, window: int, stride: int) -> int:
     _check_window(window, stride)
     cmax = num_windows(cache.capacity, window, stride)
     check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
     check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, cmax, cache.head_dim))
+    return cmax
+
+
+def infllm_metadata_append(ckeys: torch.Tensor, cache: KVCache, window: int = 32, stride: int = 16) -> None:
+    """Write the compressed key whose window the newest token completes (if any), in place."""
+    cmax = check_infllm_append(ckeys, cache, window, stride)
     end = cache.seq_lens.long()  # one past the newest token
     start = end - window
     done = (start >= 0) & (start % stride == 0)  # [B]

@@ -13,14 +13,25 @@ import torch
 
 from ... import _checks as check
 from ...cache import KVCache
-from .._common import acc_dtype, check_block_size, check_query, num_blocks
+from .._common import (
+    acc_dtype,
+    check_block_size,
+    check_infllm_inputs,
+    check_query,
+    check_quest_inputs,
+    num_blocks,
+)
 
 AGGREGATES = ("sum", "max")
 
 
+def check_aggregate(aggregate: str) -> str:
+    return check.choice("aggregate", aggregate, AGGREGATES)
+
+
 def _aggregate(s: torch.Tensor, aggregate: str) -> torch.Tensor:
     """Reduce the G axis (dim 2) of ``[B, Hkv, G, N]``."""
-    check.choice("aggregate", aggregate, AGGREGATES)
+    check_aggregate(aggregate)
     return s.sum(dim=2) if aggregate == "sum" else s.amax(dim=2)
 
 
@@ -35,12 +46,8 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache:
 
     ``q: [B, Hq, D]``; ``kmin, kmax: [B, Hkv, N_max, D]`` from :func:`quest_metadata`.
     """
-    g = check_query(q, cache)
-    check_block_size(block_size, cache.page_size)
-    nmax = -(-cache.capacity // block_size)
-    for name, t in (("kmin", kmin), ("kmax", kmax)):
-        check.tensor(name, t, ndim=4, device=cache.device)
-        check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
+    g = check_quest_inputs(q, kmin, kmax, cache, block_size)
+    nmax = kmax.shape[2]
     acc = acc_dtype(q.dtype)
     qg = q.to(acc).view(q.shape[0], cache.num_kv_heads, g, q.shape[-1])
     # Blocks past the end hold +-inf; zero them first so 0 * inf cannot make NaN.
@@ -59,13 +66,8 @@ def infllm_scores(q: torch.Tensor, ckeys: torch.Tensor, cache: KVCache, block_si
 
     ``ckeys: [B, Hkv, C_max, D]`` from :func:`infllm_metadata`.
     """
-    g = check_query(q, cache)
-    check_block_size(block_size, cache.page_size)
-    if block_size % stride or block_size < window:
-        raise ValueError(f"block_size={block_size} must be a multiple of stride={stride} and >= window={window}")
+    g = check_infllm_inputs(q, ckeys, cache, block_size, window, stride)
     cmax = ckeys.shape[2]
-    check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
-    check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, None, cache.head_dim))
     acc = acc_dtype(q.dtype)
     qg = q.to(acc).view(q.shape[0], cache.num_kv_heads, g, q.shape[-1])
     sc = _aggregate(torch.einsum("bhgd,bhcd->bhgc", qg, ckeys.to(acc)), aggregate)  # [B, Hkv, C]

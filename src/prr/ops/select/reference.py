@@ -33,6 +33,14 @@ def check_budget(top_k: int, n_sink: int, n_local: int) -> int:
     return n_sink + n_local + top_k
 
 
+def check_select_inputs(scores, num_blocks, top_k, n_sink, n_local) -> int:
+    kmax = check_budget(top_k, n_sink, n_local)
+    check.tensor("scores", scores, ndim=3, dtypes=check.FLOAT_DTYPES)
+    check.tensor("num_blocks", num_blocks, ndim=1, dtypes=check.INDEX_DTYPES, device=scores.device)
+    check.shape("num_blocks", num_blocks, (scores.shape[0],))
+    return kmax
+
+
 def select_blocks(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_sink: int = 1,
                   n_local: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """``S = sink ∪ local ∪ topK(rest)`` per (sequence, KV head).
@@ -48,10 +56,7 @@ def select_blocks(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_
         ``indices [B, Hkv, K_max]`` int32 sorted, -1 padded, and ``counts [B, Hkv]`` int32, with
         ``K_max = n_sink + n_local + top_k``. Ties are broken as ``torch.topk`` breaks them.
     """
-    kmax = check_budget(top_k, n_sink, n_local)
-    check.tensor("scores", scores, ndim=3, dtypes=check.FLOAT_DTYPES)
-    check.tensor("num_blocks", num_blocks, ndim=1, dtypes=check.INDEX_DTYPES, device=scores.device)
-    check.shape("num_blocks", num_blocks, (scores.shape[0],))
+    kmax = check_select_inputs(scores, num_blocks, top_k, n_sink, n_local)
     n_max = scores.shape[-1]
     j = torch.arange(n_max, device=scores.device)
     n = num_blocks.long()[:, None, None]  # [B, 1, 1]

@@ -1,0 +1,133 @@
+"""Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
+
+One program per (sequence, KV head, split of S's slots). For each block of S it looks the block up in P's row
+(held in registers): a hit folds in P's stored per-block partial state (exact mode) or is skipped (union
+mode: it is already inside P's merged state); a miss is attended from the cache. The split states are then
+merged (with P's merged state in union mode) by one launch of the merge kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...cache import KVCache
+from ..attention.triton import _attend_block, _prec, check_layout, num_splits
+from ..merge.triton import merge_partials
+
+
+@triton.jit
+def _repair_kernel(
+    q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr,
+    p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
+    bo_ptr, blse_ptr,  # P's slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
+    so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
+    scale, HKV, KP, SLOTS_PER_SPLIT, NSPLIT,
+    s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
+    s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
+    KP_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    i_split = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    i_g = tl.arange(0, G_PAD)
+    i_d = tl.arange(0, D)
+    m_g = i_g < G
+    hq = i_h * G + i_g
+    q = tl.load(q_ptr + i_b * s_qb + hq[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
+    if PREC == "ieee":
+        q = q.to(tl.float32)
+    seq_len = tl.load(len_ptr + i_b)
+    pt_row = pt_ptr + i_b * s_ptb
+    p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
+    i_p = tl.arange(0, KP_PAD)
+    p_row = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=i_p < p_cnt, other=-1)
+    s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
+    start = i_split * SLOTS_PER_SPLIT
+    end = tl.minimum(start + SLOTS_PER_SPLIT, s_cnt)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for slot in range(start, end):
+        blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + slot)
+        match = p_row == blk
+        hit = tl.max(match.to(tl.int32), axis=0) > 0
+        if hit:
+            if EXACT:  # reuse: P's partial state of this block
+                pos = tl.sum(tl.where(match, i_p, 0), axis=0)
+                row = (i_b * HKV * G + hq) * KP + pos
+                lse_j = tl.load(blse_ptr + row, mask=m_g, other=float("-inf"))
+                o_j = tl.load(bo_ptr + row[:, None] * D + i_d[None, :], mask=m_g[:, None], other=0.0)
+                m_new = tl.maximum(m_i, lse_j)
+                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+                alpha = tl.exp(m_i - m_safe)
+                w = tl.exp(lse_j - m_safe)
+                acc = acc * alpha[:, None] + tl.where(w[:, None] > 0, w[:, None] * o_j, 0.0)
+                l_i = l_i * alpha + w
+                m_i = m_new
+        else:  # repair: attend the missed block from the cache
+            s, b_v = _attend_block(q, k_ptr, v_ptr, pt_row, blk, i_h, seq_len, scale,
+                                   s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, D, BS, PAGE, PREC)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if PREC == "ieee":
+                acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+            m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    row = (i_b * HKV * G + hq) * NSPLIT + i_split
+    tl.store(so_ptr + row[:, None] * D + i_d[None, :], o, mask=m_g[:, None])
+    tl.store(slse_ptr + row, lse, mask=m_g)
+
+
+def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
+                  splits=None):
+    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
+    check_layout(cache, q)
+    bsz, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    kp, ks = p_idx.shape[-1], s_idx.shape[-1]
+    nsplit = splits or num_splits(bsz * hkv, ks, q.device)
+    so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
+    slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
+    if exact:
+        for name, t in (("block_o", block_o), ("block_lse", block_lse)):
+            if t is None or not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError(f"{name} must be a contiguous float32 tensor from sparse_decode's block states")
+    bo = block_o if exact else so
+    blse = block_lse if exact else slse
+    _repair_kernel[(bsz * hkv, nsplit)](
+        q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt, bo, blse, so, slse,
+        scale, hkv, kp, -(-ks // nsplit), nsplit,
+        q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
+        p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
+        s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
+        KP_PAD=max(16, triton.next_power_of_2(kp)), PREC=_prec(q.dtype), EXACT=exact, num_warps=4,
+    )
+    return so, slse
+
+
+def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
+                   spec_o=None, spec_lse=None, mode="exact", scale=None):
+    """Triton twin of :func:`prr.ops.repair.reference.repair_combine`."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    exact = mode == "exact"
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
+    if exact:
+        return merge_partials(so, slse, out_dtype=q.dtype)
+    if spec_o is None or spec_lse is None:
+        raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
+    return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)

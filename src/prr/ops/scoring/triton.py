@@ -1,0 +1,127 @@
+"""Block scoring in Triton (twins: ``reference.quest_scores`` and ``reference.infllm_scores``).
+
+Grid: (sequence x KV head, chunks of BLOCK_N blocks), so even batch 1 with two KV heads spreads a long
+context over the whole GPU. The group's query heads are packed into the rows of one ``tl.dot`` (padded to 16)
+and reduced (sum or max) before the single float32 store per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...cache import KVCache
+from .._common import num_blocks
+from ..attention.triton import _prec, check_layout
+
+
+@triton.jit
+def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
+    if AGG_MAX:
+        return tl.max(tl.where(m_g[:, None], s, float("-inf")), axis=0)
+    return tl.sum(tl.where(m_g[:, None], s, 0.0), axis=0)
+
+
+@triton.jit
+def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
+                         s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    i_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_g = tl.arange(0, G_PAD)
+    i_d = tl.arange(0, D)
+    m_g = i_g < G
+    nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
+    m_n = i_n < nblk
+    q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
+    off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
+    b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
+    b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
+    zero = tl.zeros_like(q)
+    if PREC == "ieee":
+        q = q.to(tl.float32)
+        zero = zero.to(tl.float32)
+        s = tl.dot(tl.maximum(q, zero), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
+        s += tl.dot(tl.minimum(q, zero), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+    else:  # q+ and q- are exact in the input dtype; products accumulate in float32
+        s = tl.dot(tl.maximum(q, zero), tl.trans(b_hi))
+        s += tl.dot(tl.minimum(q, zero), tl.trans(b_lo))
+    agg = _aggregate_rows(s, m_g, AGG_MAX)
+    agg = tl.where(m_n, agg, float("-inf"))
+    tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
+
+
+@triton.jit
+def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, HKV, NMAX, CMAX,
+                          s_qb, s_qh, s_cb, s_ch, s_cn, s_ob, s_oh,
+                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                          WINDOW: tl.constexpr, STRIDE: tl.constexpr, INSIDE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr):
+    PER: tl.constexpr = BS // STRIDE  # windows starting in one block; the first INSIDE lie wholly inside
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    i_c = tl.program_id(1) * BLOCK_N * PER + tl.arange(0, BLOCK_N * PER)  # window ids
+    i_g = tl.arange(0, G_PAD)
+    i_d = tl.arange(0, D)
+    m_g = i_g < G
+    seq_len = tl.load(len_ptr + i_b)
+    ok = ((i_c * STRIDE + WINDOW) <= seq_len) & (i_c < CMAX) & ((i_c % PER) < INSIDE)
+    q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
+    ck = tl.load(ck_ptr + i_b * s_cb + i_h * s_ch + i_c[:, None].to(tl.int64) * s_cn + i_d[None, :],
+                 mask=ok[:, None], other=0.0)
+    s = tl.dot(q.to(tl.float32), tl.trans(ck.to(tl.float32)), input_precision="ieee")  # [G_PAD, BLOCK_N*PER]
+    agg = _aggregate_rows(s, m_g, AGG_MAX)
+    agg = tl.where(ok, agg, float("-inf"))
+    blk = tl.max(tl.reshape(agg, (BLOCK_N, PER)), axis=1)
+    i_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nblk = (seq_len + BS - 1) // BS
+    blk = tl.where(i_n < nblk, blk, float("-inf"))
+    tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
+
+
+def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str = "sum", out=None):
+    """Triton twin of :func:`prr.ops.scoring.reference.quest_scores` (`out` reuses a buffer)."""
+    check_layout(cache, q)
+    bsz, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    nmax = kmax.shape[2]
+    if kmin.stride() != kmax.stride() or kmax.stride(-1) != 1:
+        raise ValueError("kmin and kmax must share strides with a unit last stride")
+    out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
+    block_n = 64
+    _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
+        q, kmin, kmax, cache.seq_lens, out, hkv, nmax,
+        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
+        PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", num_warps=4,
+    )
+    return out
+
+
+def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16, aggregate="sum", out=None):
+    """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores`."""
+    check_layout(cache, q)
+    bsz, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    nmax = -(-cache.capacity // block_size)
+    if ckeys.stride(-1) != 1:
+        raise ValueError("ckeys must have a unit last stride")
+    out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
+    block_n = 16
+    _infllm_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
+        q, ckeys, cache.seq_lens, out, hkv, nmax, ckeys.shape[2],
+        q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), out.stride(0), out.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride,
+        INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", num_warps=4,
+    )
+    return out
+
+
+__all__ = ["infllm_scores", "num_blocks", "quest_scores"]

@@ -1,0 +1,350 @@
+"""Every Triton kernel against its PyTorch twin.
+
+Without a GPU the kernels run in Triton's CPU interpreter, in float32 and float16 (bf16 loads are wrong in
+the interpreter). On a GPU (tests marked ``gpu``) they run natively in bf16 and fp16. Outputs allocated with
+``torch.empty`` are poisoned with NaN (ints with a sentinel) so an element a kernel forgets to write fails.
+Tolerance rule (flash-attention's): the kernel's error against a float64 reference of the same rounded inputs
+is at most twice the error of PyTorch computing the same thing in the input dtype, plus one rounding step.
+"""
+
+import math
+
+import pytest
+import torch
+
+import prr
+from prr.ops.attention import reference as ref_attn
+from prr.ops.backend import use_backend
+
+from conftest import all_blocks, make_cache, make_query
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+LOWP = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _to(cache, dtype):
+    """The cache moved to DEVICE in `dtype` (pages stay scattered)."""
+    return prr.KVCache(cache.k.to(DEVICE, dtype), cache.v.to(DEVICE, dtype), cache.page_table.to(DEVICE),
+                       cache.seq_lens.to(DEVICE))
+
+
+def _lowp_attention(q, cache, idx, cnt, bs):
+    """PyTorch's own attention computed in the input dtype (the error yardstick)."""
+    k, v, valid = ref_attn.gather_blocks(cache, idx, cnt, bs)
+    b, hkv, _kk, _, d = k.shape
+    g = q.shape[1] // hkv
+    qg = q.view(b, hkv, g, d)
+    s = torch.einsum("bhgd,bhktd->bhgkt", qg, k).float() / math.sqrt(d)
+    s = s.masked_fill(~valid[:, :, None], float("-inf")).flatten(-2)
+    p = torch.softmax(s, -1).nan_to_num(0).to(q.dtype)
+    vv = torch.where(valid[..., None], v, 0).flatten(2, 3)
+    return torch.einsum("bhgt,bhtd->bhgd", p, vv).reshape(b, hkv * g, d)
+
+
+def _assert_rule(out, ref, own, dtype):
+    err = (out.double() - ref.double()).abs().max().item()
+    own_err = (own.double() - ref.double()).abs().max().item()
+    step = torch.finfo(dtype).eps * ref.double().abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * own_err + step, f"kernel error {err:.3g} > 2 x PyTorch's {own_err:.3g} + {step:.3g}"
+
+
+def _random_selection(cache, bs, kmax, seed, fill=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    nblk = prr.num_blocks(cache.seq_lens.cpu(), bs).tolist()
+    idx = torch.full((cache.batch, cache.num_kv_heads, kmax), -1, dtype=torch.int32)
+    cnt = torch.zeros(cache.batch, cache.num_kv_heads, dtype=torch.int32)
+    for b, n in enumerate(nblk):
+        for h in range(cache.num_kv_heads):
+            c = max(1, min(n, kmax, round(fill * n)))
+            blocks = torch.cat([torch.tensor([n - 1]), torch.randperm(n - 1, generator=gen)])[:c].sort().values
+            idx[b, h, :c] = blocks.to(torch.int32)
+            cnt[b, h] = c
+    return idx.to(DEVICE), cnt.to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sparse decode
+# --------------------------------------------------------------------------------------------------------------
+DECODE_CASES = [
+    # (lens, hkv, g, d, block, page)
+    pytest.param([97], 2, 4, 64, 16, 16, id="B1-G4-d64-partial"),
+    pytest.param([16], 1, 8, 128, 16, 16, id="B1-one-block-G8-d128"),
+    pytest.param([130, 33, 250], 2, 1, 64, 16, 16, id="B3-G1-mixed-lengths"),
+    pytest.param([300, 77], 1, 4, 128, 64, 16, id="B2-block64-page16"),
+]
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("lens,hkv,g,d,bs,page", DECODE_CASES)
+def test_sparse_decode_kernel(dtype, lens, hkv, g, d, bs, page):
+    base = make_cache(lens, hkv=hkv, d=d, page_size=page, capacity=320)
+    cache = _to(base, dtype)
+    q = make_query(base, g).to(DEVICE, dtype)
+    kmax = 6
+    idx, cnt = _random_selection(cache, bs, kmax, seed=len(lens) + d)
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    o_ref, lse_ref, bo_ref, blse_ref = ref_attn.sparse_decode(q.cpu().double(), ref64, idx.cpu(), cnt.cpu(), bs,
+                                                              return_block_states=True)
+    with use_backend("triton"):
+        o, lse, bo, blse = prr.sparse_decode(q, cache, idx, cnt, bs, return_block_states=True)
+    own = _lowp_attention(q.cpu(), prr.KVCache(cache.k.cpu(), cache.v.cpu(), base.page_table, base.seq_lens),
+                          idx.cpu(), cnt.cpu(), bs)
+    _assert_rule(o.cpu(), o_ref, own, dtype)
+    torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
+    assert lse.dtype == torch.float32 and o.dtype == dtype
+    # Slot states: padding slots are exactly (0, -inf); live ones match the reference.
+    pad = blse_ref == float("-inf")
+    assert torch.equal(blse.cpu() == float("-inf"), pad)
+    assert torch.all(bo.cpu()[pad] == 0)
+    torch.testing.assert_close(blse.cpu().double()[~pad], blse_ref[~pad], rtol=1e-5, atol=1e-4)
+    _assert_rule(bo.cpu()[~pad], bo_ref[~pad], bo_ref[~pad].to(dtype), dtype) if dtype != torch.float32 else \
+        torch.testing.assert_close(bo.cpu().double()[~pad], bo_ref[~pad], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_kernel_full_budget_equals_dense_and_noncontiguous_inputs():
+    base = make_cache([200, 61], hkv=2, d=64, capacity=208)
+    dtype = LOWP[0]
+    # Non-contiguous: q a strided view, the page pool a view of a wider pool, indices a slice of a wider buffer.
+    pool_k = torch.zeros(base.k.shape[0], 4, 16, 64, dtype=dtype, device=DEVICE)
+    pool_v = torch.zeros_like(pool_k)
+    pool_k[:, ::2] = base.k.to(DEVICE, dtype)
+    pool_v[:, ::2] = base.v.to(DEVICE, dtype)
+    cache = prr.KVCache(pool_k[:, ::2], pool_v[:, ::2], base.page_table.to(DEVICE), base.seq_lens.to(DEVICE))
+    assert not cache.k.is_contiguous()
+    qbig = make_query(base, 8).to(DEVICE, dtype).repeat(1, 2, 1)
+    q = qbig[:, ::2]
+    idx, cnt = all_blocks(base, 16)
+    wide = torch.full((2, 2, idx.shape[-1] + 5), 7, dtype=torch.int32)
+    wide[..., : idx.shape[-1]] = idx
+    with use_backend("triton"):
+        o, lse = prr.sparse_decode(q, cache, wide[..., : idx.shape[-1]].to(DEVICE), cnt.to(DEVICE), 16)
+    ref = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    o_ref, lse_ref = prr.dense_decode(q.cpu().double(), ref)
+    own = _lowp_attention(q.cpu(), prr.KVCache(cache.k.cpu(), cache.v.cpu(), base.page_table, base.seq_lens),
+                          idx, cnt, 16)
+    _assert_rule(o.cpu(), o_ref, own, dtype)
+    torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_decode_kernel_refuses_bad_layout():
+    base = make_cache([50], hkv=1, d=64)
+    cache = _to(base, LOWP[0])
+    q = make_query(base, 2).to(DEVICE, LOWP[0])
+    idx, cnt = all_blocks(base, 16)
+    with use_backend("triton"), pytest.raises(ValueError, match="q must have a unit stride"):
+        prr.sparse_decode(q.transpose(1, 2).contiguous().transpose(1, 2), cache, idx.to(DEVICE), cnt.to(DEVICE), 16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------------------------------
+def test_merge_kernel_with_empty_parts_and_garbage():
+    gen = torch.Generator().manual_seed(0)
+    o = torch.randn(3, 5, 21, 64, generator=gen)
+    lse = torch.randn(3, 5, 21, generator=gen) * 5
+    lse[0, 0] = float("-inf")  # an all-empty row -> (0, -inf)
+    lse[1, :, ::2] = float("-inf")
+    o[1, :, ::2] = float("nan")  # garbage in empty parts must not leak
+    with use_backend("triton"):
+        out, out_lse = prr.merge_states(o.to(DEVICE), lse.to(DEVICE))
+    ref, ref_lse = prr.merge_states(o.double(), lse.double())
+    ref[1] = prr.merge_states(o[1, :, 1::2].double(), lse[1, :, 1::2].double())[0]
+    assert torch.all(out[0, 0].cpu() == 0) and out_lse[0, 0] == float("-inf")
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_lse.cpu().double(), ref_lse, rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scoring and selection
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("g,aggregate", [(1, "sum"), (4, "sum"), (8, "max")], ids=["G1-sum", "G4-sum", "G8-max"])
+def test_quest_scores_kernel(dtype, g, aggregate):
+    base = make_cache([500, 37, 260], hkv=2, d=64, capacity=512)
+    cache = _to(base, dtype)
+    q = make_query(base, g).to(DEVICE, dtype)
+    kmin, kmax = prr.quest_metadata(cache, 16)
+    with use_backend("triton"):
+        s = prr.quest_scores(q, kmin, kmax, cache, 16, aggregate)
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    kmin64, kmax64 = kmin.cpu().double(), kmax.cpu().double()
+    s_ref = prr.quest_scores(q.cpu().double(), kmin64, kmax64, ref64, 16, aggregate)
+    dead = s_ref == float("-inf")
+    assert torch.equal(s.cpu() == float("-inf"), dead)
+    # float32 accumulation bound: a few ulps of the sum of |products|.
+    mag = torch.einsum("bhgd,bhnd->bhn", q.cpu().double().abs().view(3, 2, g, 64),
+                       torch.maximum(kmin64.abs(), kmax64.abs()).nan_to_num(0, 0, 0))
+    assert torch.all((s.cpu().double() - s_ref).abs()[~dead] <= 1e-5 * mag[~dead] + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_infllm_scores_kernel(dtype):
+    base = make_cache([700, 130], hkv=2, d=64, capacity=704)
+    cache = _to(base, dtype)
+    q = make_query(base, 4).to(DEVICE, dtype)
+    ck = prr.infllm_metadata(cache)
+    with use_backend("triton"):
+        s = prr.infllm_scores(q, ck, cache, 64)
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    s_ref = prr.infllm_scores(q.cpu().double(), ck.cpu().double(), ref64, 64)
+    dead = s_ref == float("-inf")
+    assert torch.equal(s.cpu() == float("-inf"), dead)
+    torch.testing.assert_close(s.cpu().double()[~dead], s_ref[~dead], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("nmax,top_k,n_sink,n_local", [(50, 7, 2, 3), (300, 40, 1, 2), (9, 20, 1, 2)],
+                         ids=["small", "wide", "budget>=blocks"])
+def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local):
+    gen = torch.Generator().manual_seed(nmax)
+    scores = torch.randn(3, 4, nmax, generator=gen)
+    scores[0, 0, 5] = float("-inf")  # never a dynamic pick
+    scores[1, 2, 3:9] = 1e30  # huge values
+    scores[2, 1, :] = -1e-30  # tiny negatives, all equal: ties go to the lowest ids
+    nblk = torch.tensor([nmax, max(1, nmax // 3), max(1, nmax - 1)], dtype=torch.int32)
+    with use_backend("triton"):
+        idx, cnt = prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), top_k, n_sink, n_local)
+    ridx, rcnt = prr.select_blocks(scores, nblk, top_k, n_sink, n_local)
+    assert torch.equal(cnt.cpu(), rcnt)
+    for b in range(3):
+        for h in range(4):
+            got = idx[b, h].cpu().tolist()
+            want = ridx[b, h].tolist()
+            if b == 2 and h == 1 and nblk[2] > top_k + n_sink + n_local:
+                n = int(nblk[2])  # all tied: sink, the lowest top_k others, local
+                want = sorted(set(range(n_sink)) | set(range(n_sink, n_sink + top_k)) | set(range(n - n_local, n)))
+                want += [-1] * (len(got) - len(want))
+            assert got == want, (b, h)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# repair-combine
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["exact", "union"])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_repair_combine_kernel(mode, dtype):
+    base = make_cache([400, 150, 333], hkv=2, d=64, capacity=400)
+    cache = _to(base, dtype)
+    q = make_query(base, 4).to(DEVICE, dtype)
+    s_idx, s_cnt = _random_selection(cache, 16, 12, seed=1, fill=0.4)
+    p_idx, p_cnt = _random_selection(cache, 16, 16, seed=2, fill=0.5)
+    s_cnt[1, 0] = 0  # an empty S row -> (0, -inf)
+    s_idx[1, 0] = -1
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    lowp = prr.KVCache(cache.k.cpu().clone(), cache.v.cpu().clone(), base.page_table, base.seq_lens)
+    with use_backend("triton"):
+        if mode == "exact":
+            _, _, bo, blse = prr.sparse_decode(q, cache, p_idx, p_cnt, 16, return_block_states=True)
+            spec = dict(block_o=bo, block_lse=blse)
+            # Reuse means the hits are not read again: corrupt their values in the cache after speculating.
+            hit = prr.ops.selection_contains(s_idx, s_cnt, p_idx, p_cnt)
+            assert hit.sum() > 0 and (~hit & (s_idx >= 0)).sum() > 0  # both hits and misses present
+            for b, h, j in zip(*torch.nonzero(hit, as_tuple=True), strict=True):
+                cache.v[cache.page_table[b, s_idx[b, h, j]], h] = 1000.0
+        else:
+            so, slse = prr.sparse_decode(q, cache, p_idx, p_cnt, 16)
+            spec = dict(spec_o=so, spec_lse=slse)
+        o, lse = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, **spec)
+    q64 = q.cpu().double()
+    if mode == "exact":
+        o_ref, lse_ref = prr.sparse_decode(q64, ref64, s_idx.cpu(), s_cnt.cpu(), 16)
+        own = _lowp_attention(q.cpu(), lowp, s_idx.cpu(), s_cnt.cpu(), 16)
+    else:
+        nmax = 25
+        both = prr.ops.selection_mask(p_idx.cpu(), p_cnt.cpu(), nmax) | prr.ops.selection_mask(
+            s_idx.cpu(), s_cnt.cpu(), nmax)
+        u_idx = torch.where(both, torch.arange(nmax, dtype=torch.int32), -1).sort(-1, descending=True).values
+        u_cnt = both.sum(-1, dtype=torch.int32)
+        o_ref, lse_ref = prr.sparse_decode(q64, ref64, u_idx, u_cnt, 16)
+        own = _lowp_attention(q.cpu(), lowp, u_idx, u_cnt, 16)
+    if mode == "exact":
+        assert torch.all(o[1, :4].cpu() == 0) and torch.all(lse[1, :4].cpu() == float("-inf"))
+    _assert_rule(o.cpu(), o_ref, own, dtype)
+    live = lse_ref > float("-inf")
+    torch.testing.assert_close(lse.cpu().double()[live], lse_ref[live], rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metadata append
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_metadata_append_kernels_track_bulk(dtype):
+    full = make_cache([200, 120], hkv=2, d=64, capacity=224)
+    k_all, v_all = full.logical("k").to(dtype), full.logical("v").to(dtype)
+    cache = prr.KVCache.from_dense(k_all[:, :, :60], v_all[:, :, :60], [60, 0], capacity=224,
+                                   shuffle_pages=torch.Generator().manual_seed(3))
+    cache = _to(cache, dtype)
+    kmin, kmax = prr.quest_metadata(cache, 16)
+    ck = prr.infllm_metadata(cache)
+    with use_backend("triton"):
+        for _ in range(70):
+            pos = cache.seq_lens.long().cpu()
+            rows = torch.arange(2)
+            cache.append(k_all[rows, :, pos].to(DEVICE), v_all[rows, :, pos].to(DEVICE))
+            prr.quest_metadata_append(kmin, kmax, cache, 16)
+            prr.infllm_metadata_append(ck, cache)
+    bmin, bmax = prr.quest_metadata(cache, 16)
+    assert torch.equal(kmin, bmin) and torch.equal(kmax, bmax)  # min/max are exact
+    torch.testing.assert_close(ck, prr.infllm_metadata(cache), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole PRR step on the kernels
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_prr_step_on_kernels_equals_dsa_on_kernels(method):
+    base = make_cache([900, 700], hkv=2, d=64, capacity=1024)
+    cache = _to(base, LOWP[0])
+    q = make_query(base, 4, scale=2.0).to(DEVICE, LOWP[0])
+    cfg = prr.SparseConfig.from_budget(method, 256 if method == "quest" else 512)
+    meta = prr.BlockMetadata(cfg, cache)
+    nmax = -(-cache.capacity // cfg.block_size)
+    pred = prr.HoltPredictor(1, 2, 2, nmax, device=DEVICE)
+    with use_backend("triton"):
+        dsa0 = prr.dsa_step(q, cache, meta)
+        pred.update(0, dsa0.selection.scores, prr.num_blocks(cache.seq_lens, cfg.block_size))
+        q2 = q + 0.3 * torch.randn_like(q)
+        dsa = prr.dsa_step(q2, cache, meta)
+        out = prr.prr_step(q2, cache, meta, pred, 0, ratio=1.5)
+    assert torch.equal(out.selection.indices, dsa.selection.indices)
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    o_ref, _ = prr.sparse_decode(q2.cpu().double(), ref64, dsa.selection.indices.cpu(),
+                                 dsa.selection.counts.cpu(), cfg.block_size)
+    own = _lowp_attention(q2.cpu(), prr.KVCache(cache.k.cpu(), cache.v.cpu(), base.page_table, base.seq_lens),
+                          dsa.selection.indices.cpu(), dsa.selection.counts.cpu(), cfg.block_size)
+    _assert_rule(out.o.cpu(), o_ref, own, LOWP[0])
+    _assert_rule(dsa.o.cpu(), o_ref, own, LOWP[0])
+    assert 0 < out.stats.hit_rate() <= 1
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_default_dispatch_runs_kernels():
+    """On CUDA tensors the public ops pick the kernels by default (no backend override)."""
+    base = make_cache([300], hkv=2, d=128, capacity=320)
+    cache = _to(base, torch.bfloat16)
+    q = make_query(base, 4).to(DEVICE, torch.bfloat16)
+    idx, cnt = all_blocks(base, 16)
+    o, _lse = prr.sparse_decode(q, cache, idx.to(DEVICE), cnt.to(DEVICE), 16)
+    ref = prr.dense_decode(q.float(), prr.KVCache(cache.k.float(), cache.v.float(), cache.page_table,
+                                                  cache.seq_lens))[0]
+    own = _lowp_attention(q.cpu(), prr.KVCache(cache.k.cpu(), cache.v.cpu(), base.page_table, base.seq_lens),
+                          idx, cnt, 16)
+    _assert_rule(o.cpu(), ref.cpu(), own, torch.bfloat16)
