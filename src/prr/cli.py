@@ -101,6 +101,33 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+def _cmd_bench_kernels(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench kernels: needs a CUDA GPU (the kernels' CPU path is Triton's interpreter, not timed)",
+              file=sys.stderr)
+        return 2
+    from .bench import kernels
+
+    kernels.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
+                kernels.parse_contexts(args.contexts), args.methods.split(","), args.out,
+                torch_path=not args.no_torch)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_show(args) -> int:
+    from .bench.common import table
+
+    with open(args.file) as f:
+        res = json.load(f)
+    env = res["env"]
+    print(f"{res['bench']} on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit'][:10]})")
+    print(table(res["rows"]))
+    for t in res.get("meta", {}).get("targets", []):
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['case']:36s} {t['op']:14s} {t['value']:8.2f} {t['target']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prr",
@@ -131,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write per-step stats here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_simulate)
+
+    bench = sub.add_parser("bench", help="GPU benchmarks (results saved as JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    s = bsub.add_parser("kernels", help="every kernel at real attention shapes vs dense SDPA and plain PyTorch")
+    s.add_argument("--models", default="llama-3.1-8b,glm-4-9b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest,infllm_v2")
+    s.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch path")
+    s.add_argument("--out", default="results/bench_kernels.json")
+    s.set_defaults(func=_cmd_bench_kernels)
+    s = bsub.add_parser("show", help="print a saved benchmark result")
+    s.add_argument("file")
+    s.set_defaults(func=_cmd_bench_show)
+    bench.set_defaults(func=lambda a: bench.print_help() or 0)
     return p
 
 

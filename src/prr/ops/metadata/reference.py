@@ -26,19 +26,32 @@ def _max_blocks(cache: KVCache, block_size: int) -> int:
 
 
 def quest_metadata(cache: KVCache, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bulk Quest metadata of every sequence: ``(kmin, kmax)``, each ``[B, Hkv, N_max, D]``."""
+    """Bulk Quest metadata of every sequence: ``(kmin, kmax)``, each ``[B, Hkv, N_max, D]``.
+
+    Built one sequence at a time, so the temporaries stay at one sequence's keys (long contexts on a GPU).
+    """
     check_block_size(block_size, cache.page_size)
     nmax = _max_blocks(cache, block_size)
-    k = cache.logical("k")  # [B, Hkv, C, D]
-    pad = nmax * block_size - cache.capacity
-    if pad:
-        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-    valid = torch.arange(nmax * block_size, device=k.device)[None, :] < cache.seq_lens[:, None]
-    valid = valid[:, None, :, None]
-    shape = (cache.batch, cache.num_kv_heads, nmax, block_size, cache.head_dim)
-    kmin = k.masked_fill(~valid, float("inf")).view(shape).amin(dim=3)
-    kmax = k.masked_fill(~valid, float("-inf")).view(shape).amax(dim=3)
+    shape = (cache.batch, cache.num_kv_heads, nmax, cache.head_dim)
+    kmin = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    kmax = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    pos = torch.arange(nmax * block_size, device=cache.device)
+    for b in range(cache.batch):
+        k = _logical_keys(cache, b, nmax * block_size)  # [Hkv, N_max * BS, D]
+        valid = (pos < cache.seq_lens[b])[None, :, None]
+        blocks = (cache.num_kv_heads, nmax, block_size, cache.head_dim)
+        kmin[b] = k.masked_fill(~valid, float("inf")).view(blocks).amin(dim=2)
+        kmax[b] = k.masked_fill(~valid, float("-inf")).view(blocks).amax(dim=2)
     return kmin, kmax
+
+
+def _logical_keys(cache: KVCache, b: int, length: int) -> torch.Tensor:
+    """Keys of sequence b in logical order, ``[Hkv, length, D]`` (zero past the capacity)."""
+    pages = cache.page_table[b].long().clamp(0, cache.k.shape[0] - 1)
+    k = cache.k[pages].permute(1, 0, 2, 3).reshape(cache.num_kv_heads, cache.capacity, cache.head_dim)
+    if length > cache.capacity:
+        k = torch.nn.functional.pad(k, (0, 0, 0, length - cache.capacity))
+    return k
 
 
 def _last_token(cache: KVCache, which: str = "k") -> torch.Tensor:
@@ -94,12 +107,15 @@ def infllm_metadata(cache: KVCache, window: int = 32, stride: int = 16) -> torch
     cmax = num_windows(cache.capacity, window, stride)
     if cmax == 0:
         raise ValueError(f"the cache capacity ({cache.capacity}) is shorter than one window ({window})")
-    k = cache.logical("k")  # [B, Hkv, C, D]
-    starts = torch.arange(cmax, device=k.device) * stride
-    tok = starts[:, None] + torch.arange(window, device=k.device)  # [C_max, window]
-    c = _window_mean(k[:, :, tok])  # [B, Hkv, C_max, D]
-    complete = (starts + window)[None, :] <= cache.seq_lens[:, None]  # [B, C_max]
-    return c.masked_fill(~complete[:, None, :, None], 0.0)
+    acc = torch.float64 if cache.dtype == torch.float64 else torch.float32
+    out = torch.empty(cache.batch, cache.num_kv_heads, cmax, cache.head_dim, dtype=acc, device=cache.device)
+    starts = torch.arange(cmax, device=cache.device) * stride
+    tok = starts[:, None] + torch.arange(window, device=cache.device)  # [C_max, window]
+    for b in range(cache.batch):  # one sequence at a time: the window gather doubles the keys' size
+        c = _window_mean(_logical_keys(cache, b, cache.capacity)[:, tok])  # [Hkv, C_max, D]
+        complete = (starts + window) <= cache.seq_lens[b]
+        out[b] = c.masked_fill(~complete[None, :, None], 0.0)
+    return out
 
 
 def check_infllm_append(ckeys, cache: KVCache, window: int, stride: int) -> int:

@@ -1,7 +1,7 @@
 """Top-K block selection in Triton (twin: ``reference.select_blocks``), no host sync, no sort.
 
 One program per (sequence, KV head) holds the whole row of block scores in registers. The K-th largest
-dynamic score is found exactly by bisection over the bits of an order-preserving integer key (32 passes of
+dynamic score is found exactly by a binary search over an order-preserving int32 key (32 passes of
 compare-and-count), ties at the threshold go to the lowest block ids, and a prefix sum over the selection
 mask writes the block ids already sorted. Forced blocks (sink, local, all of a short context) join the mask
 directly.
@@ -18,10 +18,11 @@ from .._common import num_blocks as _num_blocks  # noqa: F401  (re-exported for 
 
 @triton.jit
 def _order_key(x):
-    """float32 -> int64 key in [1, 2^32) ordered like the floats (NaN excluded by the caller)."""
-    u = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    neg = u >= 0x80000000
-    return tl.where(neg, 0xFFFFFFFF - u, u + 0x80000000)
+    """float32 -> int32 key ordered like the floats (flip the magnitude bits of negatives).
+
+    Every real float maps above INT32_MIN + 1, which marks non-candidates (NaN is excluded by the caller)."""
+    u = x.to(tl.int32, bitcast=True)
+    return tl.where(u >= 0, u, u ^ 0x7FFFFFFF)
 
 
 @triton.jit
@@ -37,13 +38,17 @@ def _topk_kernel(s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, NMAX, TOPK, N_SINK, N_L
     forced = live & ((j < N_SINK) | (j >= n - N_LOCAL) | ((j * 0 + n) <= KMAX))
     s = tl.load(s_ptr + i_b * s_sb + i_h * s_sh + j, mask=live, other=float("-inf")).to(tl.float32)
     cand = live & ~forced & (s > float("-inf"))
-    key = tl.where(cand, _order_key(s), 0)
-    # Largest threshold T with #(key >= T) >= TOPK, built bit by bit from the top.
-    thr = tl.zeros([], tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        trial = thr | (1 << bit)
-        c = tl.sum((key >= trial).to(tl.int32), axis=0)
-        thr = tl.where(c >= TOPK, trial, thr)
+    key = tl.where(cand, _order_key(s), -2147483648)
+    # Largest threshold T with #(key >= T) >= TOPK: a binary search over the int32 range (32 passes of
+    # compare-and-count over the row held in registers; int64 scalars so the bounds cannot overflow).
+    lo = tl.full([], -2147483647, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo = tl.where(c >= TOPK, mid, lo)
+        hi = tl.where(c >= TOPK, hi, mid - 1)
+    thr = lo.to(tl.int32)
     above = cand & (key > thr)
     n_above = tl.sum(above.to(tl.int32), axis=0)
     tie = cand & (key == thr)
@@ -78,7 +83,7 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         idx, cnt = out
     nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
     block_n = max(16, triton.next_power_of_2(nmax))
-    warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else (16 if block_n <= 16384 else 32))
     _topk_kernel[(bsz * hkv,)](
         scores, nb, idx, cnt, hkv, nmax, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),

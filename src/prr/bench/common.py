@@ -1,0 +1,126 @@
+"""The one timer and the one result schema every prr benchmark uses.
+
+Timing: the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of device time),
+then ``triton.testing.do_bench`` replays it, flushing the L2 (a 256 MB write) before every replay, and
+reports the median. Bandwidth is bytes counted (each input read once, each output written once) over that
+median; ``x_floor`` is the median over the byte floor at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+SCHEMA = "prr-bench/1"
+# Byte-floor bandwidth: the H200's measured device-to-device copy (DESIGN.md section 3; re-measured per run).
+DEFAULT_COPY_TBPS = 4.18
+
+
+@dataclasses.dataclass
+class Row:
+    bench: str  # e.g. "kernels"
+    case: str  # shape label, e.g. "llama-3.1-8b/b1/128K/quest"
+    op: str  # what was timed
+    impl: str  # "triton", "torch", "sdpa", ...
+    median_us: float
+    bytes: int  # bytes counted for this op
+    floor_us: float  # bytes / copy bandwidth
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tbps(self) -> float:
+        return self.bytes / (self.median_us * 1e-6) / 1e12 if self.median_us > 0 else 0.0
+
+    @property
+    def x_floor(self) -> float:
+        return self.median_us / self.floor_us if self.floor_us > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(tbps=round(self.tbps, 4), x_floor=round(self.x_floor, 3))
+        return d
+
+
+def git_commit() -> str:
+    env = os.environ.get("PRR_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {
+        "gpu": torch.cuda.get_device_name(0) if dev else None,
+        "sms": dev.multi_processor_count if dev else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """Capture `fn` (already warmed up: kernels compiled) into a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
+def time_graph(g: torch.cuda.CUDAGraph, rep_ms: int = 60) -> float:
+    """Median microseconds of one replay, L2 flushed before each."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(g.replay, warmup=10, rep=rep_ms, return_mode="median")
+
+
+def time_op(fn: Callable[[], object], rep_ms: int = 60) -> float:
+    return time_graph(capture(fn), rep_ms)
+
+
+def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) of this GPU."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_op(lambda: dst.copy_(src), rep_ms=100)
+    return nbytes / (us * 1e-6) / 1e12
+
+
+def save(path: str, bench: str, rows: list[Row], meta: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"schema": SCHEMA, "bench": bench, "env": environment(), "meta": meta,
+                   "rows": [r.to_dict() for r in rows]}, f, indent=1)
+
+
+def table(rows: list[dict], cols=("case", "op", "impl", "median_us", "tbps", "x_floor")) -> str:
+    """A plain text table of result rows (dicts)."""
+    fmt = {"median_us": "{:.1f}", "tbps": "{:.2f}", "x_floor": "{:.2f}"}
+    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    out += ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(out)
