@@ -2,8 +2,11 @@
 
 Timing: the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of device time),
 then ``triton.testing.do_bench`` replays it, flushing the L2 (a 256 MB write) before every replay, and
-reports the median. Bandwidth is bytes counted (each input read once, each output written once) over that
-median; ``x_floor`` is the median over the byte floor at the measured copy bandwidth.
+reports the median (``median_us``). One replay carries a fixed cost that a whole decode step's graph pays
+once, not per op: ``overhead_us``, the median replay of a graph holding one one-element kernel, measured in
+the same run. ``net_us = median_us - overhead_us``; bandwidth (``tbps``) is the bytes counted (each input read
+once, each output written once) over ``net_us``, and ``x_floor`` is ``net_us`` over the byte floor at the
+measured copy bandwidth. Both times are saved.
 """
 
 from __future__ import annotations
@@ -32,19 +35,24 @@ class Row:
     median_us: float
     bytes: int  # bytes counted for this op
     floor_us: float  # bytes / copy bandwidth
+    overhead_us: float = 0.0  # one-kernel graph replay, same run
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def net_us(self) -> float:
+        return max(self.median_us - self.overhead_us, 1e-3)
+
+    @property
     def tbps(self) -> float:
-        return self.bytes / (self.median_us * 1e-6) / 1e12 if self.median_us > 0 else 0.0
+        return self.bytes / (self.net_us * 1e-6) / 1e12
 
     @property
     def x_floor(self) -> float:
-        return self.median_us / self.floor_us if self.floor_us > 0 else float("nan")
+        return self.net_us / self.floor_us if self.floor_us > 0 else float("nan")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(tbps=round(self.tbps, 4), x_floor=round(self.x_floor, 3))
+        d.update(net_us=round(self.net_us, 3), tbps=round(self.tbps, 4), x_floor=round(self.x_floor, 3))
         return d
 
 
@@ -113,6 +121,12 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     return nbytes / (min(kernel_us, eager_us) * 1e-6) / 1e12
 
 
+def graph_overhead_us() -> float:
+    """Median replay of a graph holding one kernel on one element: the fixed cost of a replay."""
+    x = torch.zeros(1, device="cuda")
+    return time_op(lambda: x.add_(1.0), rep_ms=100)
+
+
 def save(path: str, bench: str, rows: list[Row], meta: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -120,9 +134,9 @@ def save(path: str, bench: str, rows: list[Row], meta: dict) -> None:
                    "rows": [r.to_dict() for r in rows]}, f, indent=1)
 
 
-def table(rows: list[dict], cols=("case", "op", "impl", "median_us", "tbps", "x_floor")) -> str:
+def table(rows: list[dict], cols=("case", "op", "impl", "median_us", "net_us", "tbps", "x_floor")) -> str:
     """A plain text table of result rows (dicts)."""
-    fmt = {"median_us": "{:.1f}", "tbps": "{:.2f}", "x_floor": "{:.2f}"}
+    fmt = {"median_us": "{:.1f}", "net_us": "{:.1f}", "tbps": "{:.2f}", "x_floor": "{:.2f}"}
     cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

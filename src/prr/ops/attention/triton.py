@@ -20,26 +20,64 @@ from ..merge.triton import merge_partials
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, pt_row, blk, h, seq_len, scale,
-                  s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
-                  D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
-    """Scores and values of one block for the packed query rows: ``s [G_PAD, BS]`` (masked), ``v [BS, D]``."""
-    i_t = tl.arange(0, BS)
+def _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr,
+                  PAGE: tl.constexpr):
+    """The tokens of slots ``c0 .. c0+CHUNK-1`` as one flat tile of ``T = CHUNK * BS`` positions.
+
+    Returns (slot of each token ``[T]``, physical page ``[T]`` int64, offset in page ``[T]``, mask ``[T]``). All
+    block ids are loaded at once, then all page ids: two dependent loads per chunk, not two per block.
+    """
+    T: tl.constexpr = CHUNK * BS
+    i_c = c0 + tl.arange(0, CHUNK)
+    m_c = i_c < end
+    blk = tl.load(idx_row + i_c, mask=m_c, other=0)
+    tok = tl.reshape(blk[:, None] * BS + tl.arange(0, BS)[None, :], (T,))
+    slot = tl.reshape(tl.broadcast_to(tl.arange(0, CHUNK)[:, None], (CHUNK, BS)), (T,))
+    m_t = tl.reshape(tl.broadcast_to(m_c[:, None], (CHUNK, BS)), (T,)) & (tok < seq_len)
+    phys = tl.load(pt_row + tok // PAGE, mask=m_t, other=0).to(tl.int64)
+    return slot, phys, (tok % PAGE).to(tl.int64), m_t
+
+
+@triton.jit
+def _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
+                  D: tl.constexpr, PREC: tl.constexpr):
+    """Masked scores ``[G_PAD, T]`` of the packed query rows against a token tile, and its values ``[T, D]``."""
     i_d = tl.arange(0, D)
-    o_tok = blk * BS + i_t  # logical token positions
-    m_tok = o_tok < seq_len
-    phys = tl.load(pt_row + o_tok // PAGE, mask=m_tok, other=0).to(tl.int64)
-    o_in = (o_tok % PAGE).to(tl.int64)
-    p_k = k_ptr + phys[:, None] * s_kp + h * s_kh + o_in[:, None] * s_ks + i_d[None, :]
-    p_v = v_ptr + phys[:, None] * s_vp + h * s_vh + o_in[:, None] * s_vs + i_d[None, :]
-    b_k = tl.load(p_k, mask=m_tok[:, None], other=0.0)
-    b_v = tl.load(p_v, mask=m_tok[:, None], other=0.0)
+    b_k = tl.load(k_ptr + phys[:, None] * s_kp + h * s_kh + off[:, None] * s_ks + i_d[None, :],
+                  mask=m_t[:, None], other=0.0)
+    b_v = tl.load(v_ptr + phys[:, None] * s_vp + h * s_vh + off[:, None] * s_vs + i_d[None, :],
+                  mask=m_t[:, None], other=0.0)
     if PREC == "ieee":  # fp32 inputs: exact fp32 products (the CPU interpreter also takes this path)
         s = tl.dot(q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(b_k))
-    s = tl.where(m_tok[None, :], s * scale, float("-inf"))
-    return s, b_v
+    return tl.where(m_t[None, :], s * scale, float("-inf")), b_v
+
+
+@triton.jit
+def _pv(p, b_v, PREC: tl.constexpr):
+    if PREC == "ieee":
+        return tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
+    return tl.dot(p.to(b_v.dtype), b_v)
+
+
+@triton.jit
+def _online_update(m_i, l_i, acc, s, b_v, PREC: tl.constexpr):
+    """Fold masked scores ``s [G_PAD, T]`` and values into the running (max, sum, unnormalised output)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _pv(p, b_v, PREC)
+
+
+@triton.jit
+def _store_state(o_ptr, lse_ptr, row, m_i, l_i, acc, m_g, D: tl.constexpr):
+    i_d = tl.arange(0, D)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    tl.store(o_ptr + row[:, None] * D + i_d[None, :], o, mask=m_g[:, None])
+    tl.store(lse_ptr + row, lse, mask=m_g)
 
 
 @triton.jit
@@ -50,7 +88,7 @@ def _sparse_decode_kernel(
     scale, HKV, K, SLOTS_PER_SPLIT, NSPLIT,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_ib, s_ih, s_cb, s_ch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+    CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -66,61 +104,55 @@ def _sparse_decode_kernel(
     seq_len = tl.load(len_ptr + i_b)
     cnt = tl.load(cnt_ptr + i_b * s_cb + i_h * s_ch)
     pt_row = pt_ptr + i_b * s_ptb
+    idx_row = idx_ptr + i_b * s_ib + i_h * s_ih
     start = i_split * SLOTS_PER_SPLIT
     end = tl.minimum(start + SLOTS_PER_SPLIT, cnt)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for slot in range(start, end):
-        blk = tl.load(idx_ptr + i_b * s_ib + i_h * s_ih + slot)
-        s, b_v = _attend_block(q, k_ptr, v_ptr, pt_row, blk, i_h, seq_len, scale,
-                               s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, D, BS, PAGE, PREC)
-        m_blk = tl.max(s, axis=1)
-        if WRITE_BLOCKS:
-            m_safe = tl.where(m_blk > float("-inf"), m_blk, 0.0)
-            p = tl.exp(s - m_safe[:, None])
-            l_blk = tl.sum(p, axis=1)
-            if PREC == "ieee":
-                o_blk = tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
-            else:
-                o_blk = tl.dot(p.to(b_v.dtype), b_v)
-            o_blk = o_blk / tl.where(l_blk > 0, l_blk, 1.0)[:, None]
-            lse_blk = tl.where(l_blk > 0, m_safe + tl.log(l_blk), float("-inf"))
-            row = (i_b * HKV * G + hq) * K + slot
-            tl.store(bo_ptr + row[:, None] * D + i_d[None, :], o_blk, mask=m_g[:, None])
-            tl.store(blse_ptr + row, lse_blk, mask=m_g)
+    for c0 in range(start, end, CHUNK):
+        slot, phys, off, m_t = _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK, BS, PAGE)
+        s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
+                               D, PREC)
+        if WRITE_BLOCKS:  # each slot's own state: masked softmax over its BS columns of the tile
+            for c in tl.static_range(CHUNK):
+                s_c = tl.where((slot == c)[None, :], s, float("-inf"))
+                m_c = tl.max(s_c, axis=1)
+                m_safe = tl.where(m_c > float("-inf"), m_c, 0.0)
+                p = tl.exp(s_c - m_safe[:, None])
+                l_c = tl.sum(p, axis=1)
+                o_c = _pv(p, b_v, PREC) / tl.where(l_c > 0, l_c, 1.0)[:, None]
+                lse_c = tl.where(l_c > 0, m_safe + tl.log(l_c), float("-inf"))
+                row = (i_b * HKV * G + hq) * K + c0 + c
+                m_row = m_g & ((i_g * 0 + c0 + c) < end)  # vector compare: scalar masks break the interpreter
+                tl.store(bo_ptr + row[:, None] * D + i_d[None, :], o_c, mask=m_row[:, None])
+                tl.store(blse_ptr + row, lse_c, mask=m_row)
         if WRITE_SPLITS:
-            m_new = tl.maximum(m_i, m_blk)
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if PREC == "ieee":
-                acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
-            m_i = m_new
+            m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
     if WRITE_BLOCKS:  # padding slots of this split: the empty state (0, -inf)
         for slot in range(tl.maximum(start, cnt), tl.minimum(start + SLOTS_PER_SPLIT, K)):
             row = (i_b * HKV * G + hq) * K + slot
             tl.store(bo_ptr + row[:, None] * D + i_d[None, :], tl.zeros([G_PAD, D], tl.float32), mask=m_g[:, None])
             tl.store(blse_ptr + row, tl.full([G_PAD], float("-inf"), tl.float32), mask=m_g)
     if WRITE_SPLITS:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-        row = (i_b * HKV * G + hq) * NSPLIT + i_split
-        tl.store(so_ptr + row[:, None] * D + i_d[None, :], o, mask=m_g[:, None])
-        tl.store(slse_ptr + row, lse, mask=m_g)
+        _store_state(so_ptr, slse_ptr, (i_b * HKV * G + hq) * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
 
 
-def num_splits(batch_kv_heads: int, slots: int, device: torch.device, min_slots: int = 4) -> int:
-    """Splits per (sequence, KV head): enough programs for ~2 waves of the GPU, each with >= min_slots."""
+def chunk_slots(block_size: int) -> int:
+    """Slots gathered per tile: 64 tokens per tile (4 Quest pages, or one 64-token block)."""
+    return max(1, 64 // block_size)
+
+
+def num_splits(batch_kv_heads: int, slots: int, device: torch.device, chunk: int = 4) -> int:
+    """Splits per (sequence, KV head): as many one-chunk splits as ~4 waves of the GPU allow, so batch 1 with
+    few KV heads still fills it and each program issues few dependent loads."""
+    chunks = max(1, -(-slots // chunk))
     if device.type != "cuda":
-        return max(1, min(4, slots // min_slots))
+        return min(chunks, 4)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, (2 * sms) // max(batch_kv_heads, 1))
-    return max(1, min(want, slots // min_slots if slots >= min_slots else 1))
+    want = max(1, (4 * sms) // max(batch_kv_heads, 1))
+    return min(chunks, want)
 
 
 def check_layout(cache: KVCache, q: torch.Tensor) -> None:
@@ -146,8 +178,9 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
     hkv = cache.num_kv_heads
     g = hq // hkv
     kmax = indices.shape[-1]
-    nsplit = splits or num_splits(bsz * hkv, kmax, q.device)
-    per = -(-kmax // nsplit) if kmax else 1
+    chunk = chunk_slots(block_size)
+    nsplit = splits or num_splits(bsz * hkv, kmax, q.device, chunk)
+    per = chunk * -(-max(kmax, 1) // (chunk * nsplit))  # whole chunks per split
     dev = q.device
     so = slse = bo = blse = None
     if write_splits:
@@ -171,7 +204,7 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], pt.stride(0),
         idx.stride(0), idx.stride(1), cnt.stride(0), cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
-        PREC=_prec(q.dtype), WRITE_SPLITS=write_splits, WRITE_BLOCKS=write_blocks,
+        CHUNK=chunk, PREC=_prec(q.dtype), WRITE_SPLITS=write_splits, WRITE_BLOCKS=write_blocks,
         num_warps=4,
     )
     return (so, slse), (bo, blse)

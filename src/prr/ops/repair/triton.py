@@ -1,8 +1,9 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
-One program per (sequence, KV head, split of S's slots). For each block of S it looks the block up in P's row
-(held in registers): a hit folds in P's stored per-block partial state (exact mode) or is skipped (union
-mode: it is already inside P's merged state); a miss is attended from the cache. The split states are then
+One program per (sequence, KV head, split of S's slots), taking S's slots a chunk at a time. Each block is
+looked up in P's row (held in registers): a hit folds in P's stored per-block partial state (exact mode) or
+is skipped (union mode: it is already inside P's merged state); the misses of the chunk are attended from
+the cache as one masked tile. The split states are then
 merged (with P's merged state in union mode) by one launch of the merge kernel.
 """
 
@@ -15,7 +16,16 @@ import triton
 import triton.language as tl
 
 from ...cache import KVCache
-from ..attention.triton import _attend_block, _prec, check_layout, num_splits
+from ..attention.triton import (
+    _chunk_scores,
+    _chunk_tokens,
+    _online_update,
+    _prec,
+    _store_state,
+    check_layout,
+    chunk_slots,
+    num_splits,
+)
 from ..merge.triton import merge_partials
 
 
@@ -29,7 +39,7 @@ def _repair_kernel(
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    KP_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+    CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -47,6 +57,7 @@ def _repair_kernel(
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
     i_p = tl.arange(0, KP_PAD)
     p_row = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=i_p < p_cnt, other=-1)
+    s_row = s_idx_ptr + i_b * s_sib + i_h * s_sih
     s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
     start = i_split * SLOTS_PER_SPLIT
     end = tl.minimum(start + SLOTS_PER_SPLIT, s_cnt)
@@ -54,16 +65,22 @@ def _repair_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for slot in range(start, end):
-        blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + slot)
-        match = p_row == blk
-        hit = tl.max(match.to(tl.int32), axis=0) > 0
-        if hit:
-            if EXACT:  # reuse: P's partial state of this block
-                pos = tl.sum(tl.where(match, i_p, 0), axis=0)
-                row = (i_b * HKV * G + hq) * KP + pos
-                lse_j = tl.load(blse_ptr + row, mask=m_g, other=float("-inf"))
-                o_j = tl.load(bo_ptr + row[:, None] * D + i_d[None, :], mask=m_g[:, None], other=0.0)
+    for c0 in range(start, end, CHUNK):
+        # Reuse: look the chunk's blocks up in P (held in registers): hit flag and P slot per S slot.
+        i_c = c0 + tl.arange(0, CHUNK)
+        blk = tl.load(s_row + i_c, mask=i_c < end, other=-2)
+        match = blk[:, None] == p_row[None, :]  # [CHUNK, KP_PAD]
+        hit = tl.max(match.to(tl.int32), axis=1) > 0
+        pos = tl.sum(tl.where(match, i_p[None, :], 0), axis=1)
+        if EXACT:  # fold in P's stored partial state of each hit
+            for c in tl.static_range(CHUNK):
+                sel = tl.arange(0, CHUNK) == c
+                hit_c = tl.max((sel & hit).to(tl.int32), axis=0) > 0
+                pos_c = tl.sum(tl.where(sel, pos, 0), axis=0)
+                row = (i_b * HKV * G + hq) * KP + pos_c
+                m_row = m_g & ((i_g * 0 + hit_c.to(tl.int32)) > 0)  # vector mask (see _chunk_tokens)
+                lse_j = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
+                o_j = tl.load(bo_ptr + row[:, None] * D + i_d[None, :], mask=m_row[:, None], other=0.0)
                 m_new = tl.maximum(m_i, lse_j)
                 m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
                 alpha = tl.exp(m_i - m_safe)
@@ -71,24 +88,14 @@ def _repair_kernel(
                 acc = acc * alpha[:, None] + tl.where(w[:, None] > 0, w[:, None] * o_j, 0.0)
                 l_i = l_i * alpha + w
                 m_i = m_new
-        else:  # repair: attend the missed block from the cache
-            s, b_v = _attend_block(q, k_ptr, v_ptr, pt_row, blk, i_h, seq_len, scale,
-                                   s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, D, BS, PAGE, PREC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if PREC == "ieee":
-                acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
-            m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-    row = (i_b * HKV * G + hq) * NSPLIT + i_split
-    tl.store(so_ptr + row[:, None] * D + i_d[None, :], o, mask=m_g[:, None])
-    tl.store(slse_ptr + row, lse, mask=m_g)
+        # Repair: attend the missed blocks of the chunk from the cache (hits are masked: not even read).
+        _, phys, off, m_t = _chunk_tokens(s_row, c0, end, seq_len, pt_row, CHUNK, BS, PAGE)
+        hit_t = tl.reshape(tl.broadcast_to(hit[:, None], (CHUNK, BS)), (CHUNK * BS,))
+        m_t = m_t & ~hit_t
+        s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
+                               D, PREC)
+        m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
+    _store_state(so_ptr, slse_ptr, (i_b * HKV * G + hq) * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
 
 
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
@@ -99,7 +106,9 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     hkv = cache.num_kv_heads
     g = hq // hkv
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
-    nsplit = splits or num_splits(bsz * hkv, ks, q.device)
+    chunk = chunk_slots(block_size)
+    nsplit = splits or num_splits(bsz * hkv, ks, q.device, chunk)
+    per = chunk * -(-max(ks, 1) // (chunk * nsplit))
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
     if exact:
@@ -110,12 +119,12 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     blse = block_lse if exact else slse
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt, bo, blse, so, slse,
-        scale, hkv, kp, -(-ks // nsplit), nsplit,
+        scale, hkv, kp, per, nsplit,
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
-        KP_PAD=max(16, triton.next_power_of_2(kp)), PREC=_prec(q.dtype), EXACT=exact, num_warps=4,
+        CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PREC=_prec(q.dtype), EXACT=exact, num_warps=4,
     )
     return so, slse
 
