@@ -348,3 +348,31 @@ def test_gpu_default_dispatch_runs_kernels():
     own = _lowp_attention(q.cpu(), prr.KVCache(cache.k.cpu(), cache.v.cpu(), base.page_table, base.seq_lens),
                           idx, cnt, 16)
     _assert_rule(o.cpu(), ref.cpu(), own, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", ["ascending", "descending", "quantized", "clustered"])
+def test_topk_kernel_two_stage_edge_patterns(pattern):
+    """Stage 1 keeps the K best 16-block groups: scores that pile the top-K into few groups, or tie across
+    groups, must still give exactly the reference set (ties: lowest ids, as a stable sort would)."""
+    n, top_k = 1000, 40
+    gen = torch.Generator().manual_seed(3)
+    if pattern == "ascending":
+        s = torch.arange(n, dtype=torch.float32)
+    elif pattern == "descending":
+        s = -torch.arange(n, dtype=torch.float32)
+    elif pattern == "quantized":  # heavy ties across many groups
+        s = torch.randint(0, 4, (n,), generator=gen).float()
+    else:  # a few hot groups, the rest cold
+        s = torch.randn(n, generator=gen) - 10
+        s[160:200] = torch.randn(40, generator=gen) + 10
+        s[720:730] = torch.randn(10, generator=gen) + 10
+    scores = s.view(1, 1, n).repeat(2, 1, 1).contiguous()
+    nblk = torch.tensor([n, n - 37], dtype=torch.int32)
+    with use_backend("triton"):
+        idx, cnt = prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), top_k, 1, 2)
+    for b in range(2):
+        m = int(nblk[b])
+        dyn = list(range(1, m - 2))
+        dyn.sort(key=lambda j: (-float(s[j]), j))  # stable: lowest id first among ties
+        want = sorted({0, m - 2, m - 1} | set(dyn[:top_k]))
+        assert idx[b, 0, : cnt[b, 0]].cpu().tolist() == want

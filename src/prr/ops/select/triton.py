@@ -1,10 +1,15 @@
-"""Top-K block selection in Triton (twin: ``reference.select_blocks``), no host sync, no sort.
+"""Top-K block selection in Triton (twin: ``reference.select_blocks``): no host sync, no sort.
 
-One program per (sequence, KV head) holds the whole row of block scores in registers. The K-th largest
-dynamic score is found exactly by a radix select over an order-preserving int32 key (three histogram
-passes of 11, 11 and 10 bits), ties at the threshold go to the lowest block ids, and a prefix sum over the selection
-mask writes the block ids already sorted. Forced blocks (sink, local, all of a short context) join the mask
-directly.
+Two stages, so the per-row work is small even at 32K blocks (512K tokens of 16-token pages):
+
+1. ``_group_max_kernel`` (many programs): the max dynamic-candidate score of every group of GROUP blocks.
+2. ``_topk_kernel`` (one program per (sequence, KV head)): the K best groups by their max are found exactly
+   (binary search over an order-preserving int32 key, 32 compare-and-count passes over the group maxima).
+   Every block of the top K lies in one of those K groups (a group holding a top-K block has a max at least
+   the K-th largest score, which is at least the K-th largest group max; ties go to the lowest ids), so a
+   second binary search over just those K x GROUP scores finds the K-th score, ties at it going to the
+   lowest block ids. The candidates are gathered in ascending id order, so a prefix sum writes the chosen
+   ids already sorted, between the sink blocks and the local blocks.
 """
 
 from __future__ import annotations
@@ -13,73 +18,108 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import num_blocks as _num_blocks  # noqa: F401  (re-exported for callers of this module)
+GROUP = 16  # blocks per group in stage 1
+INT_MIN = -2147483648
 
 
 @triton.jit
 def _order_key(x):
-    """float32 -> int32 key ordered like the floats (flip the magnitude bits of negatives).
-
-    Every real float maps above INT32_MIN + 1, which marks non-candidates (NaN is excluded by the caller)."""
+    """float32 -> int32 key ordered like the floats (flip the magnitude bits of negatives). Real floats map
+    above INT32_MIN + 1; INT32_MIN marks non-candidates (NaN is excluded by the caller)."""
     u = x.to(tl.int32, bitcast=True)
     return tl.where(u >= 0, u, u ^ 0x7FFFFFFF)
 
 
 @triton.jit
-def _radix_digit(digit, member, need, NBINS: tl.constexpr):
-    """Among `member` elements, the digit value b holding the `need`-th largest, and how many of those with
-    digit b are still needed (``need`` minus the members with a larger digit)."""
-    # Non-members land in bin 0 and are taken back out (no histogram mask: older Triton lacks it).
-    h = tl.histogram(tl.where(member, digit, 0), NBINS)
-    bins = tl.arange(0, NBINS)
-    h = h - tl.where(bins == 0, tl.sum((~member).to(tl.int32), axis=0), 0)
-    total = tl.sum(h, axis=0)
-    above = total - tl.cumsum(h, axis=0)  # members with a strictly larger digit
-    b = tl.max(tl.where(above + h >= need, bins, -1), axis=0)
-    b = tl.maximum(b, 0)
-    return b, need - tl.sum(tl.where(bins == b, above, 0), axis=0)
+def _kth_key(key, k):
+    """The k-th largest of `key` (INT32_MIN entries never count); INT32_MIN if fewer than k count.
+
+    Binary search for the largest T with #(key >= T) >= k; int64 bounds so they cannot overflow.
+    """
+    lo = tl.full([], -2147483647, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo = tl.where(c >= k, mid, lo)
+        hi = tl.where(c >= k, hi, mid - 1)
+    n = tl.sum((key > -2147483648).to(tl.int32), axis=0)
+    return tl.where(n >= k, lo, -2147483648).to(tl.int32)
 
 
 @triton.jit
-def _topk_kernel(s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, NMAX, TOPK, N_SINK, N_LOCAL, KMAX,
-                 s_sb, s_sh, s_ib, s_ih, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
+    """Keys of the dynamic candidates among blocks `j` (INT32_MIN elsewhere): live, not forced, finite."""
+    m = (j < n) & (j < NMAX)
+    s = tl.load(s_row + j, mask=m, other=float("-inf")).to(tl.float32)
+    cand = m & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))
+    return tl.where(cand, _order_key(s), -2147483648)
+
+
+@triton.jit
+def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_sb, s_sh,
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
-    j = tl.arange(0, BLOCK_N)
+    i_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.reshape(i_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], (BLOCK_G * GROUP,))
     n = tl.load(nblk_ptr + i_b)
-    live = (j < n) & (j < NMAX)
-    # (a vector compare for the short-context case: a scalar one broadcast badly in the CPU interpreter)
-    forced = live & ((j < N_SINK) | (j >= n - N_LOCAL) | ((j * 0 + n) <= KMAX))
-    s = tl.load(s_ptr + i_b * s_sb + i_h * s_sh + j, mask=live, other=float("-inf")).to(tl.float32)
-    cand = live & ~forced & (s > float("-inf"))
-    key = _order_key(s)
-    n_cand = tl.sum(cand.to(tl.int32), axis=0)
-    # Radix select of the TOPK-th largest key: 11 + 11 + 10 bits, one histogram per digit over the candidates
-    # that share the digits found so far (3 histograms instead of 32 compare-and-count passes).
-    d1 = (key >> 21) + 1024  # top 11 bits, order-preserving for signed keys: [0, 2048)
-    d2 = (key >> 10) & 0x7FF
-    d3 = key & 0x3FF
-    b1, r1 = _radix_digit(d1, cand, TOPK, 2048)
-    in1 = cand & (d1 == b1)
-    b2, r2 = _radix_digit(d2, in1, r1, 2048)
-    b3, _ = _radix_digit(d3, in1 & (d2 == b2), r2, 1024)
-    thr = ((b1 - 1024) << 21) | (b2 << 10) | b3
-    # Fewer candidates than TOPK: every candidate is picked.
-    thr = tl.where(n_cand >= TOPK, thr, -2147483648)
-    above = cand & (key > thr)
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie = cand & (key == thr)
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based, lowest block id first
-    chosen = above | (tie & (tie_rank <= TOPK - n_above))
-    sel = forced | chosen
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    count = tl.sum(sel.to(tl.int32), axis=0)
-    row = idx_ptr + i_b * s_ib + i_h * s_ih
-    tl.store(row + pos, j, mask=sel)
+    key = _candidate_keys(s_ptr + i_b * s_sb + i_h * s_sh, j, n, NMAX, N_SINK, N_LOCAL)
+    gmax = tl.max(tl.reshape(key, (BLOCK_G, GROUP)), axis=1)
+    tl.store(g_ptr + i_bh * NG + i_g, gmax, mask=i_g < NG)
+
+
+@triton.jit
+def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
+                 s_sb, s_sh, s_ib, s_ih,
+                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    n = tl.load(nblk_ptr + i_b)
+    s_row = s_ptr + i_b * s_sb + i_h * s_sh
+    out = idx_ptr + i_b * s_ib + i_h * s_ih
     k = tl.arange(0, BLOCK_K)
-    tl.store(row + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
-    tl.store(cnt_ptr + i_b * HKV + i_h, count)
+    if n <= KMAX:  # a short context: every live block
+        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
+        tl.store(cnt_ptr + i_bh, n)
+    else:
+        # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
+        i_g = tl.arange(0, NG_PAD)
+        gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
+        tg = _kth_key(gkey, TOPK)
+        above_g = gkey > tg
+        tie_g = (gkey == tg) & (gkey > -2147483648)
+        tie_rank = tl.cumsum(tie_g.to(tl.int32), axis=0)
+        keep_g = above_g | (tie_g & (tie_rank <= TOPK - tl.sum(above_g.to(tl.int32), axis=0)))
+        n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
+        pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
+        cg_row = cg_ptr + i_bh * TG_PAD
+        tl.store(cg_row + pos_g, i_g, mask=keep_g)
+        tl.debug_barrier()  # the scratch row is read back by other threads of this program
+        # Stage 2: the K-th score among the candidate groups' blocks (in ascending block order).
+        i_c = tl.arange(0, TG_PAD * GROUP)
+        slot = i_c // GROUP
+        grp = tl.load(cg_row + slot, mask=slot < n_groups, other=0)
+        j = grp * GROUP + i_c % GROUP
+        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+        key = tl.where(slot < n_groups, key, -2147483648)
+        thr = _kth_key(key, TOPK)
+        above = key > thr
+        tie = (key == thr) & (key > -2147483648)
+        rank = tl.cumsum(tie.to(tl.int32), axis=0)
+        chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
+        n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
+        # Output: sink blocks, the chosen (already ascending), local blocks; -1 padding.
+        pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(out + pos, j, mask=chosen)
+        tl.store(out + k, k, mask=k < N_SINK)
+        loc = N_SINK + n_chosen + k
+        tl.store(out + loc, n - N_LOCAL + k, mask=k < N_LOCAL)
+        count = N_SINK + n_chosen + N_LOCAL
+        tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
+        tl.store(cnt_ptr + i_bh, count)
 
 
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None):
@@ -94,17 +134,27 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     if scores.dtype != torch.float32:
         raise TypeError(f"the Triton top-K takes float32 scores, got {scores.dtype}")
     kmax = n_sink + n_local + top_k
+    dev = scores.device
     if out is None:
-        idx = torch.empty(bsz, hkv, kmax, dtype=torch.int32, device=scores.device)
-        cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=scores.device)
+        idx = torch.empty(bsz, hkv, kmax, dtype=torch.int32, device=dev)
+        cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=dev)
     else:
         idx, cnt = out
     nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
-    block_n = max(16, triton.next_power_of_2(nmax))
-    warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else (16 if block_n <= 16384 else 32))
+    ng = triton.cdiv(nmax, GROUP)
+    tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
+    gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
+    cg = torch.empty(bsz * hkv, tg_pad, dtype=torch.int32, device=dev)
+    block_g = 64
+    _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
+        scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
+        GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
+    )
+    ng_pad = max(16, triton.next_power_of_2(ng))
     _topk_kernel[(bsz * hkv,)](
-        scores, nb, idx, cnt, hkv, nmax, top_k, n_sink, n_local, kmax,
+        scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-        BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(kmax)), num_warps=warps,
+        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        num_warps=4 if max(ng_pad, tg_pad * GROUP) <= 2048 else 8,
     )
     return idx, cnt
