@@ -376,3 +376,23 @@ def test_topk_kernel_two_stage_edge_patterns(pattern):
         dyn.sort(key=lambda j: (-float(s[j]), j))  # stable: lowest id first among ties
         want = sorted({0, m - 2, m - 1} | set(dyn[:top_k]))
         assert idx[b, 0, : cnt[b, 0]].cpu().tolist() == want
+
+
+def test_holt_update_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    b, hkv, n = 3, 2, 300
+    level = torch.randn(b, hkv, n, generator=gen)
+    trend = torch.randn(b, hkv, n, generator=gen) * 0.1
+    known = torch.tensor([250, 0, 299], dtype=torch.int32)  # one row has new blocks, one starts empty
+    nblk = torch.tensor([260, 40, 300], dtype=torch.int32)
+    scores = torch.randn(b, hkv, n, generator=gen) * 50 + 7
+    scores[0, 1, 255] = float("-inf")  # a live block without a finite score
+    ref = [t.clone() for t in (level, trend, known)]
+    pred_ref = torch.empty(b, hkv, n)
+    prr.ops.holt.reference.holt_update_(*ref, scores, nblk, 0.3, 0.2, 0.5, pred_ref)
+    out = [t.clone().to(DEVICE) for t in (level, trend, known)]
+    pred = torch.empty(b, hkv, n, device=DEVICE)
+    with use_backend("triton"):
+        prr.ops.holt_update_(*out, scores.to(DEVICE), nblk.to(DEVICE), 0.3, 0.2, 0.5, pred)
+    for got, want in zip([*out, pred], [*ref, pred_ref], strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

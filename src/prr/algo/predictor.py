@@ -1,5 +1,8 @@
 """Predicting the next selection: Holt's double exponential smoothing over block scores, and its calibration.
 
+The state update itself is an op (:mod:`prr.ops.holt`, with a one-launch Triton kernel); this module keeps
+the per-layer state and parameters and the grid-search calibration.
+
 Per (layer, sequence, KV head, block), with the step's scores normalised first (z-scored over the live
 blocks of each (sequence, KV head), because score scales drift from step to step):
 
@@ -20,49 +23,13 @@ import torch
 
 from .. import _checks as check
 from .. import ops
+from ..ops.holt import holt_predict, holt_step, holt_update_, normalize_scores
 
 DEFAULT_GRID = {
     "alpha": (0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
     "beta": (0.0, 0.1, 0.3),
     "gamma": (0.0, 0.5, 1.0),
 }
-
-
-def normalize_scores(scores: torch.Tensor, num_blocks: torch.Tensor) -> torch.Tensor:
-    """Z-score ``[..., B, Hkv, N]`` over the live, finite blocks of each row; dead blocks -> 0.
-
-    A live block with a non-finite score (an InfLLM-v2 block with no complete window yet) takes the row's
-    lowest z-score.
-    """
-    live = torch.arange(scores.shape[-1], device=scores.device) < num_blocks[..., None, None]
-    ok = live & torch.isfinite(scores)
-    s = torch.where(ok, scores.float(), 0.0)
-    n = ok.sum(-1, keepdim=True).clamp(min=1)
-    mean = s.sum(-1, keepdim=True) / n
-    var = (torch.where(ok, s - mean, 0.0) ** 2).sum(-1, keepdim=True) / n
-    z = (s - mean) / var.sqrt().clamp(min=1e-6)
-    zmin = torch.where(ok, z, float("inf")).amin(-1, keepdim=True)
-    zmin = torch.where(torch.isfinite(zmin), zmin, 0.0)
-    z = torch.where(ok, z, zmin)
-    return torch.where(live, z, 0.0)
-
-
-def _holt_update(level, trend, z, known, nblk, alpha, beta):
-    """One Holt step on stacked state ``[..., B, Hkv, N]``; alpha/beta broadcast from the left."""
-    j = torch.arange(z.shape[-1], device=z.device)
-    old = j < known[..., None, None]
-    new = (j < nblk[..., None, None]) & ~old
-    lvl = alpha * z + (1 - alpha) * (level + trend)
-    trd = beta * (lvl - level) + (1 - beta) * trend
-    level_out = torch.where(old, lvl, torch.where(new, z, level))
-    trend_out = torch.where(old, trd, torch.where(new, torch.zeros_like(trend), trend))
-    return level_out, trend_out
-
-
-def _holt_predict(level, trend, known, gamma):
-    j = torch.arange(level.shape[-1], device=level.device)
-    pred = level + gamma * trend
-    return torch.where(j < known[..., None, None], pred, float("-inf"))
 
 
 def dynamic_hits(pred_idx, pred_cnt, sel_idx, sel_cnt, num_blocks, n_sink, n_local, k_max):
@@ -95,6 +62,7 @@ class HoltPredictor:
         self.trend = torch.zeros(shape, device=device)
         self.known = torch.zeros(num_layers, batch, dtype=torch.int32, device=device)
         self.params = torch.empty(num_layers, 3, device=device)  # alpha, beta, gamma per layer
+        self._params = [(alpha, beta, gamma)] * num_layers  # the same as floats: no device reads in update()
         for layer in range(num_layers):
             self.set_params(layer, alpha, beta, gamma)
 
@@ -106,6 +74,7 @@ class HoltPredictor:
         if not (0.0 < alpha <= 1.0 and 0.0 <= beta <= 1.0 and gamma >= 0.0):
             raise ValueError(f"need 0 < alpha <= 1, 0 <= beta <= 1, gamma >= 0; got {alpha}, {beta}, {gamma}")
         self.params[layer] = torch.tensor([alpha, beta, gamma])
+        self._params = [*self._params[:layer], (float(alpha), float(beta), float(gamma)), *self._params[layer + 1:]]
 
     def reset(self) -> None:
         self.level.zero_()
@@ -114,16 +83,14 @@ class HoltPredictor:
 
     def predict(self, layer: int) -> torch.Tensor:
         """Predicted scores of the coming step, ``[B, Hkv, N_max]``; -inf for blocks never scored."""
-        return _holt_predict(self.level[layer], self.trend[layer], self.known[layer], self.params[layer, 2])
+        return holt_predict(self.level[layer], self.trend[layer], self.known[layer], self._params[layer][2])
 
     def update(self, layer: int, scores: torch.Tensor, num_blocks: torch.Tensor) -> None:
         """Fold in the true scores ``[B, Hkv, N_max]`` of this step (``num_blocks [B]`` live blocks)."""
         check.shape("scores", scores, tuple(self.level.shape[1:]))
-        z = normalize_scores(scores, num_blocks)
-        a, b, _ = self.params[layer]
-        self.level[layer], self.trend[layer] = _holt_update(
-            self.level[layer], self.trend[layer], z, self.known[layer], num_blocks, a, b)
-        self.known[layer] = torch.maximum(self.known[layer], num_blocks.to(torch.int32))
+        a, b, g = self._params[layer]
+        holt_update_(self.level[layer], self.trend[layer], self.known[layer], scores, num_blocks.to(torch.int32),
+                     a, b, g)
 
     def calibrate(self, layer: int, scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int,
                   n_sink: int, n_local: int, spec_k: int | None = None, grid=None) -> Calibration:
@@ -186,7 +153,7 @@ def calibrate(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_sink
     for t in range(w):
         nb = num_blocks[t]
         if t > 0:
-            pred = _holt_predict(level, trend, known, g).reshape(npt * bsz, hkv, n)
+            pred = holt_predict(level, trend, known, g).reshape(npt * bsz, hkv, n)
             p_idx, p_cnt = ops.select_blocks(pred, nb.repeat(npt), spec_k, n_sink, n_local)
             s_idx, s_cnt = ops.select_blocks(scores[t], nb, top_k, n_sink, n_local)
             h, d = dynamic_hits(p_idx, p_cnt, s_idx.repeat(npt, 1, 1), s_cnt.repeat(npt, 1), nb.repeat(npt),
@@ -194,7 +161,7 @@ def calibrate(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_sink
             hits += h.view(npt, -1).sum(-1).double()
             total += d[:bsz].sum().double()
         z = normalize_scores(scores[t], nb)
-        level, trend = _holt_update(level, trend, z, known, nb, a, b)
+        level, trend = holt_step(level, trend, z, known, nb, a, b)
         known = torch.maximum(known, nb.to(torch.int32))
     rates = (hits / total.clamp(min=1)).tolist()
     best = max(range(npt), key=lambda i: (rates[i], -i))
