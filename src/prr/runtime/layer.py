@@ -1,0 +1,137 @@
+"""One layer's decode-attention step on fixed buffers: serialized DSA or PRR, eager or as a CUDA graph.
+
+PRR on CUDA forks a side stream: the side stream predicts P (top-K' of the predictor's scores) and runs the
+speculative attention over P while the main stream scores every block and selects S; the main stream then
+joins, runs the fused reuse + repair + merge, and folds S's scores into the predictor. Every buffer has a
+fixed shape (batch, heads, K, K', cache capacity), nothing reads device values on the host, so the whole step
+is captured once and replayed every token (:meth:`LayerStep.capture`, :meth:`LayerStep.replay`). Eager
+(:meth:`LayerStep.run`) runs the same code for debugging; on the CPU it runs without streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import _checks as check
+from .. import ops
+from ..algo.predictor import HoltPredictor
+from ..algo.sparse import BlockMetadata, select
+from ..algo.step import MODES, speculative_top_k
+from ..cache import KVCache
+
+METHODS = ("dsa", "prr")
+
+
+class LayerStep:
+    """The decode-attention step of one layer.
+
+    Args:
+        cache, meta: the layer's KV cache and block metadata (appended to outside the step).
+        num_q_heads: Hq.
+        method: ``"dsa"`` (select, then attend) or ``"prr"``.
+        predictor, layer: PRR's Holt state and the layer slot it reads; ``update_layer`` is the slot the
+            step's true scores are folded into (default: the same; benchmarks point it elsewhere to hold the
+            prediction, and so the hit rate, fixed across replays).
+        ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"`` or ``"union"``.
+        streams: run speculation on a side stream (CUDA only).
+    """
+
+    def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
+                 predictor: HoltPredictor | None = None, layer: int = 0, update_layer: int | None = None,
+                 ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None):
+        check.choice("method", method, METHODS)
+        check.choice("mode", mode, MODES)
+        if method == "prr" and not isinstance(predictor, HoltPredictor):
+            raise TypeError("method='prr' needs a HoltPredictor")
+        check.gqa(num_q_heads, cache.num_kv_heads)
+        self.cache, self.meta, self.cfg = cache, meta, meta.cfg
+        self.method, self.mode, self.scale = method, mode, scale
+        self.predictor, self.layer = predictor, layer
+        self.update_layer = layer if update_layer is None else update_layer
+        self.spec_k = speculative_top_k(self.cfg.top_k, ratio)
+        self.q = torch.zeros(cache.batch, num_q_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
+        cuda = cache.device.type == "cuda"
+        self.side = torch.cuda.Stream(device=cache.device) if (cuda and streams and method == "prr") else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last = {}  # the step's selections (views into graph memory when replaying)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def _side(self):
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def _step(self):
+        cfg, cache, q = self.cfg, self.cache, self.q
+        if self.method == "dsa":
+            sel = select(q, cache, self.meta)
+            self.last = {"s_idx": sel.indices, "s_cnt": sel.counts}
+            return ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
+        nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+        main = torch.cuda.current_stream() if self.side is not None else None
+        if main is not None:
+            self.side.wait_stream(main)  # fork
+        with self._side():  # predict + speculate
+            p_idx, p_cnt = ops.select_blocks(self.predictor.predict(self.layer), nblk, self.spec_k, cfg.n_sink,
+                                             cfg.n_local)
+            if self.mode == "exact":
+                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
+                                                   return_block_states=True)
+                spec = {"block_o": bo, "block_lse": blse}
+            else:
+                so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
+                spec = {"spec_o": so, "spec_lse": slse}
+        sel = select(q, cache, self.meta)  # select, concurrently
+        if main is not None:
+            main.wait_stream(self.side)  # join
+        o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
+                                    mode=self.mode, scale=self.scale, **spec)
+        self.predictor.update(self.update_layer, sel.scores, nblk)
+        self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt}
+        return o, lse
+
+    # ---- eager and graph ---------------------------------------------------------------------------------
+    def run(self, q: torch.Tensor):
+        """Eager step on query ``q [B, Hq, D]``: ``(o, lse)``."""
+        self.q.copy_(q)
+        self.out = self._step()
+        return self.out
+
+    def _snapshot(self):
+        p = self.predictor
+        return None if p is None else (p.level.clone(), p.trend.clone(), p.known.clone())
+
+    def _restore(self, snap):
+        if snap is not None:
+            for dst, src in zip((self.predictor.level, self.predictor.trend, self.predictor.known), snap,
+                                strict=True):
+                dst.copy_(src)
+
+    def capture(self) -> None:
+        """Compile (warm-up) and capture the step in a CUDA graph; the predictor state is left as it was."""
+        if self.cache.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the cache on a CUDA device")
+        snap = self._snapshot()
+        warm = torch.cuda.Stream(device=self.cache.device)
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(warm)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
+        torch.cuda.synchronize()
+        self._restore(snap)
+
+    def replay(self, q: torch.Tensor | None = None):
+        """Replay the captured step (after copying ``q`` into the static query): ``(o, lse)``, views into
+        graph memory that the next replay overwrites."""
+        if self.graph is None:
+            raise RuntimeError("call capture() first")
+        if q is not None:
+            self.q.copy_(q)
+        self.graph.replay()
+        return self.out

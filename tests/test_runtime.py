@@ -1,0 +1,105 @@
+"""The layer runtime (eager on CPU; graph == eager on a GPU) and the speculation budget."""
+
+import pytest
+import torch
+from conftest import make_cache, make_query
+
+import prr
+from prr.runtime import BudgetCache, BudgetDecision, LayerStep, choose_budget
+
+CUDA = torch.cuda.is_available()
+
+
+def _decode_setup(method, device="cpu", dtype=torch.float64, b=2, hkv=2, g=4, seed=0):
+    base = make_cache([900, 700], hkv=hkv, d=64, capacity=1024, dtype=dtype, seed=seed)
+    cache = prr.KVCache(base.k.to(device), base.v.to(device), base.page_table.to(device), base.seq_lens.to(device))
+    cfg = prr.SparseConfig.from_budget(method, 256 if method == "quest" else 512)
+    meta = prr.BlockMetadata(cfg, cache)
+    nmax = -(-cache.capacity // cfg.block_size)
+    return cache, cfg, meta, prr.HoltPredictor(1, b, hkv, nmax, alpha=0.5, device=device)
+
+
+@pytest.mark.parametrize("mode", ["exact", "union"])
+def test_layer_step_eager_equals_prr_step(mode):
+    cache, cfg, meta, pred = _decode_setup("quest")
+    twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
+    step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.5, mode=mode)
+    q = make_query(cache, 4, scale=2.0)
+    for _ in range(4):
+        q = q + 0.3 * torch.randn_like(q)
+        o, lse = step.run(q)
+        ref = prr.prr_step(q, cache, meta, twin, 0, ratio=1.5, mode=mode)
+        torch.testing.assert_close(o, ref.o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, ref.lse, rtol=1e-12, atol=1e-12)
+        assert torch.equal(pred.level, twin.level) and torch.equal(pred.known, twin.known)
+    dsa = LayerStep(cache, meta, 8, method="dsa")
+    torch.testing.assert_close(dsa.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_step_rejects_bad_setup():
+    cache, _, meta, pred = _decode_setup("quest")
+    with pytest.raises(TypeError, match="needs a HoltPredictor"):
+        LayerStep(cache, meta, 8, method="prr")
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        LayerStep(cache, meta, 8, method="fast", predictor=pred)
+    with pytest.raises(ValueError, match="Hq=5"):
+        LayerStep(cache, meta, 5, method="prr", predictor=pred)
+    with pytest.raises(RuntimeError, match="CUDA graphs need"):
+        LayerStep(cache, meta, 8, method="dsa").capture()
+
+
+def test_choose_budget_picks_largest_hidden_k_and_falls_back():
+    # Selection 50 us, attention 20 us; speculation of 64/96/128 blocks takes 30/45/60 us.
+    spec = {64: 30.0, 96: 45.0, 128: 60.0}
+    d = choose_budget(50.0, 20.0, spec, {64: 6.0, 96: 3.0, 128: 2.0})
+    assert d.enabled and d.spec_k == 96  # 128 would not hide under the selection
+    assert d.t_prr_us == pytest.approx(50 + 3) and d.gain == pytest.approx(1 - 53 / 70)
+    # A repair that costs as much as the attention it replaces: no gain, speculation off.
+    off = choose_budget(50.0, 20.0, spec, {64: 20.0, 96: 19.9, 128: 19.0})
+    assert not off.enabled and off.gain < 0.02 and off.reason.startswith("off")
+    # Nothing hides: take the cheapest speculation and model the overrun.
+    slow = choose_budget(10.0, 40.0, {64: 30.0, 96: 45.0}, {64: 4.0, 96: 2.0})
+    assert slow.spec_k == 64 and slow.t_prr_us == pytest.approx(34.0)
+    with pytest.raises(ValueError, match="same K'"):
+        choose_budget(1.0, 1.0, {64: 1.0}, {96: 1.0})
+
+
+def test_budget_cache_roundtrip(tmp_path):
+    cache = BudgetCache(str(tmp_path / "b.json"))
+    key = BudgetCache.key("NVIDIA H200", 1, 32, 8, 128, "quest", 2048, 100_000)
+    assert key.endswith("ctx131072") and cache.get(key) is None
+    dec = BudgetDecision(96, 70.0, 53.0, 0.24, "on")
+    cache.put(key, dec)
+    assert BudgetCache(str(tmp_path / "b.json")).get(key) == dec
+    (tmp_path / "b.json").write_text("{broken")  # a corrupt file reads as empty, never crashes
+    assert cache.get(key) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("method,mode", [("dsa", "exact"), ("prr", "exact"), ("prr", "union")])
+def test_graph_replay_equals_eager_over_decode_steps(method, mode):
+    """Two identical states; one steps eagerly, the other replays one captured graph. Over 6 decode steps with
+    appends, outputs and predictor states agree bit for bit, and PRR exact matches serialized DSA."""
+    runs = []
+    for _ in range(2):
+        cache, cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
+        runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=pred, ratio=1.5,
+                                                   mode=mode)))
+    runs[1][3].capture()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
+    for _ in range(6):
+        kv = torch.randn(2, 2, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+        q = q + 0.3 * torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+        outs = []
+        for i, (cache, meta, _, step) in enumerate(runs):
+            cache.append(kv[0], kv[1])
+            meta.append(cache)
+            outs.append([t.clone() for t in (step.replay(q) if i else step.run(q))])
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        if method == "prr":
+            assert torch.equal(runs[0][2].level, runs[1][2].level)
+        if mode == "exact":
+            dsa = prr.dsa_step(q, runs[0][0], runs[0][1])
+            torch.testing.assert_close(outs[0][0].float(), dsa.o.float(), rtol=2e-2, atol=2e-2)
