@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_cache, make_query
 
 import prr
 from prr.runtime import BudgetCache, BudgetDecision, LayerStep, choose_budget
+
+from conftest import make_cache, make_query
 
 CUDA = torch.cuda.is_available()
 
@@ -21,7 +22,7 @@ def _decode_setup(method, device="cpu", dtype=torch.float64, b=2, hkv=2, g=4, se
 
 @pytest.mark.parametrize("mode", ["exact", "union"])
 def test_layer_step_eager_equals_prr_step(mode):
-    cache, cfg, meta, pred = _decode_setup("quest")
+    cache, _cfg, meta, pred = _decode_setup("quest")
     twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
     step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.5, mode=mode)
     q = make_query(cache, 4, scale=2.0)
@@ -83,7 +84,7 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode):
     appends, outputs and predictor states agree bit for bit, and PRR exact matches serialized DSA."""
     runs = []
     for _ in range(2):
-        cache, cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
+        cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
         runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=pred, ratio=1.5,
                                                    mode=mode)))
     runs[1][3].capture()
