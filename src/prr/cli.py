@@ -115,6 +115,26 @@ def _cmd_bench_kernels(args) -> int:
     return 0
 
 
+def _cmd_bench_layer(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench layer: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from .bench import kernels, layer
+
+    layer.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
+              kernels.parse_contexts(args.contexts), args.methods.split(","), args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_plot(args) -> int:
+    from .bench.plots import plot_layer
+
+    for p in plot_layer(args.file, args.out_dir):
+        print(f"wrote {p}")
+    return 0
+
+
 def _cmd_bench_show(args) -> int:
     from .bench.common import table
 
@@ -169,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch path")
     s.add_argument("--out", default="results/bench_kernels.json")
     s.set_defaults(func=_cmd_bench_kernels)
+    s = bsub.add_parser("layer", help="per-layer step: dense vs serialized DSA vs PRR (graphs, two streams)")
+    s.add_argument("--models", default="llama-3.1-8b,glm-4-9b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest,infllm_v2")
+    s.add_argument("--out", default="results/bench_layer.json")
+    s.set_defaults(func=_cmd_bench_layer)
+    s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
+    s.add_argument("file")
+    s.add_argument("--out-dir", default="results")
+    s.set_defaults(func=_cmd_bench_plot)
     s = bsub.add_parser("show", help="print a saved benchmark result")
     s.add_argument("file")
     s.set_defaults(func=_cmd_bench_show)

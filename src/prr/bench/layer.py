@@ -1,0 +1,172 @@
+"""``prr bench layer``: the per-layer decode-attention step, dense vs serialized DSA vs PRR, on one GPU.
+
+Per case (model shape, batch, context, method), bf16, one layer, every variant one CUDA graph timed by
+:mod:`prr.bench.common`: dense SDPA over the context; serialized DSA (selection then attention, the same
+kernels); PRR exact and union at the hit rates measured on real-model traces (DESIGN.md: about 0.80 with
+K' = K and 0.94 with K' = 1.5K) and a sweep of hit rates for exact mode. The hit rate is *imposed*: the
+predictor's state is set so that its top-K' holds the wanted share of the true selection, and the step folds
+its scores into a spare predictor slot so the prediction stays fixed across replays. The speculation budget
+(:func:`prr.runtime.choose_budget`) is decided from the parts timed in the same run; ``prr_auto`` is what
+it picks (PRR at its K', or serialized DSA).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .. import ops
+from ..algo.predictor import HoltPredictor
+from ..algo.sparse import BlockMetadata, SparseConfig, select
+from ..algo.step import speculative_top_k
+from ..cache import KVCache
+from ..presets import attention_shape
+from ..runtime import LayerStep, choose_budget
+from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_graph, time_op
+from .kernels import METHOD_BUDGET, _label, _metadata_bytes
+
+BF16 = 2
+REAL_TRACE = ((1.0, 0.80), (1.5, 0.94))  # (K'/K, hit rate) measured on SmolLM2 traces (DESIGN.md section 3)
+SWEEP = (0.5, 0.7, 0.9, 1.0)
+
+
+def impose_hit_rate(pred: HoltPredictor, s_idx, s_cnt, nblk, cfg: SparseConfig, spec_k: int, hit: float,
+                    seed: int = 0) -> None:
+    """Set slot 0 of `pred` so its top-K' dynamic blocks hold round(hit * K_dyn) of S's dynamic blocks, the
+    rest filled with blocks outside S (host side, before timing)."""
+    gen = torch.Generator().manual_seed(seed)
+    bsz, hkv, nmax = pred.level.shape[1:]
+    level = torch.full((bsz, hkv, nmax), -10.0)
+    in_s = ops.selection_mask(s_idx.cpu(), s_cnt.cpu(), nmax)
+    for b in range(bsz):
+        n = int(nblk[b])
+        dyn = torch.arange(cfg.n_sink, max(cfg.n_sink, n - cfg.n_local))
+        for h in range(hkv):
+            s_dyn = dyn[in_s[b, h, dyn]]
+            keep = s_dyn[torch.randperm(len(s_dyn), generator=gen)[: round(hit * len(s_dyn))]]
+            others = dyn[~in_s[b, h, dyn]]
+            fill = others[torch.randperm(len(others), generator=gen)[: max(0, spec_k - len(keep))]]
+            level[b, h, keep] = 10.0
+            level[b, h, fill] = 5.0
+    pred.level[0].copy_(level)
+    pred.trend[0].zero_()
+    pred.known[0].copy_(nblk)
+
+
+def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row], dict]:
+    shp = attention_shape(model)
+    hq, hkv, d = shp.num_q_heads, shp.num_kv_heads, shp.head_dim
+    cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
+    case = f"{model}/b{batch}/{_label(ctx)}/{method}"
+    dev = torch.device("cuda")
+    cache = KVCache.allocate(batch, ctx, hkv, d, dtype=torch.bfloat16, device=dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.seq_lens.fill_(ctx)
+    meta = BlockMetadata(cfg, cache)
+    q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    nmax = -(-cache.capacity // cfg.block_size)
+    sel = select(q, cache, meta)
+    floor_b = _metadata_bytes(cfg, batch, hkv, d, ctx) + batch * cfg.budget_tokens * 2 * hkv * d * BF16
+    floor_us = floor_b / (copy_tbps * 1e12) * 1e6
+    rows: list[Row] = []
+
+    def add(op, impl, us, nbytes=floor_b, **extra):
+        rows.append(Row("layer", case, op, impl, us, int(nbytes), nbytes / (copy_tbps * 1e12) * 1e6, overhead,
+                        extra))
+        return us - overhead
+
+    kd = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16)
+    vd = torch.randn_like(kd)
+    add("dense", "sdpa", time_op(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], kd, vd, enable_gqa=True)), batch * ctx * 2 * hkv * d * BF16)
+    del kd, vd
+
+    dsa = LayerStep(cache, meta, hq, method="dsa")
+    dsa.q.copy_(q)
+    dsa.capture()
+    t_dsa = add("dsa", "graph", time_graph(dsa.graph))
+    t_sel = add("selection", "graph", time_op(lambda: select(q, cache, meta)))
+    t_att = add("attention", "graph", time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts,
+                                                                          cfg.block_size)))
+
+    pred = HoltPredictor(2, batch, hkv, nmax, alpha=0.5, device=dev)  # slot 0 read, slot 1 written
+
+    def prr_time(ratio, hit, mode):
+        spec_k = speculative_top_k(cfg.top_k, ratio)
+        impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, spec_k, hit)
+        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=ratio, mode=mode)
+        step.q.copy_(q)
+        step.capture()
+        step.replay()
+        got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.last["p_idx"],
+                                     step.last["p_cnt"]).sum().item()
+        forced = (cfg.n_sink + cfg.n_local) * batch * hkv
+        measured = (got - forced) / max(int(sel.counts.sum().item()) - forced, 1)
+        return time_graph(step.graph), measured, step
+
+    t_spec, t_rep, best = {}, {}, None
+    for ratio, hit in REAL_TRACE:
+        for mode in ("exact", "union"):
+            us, measured, step = prr_time(ratio, hit, mode)
+            net = add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3))
+            if mode == "exact":
+                k = step.spec_k
+                p_idx, p_cnt = step.last["p_idx"].clone(), step.last["p_cnt"].clone()
+                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: (
+                    ops.select_blocks(pred.predict(0), nblk, k, cfg.n_sink, cfg.n_local),
+                    ops.sparse_decode(q, cache, p, c, cfg.block_size, return_block_states=True))), ratio=ratio)
+                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)
+                t_rep[k] = add("repair", "graph", time_op(lambda p=p_idx, c=p_cnt, o=bo, lse=blse: (
+                    ops.repair_combine(q, cache, cfg.block_size, p, c, sel.indices, sel.counts, block_o=o,
+                                       block_lse=lse),
+                    pred.update(1, sel.scores, nblk))), ratio=ratio, hit_rate=round(measured, 3))
+            if best is None or net < best[0]:
+                best = (net, f"{mode} r={ratio}", measured)
+    for hit in SWEEP:
+        us, measured, _ = prr_time(1.0, hit, "exact")
+        add("prr_exact_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3))
+    dec = choose_budget(t_sel, t_att, t_spec, t_rep)
+    auto = t_dsa
+    if dec.enabled:
+        ratio = next(r for r, _ in REAL_TRACE if speculative_top_k(cfg.top_k, r) == dec.spec_k)
+        auto = next(r.net_us for r in rows if r.op == "prr_exact" and r.extra["ratio"] == ratio)
+    summary = {"case": case, "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
+               "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
+               "speedup_best": round(t_dsa / best[0], 3), "prr_auto_us": round(auto, 2),
+               "speedup_auto": round(t_dsa / auto, 3), "budget": dec.reason, "spec_k": dec.spec_k,
+               "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),
+               "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2)}
+    return rows, summary
+
+
+def run(models, batches, contexts, methods, out: str) -> dict:
+    copy = copy_bandwidth_tbps()
+    overhead = graph_overhead_us()
+    print(f"copy bandwidth {copy:.2f} TB/s; graph replay overhead {overhead:.1f} us")
+    rows, summaries, failed = [], [], []
+    cases = [(m, b, c, me) for m in models for b in batches for c in contexts for me in methods]
+    for m, b, c, me in tqdm(cases, desc="bench layer", unit="case"):
+        try:
+            r, s = bench_case(m, b, c, me, copy, overhead)
+            rows += r
+            summaries.append(s)
+        except Exception as e:  # one broken case must not lose the others' numbers
+            failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}", "error": repr(e)[:500]})
+            print(f"FAILED {failed[-1]}")
+        torch.cuda.empty_cache()
+    save(out, "layer", rows, {"copy_tbps": copy, "overhead_us": overhead, "summary": summaries,
+                              "failed": failed, "real_trace": REAL_TRACE, "budgets": METHOD_BUDGET})
+    print(table([r.to_dict() for r in rows]))
+    print(summary_table(summaries))
+    return {"rows": rows, "summary": summaries}
+
+
+def summary_table(summaries: list[dict]) -> str:
+    cols = ("case", "dense_us", "dsa_us", "prr_best_us", "prr_best_ratio", "speedup_best", "prr_auto_us",
+            "speedup_auto", "prr_x_floor", "prr_vs_dense")
+    lines = ["  ".join(cols)]
+    for s in summaries:
+        lines.append("  ".join(str(s[c]) for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Plots drawn from saved benchmark JSON only (never from a live run)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_layer(path: str, out_dir: str) -> list[str]:
+    """Latency against context per method, and PRR's speedup against the hit rate. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        res = json.load(f)
+    rows = res["rows"]
+    os.makedirs(out_dir, exist_ok=True)
+    groups = sorted({r["case"].rsplit("/", 2)[0] + "/" + r["case"].rsplit("/", 1)[1] for r in rows})
+    ctx_of = {"32K": 32, "128K": 128, "512K": 512}
+    fig, axes = plt.subplots(2, (len(groups) + 1) // 2, figsize=(4.2 * ((len(groups) + 1) // 2), 7), squeeze=False)
+    for ax, grp in zip(axes.flat, groups, strict=False):
+        model_b, method = grp.rsplit("/", 1)
+        series = {"dense SDPA": ("dense", None), "serialized DSA": ("dsa", None), "PRR exact": ("prr_exact", None),
+                  "PRR union": ("prr_union", None)}
+        for label, (op, _) in series.items():
+            pts = {}
+            for r in rows:
+                m_b, c, me = r["case"].rsplit("/", 2)
+                if m_b == model_b and me == method and r["op"] == op:
+                    pts[ctx_of[c]] = min(pts.get(ctx_of[c], 1e18), r["net_us"])
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([32, 128, 512], ["32K", "128K", "512K"])
+        ax.set_title(f"{model_b} {method}", fontsize=9)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("µs per layer step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Decode-attention step per layer, {res['env']['gpu']} (bf16; net of graph-replay overhead)")
+    fig.tight_layout()
+    p1 = os.path.join(out_dir, "layer_latency.png")
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dsa = {r["case"]: r["net_us"] for r in rows if r["op"] == "dsa"}
+    for case in sorted({r["case"] for r in rows if r["op"] == "prr_exact_sweep"}):
+        if "/b1/" not in case:
+            continue
+        pts = sorted((r["extra"]["hit_rate"], dsa[case] / r["net_us"]) for r in rows
+                     if r["case"] == case and r["op"] in ("prr_exact_sweep", "prr_exact") and r["extra"]["ratio"] == 1.0)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("hit rate (K' = K)")
+    ax.set_ylabel("speedup over serialized DSA")
+    ax.set_title("PRR exact, batch 1: speedup against the hit rate")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p2 = os.path.join(out_dir, "layer_speedup_vs_hit.png")
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
