@@ -79,8 +79,8 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
 
     kd = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16)
     vd = torch.randn_like(kd)
-    add("dense", "sdpa", time_op(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], kd, vd, enable_gqa=True)), batch * ctx * 2 * hkv * d * BF16)
+    add("dense", "sdpa", time_op(lambda k=kd, v=vd: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k, v, enable_gqa=True)), batch * ctx * 2 * hkv * d * BF16)
     del kd, vd
 
     dsa = LayerStep(cache, meta, hq, method="dsa")
@@ -114,7 +114,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
             if mode == "exact":
                 k = step.spec_k
                 p_idx, p_cnt = step.last["p_idx"].clone(), step.last["p_cnt"].clone()
-                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: (
+                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt, k=k: (
                     ops.select_blocks(pred.predict(0), nblk, k, cfg.n_sink, cfg.n_local),
                     ops.sparse_decode(q, cache, p, c, cfg.block_size, return_block_states=True))), ratio=ratio)
                 _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)

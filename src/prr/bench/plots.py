@@ -52,8 +52,8 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
     for case in sorted({r["case"] for r in rows if r["op"] == "prr_exact_sweep"}):
         if "/b1/" not in case:
             continue
-        pts = sorted((r["extra"]["hit_rate"], dsa[case] / r["net_us"]) for r in rows
-                     if r["case"] == case and r["op"] in ("prr_exact_sweep", "prr_exact") and r["extra"]["ratio"] == 1.0)
+        pts = sorted((r["extra"]["hit_rate"], dsa[case] / r["net_us"]) for r in rows if r["case"] == case
+                     and r["op"] in ("prr_exact_sweep", "prr_exact") and r["extra"]["ratio"] == 1.0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xlabel("hit rate (K' = K)")
