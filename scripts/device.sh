@@ -12,11 +12,11 @@ for step in "$@"; do
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;
-    layer) timeout 560 python3 -m prr bench layer --out "$OUT/bench_layer.json" 2>&1 \
+    layer) timeout 450 python3 -m prr bench layer --out "$OUT/bench_layer.json" 2>&1 \
       | tee "$OUT/bench_layer.log" | grep -v "it/s\]" | tail -60 ;;
     layer-quick) timeout 300 python3 -m prr bench layer --models llama-3.1-8b --batches 1 --contexts 32K,512K \
       --methods quest --out "$OUT/bench_layer_quick.json" 2>&1 | tail -60 ;;
-    gpu-tests) timeout 300 python3 -m pytest -q -x tests/test_runtime.py tests/test_kernels.py 2>&1 | tail -25 ;;
+    gpu-tests) timeout 150 python3 -m pytest -q -x tests/test_runtime.py tests/test_kernels.py 2>&1 | tail -25 ;;
     kernels-quick) timeout 200 python3 -m prr bench kernels --models llama-3.1-8b --batches 1 \
       --contexts 32K,512K --methods quest --out "$OUT/bench_quick.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;

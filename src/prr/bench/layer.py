@@ -156,8 +156,10 @@ def run(models, batches, contexts, methods, out: str) -> dict:
             failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}", "error": repr(e)[:500]})
             print(f"FAILED {failed[-1]}")
         torch.cuda.empty_cache()
-    save(out, "layer", rows, {"copy_tbps": copy, "overhead_us": overhead, "summary": summaries,
-                              "failed": failed, "real_trace": REAL_TRACE, "budgets": METHOD_BUDGET})
+        # Saved after every case: a run cut short keeps what it measured.
+        save(out, "layer", rows, {"copy_tbps": copy, "overhead_us": overhead, "summary": summaries,
+                                  "failed": failed, "real_trace": REAL_TRACE, "budgets": METHOD_BUDGET,
+                                  "complete": len(summaries) + len(failed) == len(cases)})
     print(table([r.to_dict() for r in rows]))
     print(summary_table(summaries))
     return {"rows": rows, "summary": summaries}
