@@ -85,12 +85,14 @@ class HoltPredictor:
         """Predicted scores of the coming step, ``[B, Hkv, N_max]``; -inf for blocks never scored."""
         return holt_predict(self.level[layer], self.trend[layer], self.known[layer], self._params[layer][2])
 
-    def update(self, layer: int, scores: torch.Tensor, num_blocks: torch.Tensor) -> None:
-        """Fold in the true scores ``[B, Hkv, N_max]`` of this step (``num_blocks [B]`` live blocks)."""
+    def update(self, layer: int, scores: torch.Tensor, num_blocks: torch.Tensor,
+               pred: torch.Tensor | None = None) -> None:
+        """Fold in the true scores ``[B, Hkv, N_max]`` of this step (``num_blocks [B]`` live blocks); with
+        `pred`, also write the next step's prediction there (what :meth:`predict` would return, same pass)."""
         check.shape("scores", scores, tuple(self.level.shape[1:]))
         a, b, g = self._params[layer]
         holt_update_(self.level[layer], self.trend[layer], self.known[layer], scores, num_blocks.to(torch.int32),
-                     a, b, g)
+                     a, b, g, pred)
 
     def calibrate(self, layer: int, scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int,
                   n_sink: int, n_local: int, spec_k: int | None = None, grid=None) -> Calibration:

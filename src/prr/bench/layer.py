@@ -5,9 +5,12 @@ Per case (model shape, batch, context, method), bf16, one layer, every variant o
 kernels); PRR exact and union at the hit rates measured on real-model traces (DESIGN.md: about 0.80 with
 K' = K and 0.94 with K' = 1.5K) and a sweep of hit rates for exact mode. The hit rate is *imposed*: the
 predictor's state is set so that its top-K' holds the wanted share of the true selection, and the step folds
-its scores into a spare predictor slot so the prediction stays fixed across replays. The speculation budget
-(:func:`prr.runtime.choose_budget`) is decided from the parts timed in the same run; ``prr_auto`` is what
-it picks (PRR at its K', or serialized DSA).
+its scores into a spare predictor slot so the prediction stays fixed across replays. Each PRR variant is
+timed twice: the whole step (``prr_*``: with the tail that updates the predictor and predicts the next P,
+joined at the end of the graph) and its critical path (``prr_*_path``: speculation beside selection, then
+repair; in a model the tail runs beside the rest of the layer). The speculation budget
+(:func:`prr.runtime.choose_budget`) is decided from the parts timed in the same run; ``prr_auto`` is what it
+picks (PRR's critical path at its K', or serialized DSA).
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
 
     pred = HoltPredictor(2, batch, hkv, nmax, alpha=0.5, device=dev)  # slot 0 read, slot 1 written
 
-    def prr_time(ratio, hit, mode):
+    def prr_time(ratio, hit, mode, tail=True):
         spec_k = speculative_top_k(cfg.top_k, ratio)
         impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, spec_k, hit)
-        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=ratio, mode=mode)
+        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=ratio, mode=mode,
+                         tail=tail, hold_prediction=True)
         step.q.copy_(q)
         step.capture()
         step.replay()
@@ -110,28 +114,32 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     for ratio, hit in REAL_TRACE:
         for mode in ("exact", "union"):
             us, measured, step = prr_time(ratio, hit, mode)
-            net = add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3))
-            if mode == "exact":
-                k = step.spec_k
-                p_idx, p_cnt = step.last["p_idx"].clone(), step.last["p_cnt"].clone()
-                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt, k=k: (
-                    ops.select_blocks(pred.predict(0), nblk, k, cfg.n_sink, cfg.n_local),
-                    ops.sparse_decode(q, cache, p, c, cfg.block_size, return_block_states=True))), ratio=ratio)
-                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)
-                t_rep[k] = add("repair", "graph", time_op(lambda p=p_idx, c=p_cnt, o=bo, lse=blse: (
-                    ops.repair_combine(q, cache, cfg.block_size, p, c, sel.indices, sel.counts, block_o=o,
-                                       block_lse=lse),
-                    pred.update(1, sel.scores, nblk))), ratio=ratio, hit_rate=round(measured, 3))
+            add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=True)
+            us, measured, step = prr_time(ratio, hit, mode, tail=False)
+            net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
             if best is None or net < best[0]:
                 best = (net, f"{mode} r={ratio}", measured)
+            if mode == "exact":
+                k = step.spec_k
+                p_idx, p_cnt = step.p_idx.clone(), step.p_cnt.clone()
+                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: ops.sparse_decode(
+                    q, cache, p, c, cfg.block_size, return_block_states=True)), ratio=ratio)
+                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)
+                t_rep[k] = add("repair", "graph", time_op(lambda p=p_idx, c=p_cnt, o=bo, lse=blse: ops.repair_combine(
+                    q, cache, cfg.block_size, p, c, sel.indices, sel.counts, block_o=o, block_lse=lse)),
+                    ratio=ratio, hit_rate=round(measured, 3))
+                scratch = torch.empty_like(step.pred_scores)
+                add("predictor_tail", "graph", time_op(lambda k=k, out=scratch: (
+                    pred.update(1, sel.scores, nblk, pred=out),
+                    ops.select_blocks(out, nblk, k, cfg.n_sink, cfg.n_local))), ratio=ratio)
     for hit in SWEEP:
-        us, measured, _ = prr_time(1.0, hit, "exact")
-        add("prr_exact_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3))
+        us, measured, _ = prr_time(1.0, hit, "exact", tail=False)
+        add("prr_exact_path_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3), tail=False)
     dec = choose_budget(t_sel, t_att, t_spec, t_rep)
     auto = t_dsa
     if dec.enabled:
         ratio = next(r for r, _ in REAL_TRACE if speculative_top_k(cfg.top_k, r) == dec.spec_k)
-        auto = next(r.net_us for r in rows if r.op == "prr_exact" and r.extra["ratio"] == ratio)
+        auto = next(r.net_us for r in rows if r.op == "prr_exact_path" and r.extra["ratio"] == ratio)
     summary = {"case": case, "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
                "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
                "speedup_best": round(t_dsa / best[0], 3), "prr_auto_us": round(auto, 2),

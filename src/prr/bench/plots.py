@@ -22,8 +22,9 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
     fig, axes = plt.subplots(2, (len(groups) + 1) // 2, figsize=(4.2 * ((len(groups) + 1) // 2), 7), squeeze=False)
     for ax, grp in zip(axes.flat, groups, strict=False):
         model_b, method = grp.rsplit("/", 1)
-        series = {"dense SDPA": ("dense", None), "serialized DSA": ("dsa", None), "PRR exact": ("prr_exact", None),
-                  "PRR union": ("prr_union", None)}
+        series = {"dense SDPA": ("dense", None), "serialized DSA": ("dsa", None),
+                  "PRR exact (path)": ("prr_exact_path", None), "PRR exact (with tail)": ("prr_exact", None),
+                  "PRR union (path)": ("prr_union_path", None)}
         for label, (op, _) in series.items():
             pts = {}
             for r in rows:
@@ -49,16 +50,16 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dsa = {r["case"]: r["net_us"] for r in rows if r["op"] == "dsa"}
-    for case in sorted({r["case"] for r in rows if r["op"] == "prr_exact_sweep"}):
+    for case in sorted({r["case"] for r in rows if r["op"] == "prr_exact_path_sweep"}):
         if "/b1/" not in case:
             continue
         pts = sorted((r["extra"]["hit_rate"], dsa[case] / r["net_us"]) for r in rows if r["case"] == case
-                     and r["op"] in ("prr_exact_sweep", "prr_exact") and r["extra"]["ratio"] == 1.0)
+                     and r["op"] in ("prr_exact_path_sweep", "prr_exact_path") and r["extra"]["ratio"] == 1.0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xlabel("hit rate (K' = K)")
     ax.set_ylabel("speedup over serialized DSA")
-    ax.set_title("PRR exact, batch 1: speedup against the hit rate")
+    ax.set_title("PRR exact (critical path), batch 1: speedup against the hit rate")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,11 +1,13 @@
 """One layer's decode-attention step on fixed buffers: serialized DSA or PRR, eager or as a CUDA graph.
 
-PRR on CUDA forks a side stream: the side stream predicts P (top-K' of the predictor's scores) and runs the
-speculative attention over P while the main stream scores every block and selects S; the main stream then
-joins, runs the fused reuse + repair + merge, and folds S's scores into the predictor. Every buffer has a
-fixed shape (batch, heads, K, K', cache capacity), nothing reads device values on the host, so the whole step
-is captured once and replayed every token (:meth:`LayerStep.capture`, :meth:`LayerStep.replay`). Eager
-(:meth:`LayerStep.run`) runs the same code for debugging; on the CPU it runs without streams.
+PRR on CUDA forks a side stream that runs the speculative attention over P while the main stream scores every
+block and selects S; the main stream joins and runs the fused reuse + repair + merge: the output is ready.
+Then the *tail*, on the side stream: fold S's scores into the predictor and predict the next step's P (its
+top-K'), so that prediction is off the next step's critical path (in a model it runs beside the rest of the
+layer; the graph still ends by joining it). Every buffer has a fixed shape (batch, heads, K, K', cache
+capacity) and nothing reads device values on the host, so the whole step is captured once and replayed every
+token (:meth:`LayerStep.capture`, :meth:`LayerStep.replay`). Eager (:meth:`LayerStep.run`) runs the same code
+for debugging; on the CPU it runs without streams.
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ class LayerStep:
         num_q_heads: Hq.
         method: ``"dsa"`` (select, then attend) or ``"prr"``.
         predictor, layer: PRR's Holt state and the layer slot it reads; ``update_layer`` is the slot the
-            step's true scores are folded into (default: the same; benchmarks point it elsewhere to hold the
-            prediction, and so the hit rate, fixed across replays).
+            step's true scores are folded into (default: the same).
+        hold_prediction: the tail writes its prediction to scratch, so P (and the hit rate) stays as set
+            (benchmarks); ``tail=False`` leaves the tail out (the step's critical path alone).
         ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"`` or ``"union"``.
         streams: run speculation on a side stream (CUDA only).
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
                  predictor: HoltPredictor | None = None, layer: int = 0, update_layer: int | None = None,
-                 ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None):
+                 ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
+                 tail: bool = True, hold_prediction: bool = False):
         check.choice("method", method, METHODS)
         check.choice("mode", mode, MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
@@ -54,6 +58,12 @@ class LayerStep:
         self.q = torch.zeros(cache.batch, num_q_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
         cuda = cache.device.type == "cuda"
         self.side = torch.cuda.Stream(device=cache.device) if (cuda and streams and method == "prr") else None
+        self.tail, self.hold_prediction = tail, hold_prediction
+        if method == "prr":  # P for the first step, from the predictor's current state
+            nblk = ops.num_blocks(cache.seq_lens, self.cfg.block_size)
+            self.pred_scores = predictor.predict(layer).clone()
+            self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
+                                                       self.cfg.n_local)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last = {}  # the step's selections (views into graph memory when replaying)
@@ -70,11 +80,10 @@ class LayerStep:
             return ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
         main = torch.cuda.current_stream() if self.side is not None else None
+        p_idx, p_cnt = self.p_idx, self.p_cnt
         if main is not None:
             self.side.wait_stream(main)  # fork
-        with self._side():  # predict + speculate
-            p_idx, p_cnt = ops.select_blocks(self.predictor.predict(self.layer), nblk, self.spec_k, cfg.n_sink,
-                                             cfg.n_local)
+        with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
                                                    return_block_states=True)
@@ -87,8 +96,19 @@ class LayerStep:
             main.wait_stream(self.side)  # join
         o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
                                     mode=self.mode, scale=self.scale, **spec)
-        self.predictor.update(self.update_layer, sel.scores, nblk)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt}
+        if self.tail:  # update the predictor, predict the next P: off this step's critical path
+            if main is not None:
+                self.side.wait_stream(main)
+            with self._side():
+                pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
+                self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
+                nxt = ops.select_blocks(pred, nblk, self.spec_k, cfg.n_sink, cfg.n_local)
+                if not self.hold_prediction:
+                    self.p_idx.copy_(nxt[0])
+                    self.p_cnt.copy_(nxt[1])
+            if main is not None:
+                main.wait_stream(self.side)  # a captured graph must end with its streams joined
         return o, lse
 
     # ---- eager and graph ---------------------------------------------------------------------------------
@@ -98,15 +118,16 @@ class LayerStep:
         self.out = self._step()
         return self.out
 
-    def _snapshot(self):
+    def _state(self):
         p = self.predictor
-        return None if p is None else (p.level.clone(), p.trend.clone(), p.known.clone())
+        return [] if p is None else [p.level, p.trend, p.known, self.pred_scores, self.p_idx, self.p_cnt]
+
+    def _snapshot(self):
+        return [t.clone() for t in self._state()]
 
     def _restore(self, snap):
-        if snap is not None:
-            for dst, src in zip((self.predictor.level, self.predictor.trend, self.predictor.known), snap,
-                                strict=True):
-                dst.copy_(src)
+        for dst, src in zip(self._state(), snap, strict=True):
+            dst.copy_(src)
 
     def capture(self) -> None:
         """Compile (warm-up) and capture the step in a CUDA graph; the predictor state is left as it was."""
