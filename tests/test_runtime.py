@@ -104,3 +104,12 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode):
         if mode == "exact":
             dsa = prr.dsa_step(q, runs[0][0], runs[0][1])
             torch.testing.assert_close(outs[0][0].float(), dsa.o.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dsa_layer_step_ignores_a_predictor():
+    """A DSA step given a predictor (as a model wires every layer alike) neither reads nor snapshots it."""
+    cache, _, meta, pred = _decode_setup("quest")
+    step = LayerStep(cache, meta, 8, method="dsa", predictor=pred)
+    assert step._snapshot() == []
+    q = make_query(cache, 4)
+    torch.testing.assert_close(step.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)

@@ -119,8 +119,10 @@ class LayerStep:
         return self.out
 
     def _state(self):
+        if self.method != "prr":
+            return []
         p = self.predictor
-        return [] if p is None else [p.level, p.trend, p.known, self.pred_scores, self.p_idx, self.p_cnt]
+        return [p.level, p.trend, p.known, self.pred_scores, self.p_idx, self.p_cnt]
 
     def _snapshot(self):
         return [t.clone() for t in self._state()]
