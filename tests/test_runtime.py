@@ -113,3 +113,23 @@ def test_dsa_layer_step_ignores_a_predictor():
     assert step._snapshot() == []
     q = make_query(cache, 4)
     torch.testing.assert_close(step.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)
+
+
+def test_prediction_with_hit_rate_and_cached_profile(tmp_path):
+    from prr.runtime.budget import _prediction_with_hit_rate, profile_budget, trace_hit_rate
+
+    assert trace_hit_rate(1.0) == pytest.approx(0.80) and trace_hit_rate(1.5) == pytest.approx(0.94)
+    assert trace_hit_rate(3.0) == 1.0
+    cache, cfg, meta, _ = _decode_setup("quest")
+    q = make_query(cache, 4)
+    sel = prr.select(q, cache, meta)
+    nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
+    p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, cfg.top_k, 0.8)
+    hits = prr.ops.selection_contains(sel.indices, sel.counts, p_idx, p_cnt).sum() - 3 * 4
+    rate = float(hits) / float(sel.counts.sum() - 3 * 4)
+    assert 0.6 < rate < 0.95 and torch.all(p_cnt == cfg.k_max)
+    # A decision already in the cache is returned without timing anything (this runs on the CPU).
+    store = BudgetCache(str(tmp_path / "b.json"))
+    key = BudgetCache.key("test-gpu", 2, 8, 2, 64, "quest", cfg.budget_tokens, 900)
+    store.put(key, BudgetDecision(None, 1.0, 2.0, -1.0, "off"))
+    assert profile_budget(cache, meta, q, budget_cache=store, gpu_name="test-gpu").reason == "off"

@@ -1,7 +1,7 @@
 """GPU runtime: the decode-attention step of one layer on fixed buffers, with speculation on a side stream,
 captured in a CUDA graph; and the speculation budget."""
 
-from .budget import BudgetCache, BudgetDecision, choose_budget
+from .budget import BudgetCache, BudgetDecision, choose_budget, profile_budget, trace_hit_rate
 from .layer import LayerStep
 
-__all__ = ["BudgetCache", "BudgetDecision", "LayerStep", "choose_budget"]
+__all__ = ["BudgetCache", "BudgetDecision", "LayerStep", "choose_budget", "profile_budget", "trace_hit_rate"]

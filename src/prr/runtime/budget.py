@@ -54,6 +54,70 @@ def choose_budget(t_sel: float, t_att: float, t_spec: dict[int, float], t_repair
     return BudgetDecision(k, t_dsa, t_prr, gain, f"on: gain {gain:+.1%}; {why}")
 
 
+# Hit rates measured on real-model traces (DESIGN.md section 3: Holt, K = 64, SmolLM2): 0.80 at K' = K,
+# 0.94 at K' = 1.5K; linear in between, and assumed to fall at the same rate below K.
+def trace_hit_rate(ratio: float) -> float:
+    return float(min(1.0, max(0.0, 0.80 + (ratio - 1.0) * (0.94 - 0.80) / 0.5)))
+
+
+def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_rate=trace_hit_rate,
+                   mode: str = "exact", min_gain: float = 0.02, budget_cache: BudgetCache | None = None,
+                   refresh: bool = False, gpu_name: str | None = None) -> BudgetDecision:
+    """Time selection, attention, speculation and repair over a sweep of K' on the GPU in use, choose K'
+    (:func:`choose_budget`) and cache the decision per (GPU, shapes, context bucket).
+
+    `hit_rate(ratio)` gives the hit rate to model for each K'/K (default: the real-trace rates); the repair is
+    timed with a prediction that hits exactly that share of the true selection.
+    """
+    import torch
+
+    from .. import ops
+    from ..algo.sparse import select
+    from ..algo.step import speculative_top_k
+    from ..bench.common import time_op
+
+    cfg = meta.cfg
+    bsz, hq, d = q.shape
+    store = budget_cache or BudgetCache()
+    gpu = gpu_name or torch.cuda.get_device_name(q.device)
+    key = BudgetCache.key(gpu, bsz, hq, cache.num_kv_heads, d, cfg.method, cfg.budget_tokens,
+                          int(cache.seq_lens.max()), mode)
+    if not refresh and (hit := store.get(key)) is not None:
+        return hit
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    sel = select(q, cache, meta)
+    t_sel = time_op(lambda: select(q, cache, meta))
+    t_att = time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size))
+    t_spec, t_rep = {}, {}
+    for r in ratios:
+        k = speculative_top_k(cfg.top_k, r)
+        p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, hit_rate(r))
+        exact = mode == "exact"
+        t_spec[k] = time_op(lambda p=p_idx, c=p_cnt, e=exact: ops.sparse_decode(
+            q, cache, p, c, cfg.block_size, return_block_states=e))
+        o_p = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=exact)
+        spec = {"block_o": o_p[2], "block_lse": o_p[3]} if exact else {"spec_o": o_p[0], "spec_lse": o_p[1]}
+        t_rep[k] = time_op(lambda p=p_idx, c=p_cnt, sp=spec: ops.repair_combine(
+            q, cache, cfg.block_size, p, c, sel.indices, sel.counts, mode=mode, **sp))
+    dec = choose_budget(t_sel, t_att, t_spec, t_rep, min_gain=min_gain)
+    store.put(key, dec)
+    return dec
+
+
+def _prediction_with_hit_rate(sel, nblk, cfg, spec_k: int, hit: float, seed: int = 0):
+    """A selection P of K' dynamic blocks (plus forced ones) holding `hit` of S's dynamic blocks."""
+    import torch
+
+    from .. import ops
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.where(ops.selection_mask(sel.indices.cpu(), sel.counts.cpu(), sel.scores.shape[-1]), 1.0, 0.0)
+    keep = torch.rand(scores.shape, generator=gen) < hit
+    fill = torch.rand(scores.shape, generator=gen) * 0.5
+    pred = torch.where(scores > 0, torch.where(keep, 2.0, 0.0), fill).to(sel.scores.device)
+    return ops.select_blocks(pred, nblk, spec_k, cfg.n_sink, cfg.n_local)
+
+
 def context_bucket(tokens: int) -> int:
     """Contexts are cached per power-of-two bucket of tokens."""
     return 1 << max(0, math.ceil(math.log2(max(tokens, 1))))
