@@ -148,6 +148,110 @@ def _cmd_bench_show(args) -> int:
     return 0
 
 
+def _sparse_cfg(args):
+    import prr
+
+    return prr.SparseConfig.from_budget(args.method, args.budget)
+
+
+def _load(args):
+    from .model.weights import load_model
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    print(f"loading {args.model} on {dev} ...", file=sys.stderr)
+    return load_model(args.model, dtype=dtype, device=dev)
+
+
+def _cmd_generate(args) -> int:
+    from .model.engine import Engine
+
+    model, tok = _load(args)
+    if tok is None:
+        print(f"prr generate: {args.model} has random weights and no tokenizer; use a real model", file=sys.stderr)
+        return 2
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e}") from e
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise ValueError("give --prompt TEXT or --prompt-file FILE")
+    ids = tok.chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    eng = Engine(model, tok, attention=args.attention, sparse=_sparse_cfg(args), ratio=args.ratio, mode=args.mode,
+                 n_dense_layers=args.dense_layers)
+    print(f"prompt: {len(ids)} tokens; attention: {args.attention}", file=sys.stderr)
+
+    def show(t):
+        sys.stdout.write(tok.decode([t]))
+        sys.stdout.flush()
+
+    _, st = eng.generate(ids, args.max_new_tokens, on_token=show)
+    print()
+    s = st.summary()
+    line = (f"[{args.attention}] prefill {s['prefill_s']:.2f} s | {s['new_tokens']} tokens, {s['ms_per_token']:.1f} "
+            f"ms/token, {s['tokens_per_s']:.1f} tokens/s")
+    if args.attention != "dense":
+        line += f" | blocks per step {s['blocks_per_step']}"
+    if args.attention == "prr":
+        line += f" | hit rate {s['hit_rate']:.3f}"
+    print(line, file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": s}, f, indent=1)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The main job: one long real prompt, three attentions, the same answer?"""
+    from tqdm import tqdm
+
+    from .model.engine import Engine
+    from .model.prompts import passkey_prompt
+
+    model, tok = _load(args)
+    ids, key = passkey_prompt(tok, args.tokens, args.depth, seed=args.seed)
+    cfg = _sparse_cfg(args)
+    print(f"prompt: {len(ids)} tokens of Python's documentation with a pass key ({key}) at depth {args.depth}; "
+          f"DSA = {cfg.method}, {cfg.budget_tokens}-token budget ({cfg.k_max} blocks of {cfg.block_size}); "
+          f"PRR ratio {args.ratio}, {args.mode} mode; first {args.dense_layers} layers dense")
+    dense = Engine(model, tok, attention="dense", sparse=cfg, n_dense_layers=args.dense_layers)
+    results = {}
+    for name in ("dense", "dsa", "prr"):
+        eng = dense if name == "dense" else Engine(model, tok, attention=name, sparse=cfg, ratio=args.ratio,
+                                                   mode=args.mode, n_dense_layers=args.dense_layers)
+        bar = tqdm(total=args.max_new_tokens, desc=f"{name:5s} decode", unit="tok", leave=False)
+        pre = None
+        if name == "dense":
+            pre = tqdm(total=model.cfg.num_layers, desc="prefill (dense)", unit="layer", leave=False)
+        out, st = eng.generate(ids, args.max_new_tokens, on_token=lambda _t, b=bar: b.update(1),
+                               prefill_progress=(lambda _i, p=pre: p.update(1)) if pre else None,
+                               prefilled_from=None if name == "dense" else dense)
+        bar.close()
+        if pre:
+            pre.close()
+        results[name] = (tok.decode(out).strip(), st)
+    print()
+    for name, (text, st) in results.items():
+        extra = f", hit rate {st.hit_rate:.3f}" if st.hit_rate is not None else ""
+        print(f"{name:5s} {st.ms_per_token:7.1f} ms/token{extra}: {text!r}")
+    same = results["dsa"][0] == results["prr"][0]
+    print(f"\nDSA and PRR ({args.mode}) answers identical: {same}; dense agrees with DSA: "
+          f"{results['dense'][0] == results['dsa'][0]}; pass key found by dense/DSA/PRR: "
+          + "/".join("yes" if key in results[n][0] else "no" for n in ("dense", "dsa", "prr")))
+    print("(latency: PyTorch reference ops on this device, not the GPU kernels' speed)" if
+          not torch.cuda.is_available() else "")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"key": key, "prompt_tokens": len(ids), "answers": {n: r[0] for n, r in results.items()},
+                       "stats": {n: r[1].summary() for n, r in results.items()}, "dsa_equals_prr": same}, f,
+                      indent=1)
+    return 0 if (same or args.mode == "union") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prr",
@@ -178,6 +282,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write per-step stats here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_simulate)
+
+    def model_args(s, budget):
+        s.add_argument("--model", default="smollm2", help="smollm2 (bundled), a .gguf file, a Hugging Face "
+                                                           "checkpoint directory, or a preset (random weights)")
+        s.add_argument("--method", default="quest", choices=["quest", "infllm_v2", "oracle"])
+        s.add_argument("--budget", type=int, default=budget, help="DSA tokens per step, forced blocks included")
+        s.add_argument("--ratio", type=float, default=1.5, help="PRR speculation ratio (K' = ceil(r K))")
+        s.add_argument("--mode", default="exact", choices=["exact", "union"])
+        s.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
+        s.add_argument("--max-new-tokens", type=int, default=32)
+        s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        s.add_argument("--json", help="write the stats here")
+
+    s = sub.add_parser("generate", help="generate from a prompt with dense, DSA or PRR attention")
+    model_args(s, 1024)
+    s.add_argument("--prompt", help="prompt text")
+    s.add_argument("--prompt-file", help="read the prompt from this file")
+    s.add_argument("--attention", default="prr", choices=["dense", "dsa", "prr"])
+    s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's chat template (default on)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("demo", help="the main job: a long offline prompt answered by dense, DSA and PRR")
+    model_args(s, 1024)
+    s.add_argument("--tokens", type=int, default=6000, help="prompt length")
+    s.add_argument("--depth", type=float, default=0.75, help="where the pass key sits (0 start, 1 end)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo, max_new_tokens=16, budget=2048)
 
     bench = sub.add_parser("bench", help="GPU benchmarks (results saved as JSON)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
@@ -215,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"prr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,211 @@
+"""Generation on a real model with dense, serialized-DSA or PRR attention per decode step.
+
+Prefill is dense: it fills each layer's KV cache, builds the block metadata in bulk and, for PRR, calibrates
+each layer's predictor on the selections of the last ``calibrate_window`` prompt positions (computed as if
+they were decode steps; the block holding a position includes up to BS-1 later prompt tokens in its
+metadata, a small leak accepted for calibration). The first ``n_dense_layers`` layers stay dense, as Quest
+does. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import _checks as check
+from .. import ops
+from ..algo.predictor import HoltPredictor
+from ..algo.sparse import BlockMetadata, SparseConfig
+from ..algo.step import dsa_step, prr_step, speculative_top_k
+from ..cache import KVCache
+from .llama import Llama
+from .tokenizer import Tokenizer
+
+ATTENTIONS = ("dense", "dsa", "prr")
+
+
+@dataclass
+class GenerationStats:
+    attention: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    hit_rates: list[float] = field(default_factory=list)  # PRR: per step, mean over sparse layers
+    blocks_per_step: list[float] = field(default_factory=list)  # |S| per (sequence, KV head), mean
+    misses_per_step: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(self.new_tokens, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def hit_rate(self) -> float | None:
+        return sum(self.hit_rates) / len(self.hit_rates) if self.hit_rates else None
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        for k in ("hit_rates", "blocks_per_step", "misses_per_step"):
+            d.pop(k)
+        d.update(ms_per_token=round(self.ms_per_token, 3), tokens_per_s=round(self.tokens_per_s, 2),
+                 hit_rate=None if self.hit_rate is None else round(self.hit_rate, 4),
+                 blocks_per_step=round(sum(self.blocks_per_step) / len(self.blocks_per_step), 2)
+                 if self.blocks_per_step else None)
+        return d
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, *, attention: str = "dense",
+                 sparse: SparseConfig | None = None, ratio: float = 1.5, mode: str = "exact",
+                 n_dense_layers: int = 2, calibrate_window: int = 16):
+        check.choice("attention", attention, ATTENTIONS)
+        self.model, self.tok, self.cfg = model, tokenizer, model.cfg
+        self.attention = attention
+        self.sparse = sparse or SparseConfig.from_budget("quest", 1024)
+        self.ratio, self.mode = ratio, mode
+        speculative_top_k(self.sparse.top_k, ratio)  # validates the ratio
+        self.n_dense_layers = check.nonneg_int("n_dense_layers", n_dense_layers)
+        self.calibrate_window = calibrate_window
+        self.caches: list[KVCache] = []
+        self.metas: list[BlockMetadata | None] = []
+        self.predictor: HoltPredictor | None = None
+        self._calib_q: dict[int, torch.Tensor] = {}
+        self._step_stats: list = []
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+    def _sparse_layer(self, i: int) -> bool:
+        return self.attention != "dense" and i >= self.n_dense_layers
+
+    def prefill(self, prompt: list[int] | torch.Tensor, max_new_tokens: int,
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run the prompt ``[T]`` (or ``[B, T]``) densely; caches get room for `max_new_tokens` more.
+        Returns the last position's logits ``[B, V]``."""
+        c, dev = self.cfg, self.model.device
+        ids = torch.as_tensor(prompt, dtype=torch.long, device=dev)
+        ids = ids[None] if ids.dim() == 1 else ids
+        b, t = ids.shape
+        if t == 0:
+            raise ValueError("the prompt is empty")
+        if t + max_new_tokens > c.max_context:
+            raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {c.max_context} tokens")
+        cap = t + max_new_tokens
+        self.caches = [KVCache.allocate(b, cap, c.num_kv_heads, c.head_dim, page_size=16, dtype=self.model.dtype,
+                                        device=dev) for _ in range(c.num_layers)]
+        lens = torch.full((b,), t, dtype=torch.int32, device=dev)
+        self._prompt_lens = lens.clone()
+        w = self.calibrate_window
+
+        def store(i, q, k, v):
+            self.caches[i].write(k.transpose(1, 2), v.transpose(1, 2), lens)
+            self._calib_q[i] = q[:, -w:].transpose(0, 1).contiguous()  # [W, B, Hq, D]
+            if progress:
+                progress(i)
+
+        logits = self.model.prefill(ids, store)
+        self._last_logits = logits
+        self._build_sparse_state()
+        return logits
+
+    def adopt_prefill(self, other: Engine) -> None:
+        """Start from another engine's prefill (same model): copy its caches, rebuild this engine's metadata
+        and calibration. Lets dense, DSA and PRR share one prefill."""
+        # The other engine may have decoded since: its tokens past the prompt are ignored (and overwritten).
+        self.caches = [KVCache(c.k.clone(), c.v.clone(), c.page_table.clone(), other._prompt_lens.clone())
+                       for c in other.caches]
+        self._prompt_lens = other._prompt_lens.clone()
+        self._calib_q = dict(other._calib_q)
+        self._build_sparse_state()
+
+    def _build_sparse_state(self) -> None:
+        c, cfg = self.cfg, self.sparse
+        self.metas = [BlockMetadata(cfg, self.caches[i]) if self._sparse_layer(i) else None
+                      for i in range(c.num_layers)]
+        self._step_stats = []
+        if self.attention != "prr":
+            return
+        cache0 = self.caches[0]
+        nmax = -(-cache0.capacity // cfg.block_size)
+        self.predictor = HoltPredictor(c.num_layers, cache0.batch, c.num_kv_heads, nmax, device=cache0.device)
+        spec_k = speculative_top_k(cfg.top_k, self.ratio)
+        for i in range(self.n_dense_layers, c.num_layers):
+            cache, qs = self.caches[i], self._calib_q[i]
+            t = int(cache.seq_lens.max())
+            w = qs.shape[0]
+            scores, nblk = [], []
+            for j in range(w):  # the last W prompt positions as if they were decode steps
+                view = KVCache(cache.k, cache.v, cache.page_table, torch.full_like(cache.seq_lens, t - w + j + 1))
+                scores.append(self.metas[i].scores(qs[j], view))
+                nblk.append(ops.num_blocks(view.seq_lens, cfg.block_size))
+            if w >= 2:
+                self.predictor.calibrate(i, torch.stack(scores), torch.stack(nblk), cfg.top_k, cfg.n_sink,
+                                         cfg.n_local, spec_k=spec_k)
+
+    # ---- decode ------------------------------------------------------------------------------------------
+    def _attend(self, i: int, q, k, v):
+        cache = self.caches[i]
+        cache.append(k, v)
+        if not self._sparse_layer(i):
+            return ops.dense_decode(q, cache)[0]
+        meta = self.metas[i]
+        meta.append(cache)
+        if self.attention == "dsa":
+            out = dsa_step(q, cache, meta)
+        else:
+            out = prr_step(q, cache, meta, self.predictor, i, ratio=self.ratio, mode=self.mode)
+        self._step_stats.append(out.stats)
+        return out.o
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``."""
+        pos = self.caches[0].seq_lens.long()
+        return self.model.decode(tokens, pos, self._attend)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = True,
+                 on_token: Callable[[int], None] | None = None,
+                 prefill_progress: Callable[[int], None] | None = None, prefilled_from: Engine | None = None
+                 ) -> tuple[list[int], GenerationStats]:
+        """Greedy generation for one prompt. Returns the new token ids and the stats."""
+        check.positive_int("max_new_tokens", max_new_tokens)
+        stats = GenerationStats(self.attention, prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        if prefilled_from is not None:
+            self.adopt_prefill(prefilled_from)
+            logits = prefilled_from._last_logits
+        else:
+            logits = self.prefill(prompt, max_new_tokens, progress=prefill_progress)
+        stats.prefill_s = time.perf_counter() - t0
+        out: list[int] = []
+        eos = set(self.tok.eos_ids) if (self.tok and stop_at_eos) else set()
+        t0 = time.perf_counter()
+        nxt = int(logits[0].argmax())
+        for _ in range(max_new_tokens):
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if nxt in eos or len(out) == max_new_tokens:
+                break
+            self._step_stats = []
+            logits = self.step(torch.tensor([nxt], device=self.model.device))
+            self._record(stats)
+            nxt = int(logits[0].argmax())
+        stats.decode_s = time.perf_counter() - t0
+        stats.new_tokens = len(out)
+        return out, stats
+
+    def _record(self, stats: GenerationStats) -> None:
+        if not self._step_stats:
+            return
+        sel = torch.stack([s.selected.float().mean() for s in self._step_stats]).mean()
+        stats.blocks_per_step.append(float(sel))
+        if self.attention == "prr":
+            stats.hit_rates.append(sum(s.hit_rate() for s in self._step_stats) / len(self._step_stats))
+            stats.misses_per_step.append(float(torch.stack([s.misses.float().mean()
+                                                            for s in self._step_stats]).mean()))

@@ -1,0 +1,125 @@
+"""A Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, tied or untied embeddings) on prr's KV cache.
+
+The model is numerics only: :meth:`Llama.prefill` runs the prompt densely (causal SDPA) and hands each layer's
+keys and values to a ``store`` callback; :meth:`Llama.decode` runs one token per sequence and asks an
+``attend(layer, q, k, v)`` callback for the attention output, so the engine decides which attention
+(dense, serialized DSA, PRR) each layer uses and owns the caches.
+
+Weights are a dict of tensors named ``embed``, ``norm``, ``lm_head`` (absent when tied) and
+``layers.{i}.{attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down}`` (optionally ``bq, bk, bv``,
+Qwen2's biases); matrices are ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+class Llama:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        missing = [k for k in self.expected_names() if k not in weights]
+        if missing:
+            raise ValueError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self.w = weights
+        self.device = weights["embed"].device
+        self.dtype = weights["embed"].dtype
+        half = cfg.head_dim // 2
+        inv = 1.0 / (cfg.rope_base ** (torch.arange(half, dtype=torch.float64) / half))
+        self._inv_freq = inv.float().to(self.device)
+
+    def expected_names(self) -> list[str]:
+        names = ["embed", "norm"] + ([] if self.cfg.tie_embeddings else ["lm_head"])
+        return names + [f"layers.{i}.{n}" for i in range(self.cfg.num_layers) for n in LAYER_WEIGHTS]
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [..., T, H, D]`` at positions ``pos [..., T]``."""
+        ang = pos.float()[..., None] * self._inv_freq  # [..., T, D/2]
+        cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]
+        xf = x.float()
+        if self.cfg.rope_interleaved:  # adjacent pairs (2i, 2i+1)
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        else:  # half split (i, i + D/2)
+            h = xf.shape[-1] // 2
+            a, b = xf[..., :h], xf[..., h:]
+            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+        return out.to(x.dtype)
+
+    def qkv(self, i: int, x: torch.Tensor, pos: torch.Tensor):
+        """``x [B, T, hidden]`` -> RoPE'd ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` of layer i."""
+        c, p = self.cfg, f"layers.{i}."
+        h = rms_norm(x, self.w[p + "attn_norm"], c.rms_eps)
+        b, t, _ = x.shape
+        q = F.linear(h, self.w[p + "wq"], self.w.get(p + "bq")).view(b, t, c.num_q_heads, c.head_dim)
+        k = F.linear(h, self.w[p + "wk"], self.w.get(p + "bk")).view(b, t, c.num_kv_heads, c.head_dim)
+        v = F.linear(h, self.w[p + "wv"], self.w.get(p + "bv")).view(b, t, c.num_kv_heads, c.head_dim)
+        return self.rope(q, pos), self.rope(k, pos), v
+
+    def mlp_residual(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """``x + wo(attn)``, then the SwiGLU block with its residual."""
+        c, p = self.cfg, f"layers.{i}."
+        x = x + F.linear(attn, self.w[p + "wo"])
+        h = rms_norm(x, self.w[p + "ffn_norm"], c.rms_eps)
+        return x + F.linear(F.silu(F.linear(h, self.w[p + "w_gate"])) * F.linear(h, self.w[p + "w_up"]),
+                            self.w[p + "w_down"])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, self.w["norm"], self.cfg.rms_eps)
+        return F.linear(h, self.w["embed"] if self.cfg.tie_embeddings else self.w["lm_head"]).float()
+
+    # ---- passes ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, store: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+                all_logits: bool = False, chunk: int = 1024) -> torch.Tensor:
+        """Dense causal pass over ``tokens [B, T]``; ``store(layer, q, k, v)`` receives each layer's RoPE'd
+        ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]``. Returns logits ``[B, V]`` of the last position, or
+        ``[B, T, V]`` with `all_logits`. Attention runs in query chunks to bound memory on long prompts."""
+        c = self.cfg
+        b, t = tokens.shape
+        if t > c.max_context:
+            raise ValueError(f"the prompt has {t} tokens, more than the model's context ({c.max_context})")
+        pos = torch.arange(t, device=self.device).expand(b, t)
+        x = F.embedding(tokens, self.w["embed"])
+        g = c.num_q_heads // c.num_kv_heads
+        for i in range(c.num_layers):
+            q, k, v = self.qkv(i, x, pos)
+            store(i, q, k, v)
+            kk = k.transpose(1, 2).repeat_interleave(g, dim=1)  # [B, Hq, T, D]
+            vv = v.transpose(1, 2).repeat_interleave(g, dim=1)
+            qq = q.transpose(1, 2)
+            outs = []
+            for s in range(0, t, chunk):
+                e = min(t, s + chunk)
+                mask = torch.ones(e - s, e, dtype=torch.bool, device=self.device).tril(diagonal=s)
+                outs.append(F.scaled_dot_product_attention(qq[:, :, s:e], kk[:, :, :e], vv[:, :, :e], attn_mask=mask))
+            attn = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, t, -1)
+            x = self.mlp_residual(i, x, attn)
+        return self.logits(x if all_logits else x[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor,
+               attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One token per sequence: ``tokens [B]`` at positions ``pos [B]``. ``attend(layer, q [B, Hq, D],
+        k [B, Hkv, D], v [B, Hkv, D])`` stores k, v and returns the attention output ``[B, Hq, D]``.
+        Returns logits ``[B, V]`` (float32)."""
+        x = F.embedding(tokens[:, None], self.w["embed"])  # [B, 1, hidden]
+        p = pos[:, None]
+        for i in range(self.cfg.num_layers):
+            q, k, v = self.qkv(i, x, p)
+            o = attend(i, q[:, 0], k[:, 0], v[:, 0])
+            x = self.mlp_residual(i, x, o.reshape(x.shape[0], 1, -1).to(x.dtype))
+        return self.logits(x[:, 0])
