@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine from the repository root (no installs there: PYTHONPATH=src).
-# Usage: bash scripts/device.sh STEP...   steps: tests | gpu-tests | kernels | kernels-quick | layer | layer-quick
+# Usage: bash scripts/device.sh STEP...   steps: tests | gpu-tests | kernels | kernels-quick | layer | layer-quick | e2e | e2e-quick
 # Results and logs go to $OUT (default ./out).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -16,6 +16,10 @@ for step in "$@"; do
       | tee "$OUT/bench_layer.log" | grep -v "it/s\]" | tail -60 ;;
     layer-quick) timeout 300 python3 -m prr bench layer --models llama-3.1-8b --batches 1 --contexts 32K,512K \
       --methods quest --out "$OUT/bench_layer_quick.json" 2>&1 | tail -60 ;;
+    e2e) timeout 420 python3 -m prr bench e2e --out "$OUT/bench_e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" \
+      | grep -v "it/s\]" | tail -30 ;;
+    e2e-quick) timeout 200 python3 -m prr bench e2e --contexts 8K --batches 1 --steps 4 \
+      --out "$OUT/bench_e2e_quick.json" 2>&1 | tail -30 ;;
     gpu-tests) timeout 150 python3 -m pytest -q -x tests/test_runtime.py tests/test_kernels.py 2>&1 | tail -25 ;;
     kernels-quick) timeout 200 python3 -m prr bench kernels --models llama-3.1-8b --batches 1 \
       --contexts 32K,512K --methods quest --out "$OUT/bench_quick.json" 2>&1 | tail -40 ;;

@@ -83,8 +83,9 @@ def test_errors_are_clear(smollm, tmp_path):
 
 
 def _tiny_cfg(**kw):
+    kw.setdefault("max_context", 128)
     return ModelConfig(vocab_size=64, hidden=32, ffn=48, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8,
-                       max_context=128, **kw)
+                       **kw)
 
 
 def test_gguf_rope_layout_equals_hf_layout_after_unpermuting():
@@ -144,3 +145,19 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["generate", "--prompt-file", str(tmp_path / "absent.txt")]) == 2
+
+
+def test_fill_random_engine_dsa_equals_prr_on_a_random_model():
+    """The latency path (caches filled directly, no prompt, empty predictor): PRR exact still matches DSA."""
+    cfg = _tiny_cfg(max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=torch.float64))
+    sparse = prr.SparseConfig(top_k=6)
+    outs = []
+    for attention in ("dsa", "prr"):
+        eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=1)
+        eng.fill_random(2, 500, 8)
+        tok = torch.tensor([3, 4])
+        outs.append(torch.stack([eng.step(tok) for _ in range(6)]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="CUDA graphs need"):
+        eng.capture_decode()

@@ -127,6 +127,19 @@ def _cmd_bench_layer(args) -> int:
     return 0
 
 
+def _cmd_bench_e2e(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench e2e: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from .bench import e2e, kernels
+
+    e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
+            method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
+            ratio=args.ratio)
+    print(f"saved {args.out}")
+    return 0
+
+
 def _cmd_bench_plot(args) -> int:
     from .bench.plots import plot_layer
 
@@ -328,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="quest,infllm_v2")
     s.add_argument("--out", default="results/bench_layer.json")
     s.set_defaults(func=_cmd_bench_layer)
+    s = bsub.add_parser("e2e", help="whole-model decode latency: dense vs DSA vs PRR, one CUDA graph per step")
+    s.add_argument("--model", default="llama-3.1-8b", help="a preset (random weights at real shapes)")
+    s.add_argument("--contexts", default="32K,128K")
+    s.add_argument("--batches", default="1,4")
+    s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
+    s.add_argument("--budget", type=int, default=2048)
+    s.add_argument("--ratio", type=float, default=1.0)
+    s.add_argument("--dense-layers", type=int, default=2)
+    s.add_argument("--steps", type=int, default=12)
+    s.add_argument("--out", default="results/bench_e2e.json")
+    s.set_defaults(func=_cmd_bench_e2e)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
     s.add_argument("file")
     s.add_argument("--out-dir", default="results")

@@ -78,6 +78,8 @@ class Engine:
         self.predictor: HoltPredictor | None = None
         self._calib_q: dict[int, torch.Tensor] = {}
         self._step_stats: list = []
+        self._all_blocks = None
+        self._graph = None
 
     # ---- prefill -----------------------------------------------------------------------------------------
     def _sparse_layer(self, i: int) -> bool:
@@ -136,6 +138,8 @@ class Engine:
         self.predictor = HoltPredictor(c.num_layers, cache0.batch, c.num_kv_heads, nmax, device=cache0.device)
         spec_k = speculative_top_k(cfg.top_k, self.ratio)
         for i in range(self.n_dense_layers, c.num_layers):
+            if i not in self._calib_q:
+                continue
             cache, qs = self.caches[i], self._calib_q[i]
             t = int(cache.seq_lens.max())
             w = qs.shape[0]
@@ -149,11 +153,23 @@ class Engine:
                                          cfg.n_local, spec_k=spec_k)
 
     # ---- decode ------------------------------------------------------------------------------------------
+    def _dense(self, q, cache: KVCache):
+        if cache.device.type != "cuda":
+            return ops.dense_decode(q, cache)[0]
+        # On a GPU dense attention is the paged kernel over every block (no copy of the cache per step).
+        if self._all_blocks is None or self._all_blocks[0].shape[-1] != cache.max_pages:
+            idx = torch.arange(cache.max_pages, dtype=torch.int32, device=cache.device)
+            self._all_blocks = (idx.expand(cache.batch, cache.num_kv_heads, -1).contiguous(),
+                                torch.empty(cache.batch, cache.num_kv_heads, dtype=torch.int32, device=cache.device))
+        idx, cnt = self._all_blocks
+        cnt.copy_(ops.num_blocks(cache.seq_lens, cache.page_size)[:, None].expand_as(cnt))
+        return ops.sparse_decode(q, cache, idx, cnt, cache.page_size)[0]
+
     def _attend(self, i: int, q, k, v):
         cache = self.caches[i]
         cache.append(k, v)
         if not self._sparse_layer(i):
-            return ops.dense_decode(q, cache)[0]
+            return self._dense(q, cache)
         meta = self.metas[i]
         meta.append(cache)
         if self.attention == "dsa":
@@ -164,9 +180,52 @@ class Engine:
         return out.o
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``."""
+        """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``. Replays the captured CUDA graph
+        when :meth:`capture_decode` made one."""
+        if self._graph is not None:
+            self._g_tokens.copy_(tokens)
+            self._graph.replay()
+            self._step_stats = self._g_stats
+            return self._g_logits
         pos = self.caches[0].seq_lens.long()
         return self.model.decode(tokens, pos, self._attend)
+
+    def capture_decode(self) -> None:
+        """Capture one whole decode step (every layer, its cache append, metadata update, selection,
+        speculation and repair) in a CUDA graph; :meth:`step` then replays it. Run one eager step first so the
+        kernels are compiled (capture itself executes nothing)."""
+        if self.model.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the model on a CUDA device")
+        self._graph = None
+        b = self.caches[0].batch
+        self._g_tokens = torch.zeros(b, dtype=torch.long, device=self.model.device)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        self._step_stats = []
+        with torch.cuda.graph(g):
+            self._g_logits = self.step(self._g_tokens)
+        self._g_stats = self._step_stats
+        self._graph = g
+
+    def fill_random(self, batch: int, context: int, max_new_tokens: int, seed: int = 0) -> None:
+        """Latency work: caches of `context` random tokens per sequence, as if prefilled (no prompt, so no
+        predictor calibration: PRR starts from an empty predictor)."""
+        c, dev = self.cfg, self.model.device
+        cap = context + max_new_tokens
+        if cap > c.max_context:
+            raise ValueError(f"context + max_new_tokens ({cap}) exceeds the model's context ({c.max_context})")
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        self.caches = []
+        for _ in range(c.num_layers):
+            cache = KVCache.allocate(batch, cap, c.num_kv_heads, c.head_dim, dtype=self.model.dtype, device=dev)
+            cache.k.copy_(torch.randn(cache.k.shape, generator=gen, device=dev, dtype=torch.float32))
+            cache.v.copy_(torch.randn(cache.v.shape, generator=gen, device=dev, dtype=torch.float32))
+            cache.seq_lens.fill_(context)
+            self.caches.append(cache)
+        self._prompt_lens = self.caches[0].seq_lens.clone()
+        self._calib_q = {}
+        self.calibrate_window = 0
+        self._build_sparse_state()
 
     def generate(self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = True,
                  on_token: Callable[[int], None] | None = None,
