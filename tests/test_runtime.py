@@ -133,3 +133,23 @@ def test_prediction_with_hit_rate_and_cached_profile(tmp_path):
     key = BudgetCache.key("test-gpu", 2, 8, 2, 64, "quest", cfg.budget_tokens, 900)
     store.put(key, BudgetDecision(None, 1.0, 2.0, -1.0, "off"))
     assert profile_budget(cache, meta, q, budget_cache=store, gpu_name="test-gpu").reason == "off"
+
+
+@pytest.mark.parametrize("hit", [0.5, 0.8, 1.0])
+def test_benchmark_imposes_the_hit_rate_it_reports(hit):
+    """The layer benchmark's setup on the CPU: a random layer at a real shape, and a predictor state whose
+    top-K' holds the wanted share of the true selection."""
+    from prr.bench.kernels import RandomLayer
+    from prr.bench.layer import impose_hit_rate
+
+    lay = RandomLayer.make("glm-4-9b", 1, 4096, "quest", device="cpu", dtype=torch.float32)
+    assert lay.case == "glm-4-9b/b1/4K/quest" and lay.q.shape == (1, 32, 128)
+    sel = prr.select(lay.q, lay.cache, lay.meta)
+    nmax = sel.scores.shape[-1]
+    pred = prr.HoltPredictor(2, 1, 2, nmax)
+    impose_hit_rate(pred, sel.indices, sel.counts, lay.nblk, lay.cfg, lay.cfg.top_k, hit)
+    p_idx, p_cnt = prr.select_blocks(pred.predict(0), lay.nblk, lay.cfg.top_k, lay.cfg.n_sink, lay.cfg.n_local)
+    forced = lay.cfg.n_sink + lay.cfg.n_local
+    hits = prr.ops.selection_contains(sel.indices, sel.counts, p_idx, p_cnt).sum(-1) - forced
+    rate = float(hits.sum()) / float((sel.counts - forced).sum())
+    assert abs(rate - hit) <= 1.0 / lay.cfg.top_k + 1e-9

@@ -9,6 +9,8 @@ graph-captured and timed by :mod:`prr.bench.common`; byte counts are listed with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
@@ -50,20 +52,36 @@ def _replace_fraction(s_idx, s_cnt, nblk, frac, n_forced, gen):
     return idx.to(s_idx.device), cnt.to(s_cnt.device)
 
 
+@dataclass
+class RandomLayer:
+    """One layer's attention inputs at a real shape: random KV filling the whole cache, its metadata, a query."""
+
+    case: str
+    cfg: SparseConfig
+    cache: KVCache
+    meta: BlockMetadata
+    q: torch.Tensor
+    nblk: torch.Tensor
+
+    @classmethod
+    def make(cls, model: str, batch: int, ctx: int, method: str, device="cuda", dtype=torch.bfloat16):
+        shp = attention_shape(model)
+        cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
+        cache = KVCache.allocate(batch, ctx, shp.num_kv_heads, shp.head_dim, dtype=dtype, device=device)
+        cache.k.normal_()
+        cache.v.normal_()
+        cache.seq_lens.fill_(ctx)
+        q = torch.randn(batch, shp.num_q_heads, shp.head_dim, device=device, dtype=dtype)
+        return cls(f"{model}/b{batch}/{_label(ctx)}/{method}", cfg, cache, BlockMetadata(cfg, cache), q,
+                   ops.num_blocks(cache.seq_lens, cfg.block_size))
+
+
 def bench_case(model: str, batch: int, ctx: int, method: str, copy_tbps: float, overhead: float,
                torch_path: bool) -> list[Row]:
-    shp = attention_shape(model)
-    hq, hkv, d = shp.num_q_heads, shp.num_kv_heads, shp.head_dim
-    cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
-    case = f"{model}/b{batch}/{_label(ctx)}/{method}"
-    dev = torch.device("cuda")
-    cache = KVCache.allocate(batch, ctx, hkv, d, dtype=torch.bfloat16, device=dev)
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.seq_lens.fill_(ctx)
-    meta = BlockMetadata(cfg, cache)
-    q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
-    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    lay = RandomLayer.make(model, batch, ctx, method)
+    case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
+    hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
+    dev = cache.device
     rows: list[Row] = []
 
     def add(op, impl, fn, nbytes, **extra):

@@ -24,13 +24,11 @@ from tqdm import tqdm
 
 from .. import ops
 from ..algo.predictor import HoltPredictor
-from ..algo.sparse import BlockMetadata, SparseConfig, select
+from ..algo.sparse import SparseConfig, select
 from ..algo.step import speculative_top_k
-from ..cache import KVCache
-from ..presets import attention_shape
 from ..runtime import BudgetCache, LayerStep, choose_budget, profile_budget, trace_hit_rate
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_graph, time_op
-from .kernels import METHOD_BUDGET, _label, _metadata_bytes
+from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
 
 BF16 = 2
 REAL_TRACE = ((1.0, 0.80), (1.5, 0.94))  # (K'/K, hit rate) measured on SmolLM2 traces (DESIGN.md section 3)
@@ -61,18 +59,10 @@ def impose_hit_rate(pred: HoltPredictor, s_idx, s_cnt, nblk, cfg: SparseConfig, 
 
 
 def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row], dict]:
-    shp = attention_shape(model)
-    hq, hkv, d = shp.num_q_heads, shp.num_kv_heads, shp.head_dim
-    cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
-    case = f"{model}/b{batch}/{_label(ctx)}/{method}"
-    dev = torch.device("cuda")
-    cache = KVCache.allocate(batch, ctx, hkv, d, dtype=torch.bfloat16, device=dev)
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.seq_lens.fill_(ctx)
-    meta = BlockMetadata(cfg, cache)
-    q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
-    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    lay = RandomLayer.make(model, batch, ctx, method)
+    case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
+    hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
+    dev = cache.device
     nmax = -(-cache.capacity // cfg.block_size)
     sel = select(q, cache, meta)
     floor_b = _metadata_bytes(cfg, batch, hkv, d, ctx) + batch * cfg.budget_tokens * 2 * hkv * d * BF16

@@ -81,6 +81,24 @@ def _store_state(o_ptr, lse_ptr, row, m_i, l_i, acc, m_g, D: tl.constexpr):
 
 
 @triton.jit
+def _group_queries(q_ptr, s_qb, s_qh, HKV, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                   PREC: tl.constexpr):
+    """This program's (sequence, KV head) and the G query heads of the group packed as rows ``[G_PAD, D]``.
+
+    Returns (i_b, i_h, hq [G_PAD] query-head ids, m_g [G_PAD] valid rows, q)."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    i_g = tl.arange(0, G_PAD)
+    m_g = i_g < G
+    hq = i_h * G + i_g
+    q = tl.load(q_ptr + i_b * s_qb + hq[:, None] * s_qh + tl.arange(0, D)[None, :], mask=m_g[:, None], other=0.0)
+    if PREC == "ieee":
+        q = q.to(tl.float32)
+    return i_b, i_h, hq, m_g, q
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, idx_ptr, cnt_ptr,
     so_ptr, slse_ptr,  # split states: [B, Hq, NSPLIT, D] fp32, [B, Hq, NSPLIT] fp32
@@ -90,17 +108,9 @@ def _sparse_decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
-    i_g = tl.arange(0, G_PAD)
+    i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
     i_d = tl.arange(0, D)
-    m_g = i_g < G
-    hq = i_h * G + i_g  # the packed query heads
-    q = tl.load(q_ptr + i_b * s_qb + hq[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
-    if PREC == "ieee":
-        q = q.to(tl.float32)
     seq_len = tl.load(len_ptr + i_b)
     cnt = tl.load(cnt_ptr + i_b * s_cb + i_h * s_ch)
     pt_row = pt_ptr + i_b * s_ptb
@@ -125,7 +135,7 @@ def _sparse_decode_kernel(
                 o_c = _pv(p, b_v, PREC) / tl.where(l_c > 0, l_c, 1.0)[:, None]
                 lse_c = tl.where(l_c > 0, m_safe + tl.log(l_c), float("-inf"))
                 row = (i_b * HKV * G + hq) * K + c0 + c
-                m_row = m_g & ((i_g * 0 + c0 + c) < end)  # vector compare: scalar masks break the interpreter
+                m_row = m_g & ((hq * 0 + c0 + c) < end)  # vector compare: scalar masks break the interpreter
                 tl.store(bo_ptr + row[:, None] * D + i_d[None, :], o_c, mask=m_row[:, None])
                 tl.store(blse_ptr + row, lse_c, mask=m_row)
         if WRITE_SPLITS:

@@ -19,6 +19,7 @@ from ...cache import KVCache
 from ..attention.triton import (
     _chunk_scores,
     _chunk_tokens,
+    _group_queries,
     _online_update,
     _prec,
     _store_state,
@@ -41,17 +42,10 @@ def _repair_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
+    i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
     i_g = tl.arange(0, G_PAD)
     i_d = tl.arange(0, D)
-    m_g = i_g < G
-    hq = i_h * G + i_g
-    q = tl.load(q_ptr + i_b * s_qb + hq[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
-    if PREC == "ieee":
-        q = q.to(tl.float32)
     seq_len = tl.load(len_ptr + i_b)
     pt_row = pt_ptr + i_b * s_ptb
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)

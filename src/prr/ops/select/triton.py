@@ -48,6 +48,16 @@ def _kth_key(key, k):
 
 
 @triton.jit
+def _top_k_mask(key, k):
+    """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions."""
+    thr = _kth_key(key, k)
+    above = key > thr
+    tie = (key == thr) & (key > -2147483648)
+    rank = tl.cumsum(tie.to(tl.int32), axis=0)
+    return above | (tie & (rank <= k - tl.sum(above.to(tl.int32), axis=0)))
+
+
+@triton.jit
 def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
     """Keys of the dynamic candidates among blocks `j` (INT32_MIN elsewhere): live, not forced, finite."""
     m = (j < n) & (j < NMAX)
@@ -88,11 +98,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
-        tg = _kth_key(gkey, TOPK)
-        above_g = gkey > tg
-        tie_g = (gkey == tg) & (gkey > -2147483648)
-        tie_rank = tl.cumsum(tie_g.to(tl.int32), axis=0)
-        keep_g = above_g | (tie_g & (tie_rank <= TOPK - tl.sum(above_g.to(tl.int32), axis=0)))
+        keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
         cg_row = cg_ptr + i_bh * TG_PAD
@@ -105,11 +111,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
-        thr = _kth_key(key, TOPK)
-        above = key > thr
-        tie = (key == thr) & (key > -2147483648)
-        rank = tl.cumsum(tie.to(tl.int32), axis=0)
-        chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
+        chosen = _top_k_mask(key, TOPK)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
         # Output: sink blocks, the chosen (already ascending), local blocks; -1 padding.
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
