@@ -20,6 +20,8 @@ from .predictor import HoltPredictor, forced_blocks
 from .sparse import BlockMetadata, Selection, select
 
 MODES = ("exact", "union")
+# "predicted" is the ablation of the evaluation: attention over P alone, no selection-driven repair.
+STEP_MODES = (*MODES, "predicted")
 
 
 @dataclass
@@ -98,9 +100,10 @@ def prr_step(
         q: ``[B, Hq, D]`` queries of this step; cache/meta hold the current token already.
         predictor: Holt state; its ``layer`` slot is read, then updated with the true scores.
         ratio: speculation ratio r; ``K' = ceil(r * K)`` dynamic blocks are speculated.
-        mode: ``"exact"`` (attention over S) or ``"union"`` (attention over ``P ∪ S``).
+        mode: ``"exact"`` (attention over S), ``"union"`` (attention over ``P ∪ S``) or ``"predicted"``
+            (the ablation: attention over P alone, S computed only to update the predictor and the stats).
     """
-    check.choice("mode", mode, MODES)
+    check.choice("mode", mode, STEP_MODES)
     if not isinstance(predictor, HoltPredictor):
         raise TypeError(f"predictor must be a HoltPredictor, got {type(predictor).__name__}")
     if not isinstance(meta, BlockMetadata):
@@ -127,8 +130,11 @@ def prr_step(
 
     # 4-6. Reuse the partials of S ∩ P, repair the misses S \ P from the cache, merge the disjoint parts
     #      (one fused op; its reference spells the three stages out).
-    o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts, mode=mode,
-                                scale=scale, **spec)
+    if mode == "predicted":
+        o, lse = spec["spec_o"], spec["spec_lse"]
+    else:
+        o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts, mode=mode,
+                                    scale=scale, **spec)
 
     # 7. Update the predictor with the scores the selection already produced.
     if update:

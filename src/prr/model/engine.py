@@ -80,6 +80,7 @@ class Engine:
         self._step_stats: list = []
         self._all_blocks = None
         self._graph = None
+        self.record: dict | None = None  # layer -> [(scores [B, Hkv, N], num_blocks [B])] when set to {}
 
     # ---- prefill -----------------------------------------------------------------------------------------
     def _sparse_layer(self, i: int) -> bool:
@@ -123,6 +124,7 @@ class Engine:
         self.caches = [KVCache(c.k.clone(), c.v.clone(), c.page_table.clone(), other._prompt_lens.clone())
                        for c in other.caches]
         self._prompt_lens = other._prompt_lens.clone()
+        self._last_logits = other._last_logits
         self._calib_q = dict(other._calib_q)
         self._build_sparse_state()
 
@@ -177,6 +179,9 @@ class Engine:
         else:
             out = prr_step(q, cache, meta, self.predictor, i, ratio=self.ratio, mode=self.mode)
         self._step_stats.append(out.stats)
+        if self.record is not None:  # the locality study keeps every sparse layer's true block scores
+            self.record.setdefault(i, []).append((out.selection.scores.clone(), ops.num_blocks(
+                cache.seq_lens, self.sparse.block_size)))
         return out.o
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -237,7 +242,7 @@ class Engine:
         t0 = time.perf_counter()
         if prefilled_from is not None:
             self.adopt_prefill(prefilled_from)
-            logits = prefilled_from._last_logits
+            logits = self._last_logits
         else:
             logits = self.prefill(prompt, max_new_tokens, progress=prefill_progress)
         stats.prefill_s = time.perf_counter() - t0
