@@ -2,8 +2,8 @@
 
 Every task is a chat prompt: a haystack of real text (Python's ``pydoc_data.topics``) or the classic noise
 sentences, with needles inserted at seeded depths, then a question. Lengths are fitted by a binary search on
-the number of haystack sentences (as RULER does) to within 2% of the target. Scoring is string match: the share
-of expected answers that appear in the model's output.
+the number of haystack sentences (as RULER does), then on the words of the next one, to within 2% of the target.
+Scoring is string match: the share of expected answers that appear in the model's output.
 """
 
 from __future__ import annotations
@@ -49,16 +49,25 @@ def _sentences(haystack: str) -> list[str]:
     return [s + " " for s in re.split(r"(?<=[.!?]) ", text) if s]
 
 
-def _fit(build: Callable[[int], list[int]], target: int, upper: int) -> tuple[list[int], int]:
-    """The largest sentence count n <= upper with len(build(n)) <= target (binary search)."""
-    lo, hi = 0, upper
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(build(mid)) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(lo), lo
+def _fit(build: Callable[[list[str]], list[int]], hay: list[str], target: int) -> tuple[list[int], int]:
+    """The longest haystack prefix whose prompt has at most `target` tokens: whole sentences by binary search
+    (as RULER does), then words of the next sentence, so long sentences cannot leave a gap of more than a word."""
+
+    def largest(n_max: int, make) -> int:
+        lo, hi = 0, n_max
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(build(make(mid))) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    n = largest(len(hay), lambda k: hay[:k])
+    words = hay[n].split(" ") if n < len(hay) else []
+    w = largest(len(words), lambda k: [*hay[:n], " ".join(words[:k]) + " "])
+    parts = [*hay[:n], " ".join(words[:w]) + " "] if w else hay[:n]
+    return build(parts), n
 
 
 def _insert(sentences: list[str], needles: list[str], depths: list[float]) -> str:
@@ -120,10 +129,10 @@ def make_task(tok: Tokenizer, task: str, target_tokens: int, seed: int = 0, hays
         question = "What are the 10 most common words in the numbered list above?"
     depths = sorted(rng.uniform(0.1, 0.9) for _ in needles)
 
-    def build(n: int) -> list[int]:
-        return tok.chat([{"role": "user", "content": _insert(hay[:n], needles, depths) + "\n\n" + question}])
+    def build(parts: list[str]) -> list[int]:
+        return tok.chat([{"role": "user", "content": _insert(parts, needles, depths) + "\n\n" + question}])
 
-    ids, n = _fit(build, target_tokens, len(hay))
+    ids, n = _fit(build, hay, target_tokens)
     if abs(len(ids) - target_tokens) > 0.02 * target_tokens:
         raise ValueError(f"{task}: cannot fit {target_tokens} tokens (got {len(ids)}); the haystack is too short "
                          f"or the needles too long")

@@ -1,0 +1,87 @@
+"""The offline evaluation: task generators and scoring, and the locality metrics on hand-made selections."""
+
+import pytest
+import torch
+
+from prr.eval import locality
+from prr.eval.tasks import TASKS, make_task
+from prr.model import load_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("smollm2")[1]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tasks_are_deterministic_fitted_and_hold_their_answers(tok, task):
+    a = make_task(tok, task, 1500, seed=7)
+    b = make_task(tok, task, 1500, seed=7)
+    assert a.ids == b.ids and a.answers == b.answers
+    assert abs(len(a.ids) - 1500) <= 0.02 * 1500
+    assert make_task(tok, task, 1500, seed=8).ids != a.ids
+    text = tok.decode(a.ids)
+    if task == "common_words":  # each of the 10 answers is among the most frequent words of the list
+        assert all(text.count(f". {w} ") == 6 for w in a.answers)
+    elif task == "variable_tracking":  # each variable of the chain is assigned exactly once
+        assert all(text.count(f"VAR {v} =") == 1 for v in a.answers) and a.meta["hops"] == 4
+    else:
+        assert all(text.count(x) == 1 for x in a.answers)
+    assert a.score(" ".join(a.answers)) == 1.0 and a.score("nothing") == 0.0
+
+
+def test_task_errors(tok):
+    with pytest.raises(ValueError, match="unknown task 'sudoku'"):
+        make_task(tok, "sudoku", 1000)
+    with pytest.raises(ValueError, match="unknown haystack"):
+        make_task(tok, "passkey", 1000, haystack="bible")
+    assert make_task(tok, "niah_single", 1000, haystack="noise").task == "niah_single"
+
+
+def test_noise_haystack_multivalue_scores_partial_credit(tok):
+    t = make_task(tok, "niah_multivalue", 800, haystack="noise")
+    assert len(t.answers) == 4 and t.score(f"{t.answers[0]} and {t.answers[2]}") == 0.5
+
+
+def test_eval_run_on_a_small_instance(tok):
+    from prr.eval import run
+
+    model, _ = load_model("smollm2")
+    rows = run.run_tasks(model, tok, ["passkey"], [600], ["dense", "quest", "prr_exact", "predicted"], [256],
+                         progress=False)
+    assert {r["method"] for r in rows} == {"dense", "quest", "prr_exact", "predicted"}
+    assert next(r for r in rows if r["method"] == "prr_exact")["same_tokens_as_quest"] is True
+    summ = run.summarize(rows)
+    assert all(0 <= s["accuracy"] <= 100 for s in summ)
+    ppl = run.run_perplexity(model, tok, 400, 8, ["dense", "quest"], [256], progress=False)
+    assert ppl[0]["vs_dense_pct"] == 0.0 and all(r["perplexity"] < 100 for r in ppl)
+
+
+def _history(sets, n=12, k=3):
+    """Scores whose top-k dynamic blocks at step t are exactly sets[t] (sink 0, local n-1)."""
+    t = len(sets)
+    s = torch.zeros(t, 1, 1, n)
+    for i, blocks in enumerate(sets):
+        s[i, 0, 0, list(blocks)] = 10.0 + torch.arange(len(blocks), dtype=torch.float32)
+    return s, torch.full((t, 1), n, dtype=torch.int32)
+
+
+def test_overlap_against_lag_on_known_selections():
+    sets = [{1, 2, 3}, {2, 3, 4}, {3, 4, 5}, {4, 5, 6}, {5, 6, 7}]  # a window sliding one block per step
+    scores, nblk = _history(sets)
+    masks = locality.selections(scores, nblk, 3, 1, 1)
+    for t, want in enumerate(sets):
+        assert set(torch.nonzero(masks[t, 0, 0]).flatten().tolist()) == want
+    ov = locality.overlap_vs_lag(masks, [1, 2, 3, 9])
+    assert ov == pytest.approx({1: 2 / 3, 2: 1 / 3, 3: 0.0})  # lag 9 is longer than the history: absent
+
+
+def test_previous_step_predictor_hit_rate_on_known_selections():
+    sets = [{1, 2, 3}, {1, 2, 3}, {1, 2, 4}, {1, 2, 4}, {5, 6, 7}, {5, 6, 7}]
+    scores, nblk = _history(sets)
+    res = locality.predictor_hit_rates(scores, nblk, 3, 1, 1, ratios=(1.0,))
+    # previous-step: steps 1..5 hit 3, 2, 3, 0, 3 of 3 blocks
+    hit, fp = res[("previous", 1.0)]
+    assert hit == pytest.approx(11 / 15) and fp == pytest.approx(4 / 5)
+    # re-ranking with the live scores among 3K = 9 EMA candidates recovers every set the EMA has seen blocks of
+    assert res[("rerank", 1.0)][0] >= hit
