@@ -47,6 +47,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     return out.to(o.dtype), out_lse
 
 
-def merge_two(o_a, lse_a, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two states ``o: [..., D], lse: [...]``."""
-    return merge_states(torch.stack([o_a, o_b.to(o_a.dtype)], dim=-2), torch.stack([lse_a, lse_b.to(lse_a.dtype)], -1))
+def merge_two(o_a, lse_a, o_b, lse_b, merge=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two states ``o: [..., D], lse: [...]`` (with `merge`, default :func:`merge_states`)."""
+    return (merge or merge_states)(torch.stack([o_a, o_b.to(o_a.dtype)], dim=-2),
+                                   torch.stack([lse_a, lse_b.to(lse_a.dtype)], -1))

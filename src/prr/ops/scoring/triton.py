@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from ...cache import KVCache
-from .._common import num_blocks
 from ..attention.triton import _prec, check_layout
 
 
@@ -124,4 +123,4 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
     return out
 
 
-__all__ = ["infllm_scores", "num_blocks", "quest_scores"]
+__all__ = ["infllm_scores", "quest_scores"]
