@@ -153,3 +153,22 @@ def test_benchmark_imposes_the_hit_rate_it_reports(hit):
     hits = prr.ops.selection_contains(sel.indices, sel.counts, p_idx, p_cnt).sum(-1) - forced
     rate = float(hits.sum()) / float((sel.counts - forced).sum())
     assert abs(rate - hit) <= 1.0 / lay.cfg.top_k + 1e-9
+
+
+def test_drifting_workload_is_monotone_and_calibrates_to_a_target_hit_rate():
+    """More drift, fewer hits; the bisection lands near the real-trace hit rate (0.80 at K' = K)."""
+    from prr.bench.workload import calibrate_drift, drift, measure_hit_rate
+
+    gen = torch.Generator().manual_seed(0)
+    cache = prr.KVCache.allocate(1, 4096, 2, 64)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    cache.seq_lens.fill_(4096)
+    meta = prr.BlockMetadata(prr.SparseConfig(top_k=32), cache)
+    q0 = torch.randn(1, 8, 64, generator=gen) * 2
+    rates = [measure_hit_rate(cache, meta, q0, s) for s in (0.01, 0.2, 1.0)]
+    assert rates[0] > rates[1] > rates[2] and rates[0] > 0.95
+    sigma, rate = calibrate_drift(cache, meta, q0, target=0.80)
+    assert abs(rate - 0.80) < 0.03 and 0.01 < sigma < 1.0
+    q1 = drift(q0, 0.5, torch.Generator().manual_seed(1))  # the norm of every head is kept
+    torch.testing.assert_close(q1.norm(dim=-1), q0.norm(dim=-1))
