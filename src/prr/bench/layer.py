@@ -29,6 +29,7 @@ from ..algo.step import speculative_top_k
 from ..runtime import BudgetCache, LayerStep, choose_budget, profile_budget, trace_hit_rate
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_graph, time_op
 from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
+from .workload import calibrate_drift, drift
 
 BF16 = 2
 REAL_TRACE = ((1.0, 0.80), (1.5, 0.94))  # (K'/K, hit rate) measured on SmolLM2 traces (DESIGN.md section 3)
@@ -56,6 +57,50 @@ def impose_hit_rate(pred: HoltPredictor, s_idx, s_cnt, nblk, cfg: SparseConfig, 
     pred.level[0].copy_(level)
     pred.trend[0].zero_()
     pred.known[0].copy_(nblk)
+
+
+def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.80, steps: int = 16) -> None:
+    """Serialized DSA and PRR exact (K' = K) stepping through drifting queries (drift calibrated so the
+    predictor's hit rate is about `target`): median single replay of each (so medians here are noisier than
+    do_bench's), and the hit rate measured on the way. The cache does not grow (no appends)."""
+    import statistics
+
+    sigma, calibrated = calibrate_drift(cache, meta, q0, target)
+    pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, -(-cache.capacity // meta.cfg.block_size),
+                         device=q0.device)
+    step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode="exact")
+    step.q.copy_(q0)
+    step.capture()
+    gen = torch.Generator(device=q0.device).manual_seed(1)
+    q, hit, tot = q0, 0.0, 0.0
+    times = {"dsa": [], "prr": []}
+    forced = (meta.cfg.n_sink + meta.cfg.n_local) * cache.batch * cache.num_kv_heads
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=q0.device)
+
+    def once(graph) -> float:
+        """One replay, L2 flushed first: PRR's step changes the predictor, so it must not be replayed twice
+        on the same query (do_bench would)."""
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) * 1e3
+
+    for t in range(steps + 4):
+        q = drift(q, sigma, gen)
+        for name, runner in (("dsa", dsa), ("prr", step)):
+            runner.q.copy_(q)
+            times[name].append(once(runner.graph))
+        if t >= 4:  # the predictor warms up on the first steps
+            got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.last["p_idx"],
+                                         step.last["p_cnt"]).sum().item()
+            hit += got - forced
+            tot += step.last["s_cnt"].sum().item() - forced
+    for name, op in (("dsa", "dsa_drift"), ("prr", "prr_exact_drift")):
+        add(op, "graph", statistics.median(times[name][4:]), ratio=1.0, sigma=round(sigma, 4),
+            hit_rate=round(hit / max(tot, 1.0), 3), calibrated_hit_rate=round(calibrated, 3))
 
 
 def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row], dict]:
@@ -129,6 +174,10 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     for hit in SWEEP:
         us, measured, _ = prr_time(1.0, hit, "exact", tail=False)
         add("prr_exact_path_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3), tail=False)
+    try:  # PRR on a drifting query, the hit rate produced by the predictor itself (calibrated to traces)
+        add_drift_rows(add, cache, meta, q, hq, dsa)
+    except Exception as e:  # a failure here must not lose the case's other numbers
+        print(f"drift workload failed for {case}: {e!r}")
     # The speculation budget as the runtime decides it: a sweep of K' timed on this GPU (not cached here).
     scratch = BudgetCache(os.path.join(tempfile.gettempdir(), "prr_bench_budget.json"))
     dec = profile_budget(cache, meta, q, budget_cache=scratch, refresh=True)
