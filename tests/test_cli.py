@@ -28,3 +28,34 @@ def test_simulate_prr_matches_dsa_and_writes_json(tmp_path, capsys):
 def test_simulate_bad_budget_is_a_clear_error(capsys):
     assert main(["simulate", "--budget", "16", "--quiet"]) == 2
     assert "budget_tokens=16 leaves no dynamic block" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    import pytest
+
+    for cmd in (["info"], ["simulate"], ["generate"], ["demo"], ["eval"], ["locality"], ["bench"],
+                ["bench", "kernels"], ["bench", "layer"], ["bench", "e2e"], ["bench", "plot"], ["bench", "show"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: prr " + " ".join(cmd) in capsys.readouterr().out
+
+
+def test_gpu_benchmarks_refuse_politely_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for b in ("kernels", "layer", "e2e"):
+        assert main(["bench", b]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_plot_and_show_read_saved_results(tmp_path, capsys):
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "results")
+    assert main(["bench", "plot", os.path.join(root, "bench_layer_h200.json"), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "layer_latency.png").stat().st_size > 10_000
+    assert main(["bench", "show", os.path.join(root, "bench_kernels_h200.json")]) == 0
+    assert "NVIDIA H200" in capsys.readouterr().out

@@ -1,0 +1,107 @@
+"""The ``prr bench`` subcommands (GPU benchmarks; results saved as JSON, plots drawn from the JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def _cmd_bench_kernels(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench kernels: needs a CUDA GPU (the kernels' CPU path is Triton's interpreter, not timed)",
+              file=sys.stderr)
+        return 2
+    from . import kernels
+
+    kernels.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
+                kernels.parse_contexts(args.contexts), args.methods.split(","), args.out,
+                torch_path=not args.no_torch)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_layer(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench layer: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from . import kernels, layer
+
+    layer.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
+              kernels.parse_contexts(args.contexts), args.methods.split(","), args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_e2e(args) -> int:
+    if not torch.cuda.is_available():
+        print("prr bench e2e: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from . import e2e, kernels
+
+    e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
+            method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
+            ratio=args.ratio)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_plot(args) -> int:
+    from .plots import plot_layer
+
+    for p in plot_layer(args.file, args.out_dir):
+        print(f"wrote {p}")
+    return 0
+
+
+def _cmd_bench_show(args) -> int:
+    from .common import table
+
+    with open(args.file) as f:
+        res = json.load(f)
+    env = res["env"]
+    print(f"{res['bench']} on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit'][:10]})")
+    print(table(res["rows"]))
+    for t in res.get("meta", {}).get("targets", []):
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['case']:36s} {t['op']:14s} {t['value']:8.2f} {t['target']}")
+    return 0
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="GPU benchmarks (results saved as JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    s = bsub.add_parser("kernels", help="every kernel at real attention shapes vs dense SDPA and plain PyTorch")
+    s.add_argument("--models", default="llama-3.1-8b,glm-4-9b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest,infllm_v2")
+    s.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch path")
+    s.add_argument("--out", default="results/bench_kernels.json")
+    s.set_defaults(func=_cmd_bench_kernels)
+    s = bsub.add_parser("layer", help="per-layer step: dense vs serialized DSA vs PRR (graphs, two streams)")
+    s.add_argument("--models", default="llama-3.1-8b,glm-4-9b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest,infllm_v2")
+    s.add_argument("--out", default="results/bench_layer.json")
+    s.set_defaults(func=_cmd_bench_layer)
+    s = bsub.add_parser("e2e", help="whole-model decode latency: dense vs DSA vs PRR, one CUDA graph per step")
+    s.add_argument("--model", default="llama-3.1-8b", help="a preset (random weights at real shapes)")
+    s.add_argument("--contexts", default="32K,128K")
+    s.add_argument("--batches", default="1,4")
+    s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
+    s.add_argument("--budget", type=int, default=2048)
+    s.add_argument("--ratio", type=float, default=1.0)
+    s.add_argument("--dense-layers", type=int, default=2)
+    s.add_argument("--steps", type=int, default=12)
+    s.add_argument("--out", default="results/bench_e2e.json")
+    s.set_defaults(func=_cmd_bench_e2e)
+    s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
+    s.add_argument("file")
+    s.add_argument("--out-dir", default="results")
+    s.set_defaults(func=_cmd_bench_plot)
+    s = bsub.add_parser("show", help="print a saved benchmark result")
+    s.add_argument("file")
+    s.set_defaults(func=_cmd_bench_show)
+    bench.set_defaults(func=lambda a: bench.print_help() or 0)

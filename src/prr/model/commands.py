@@ -1,0 +1,225 @@
+"""The model-facing subcommands: ``prr generate``, ``prr demo``, ``prr eval``, ``prr locality``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _sparse_cfg(args):
+    import prr
+
+    return prr.SparseConfig.from_budget(args.method, args.budget)
+
+
+def _load(args):
+    from .weights import load_model
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    print(f"loading {args.model} on {dev} ...", file=sys.stderr)
+    return load_model(args.model, dtype=dtype, device=dev)
+
+
+def _cmd_generate(args) -> int:
+    from .engine import Engine
+
+    model, tok = _load(args)
+    if tok is None:
+        print(f"prr generate: {args.model} has random weights and no tokenizer; use a real model", file=sys.stderr)
+        return 2
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e}") from e
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise ValueError("give --prompt TEXT or --prompt-file FILE")
+    ids = tok.chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    eng = Engine(model, tok, attention=args.attention, sparse=_sparse_cfg(args), ratio=args.ratio, mode=args.mode,
+                 n_dense_layers=args.dense_layers)
+    print(f"prompt: {len(ids)} tokens; attention: {args.attention}", file=sys.stderr)
+
+    def show(t):
+        sys.stdout.write(tok.decode([t]))
+        sys.stdout.flush()
+
+    _, st = eng.generate(ids, args.max_new_tokens, on_token=show)
+    print()
+    s = st.summary()
+    line = (f"[{args.attention}] prefill {s['prefill_s']:.2f} s | {s['new_tokens']} tokens, {s['ms_per_token']:.1f} "
+            f"ms/token, {s['tokens_per_s']:.1f} tokens/s")
+    if args.attention != "dense":
+        line += f" | blocks per step {s['blocks_per_step']}"
+    if args.attention == "prr":
+        line += f" | hit rate {s['hit_rate']:.3f}"
+    print(line, file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": s}, f, indent=1)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The main job: one long real prompt, three attentions, the same answer?"""
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .prompts import passkey_prompt
+
+    model, tok = _load(args)
+    ids, key = passkey_prompt(tok, args.tokens, args.depth, seed=args.seed)
+    cfg = _sparse_cfg(args)
+    print(f"prompt: {len(ids)} tokens of Python's documentation with a pass key ({key}) at depth {args.depth}; "
+          f"DSA = {cfg.method}, {cfg.budget_tokens}-token budget ({cfg.k_max} blocks of {cfg.block_size}); "
+          f"PRR ratio {args.ratio}, {args.mode} mode; first {args.dense_layers} layers dense")
+    dense = Engine(model, tok, attention="dense", sparse=cfg, n_dense_layers=args.dense_layers)
+    results = {}
+    for name in ("dense", "dsa", "prr"):
+        eng = dense if name == "dense" else Engine(model, tok, attention=name, sparse=cfg, ratio=args.ratio,
+                                                   mode=args.mode, n_dense_layers=args.dense_layers)
+        bar = tqdm(total=args.max_new_tokens, desc=f"{name:5s} decode", unit="tok", leave=False)
+        pre = None
+        if name == "dense":
+            pre = tqdm(total=model.cfg.num_layers, desc="prefill (dense)", unit="layer", leave=False)
+        out, st = eng.generate(ids, args.max_new_tokens, on_token=lambda _t, b=bar: b.update(1),
+                               prefill_progress=(lambda _i, p=pre: p.update(1)) if pre else None,
+                               prefilled_from=None if name == "dense" else dense)
+        bar.close()
+        if pre:
+            pre.close()
+        results[name] = (tok.decode(out).strip(), st)
+    print()
+    for name, (text, st) in results.items():
+        extra = f", hit rate {st.hit_rate:.3f}" if st.hit_rate is not None else ""
+        print(f"{name:5s} {st.ms_per_token:7.1f} ms/token{extra}: {text!r}")
+    same = results["dsa"][0] == results["prr"][0]
+    print(f"\nDSA and PRR ({args.mode}) answers identical: {same}; dense agrees with DSA: "
+          f"{results['dense'][0] == results['dsa'][0]}; pass key found by dense/DSA/PRR: "
+          + "/".join("yes" if key in results[n][0] else "no" for n in ("dense", "dsa", "prr")))
+    print("(latency: PyTorch reference ops on this device, not the GPU kernels' speed)" if
+          not torch.cuda.is_available() else "")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"key": key, "prompt_tokens": len(ids), "answers": {n: r[0] for n, r in results.items()},
+                       "stats": {n: r[1].summary() for n, r in results.items()}, "dsa_equals_prr": same}, f,
+                      indent=1)
+    return 0 if (same or args.mode == "union") else 1
+
+
+def _cmd_eval(args) -> int:
+    from ..bench.kernels import parse_contexts
+    from ..eval import run
+    from ..eval.tasks import TASKS
+
+    model, tok = _load(args)
+    tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    methods = list(run.METHODS) if args.methods == "all" else args.methods.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    lengths = parse_contexts(args.lengths)
+    result = {"args": {k: v for k, v in vars(args).items() if k != "func"}}
+    rows = run.run_tasks(model, tok, tasks, lengths, methods, budgets, seeds=range(args.seeds), ratio=args.ratio)
+    result.update(tasks=rows, summary=run.summarize(rows))
+    if args.ppl_steps > 0:
+        result["perplexity"] = run.run_perplexity(model, tok, args.ppl_length, args.ppl_steps, methods, budgets,
+                                                  ratio=args.ratio)
+    run.save(args.out, result, result["summary"])
+    print(f"{'length':>6} {'method':>10} {'budget':>6} {'accuracy':>8}")
+    for r in result["summary"]:
+        print(f"{r['length']:>6} {r['method']:>10} {r['budget'] or '-':>6} {r['accuracy']:>8.1f}")
+    for r in result.get("perplexity", []):
+        print(f"perplexity {r['method']:>10} {r['budget'] or '-':>6} {r['perplexity']:.3f} ({r['vs_dense_pct']:+.2f}%)")
+    same = [r["same_tokens_as_quest"] for r in rows if "same_tokens_as_quest" in r]
+    if same:
+        print(f"PRR exact == Quest DSA, token for token: {sum(same)}/{len(same)} instances")
+    if args.plot:
+        print(f"wrote {run.plot(result, args.plot)}")
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_locality(args) -> int:
+    import prr
+
+    from ..eval import locality
+
+    model, tok = _load(args)
+    cfg = prr.SparseConfig(method=args.method, block_size=16 if args.method == "quest" else 64, top_k=args.k)
+    hist = locality.record_scores(model, tok, args.length, args.steps, cfg)
+    res = locality.study(hist, cfg.top_k, cfg.n_sink, cfg.n_local)
+    res["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print("mean hit rate over layers:")
+    for key, v in res["hit_rate_mean"].items():
+        print(f"  {key:14s} {v:.3f}")
+    print("mean overlap against lag: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["overlap_mean"].items()))
+    if args.plot:
+        print(f"wrote {locality.plot(res, args.plot)}")
+    print(f"saved {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    def model_args(s, budget):
+        s.add_argument("--model", default="smollm2", help="smollm2 (bundled), a .gguf file, a Hugging Face "
+                                                           "checkpoint directory, or a preset (random weights)")
+        s.add_argument("--method", default="quest", choices=["quest", "infllm_v2", "oracle"])
+        s.add_argument("--budget", type=int, default=budget, help="DSA tokens per step, forced blocks included")
+        s.add_argument("--ratio", type=float, default=1.5, help="PRR speculation ratio (K' = ceil(r K))")
+        s.add_argument("--mode", default="exact", choices=["exact", "union"])
+        s.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
+        s.add_argument("--max-new-tokens", type=int, default=32)
+        s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        s.add_argument("--json", help="write the stats here")
+
+    s = sub.add_parser("generate", help="generate from a prompt with dense, DSA or PRR attention")
+    model_args(s, 1024)
+    s.add_argument("--prompt", help="prompt text")
+    s.add_argument("--prompt-file", help="read the prompt from this file")
+    s.add_argument("--attention", default="prr", choices=["dense", "dsa", "prr"])
+    s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's chat template (default on)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("demo", help="the main job: a long offline prompt answered by dense, DSA and PRR")
+    model_args(s, 1024)
+    s.add_argument("--tokens", type=int, default=6000, help="prompt length")
+    s.add_argument("--depth", type=float, default=0.75, help="where the pass key sits (0 start, 1 end)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo, max_new_tokens=16, budget=2048)
+
+    s = sub.add_parser("eval", help="offline long-context tasks and perplexity: dense vs DSA vs PRR")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--device", default=None)
+    s.add_argument("--tasks", default="all", help="comma list or all: passkey, niah_single, niah_multikey, "
+                                                  "niah_multivalue, variable_tracking, common_words")
+    s.add_argument("--lengths", default="2K,4K,8K", help="prompt lengths (fitted within 2%%)")
+    s.add_argument("--methods", default="all", help="dense, quest, infllm_v2, prr_exact, prr_union, predicted")
+    s.add_argument("--budgets", default="512,1024,2048")
+    s.add_argument("--seeds", type=int, default=1, help="instances per task and length")
+    s.add_argument("--ratio", type=float, default=1.0, help="PRR speculation ratio")
+    s.add_argument("--ppl-length", type=int, default=4096, help="prefix before the teacher-forced tokens")
+    s.add_argument("--ppl-steps", type=int, default=64, help="teacher-forced tokens (0: no perplexity)")
+    s.add_argument("--out", default="results/eval.json")
+    s.add_argument("--plot", default=None, help="write a PNG here")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("locality", help="temporal locality of DSA selections and predictor hit rates")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--device", default=None)
+    s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
+    s.add_argument("--k", type=int, default=64, help="dynamic blocks per selection")
+    s.add_argument("--length", type=int, default=4096, help="text prefix before the recorded steps")
+    s.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps recorded")
+    s.add_argument("--out", default="results/locality.json")
+    s.add_argument("--plot", default=None)
+    s.set_defaults(func=_cmd_locality)
