@@ -180,6 +180,12 @@ class KVCache:
         self.seq_lens.add_(1)
 
     # ---- reads (reference paths) ------------------------------------------------------------------------
+    def sequence(self, b: int, which: str = "k") -> torch.Tensor:
+        """Sequence b in logical order, ``[Hkv, capacity, D]`` (a copy; positions past seq_len are junk)."""
+        pool = self.k if which == "k" else self.v
+        pages = self.page_table[b].long().clamp(0, pool.shape[0] - 1)
+        return pool[pages].permute(1, 0, 2, 3).reshape(self.num_kv_heads, self.capacity, self.head_dim)
+
     def logical(self, which: str = "k") -> torch.Tensor:
         """The cache in logical order, ``[B, Hkv, capacity, D]`` (a copy; positions past seq_len are junk)."""
         pool = self.k if which == "k" else self.v

@@ -61,10 +61,15 @@ class HoltPredictor:
         self.level = torch.zeros(shape, device=device)
         self.trend = torch.zeros(shape, device=device)
         self.known = torch.zeros(num_layers, batch, dtype=torch.int32, device=device)
-        self.params = torch.empty(num_layers, 3, device=device)  # alpha, beta, gamma per layer
-        self._params = [(alpha, beta, gamma)] * num_layers  # the same as floats: no device reads in update()
+        # alpha, beta, gamma per layer, kept as floats: update() never reads the device for them
+        self._params = [(alpha, beta, gamma)] * num_layers
         for layer in range(num_layers):
             self.set_params(layer, alpha, beta, gamma)
+
+    @property
+    def params(self) -> torch.Tensor:
+        """``[L, 3]``: (alpha, beta, gamma) of every layer."""
+        return torch.tensor(self._params, dtype=torch.float32)
 
     @property
     def num_layers(self) -> int:
@@ -73,7 +78,6 @@ class HoltPredictor:
     def set_params(self, layer: int, alpha: float, beta: float, gamma: float) -> None:
         if not (0.0 < alpha <= 1.0 and 0.0 <= beta <= 1.0 and gamma >= 0.0):
             raise ValueError(f"need 0 < alpha <= 1, 0 <= beta <= 1, gamma >= 0; got {alpha}, {beta}, {gamma}")
-        self.params[layer] = torch.tensor([alpha, beta, gamma])
         self._params = [*self._params[:layer], (float(alpha), float(beta), float(gamma)), *self._params[layer + 1:]]
 
     def reset(self) -> None:

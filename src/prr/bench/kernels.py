@@ -17,8 +17,8 @@ from tqdm import tqdm
 from .. import ops
 from ..algo.sparse import BlockMetadata, SparseConfig, select
 from ..cache import KVCache
+from ..model.config import ModelConfig
 from ..ops.backend import use_backend
-from ..presets import attention_shape
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_op
 
 BF16 = 2
@@ -65,7 +65,7 @@ class RandomLayer:
 
     @classmethod
     def make(cls, model: str, batch: int, ctx: int, method: str, device="cuda", dtype=torch.bfloat16):
-        shp = attention_shape(model)
+        shp = ModelConfig.from_name(model)  # the attention shape of a named model
         cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
         cache = KVCache.allocate(batch, ctx, shp.num_kv_heads, shp.head_dim, dtype=dtype, device=device)
         cache.k.normal_()

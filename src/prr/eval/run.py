@@ -122,6 +122,14 @@ def save(out: str, payload: dict, csv_rows: list[dict]) -> None:
             w.writerows(csv_rows)
 
 
+def _budget_axis(ax, ylabel: str, title: str, legend_size: int) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("budget (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+
+
 def plot(result: dict, path: str) -> str:
     import matplotlib
 
@@ -137,11 +145,7 @@ def plot(result: dict, path: str) -> str:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} @{length}")
         if dense:
             axes[0].axhline(dense[0], ls="--", lw=0.8, color="k")
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("budget (tokens)")
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].set_title("task accuracy (dashed: dense)")
-    axes[0].legend(fontsize=6)
+    _budget_axis(axes[0], "accuracy (%)", "task accuracy (dashed: dense)", legend_size=6)
     ppl = result.get("perplexity", [])
     dense = [r["perplexity"] for r in ppl if r["method"] == "dense"]
     for m in sorted({r["method"] for r in ppl} - {"dense"}):
@@ -149,11 +153,7 @@ def plot(result: dict, path: str) -> str:
         axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     if dense:
         axes[1].axhline(dense[0], ls="--", lw=0.8, color="k")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("budget (tokens)")
-    axes[1].set_ylabel("perplexity")
-    axes[1].set_title("teacher-forced perplexity through the decode path")
-    axes[1].legend(fontsize=7)
+    _budget_axis(axes[1], "perplexity", "teacher-forced perplexity through the decode path", legend_size=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

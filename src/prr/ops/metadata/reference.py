@@ -37,21 +37,13 @@ def quest_metadata(cache: KVCache, block_size: int) -> tuple[torch.Tensor, torch
     kmax = torch.empty(shape, dtype=cache.dtype, device=cache.device)
     pos = torch.arange(nmax * block_size, device=cache.device)
     for b in range(cache.batch):
-        k = _logical_keys(cache, b, nmax * block_size)  # [Hkv, N_max * BS, D]
+        # [Hkv, N_max * BS, D], zero past the capacity
+        k = torch.nn.functional.pad(cache.sequence(b), (0, 0, 0, nmax * block_size - cache.capacity))
         valid = (pos < cache.seq_lens[b])[None, :, None]
         blocks = (cache.num_kv_heads, nmax, block_size, cache.head_dim)
         kmin[b] = k.masked_fill(~valid, float("inf")).view(blocks).amin(dim=2)
         kmax[b] = k.masked_fill(~valid, float("-inf")).view(blocks).amax(dim=2)
     return kmin, kmax
-
-
-def _logical_keys(cache: KVCache, b: int, length: int) -> torch.Tensor:
-    """Keys of sequence b in logical order, ``[Hkv, length, D]`` (zero past the capacity)."""
-    pages = cache.page_table[b].long().clamp(0, cache.k.shape[0] - 1)
-    k = cache.k[pages].permute(1, 0, 2, 3).reshape(cache.num_kv_heads, cache.capacity, cache.head_dim)
-    if length > cache.capacity:
-        k = torch.nn.functional.pad(k, (0, 0, 0, length - cache.capacity))
-    return k
 
 
 def _last_token(cache: KVCache, which: str = "k") -> torch.Tensor:
@@ -112,7 +104,7 @@ def infllm_metadata(cache: KVCache, window: int = 32, stride: int = 16) -> torch
     starts = torch.arange(cmax, device=cache.device) * stride
     tok = starts[:, None] + torch.arange(window, device=cache.device)  # [C_max, window]
     for b in range(cache.batch):  # one sequence at a time: the window gather doubles the keys' size
-        c = _window_mean(_logical_keys(cache, b, cache.capacity)[:, tok])  # [Hkv, C_max, D]
+        c = _window_mean(cache.sequence(b)[:, tok])  # [Hkv, C_max, D]
         complete = (starts + window) <= cache.seq_lens[b]
         out[b] = c.masked_fill(~complete[None, :, None], 0.0)
     return out
