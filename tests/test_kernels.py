@@ -34,6 +34,8 @@ def _poison_empty(monkeypatch):
             t.fill_(float("nan"))
         elif t.dtype in (torch.int32, torch.int64):
             t.fill_(-12345)
+        elif t.dtype == torch.int8:  # flags: nonzero means "set", so an unwritten flag would count
+            t.fill_(-7)
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
@@ -117,6 +119,10 @@ def test_sparse_decode_kernel(dtype, lens, hkv, g, d, bs, page):
     torch.testing.assert_close(blse.cpu().double()[~pad], blse_ref[~pad], rtol=1e-5, atol=1e-4)
     _assert_rule(bo.cpu()[~pad], bo_ref[~pad], bo_ref[~pad].to(dtype), dtype) if dtype != torch.float32 else \
         torch.testing.assert_close(bo.cpu().double()[~pad], bo_ref[~pad], rtol=1e-5, atol=1e-5)
+    # The block-states-only launch (PRR's exact speculation) writes the same slot states, bit for bit.
+    with use_backend("triton"):
+        bo2, blse2 = prr.ops.block_states(q, cache, idx, cnt, bs)
+    assert torch.equal(bo2, bo) and torch.equal(blse2, blse)
 
 
 def test_sparse_decode_kernel_full_budget_equals_dense_and_noncontiguous_inputs():
@@ -279,6 +285,68 @@ def test_repair_combine_kernel(mode, dtype):
     _assert_rule(o.cpu(), o_ref, own, dtype)
     live = lse_ref > float("-inf")
     torch.testing.assert_close(lse.cpu().double()[live], lse_ref[live], rtol=1e-5, atol=1e-4)
+
+
+def _overlapping_selections(cache, bs, ks, kp, case, seed=0):
+    """S (up to ks slots) and P (up to kp slots) over each row's blocks: ``all_hit`` (P holds S and more),
+    ``all_miss`` (P disjoint from S), ``wide`` (random, many slots: several tiles of P and of the misses)."""
+    gen = torch.Generator().manual_seed(seed)
+    nblk = prr.num_blocks(cache.seq_lens.cpu(), bs).tolist()
+    s_idx = torch.full((cache.batch, cache.num_kv_heads, ks), -1, dtype=torch.int32)
+    p_idx = torch.full((cache.batch, cache.num_kv_heads, kp), -1, dtype=torch.int32)
+    s_cnt = torch.zeros(cache.batch, cache.num_kv_heads, dtype=torch.int32)
+    p_cnt = torch.zeros_like(s_cnt)
+    for b, n in enumerate(nblk):
+        for h in range(cache.num_kv_heads):
+            perm = torch.randperm(n, generator=gen)
+            ns = min(ks, n // 2 if case == "all_miss" else n)
+            s_row = perm[:ns]
+            if case == "all_hit":
+                p_row = perm[: min(kp, n)]
+            elif case == "all_miss":
+                p_row = perm[ns: ns + kp]
+            else:
+                p_row = torch.randperm(n, generator=gen)[: min(kp, n)]
+            s_idx[b, h, : len(s_row)] = s_row.sort().values.to(torch.int32)
+            p_idx[b, h, : len(p_row)] = p_row.sort().values.to(torch.int32)
+            s_cnt[b, h], p_cnt[b, h] = len(s_row), len(p_row)
+    return s_idx.to(DEVICE), s_cnt.to(DEVICE), p_idx.to(DEVICE), p_cnt.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", ["all_hit", "all_miss", "wide"])
+@pytest.mark.parametrize("mode", ["exact", "union"])
+def test_repair_combine_kernel_hit_patterns(case, mode):
+    """Every hit, no hit, and wide rows (S of 40 slots, P of 70: several tiles of P in the miss search, misses
+    dealt round-robin over the splits), against attention over S (exact) or P ∪ S (union) in float64."""
+    dtype = LOWP[-1]
+    base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
+    cache = _to(base, dtype)
+    q = make_query(base, 2).to(DEVICE, dtype)
+    s_idx, s_cnt, p_idx, p_cnt = _overlapping_selections(cache, 16, 40, 70, case)
+    hit = prr.ops.selection_contains(s_idx, s_cnt, p_idx, p_cnt)
+    n_hit, n_sel = int(hit.sum()), int(s_cnt.sum())
+    assert {"all_hit": n_hit == n_sel, "all_miss": n_hit == 0, "wide": 0 < n_hit < n_sel}[case]
+    with use_backend("triton"):
+        if mode == "exact":
+            bo, blse = prr.ops.block_states(q, cache, p_idx, p_cnt, 16)
+            spec = dict(block_o=bo, block_lse=blse)
+        else:
+            so, slse = prr.sparse_decode(q, cache, p_idx, p_cnt, 16)
+            spec = dict(spec_o=so, spec_lse=slse)
+        o, lse = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, **spec)
+    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
+    lowp = prr.KVCache(cache.k.cpu().clone(), cache.v.cpu().clone(), base.page_table, base.seq_lens)
+    if mode == "exact":
+        r_idx, r_cnt = s_idx.cpu(), s_cnt.cpu()
+    else:
+        nmax = int(prr.num_blocks(base.seq_lens, 16).max())
+        both = prr.ops.selection_mask(p_idx.cpu(), p_cnt.cpu(), nmax) | prr.ops.selection_mask(
+            s_idx.cpu(), s_cnt.cpu(), nmax)
+        r_idx = torch.where(both, torch.arange(nmax, dtype=torch.int32), -1).sort(-1, descending=True).values
+        r_cnt = both.sum(-1, dtype=torch.int32)
+    o_ref, lse_ref = prr.sparse_decode(q.cpu().double(), ref64, r_idx, r_cnt, 16)
+    _assert_rule(o.cpu(), o_ref, _lowp_attention(q.cpu(), lowp, r_idx, r_cnt, 16), dtype)
+    torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -78,16 +78,19 @@ def test_budget_cache_roundtrip(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("method,mode", [("dsa", "exact"), ("prr", "exact"), ("prr", "union")])
-def test_graph_replay_equals_eager_over_decode_steps(method, mode):
-    """Two identical states; one steps eagerly, the other replays one captured graph. Over 6 decode steps with
-    appends, outputs and predictor states agree bit for bit, and PRR exact matches serialized DSA."""
+@pytest.mark.parametrize("method,mode,split", [("dsa", "exact", False), ("prr", "exact", False),
+                                               ("prr", "union", False), ("prr", "exact", True)])
+def test_graph_replay_equals_eager_over_decode_steps(method, mode, split):
+    """Two identical states; one steps eagerly, the other replays one captured graph (or the critical path and
+    the predictor tail as two graphs). Over 6 decode steps with appends, outputs and predictor states agree bit
+    for bit, and PRR exact matches serialized DSA."""
     runs = []
     for _ in range(2):
         cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
         runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=pred, ratio=1.5,
                                                    mode=mode)))
-    runs[1][3].capture()
+    runs[1][3].capture(split_tail=split)
+    assert (runs[1][3].tail_graph is not None) == split
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
     for _ in range(6):

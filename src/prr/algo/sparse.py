@@ -128,12 +128,14 @@ class BlockMetadata:
         return ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
 
 
-def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None) -> Selection:
-    """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K."""
+def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None,
+           nblk: torch.Tensor | None = None) -> Selection:
+    """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K. ``nblk`` (blocks per
+    sequence, ``ops.num_blocks(cache.seq_lens, block_size)``) may be passed when the caller has it already."""
     if not isinstance(meta, BlockMetadata):
         raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
     cfg = meta.cfg
     scores = meta.scores(q, cache)
-    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk
     idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local)
     return Selection(idx, cnt, scores)

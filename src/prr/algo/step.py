@@ -118,8 +118,7 @@ def prr_step(
     # 2. Speculate: attention over P -- per-block partial states (exact) or one merged state (union). On the
     #    GPU this runs on a side stream, concurrently with step 3.
     if mode == "exact":
-        _, _, blk_o, blk_lse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale,
-                                                 return_block_states=True)
+        blk_o, blk_lse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, scale)
         spec = dict(block_o=blk_o, block_lse=blk_lse)
     else:
         o_p, lse_p = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, scale)

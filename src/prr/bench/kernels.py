@@ -106,11 +106,10 @@ def bench_case(model: str, batch: int, ctx: int, method: str, copy_tbps: float, 
         sel_kv_b + qo_b, tokens=cfg.budget_tokens)
     blk_states_b = batch * hq * cfg.k_max * (d + 1) * 4
     add("speculate_block_states", "triton",
-        lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, return_block_states=True),
-        sel_kv_b + blk_states_b + qo_b)
+        lambda: ops.block_states(q, cache, sel.indices, sel.counts, cfg.block_size), sel_kv_b + blk_states_b)
     gen = torch.Generator().manual_seed(0)
     p_idx, p_cnt = _replace_fraction(sel.indices, sel.counts, nblk.cpu(), 0.10, (cfg.n_sink, cfg.n_local), gen)
-    _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)
+    bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size)
     misses = int((sel.counts - ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts).sum(-1)).sum())
     rep_b = misses * cfg.block_size * kv_tok // hkv + (batch * cfg.k_max * hkv - misses) * hq // hkv * (d + 1) * 4
     add("repair_exact", "triton",

@@ -16,6 +16,7 @@ picks (PRR's critical path at its K', or serialized DSA).
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import tempfile
 
@@ -59,48 +60,61 @@ def impose_hit_rate(pred: HoltPredictor, s_idx, s_cnt, nblk, cfg: SparseConfig, 
     pred.known[0].copy_(nblk)
 
 
-def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.80, steps: int = 16) -> None:
+def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.80, steps: int = 16) -> dict:
     """Serialized DSA and PRR exact (K' = K) stepping through drifting queries (drift calibrated so the
-    predictor's hit rate is about `target`): median single replay of each (so medians here are noisier than
-    do_bench's), and the hit rate measured on the way. The cache does not grow (no appends)."""
+    predictor's hit rate is about `target`), the hit rate produced by the predictor itself and measured on the
+    way. PRR is captured as two graphs, its critical path and its tail (predictor update + next P), timed
+    apart: ``prr_exact_drift_path`` is what a token waits for when the tail runs beside the rest of the layer,
+    ``prr_exact_drift`` is path + tail back to back. Each is a median of single replays with the L2 flushed
+    (a PRR step changes the predictor, so it must not be replayed twice on one query as do_bench would):
+    noisier than do_bench's medians. The cache does not grow (no appends)."""
     import statistics
 
     sigma, calibrated = calibrate_drift(cache, meta, q0, target)
     pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, -(-cache.capacity // meta.cfg.block_size),
-                         device=q0.device)
+                         alpha=0.5, device=q0.device)
     step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode="exact")
     step.q.copy_(q0)
-    step.capture()
+    step.capture(split_tail=True)
     gen = torch.Generator(device=q0.device).manual_seed(1)
     q, hit, tot = q0, 0.0, 0.0
-    times = {"dsa": [], "prr": []}
+    times = {"dsa": [], "path": [], "tail": []}
     forced = (meta.cfg.n_sink + meta.cfg.n_local) * cache.batch * cache.num_kv_heads
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=q0.device)
 
-    def once(graph) -> float:
-        """One replay, L2 flushed first: PRR's step changes the predictor, so it must not be replayed twice
-        on the same query (do_bench would)."""
+    def once(*graphs) -> list[float]:
         flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(graphs) + 1)]
+        ev[0].record()
+        for g, e in zip(graphs, ev[1:], strict=True):
+            g.replay()
+            e.record()
         torch.cuda.synchronize()
-        return a.elapsed_time(b) * 1e3
+        return [a.elapsed_time(b) * 1e3 for a, b in itertools.pairwise(ev)]
 
     for t in range(steps + 4):
         q = drift(q, sigma, gen)
-        for name, runner in (("dsa", dsa), ("prr", step)):
-            runner.q.copy_(q)
-            times[name].append(once(runner.graph))
+        dsa.q.copy_(q)
+        times["dsa"] += once(dsa.graph)
+        step.q.copy_(q)
+        path, tail = once(step.graph, step.tail_graph)
+        times["path"].append(path)
+        times["tail"].append(tail)
         if t >= 4:  # the predictor warms up on the first steps
             got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.last["p_idx"],
                                          step.last["p_cnt"]).sum().item()
             hit += got - forced
             tot += step.last["s_cnt"].sum().item() - forced
-    for name, op in (("dsa", "dsa_drift"), ("prr", "prr_exact_drift")):
-        add(op, "graph", statistics.median(times[name][4:]), ratio=1.0, sigma=round(sigma, 4),
-            hit_rate=round(hit / max(tot, 1.0), 3), calibrated_hit_rate=round(calibrated, 3))
+    med = {k: statistics.median(v[4:]) for k, v in times.items()}
+    info = dict(ratio=1.0, sigma=round(sigma, 4), hit_rate=round(hit / max(tot, 1.0), 3),
+                calibrated_hit_rate=round(calibrated, 3))
+    net = {"dsa": add("dsa_drift", "graph", med["dsa"], **info),
+           "path": add("prr_exact_drift_path", "graph", med["path"], **info),
+           "tail": add("prr_exact_drift_tail", "graph", med["tail"], **info)}
+    add("prr_exact_drift", "graph", med["path"] + med["tail"], **info)
+    return {"drift_hit": info["hit_rate"], "dsa_drift_us": round(net["dsa"], 2),
+            "prr_drift_path_us": round(net["path"], 2), "prr_drift_tail_us": round(net["tail"], 2),
+            "speedup_drift_path": round(net["dsa"] / net["path"], 3)}
 
 
 def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row], dict]:
@@ -161,9 +175,9 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
             if mode == "exact":
                 k = step.spec_k
                 p_idx, p_cnt = step.p_idx.clone(), step.p_cnt.clone()
-                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: ops.sparse_decode(
-                    q, cache, p, c, cfg.block_size, return_block_states=True)), ratio=ratio)
-                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=True)
+                t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: ops.block_states(
+                    q, cache, p, c, cfg.block_size)), ratio=ratio)
+                bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size)
                 t_rep[k] = add("repair", "graph", time_op(lambda p=p_idx, c=p_cnt, o=bo, lse=blse: ops.repair_combine(
                     q, cache, cfg.block_size, p, c, sel.indices, sel.counts, block_o=o, block_lse=lse)),
                     ratio=ratio, hit_rate=round(measured, 3))
@@ -174,8 +188,9 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     for hit in SWEEP:
         us, measured, _ = prr_time(1.0, hit, "exact", tail=False)
         add("prr_exact_path_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3), tail=False)
+    drift_summary = {}
     try:  # PRR on a drifting query, the hit rate produced by the predictor itself (calibrated to traces)
-        add_drift_rows(add, cache, meta, q, hq, dsa)
+        drift_summary = add_drift_rows(add, cache, meta, q, hq, dsa)
     except Exception as e:  # a failure here must not lose the case's other numbers
         print(f"drift workload failed for {case}: {e!r}")
     # The speculation budget as the runtime decides it: a sweep of K' timed on this GPU (not cached here).
@@ -193,7 +208,8 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
                "speedup_auto": round(t_dsa / auto, 3), "budget": dec.reason, "spec_k": dec.spec_k,
                "budget_two_points": model.reason,
                "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),
-               "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2)}
+               "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2),
+               **drift_summary}
     return rows, summary
 
 
@@ -218,7 +234,7 @@ def run(models, batches, contexts, methods, out: str) -> dict:
                                   "complete": len(summaries) + len(failed) == len(cases)})
     if summaries:
         with open(os.path.splitext(out)[0] + "_summary.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(summaries[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in summaries for k in s)), restval="")
             w.writeheader()
             w.writerows(summaries)
     print(table([r.to_dict() for r in rows]))
@@ -228,8 +244,9 @@ def run(models, batches, contexts, methods, out: str) -> dict:
 
 def summary_table(summaries: list[dict]) -> str:
     cols = ("case", "dense_us", "dsa_us", "prr_best_us", "prr_best_ratio", "speedup_best", "prr_auto_us",
-            "speedup_auto", "prr_x_floor", "prr_vs_dense")
+            "speedup_auto", "prr_x_floor", "prr_vs_dense", "drift_hit", "dsa_drift_us", "prr_drift_path_us",
+            "speedup_drift_path")
     lines = ["  ".join(cols)]
     for s in summaries:
-        lines.append("  ".join(str(s[c]) for c in cols))
+        lines.append("  ".join(str(s.get(c, "")) for c in cols))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ Each op lives in its own folder: ``reference.py`` is the PyTorch ground truth (a
 
 from . import backend
 from ._common import num_blocks
-from .attention import dense_decode, sparse_decode
+from .attention import block_states, dense_decode, sparse_decode
 from .holt import holt_update_
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
@@ -17,6 +17,7 @@ from .select import select_blocks, selection_contains, selection_difference, sel
 
 __all__ = [
     "backend",
+    "block_states",
     "dense_decode",
     "holt_update_",
     "infllm_metadata",

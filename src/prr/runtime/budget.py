@@ -93,10 +93,10 @@ def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_ra
         k = speculative_top_k(cfg.top_k, r)
         p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, hit_rate(r))
         exact = mode == "exact"
-        t_spec[k] = time_op(lambda p=p_idx, c=p_cnt, e=exact: ops.sparse_decode(
-            q, cache, p, c, cfg.block_size, return_block_states=e))
-        o_p = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, return_block_states=exact)
-        spec = {"block_o": o_p[2], "block_lse": o_p[3]} if exact else {"spec_o": o_p[0], "spec_lse": o_p[1]}
+        spec_op = ops.block_states if exact else ops.sparse_decode
+        t_spec[k] = time_op(lambda p=p_idx, c=p_cnt, f=spec_op: f(q, cache, p, c, cfg.block_size))
+        o_p = spec_op(q, cache, p_idx, p_cnt, cfg.block_size)
+        spec = {"block_o": o_p[0], "block_lse": o_p[1]} if exact else {"spec_o": o_p[0], "spec_lse": o_p[1]}
         t_rep[k] = time_op(lambda p=p_idx, c=p_cnt, sp=spec: ops.repair_combine(
             q, cache, cfg.block_size, p, c, sel.indices, sel.counts, mode=mode, **sp))
     dec = choose_budget(t_sel, t_att, t_spec, t_rep, min_gain=min_gain)

@@ -1,7 +1,9 @@
 """One layer's decode-attention step on fixed buffers: serialized DSA or PRR, eager or as a CUDA graph.
 
-PRR on CUDA forks a side stream that runs the speculative attention over P while the main stream scores every
-block and selects S; the main stream joins and runs the fused reuse + repair + merge: the output is ready.
+PRR on CUDA forks two streams: a high-priority one scores every block and selects S, while a side stream runs
+the speculative attention over P in the SMs the selection leaves free (the selection is the longer branch:
+it must not wait behind the speculation's tiles); the main stream joins both and runs the repair (the misses
+alone) and the merge that reuses P's partial states: the output is ready.
 Then the *tail*, on the side stream: fold S's scores into the predictor and predict the next step's P (its
 top-K'), so that prediction is off the next step's critical path (in a model it runs beside the rest of the
 layer; the graph still ends by joining it). Every buffer has a fixed shape (batch, heads, K, K', cache
@@ -57,7 +59,9 @@ class LayerStep:
         self.spec_k = speculative_top_k(self.cfg.top_k, ratio)
         self.q = torch.zeros(cache.batch, num_q_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
         cuda = cache.device.type == "cuda"
-        self.side = torch.cuda.Stream(device=cache.device) if (cuda and streams and method == "prr") else None
+        two = cuda and streams and method == "prr"
+        self.side = torch.cuda.Stream(device=cache.device) if two else None
+        self.sel_stream = torch.cuda.Stream(device=cache.device, priority=-1) if two else None
         self.tail, self.hold_prediction = tail, hold_prediction
         if method == "prr":  # P for the first step, from the predictor's current state
             nblk = ops.num_blocks(cache.seq_lens, self.cfg.block_size)
@@ -65,6 +69,7 @@ class LayerStep:
             self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
                                                        self.cfg.n_local)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.tail_graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last = {}  # the step's selections (views into graph memory when replaying)
 
@@ -72,43 +77,61 @@ class LayerStep:
     def _side(self):
         return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
 
-    def _step(self):
+    def _sel(self):
+        return torch.cuda.stream(self.sel_stream) if self.sel_stream is not None else contextlib.nullcontext()
+
+    def _path(self):
+        """The critical path: ``(o, lse, sel, nblk)``."""
         cfg, cache, q = self.cfg, self.cache, self.q
-        if self.method == "dsa":
-            sel = select(q, cache, self.meta)
-            self.last = {"s_idx": sel.indices, "s_cnt": sel.counts}
-            return ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+        if self.method == "dsa":
+            sel = select(q, cache, self.meta, nblk=nblk)
+            self.last = {"s_idx": sel.indices, "s_cnt": sel.counts}
+            o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
+            return o, lse, sel, nblk
         main = torch.cuda.current_stream() if self.side is not None else None
         p_idx, p_cnt = self.p_idx, self.p_cnt
-        if main is not None:
-            self.side.wait_stream(main)  # fork
+        if main is not None:  # fork: the selection first (high priority), then the speculation
+            self.sel_stream.wait_stream(main)
+            self.side.wait_stream(main)
+        with self._sel():
+            sel = select(q, cache, self.meta, nblk=nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
-                _, _, bo, blse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
-                                                   return_block_states=True)
+                bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
                 spec = {"block_o": bo, "block_lse": blse}
             else:
                 so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
                 spec = {"spec_o": so, "spec_lse": slse}
-        sel = select(q, cache, self.meta)  # select, concurrently
-        if main is not None:
-            main.wait_stream(self.side)  # join
+        if main is not None:  # join
+            main.wait_stream(self.sel_stream)
+            main.wait_stream(self.side)
         o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
                                     mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt}
-        if self.tail:  # update the predictor, predict the next P: off this step's critical path
-            if main is not None:
-                self.side.wait_stream(main)
-            with self._side():
-                pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
-                self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
-                nxt = ops.select_blocks(pred, nblk, self.spec_k, cfg.n_sink, cfg.n_local)
-                if not self.hold_prediction:
-                    self.p_idx.copy_(nxt[0])
-                    self.p_cnt.copy_(nxt[1])
-            if main is not None:
-                main.wait_stream(self.side)  # a captured graph must end with its streams joined
+        return o, lse, sel, nblk
+
+    def _tail(self, sel, nblk, fork: bool = True):
+        """Fold S's scores into the predictor and predict the next P (off this step's critical path)."""
+        if self.method != "prr" or not self.tail:
+            return
+        cfg = self.cfg
+        main = torch.cuda.current_stream() if (self.side is not None and fork) else None
+        if main is not None:
+            self.side.wait_stream(main)
+        with self._side() if main is not None else contextlib.nullcontext():
+            pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
+            self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
+            nxt = ops.select_blocks(pred, nblk, self.spec_k, cfg.n_sink, cfg.n_local)
+            if not self.hold_prediction:
+                self.p_idx.copy_(nxt[0])
+                self.p_cnt.copy_(nxt[1])
+        if main is not None:
+            main.wait_stream(self.side)  # a captured graph must end with its streams joined
+
+    def _step(self):
+        o, lse, sel, nblk = self._path()
+        self._tail(sel, nblk)
         return o, lse
 
     # ---- eager and graph ---------------------------------------------------------------------------------
@@ -131,8 +154,12 @@ class LayerStep:
         for dst, src in zip(self._state(), snap, strict=True):
             dst.copy_(src)
 
-    def capture(self) -> None:
-        """Compile (warm-up) and capture the step in a CUDA graph; the predictor state is left as it was."""
+    def capture(self, split_tail: bool = False) -> None:
+        """Compile (warm-up) and capture the step in a CUDA graph; the predictor state is left as it was.
+
+        ``split_tail``: capture the critical path (``graph``) and PRR's tail (``tail_graph``, sharing its memory
+        pool) as two graphs, so that the path can be timed alone and the tail replayed where it fits (beside
+        the rest of a layer); :meth:`replay` runs both in order."""
         if self.cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the cache on a CUDA device")
         snap = self._snapshot()
@@ -144,8 +171,17 @@ class LayerStep:
         torch.cuda.current_stream().wait_stream(warm)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._step()
+        self.tail_graph = None
+        if split_tail and self.method == "prr" and self.tail:
+            with torch.cuda.graph(self.graph):
+                o, lse, sel, nblk = self._path()
+            self.out, self._held = (o, lse), (sel, nblk)  # the tail graph reads these static buffers
+            self.tail_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.tail_graph, pool=self.graph.pool()):
+                self._tail(sel, nblk, fork=False)
+        else:
+            with torch.cuda.graph(self.graph):
+                self.out = self._step()
         torch.cuda.synchronize()
         self._restore(snap)
 
@@ -157,4 +193,6 @@ class LayerStep:
         if q is not None:
             self.q.copy_(q)
         self.graph.replay()
+        if self.tail_graph is not None:
+            self.tail_graph.replay()
         return self.out

@@ -16,6 +16,16 @@ def sparse_decode(q, cache, indices, counts, block_size, scale=None, return_bloc
     return reference.sparse_decode(q, cache, indices, counts, block_size, scale, return_block_states)
 
 
-sparse_decode.__doc__ = reference.sparse_decode.__doc__
+def block_states(q, cache, indices, counts, block_size, scale=None):
+    if backend.use_triton(q):
+        check_decode_inputs(q, cache, indices, counts, block_size)
+        from . import triton as kernels
 
-__all__ = ["dense_decode", "gather_blocks", "sparse_decode"]
+        return kernels.block_states(q, cache, indices, counts, block_size, scale)
+    return reference.block_states(q, cache, indices, counts, block_size, scale)
+
+
+sparse_decode.__doc__ = reference.sparse_decode.__doc__
+block_states.__doc__ = reference.block_states.__doc__
+
+__all__ = ["block_states", "dense_decode", "gather_blocks", "sparse_decode"]

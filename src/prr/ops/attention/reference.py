@@ -112,3 +112,9 @@ def sparse_decode(
         return o, lse
     bo, blse = _softmax_state(s, vv, dims=(-1,))
     return o, lse, bo.reshape(bsz, hq, kmax, d), blse.reshape(bsz, hq, kmax)
+
+
+def block_states(q, cache: KVCache, indices, counts, block_size: int, scale: float | None = None):
+    """Only the per-slot partial states of :func:`sparse_decode` (PRR's exact-mode speculation):
+    ``block_o [B, Hq, K, D]``, ``block_lse [B, Hq, K]`` float32 (float64 for float64 input), padding ``(0, -inf)``."""
+    return sparse_decode(q, cache, indices, counts, block_size, scale, return_block_states=True)[2:]

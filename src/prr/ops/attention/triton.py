@@ -20,22 +20,26 @@ from ..merge.triton import merge_partials
 
 
 @triton.jit
-def _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr,
-                  PAGE: tl.constexpr):
-    """The tokens of slots ``c0 .. c0+CHUNK-1`` as one flat tile of ``T = CHUNK * BS`` positions.
-
-    Returns (slot of each token ``[T]``, physical page ``[T]`` int64, offset in page ``[T]``, mask ``[T]``). All
-    block ids are loaded at once, then all page ids: two dependent loads per chunk, not two per block.
-    """
+def _block_tokens(blk, m_c, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr):
+    """The tokens of CHUNK blocks ``blk [CHUNK]`` (valid where ``m_c``) as one flat tile of ``T = CHUNK * BS``
+    positions: (slot of each token ``[T]``, physical page ``[T]`` int64, offset in page ``[T]``, mask ``[T]``)."""
     T: tl.constexpr = CHUNK * BS
-    i_c = c0 + tl.arange(0, CHUNK)
-    m_c = i_c < end
-    blk = tl.load(idx_row + i_c, mask=m_c, other=0)
     tok = tl.reshape(blk[:, None] * BS + tl.arange(0, BS)[None, :], (T,))
     slot = tl.reshape(tl.broadcast_to(tl.arange(0, CHUNK)[:, None], (CHUNK, BS)), (T,))
     m_t = tl.reshape(tl.broadcast_to(m_c[:, None], (CHUNK, BS)), (T,)) & (tok < seq_len)
     phys = tl.load(pt_row + tok // PAGE, mask=m_t, other=0).to(tl.int64)
     return slot, phys, (tok % PAGE).to(tl.int64), m_t
+
+
+@triton.jit
+def _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr,
+                  PAGE: tl.constexpr):
+    """The tokens of slots ``c0 .. c0+CHUNK-1`` of a selection row (see :func:`_block_tokens`). All block ids
+    are loaded at once, then all page ids: two dependent loads per chunk, not two per block."""
+    i_c = c0 + tl.arange(0, CHUNK)
+    m_c = i_c < end
+    blk = tl.load(idx_row + i_c, mask=m_c, other=0)
+    return _block_tokens(blk, m_c, seq_len, pt_row, CHUNK, BS, PAGE)
 
 
 @triton.jit
@@ -122,22 +126,27 @@ def _sparse_decode_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     for c0 in range(start, end, CHUNK):
-        slot, phys, off, m_t = _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK, BS, PAGE)
+        _, phys, off, m_t = _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK, BS, PAGE)
         s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
                                D, PREC)
-        if WRITE_BLOCKS:  # each slot's own state: masked softmax over its BS columns of the tile
-            for c in tl.static_range(CHUNK):
-                s_c = tl.where((slot == c)[None, :], s, float("-inf"))
-                m_c = tl.max(s_c, axis=1)
-                m_safe = tl.where(m_c > float("-inf"), m_c, 0.0)
-                p = tl.exp(s_c - m_safe[:, None])
-                l_c = tl.sum(p, axis=1)
-                o_c = _pv(p, b_v, PREC) / tl.where(l_c > 0, l_c, 1.0)[:, None]
-                lse_c = tl.where(l_c > 0, m_safe + tl.log(l_c), float("-inf"))
-                row = (i_b * HKV * G + hq) * K + c0 + c
-                m_row = m_g & ((hq * 0 + c0 + c) < end)  # vector compare: scalar masks break the interpreter
-                tl.store(bo_ptr + row[:, None] * D + i_d[None, :], o_c, mask=m_row[:, None])
-                tl.store(blse_ptr + row, lse_c, mask=m_row)
+        if WRITE_BLOCKS:  # each slot's own state: the tile seen as [CHUNK, G_PAD, BS], one batched dot
+            s3 = tl.permute(tl.reshape(s, (G_PAD, CHUNK, BS)), (1, 0, 2))
+            m_c = tl.max(s3, axis=2)  # [CHUNK, G_PAD]
+            m_safe = tl.where(m_c > float("-inf"), m_c, 0.0)
+            p3 = tl.exp(s3 - m_safe[:, :, None])
+            l_c = tl.sum(p3, axis=2)
+            v3 = tl.reshape(b_v, (CHUNK, BS, D))
+            if PREC == "ieee":
+                o3 = tl.dot(p3, v3.to(tl.float32), input_precision="ieee")
+            else:
+                o3 = tl.dot(p3.to(v3.dtype), v3)
+            o3 = o3 / tl.where(l_c > 0, l_c, 1.0)[:, :, None]
+            lse_c = tl.where(l_c > 0, m_safe + tl.log(l_c), float("-inf"))
+            i_c = tl.arange(0, CHUNK)
+            row = (i_b * HKV * G + hq[None, :]) * K + c0 + i_c[:, None]  # [CHUNK, G_PAD]
+            m_row = m_g[None, :] & ((c0 + i_c)[:, None] < end)
+            tl.store(bo_ptr + row[:, :, None] * D + i_d[None, None, :], o3, mask=m_row[:, :, None])
+            tl.store(blse_ptr + row, lse_c, mask=m_row)
         if WRITE_SPLITS:
             m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
     if WRITE_BLOCKS:  # padding slots of this split: the empty state (0, -inf)
@@ -218,6 +227,15 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
         num_warps=4,
     )
     return (so, slse), (bo, blse)
+
+
+def block_states(q, cache: KVCache, indices, counts, block_size, scale=None):
+    """Triton twin of :func:`prr.ops.attention.reference.block_states`: per-slot states only (no split states,
+    no merge: PRR's exact-mode speculation needs nothing else)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    _, (bo, blse) = sparse_decode_launch(q, cache, indices, counts, block_size, scale, write_splits=False,
+                                         write_blocks=True)
+    return bo, blse
 
 
 def sparse_decode(q, cache: KVCache, indices, counts, block_size, scale=None, return_block_states=False):
