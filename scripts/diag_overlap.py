@@ -67,8 +67,7 @@ def main():
         record("dsa", dsa)
         pred = HoltPredictor(2, int(b), hkv, nmax, alpha=0.5, device="cuda")
         impose_hit_rate(pred, sel.indices, sel.counts, lay.nblk.cpu(), cfg, cfg.top_k, 0.8)
-        variants = [("prr_path", None, None, True), ("prr_path_nostream", None, None, False),
-                    ("prr_path_sel_normal_prio", 0, None, True), ("prr_path_spec_splits8", None, 8, True)]
+        variants = [("prr_path", None, None, True), ("prr_path_sel_normal_prio", 0, None, True)]
         for name, prio, cap, streams in variants:
             if cap is not None:
                 attn_triton.num_splits = lambda bkv, slots, dev, chunk=4, c=cap: min(orig_splits(bkv, slots, dev,

@@ -13,14 +13,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _merge_chunked(o_ptr, lse_ptr, row, N, m_run, l_run, acc, s_row_o, s_n_o, s_row_l, keep_ptr, GROUP,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEEP: tl.constexpr):
+def _merge_chunked(o_ptr, lse_ptr, row, N, m_run, l_run, acc, s_row_o, s_n_o, s_row_l,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr):
     i_d = tl.arange(0, D)
     for n0 in range(0, N, BLOCK_N):
         i_n = n0 + tl.arange(0, BLOCK_N)
         m_n = i_n < N
-        if HAS_KEEP:  # only the parts flagged in keep[row // GROUP, n] count (the others are never read)
-            m_n = m_n & (tl.load(keep_ptr + (row // GROUP) * N + i_n, mask=m_n, other=0) != 0)
         lse = tl.load(lse_ptr + row * s_row_l + i_n, mask=m_n, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m_run, tl.max(lse, axis=0))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -37,16 +35,16 @@ def _merge_chunked(o_ptr, lse_ptr, row, N, m_run, l_run, acc, s_row_o, s_n_o, s_
 
 @triton.jit
 def _merge_kernel(o1_ptr, lse1_ptr, N1, s1_row_o, s1_n_o, s1_row_l,
-                  o2_ptr, lse2_ptr, N2, s2_row_o, s2_n_o, s2_row_l, keep2_ptr, GROUP2,
-                  out_ptr, out_lse_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEEP2: tl.constexpr):
+                  o2_ptr, lse2_ptr, N2, s2_row_o, s2_n_o, s2_row_l,
+                  out_ptr, out_lse_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     m_run = tl.full([], float("-inf"), tl.float32)
     l_run = tl.zeros([], tl.float32)
     acc = tl.zeros([D], tl.float32)
     m_run, l_run, acc = _merge_chunked(o1_ptr, lse1_ptr, row, N1, m_run, l_run, acc, s1_row_o, s1_n_o, s1_row_l,
-                                       lse1_ptr, 1, D, BLOCK_N, False)
+                                       D, BLOCK_N)
     m_run, l_run, acc = _merge_chunked(o2_ptr, lse2_ptr, row, N2, m_run, l_run, acc, s2_row_o, s2_n_o, s2_row_l,
-                                       keep2_ptr, GROUP2, D, BLOCK_N, HAS_KEEP2)
+                                       D, BLOCK_N)
     i_d = tl.arange(0, D)
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + row * D + i_d, out.to(out_ptr.dtype.element_ty))
@@ -63,12 +61,8 @@ def _rows(o: torch.Tensor, lse: torch.Tensor):
     return o2, l2
 
 
-def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None, keep2=None, group2=1):
+def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None):
     """Merge ``o [..., N, D], lse [..., N]`` (and optionally a second ``[..., N2, D]`` set) over N.
-
-    ``keep2`` (contiguous, ``[rows // group2, N2]``, nonzero = keep) restricts the second set: part ``n`` of
-    row ``r`` counts only where ``keep2[r // group2, n]`` (PRR's exact mode keeps the speculated blocks that
-    the selection chose; a KV head's flags serve its ``group2`` query heads).
 
     Returns ``(o [..., D] in out_dtype (default o.dtype), lse [...] float32)``.
     """
@@ -82,17 +76,13 @@ def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None, keep2=None, group
         b_o, b_l = _rows(o2, lse2)
         n2 = b_o.shape[1]
     rows = a_o.shape[0]
-    if keep2 is not None and (not keep2.is_contiguous() or keep2.numel() * group2 != rows * n2):
-        raise ValueError(f"keep2 must be contiguous [rows // group2, N2] = [{rows // group2}, {n2}], got "
-                         f"{tuple(keep2.shape)}")
     out = torch.empty(rows, d, dtype=out_dtype or o.dtype, device=o.device)
     out_lse = torch.empty(rows, dtype=torch.float32, device=o.device)
     if rows:
         _merge_kernel[(rows,)](
             a_o, a_l, a_o.shape[1], a_o.stride(0), a_o.stride(1), a_l.stride(0),
             b_o, b_l, n2, b_o.stride(0), b_o.stride(1), b_l.stride(0),
-            keep2 if keep2 is not None else b_l, group2,
-            out, out_lse, D=d, BLOCK_N=16, num_warps=1, HAS_KEEP2=keep2 is not None,
+            out, out_lse, D=d, BLOCK_N=16, num_warps=1,
         )
     return out.view(*lead, d), out_lse.view(*lead)
 

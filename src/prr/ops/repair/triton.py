@@ -1,11 +1,11 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
-The repair kernel, one program per (sequence, KV head, split): it finds the misses ``S \\ P`` (S's row against
-P's, a tile of P at a time), ranks them with a prefix sum, and attends only them, CHUNK blocks per tile, the
-tiles dealt round-robin to the splits, so its work follows the number of misses, not |S|. In exact mode its
-first split also flags which of P's slots are in S. One launch of the merge kernel then combines the misses'
-split states with P's per-slot states where flagged (exact mode: the reuse is a masked merge, the hits are
-never recomputed) or with P's merged state (union mode).
+One program per (sequence, KV head, split); a split owns a range of S's slots (``PER`` of them, loaded at once)
+and finds which are hits by comparing them with P's row, held in registers. Exact mode folds the hits'
+stored per-slot states of P in, FCH slots at a time as one ``[FCH, G, D]`` tile (reuse: never recomputed);
+the misses of the range are ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: the
+work follows the misses, not |S|). Union mode skips the hits (already inside P's merged state). One launch of
+the merge kernel combines the split states (and, in union mode, P's merged state).
 """
 
 from __future__ import annotations
@@ -35,60 +35,73 @@ from ..merge.triton import merge_partials
 def _repair_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr,
     p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
-    keep_ptr,  # [B, HKV, KP] int8 out (exact mode): P's slot j is in S
-    so_ptr, slse_ptr,  # the misses' split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
-    scale, HKV, KP, NSPLIT,
+    bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
+    so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
+    scale, HKV, KP, PER, NSPLIT,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    CHUNK: tl.constexpr, KS_PAD: tl.constexpr, PCH: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+    CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, FCH: tl.constexpr, PREC: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
+    i_g = tl.arange(0, G_PAD)
+    i_d = tl.arange(0, D)
     seq_len = tl.load(len_ptr + i_b)
     pt_row = pt_ptr + i_b * s_ptb
-    p_row = p_idx_ptr + i_b * s_pib + i_h * s_pih
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
+    i_p = tl.arange(0, KP_PAD)
+    p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=i_p < p_cnt, other=-1)
     s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
-    i_s = tl.arange(0, KS_PAD)
-    s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + i_s, mask=i_s < s_cnt, other=-2)
+    start = i_split * PER
+    end = tl.minimum(start + PER, s_cnt)
+    i_r = tl.arange(0, PER_PAD)
+    s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + start + i_r, mask=start + i_r < end, other=-2)
 
-    # The misses: S's slots whose block is in no slot of P (P read PCH slots at a time).
-    in_p = tl.zeros([KS_PAD], tl.int32)
-    for p0 in range(0, p_cnt, PCH):
-        i_p = p0 + tl.arange(0, PCH)
-        p_blk = tl.load(p_row + i_p, mask=i_p < p_cnt, other=-1)
-        in_p = tl.maximum(in_p, tl.max((s_blk[:, None] == p_blk[None, :]).to(tl.int32), axis=1))
-    miss = ((in_p == 0) & (i_s < s_cnt)).to(tl.int32)
-    rank = tl.cumsum(miss, axis=0) - 1  # a miss's position among the misses
+    # Hits of this range of S (and each hit's slot in P); misses ranked by a prefix sum.
+    match = s_blk[:, None] == p_blk[None, :]  # [PER_PAD, KP_PAD]
+    hit = tl.max(match.to(tl.int32), axis=1) > 0
+    pos = tl.sum(tl.where(match, i_p[None, :], 0), axis=1)
+    miss = ((start + i_r < end) & ~hit).to(tl.int32)
+    rank = tl.cumsum(miss, axis=0) - 1
     n_miss = tl.sum(miss, axis=0)
 
-    # Repair: tiles of CHUNK misses, tile c to split c % NSPLIT.
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for c in range(i_split, tl.cdiv(n_miss, CHUNK), NSPLIT):
-        r = c * CHUNK + tl.arange(0, CHUNK)
-        pick = (miss[None, :] > 0) & (rank[None, :] == r[:, None])  # [CHUNK, KS_PAD] one-hot rows
-        blk = tl.sum(tl.where(pick, s_blk[None, :], 0), axis=1)
-        _, phys, off, m_t = _block_tokens(blk, r < n_miss, seq_len, pt_row, CHUNK, BS, PAGE)
+    if EXACT:  # reuse: fold P's stored states of the hits, FCH slots per [FCH, G_PAD, D] tile
+        i_f = tl.arange(0, FCH)
+        for f0 in tl.static_range(0, PER_PAD, FCH):
+            one = i_r[None, :] == (f0 + i_f)[:, None]  # [FCH, PER_PAD]: row f picks slot f0 + f
+            hit_f = tl.max((one & hit[None, :]).to(tl.int32), axis=1) > 0
+            pos_f = tl.sum(tl.where(one, pos[None, :], 0), axis=1)
+            row = (i_b * HKV * G + hq[None, :]) * KP + pos_f[:, None]  # [FCH, G_PAD]
+            m_row = hit_f[:, None] & m_g[None, :]
+            lse_f = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
+            o_f = tl.load(bo_ptr + row[:, :, None] * D + i_d[None, None, :], mask=m_row[:, :, None], other=0.0)
+            m_new = tl.maximum(m_i, tl.max(lse_f, axis=0))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp(m_i - m_safe)
+            w = tl.exp(lse_f - m_safe[None, :])  # [FCH, G_PAD]; 0 for slots that are not hits
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_f, axis=0)
+            l_i = l_i * alpha + tl.sum(w, axis=0)
+            m_i = m_new
+    # Repair: the misses of the range, CHUNK blocks per tile (the k-th tile takes misses ranked kC..kC+C-1).
+    i_c = tl.arange(0, CHUNK)
+    for r0 in range(0, n_miss, CHUNK):
+        one = (rank[None, :] == (r0 + i_c)[:, None]) & (miss[None, :] > 0)  # [CHUNK, PER_PAD]
+        blk = tl.sum(tl.where(one, s_blk[None, :], 0), axis=1)
+        _, phys, off, m_t = _block_tokens(blk, r0 + i_c < n_miss, seq_len, pt_row, CHUNK, BS, PAGE)
         s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
                                D, PREC)
         m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
     _store_state(so_ptr, slse_ptr, (i_b * HKV * G + hq) * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
 
-    if EXACT:  # reuse flags: P's slot j is in S (padding slots: 0), written once per (sequence, KV head)
-        if i_split == 0:
-            for p0 in range(0, KP, PCH):
-                i_p = p0 + tl.arange(0, PCH)
-                p_blk = tl.load(p_row + i_p, mask=i_p < p_cnt, other=-1)
-                in_s = tl.max((p_blk[:, None] == s_blk[None, :]).to(tl.int32), axis=1)
-                tl.store(keep_ptr + (i_b * HKV + i_h) * KP + i_p, in_s.to(tl.int8), mask=i_p < KP)
 
-
-def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, scale, exact, splits=None):
-    """Launch the repair kernel: the misses' split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])`` and, in exact
-    mode, the reuse flags ``[B, Hkv, K'_max]`` int8 (else None)."""
+def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
+                  splits=None):
+    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -96,21 +109,23 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, sca
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
     chunk = chunk_slots(block_size)
     nsplit = splits or num_splits(bsz * hkv, ks, q.device, chunk)
+    per = chunk * -(-max(ks, 1) // (chunk * nsplit))  # S's slots per split, whole chunks
+    nsplit = -(-max(ks, 1) // per)
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
-    keep = torch.empty(bsz, hkv, kp, dtype=torch.int8, device=q.device) if exact else None
+    per_pad = max(16, triton.next_power_of_2(per))
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
-        keep if exact else slse, so, slse,
-        scale, hkv, kp, nsplit,
+        block_o if exact else so, block_lse if exact else slse, so, slse,
+        scale, hkv, kp, per, nsplit,
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
-        CHUNK=chunk, KS_PAD=max(16, triton.next_power_of_2(ks)), PCH=32, PREC=_prec(q.dtype), EXACT=exact,
-        num_warps=4,
+        CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, FCH=min(4, per_pad),
+        PREC=_prec(q.dtype), EXACT=exact, num_warps=4,
     )
-    return so, slse, keep
+    return so, slse
 
 
 def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
@@ -127,8 +142,7 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                                  "states (ops.block_states)")
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
-    so, slse, keep = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, scale, exact)
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
     if exact:
-        return merge_partials(so, slse, block_o, block_lse, out_dtype=q.dtype, keep2=keep,
-                              group2=hq // cache.num_kv_heads)
+        return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
