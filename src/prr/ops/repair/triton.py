@@ -1,10 +1,11 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
-One program per (sequence, KV head, split); a split owns a range of S's slots (``PER`` of them, loaded at once)
-and finds which are hits by comparing them with P's row, held in registers. Exact mode folds the hits'
-stored per-slot states of P in, FCH slots at a time as one ``[FCH, G, D]`` tile (reuse: never recomputed);
-the misses of the range are ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: the
-work follows the misses, not |S|). Union mode skips the hits (already inside P's merged state). One launch of
+One program per (sequence, KV head, split); a split owns a few of S's slots (``PER``, loaded at once) and finds
+which are hits by comparing them with P's row, held in registers. Exact mode folds each hit's stored
+per-slot state of P in (reuse: never recomputed); the misses of the range are ranked by a prefix sum and
+attended alone, CHUNK blocks per tile (repair: no work for the hits, not even masked compute). Short ranges
+keep every program's chain of dependent loads short (a [FCH, G, D] tile fold measured 4-8x slower). Union
+mode skips the hits (already inside P's merged state). One launch of
 the merge kernel combines the split states (and, in union mode, P's merged state).
 """
 
@@ -26,7 +27,6 @@ from ..attention.triton import (
     _store_state,
     check_layout,
     chunk_slots,
-    num_splits,
 )
 from ..merge.triton import merge_partials
 
@@ -41,8 +41,7 @@ def _repair_kernel(
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, FCH: tl.constexpr, PREC: tl.constexpr,
-    EXACT: tl.constexpr,
+    CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
@@ -70,22 +69,20 @@ def _repair_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if EXACT:  # reuse: fold P's stored states of the hits, FCH slots per [FCH, G_PAD, D] tile
-        i_f = tl.arange(0, FCH)
-        for f0 in tl.static_range(0, PER_PAD, FCH):
-            one = i_r[None, :] == (f0 + i_f)[:, None]  # [FCH, PER_PAD]: row f picks slot f0 + f
-            hit_f = tl.max((one & hit[None, :]).to(tl.int32), axis=1) > 0
-            pos_f = tl.sum(tl.where(one, pos[None, :], 0), axis=1)
-            row = (i_b * HKV * G + hq[None, :]) * KP + pos_f[:, None]  # [FCH, G_PAD]
-            m_row = hit_f[:, None] & m_g[None, :]
+    if EXACT:  # reuse: fold in P's stored state of each hit of the range, one [G_PAD, D] tile per slot
+        for f in tl.static_range(PER_PAD):
+            hit_f = tl.max(((i_r == f) & hit).to(tl.int32), axis=0) > 0
+            pos_f = tl.sum(tl.where(i_r == f, pos, 0), axis=0)
+            row = (i_b * HKV * G + hq) * KP + pos_f
+            m_row = m_g & ((i_g * 0 + hit_f.to(tl.int32)) > 0)  # vector mask (see attention's _chunk_tokens)
             lse_f = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
-            o_f = tl.load(bo_ptr + row[:, :, None] * D + i_d[None, None, :], mask=m_row[:, :, None], other=0.0)
-            m_new = tl.maximum(m_i, tl.max(lse_f, axis=0))
+            o_f = tl.load(bo_ptr + row[:, None] * D + i_d[None, :], mask=m_row[:, None], other=0.0)
+            m_new = tl.maximum(m_i, lse_f)
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
             alpha = tl.exp(m_i - m_safe)
-            w = tl.exp(lse_f - m_safe[None, :])  # [FCH, G_PAD]; 0 for slots that are not hits
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_f, axis=0)
-            l_i = l_i * alpha + tl.sum(w, axis=0)
+            w = tl.exp(lse_f - m_safe)
+            acc = acc * alpha[:, None] + tl.where(w[:, None] > 0, w[:, None] * o_f, 0.0)
+            l_i = l_i * alpha + w
             m_i = m_new
     # Repair: the misses of the range, CHUNK blocks per tile (the k-th tile takes misses ranked kC..kC+C-1).
     i_c = tl.arange(0, CHUNK)
@@ -108,12 +105,13 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     g = hq // hkv
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
     chunk = chunk_slots(block_size)
-    nsplit = splits or num_splits(bsz * hkv, ks, q.device, chunk)
-    per = chunk * -(-max(ks, 1) // (chunk * nsplit))  # S's slots per split, whole chunks
+    # S's slots per split: one tile's worth (at least 4), so each program has at most one tile of misses and a
+    # few hits to fold; `splits` asks for fewer, longer splits instead.
+    per = max(chunk, 4) if not splits else chunk * -(-max(ks, 1) // (chunk * splits))
     nsplit = -(-max(ks, 1) // per)
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
-    per_pad = max(16, triton.next_power_of_2(per))
+    per_pad = triton.next_power_of_2(per)
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
         block_o if exact else so, block_lse if exact else slse, so, slse,
@@ -122,8 +120,8 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
-        CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, FCH=min(4, per_pad),
-        PREC=_prec(q.dtype), EXACT=exact, num_warps=4,
+        CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
+        EXACT=exact, num_warps=4,
     )
     return so, slse
 
