@@ -97,12 +97,12 @@ def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.8
         dsa.q.copy_(q)
         times["dsa"] += once(dsa.graph)
         step.q.copy_(q)
+        p_idx, p_cnt = step.p_idx.clone(), step.p_cnt.clone()  # the P this step uses (the tail overwrites it)
         path, tail = once(step.graph, step.tail_graph)
         times["path"].append(path)
         times["tail"].append(tail)
         if t >= 4:  # the predictor warms up on the first steps
-            got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.last["p_idx"],
-                                         step.last["p_cnt"]).sum().item()
+            got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], p_idx, p_cnt).sum().item()
             hit += got - forced
             tot += step.last["s_cnt"].sum().item() - forced
     med = {k: statistics.median(v[4:]) for k, v in times.items()}

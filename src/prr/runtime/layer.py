@@ -71,7 +71,10 @@ class LayerStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tail_graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last = {}  # the step's selections (views into graph memory when replaying)
+        # The step's selections (views into graph memory when replaying). "p_idx"/"p_cnt" are the live P buffers:
+        # once a step's tail ran (without hold_prediction) they hold the *next* step's P; clone them before the
+        # step to keep the P it used.
+        self.last = {}
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _side(self):
