@@ -161,3 +161,33 @@ def test_fill_random_engine_dsa_equals_prr_on_a_random_model():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
     with pytest.raises(RuntimeError, match="CUDA graphs need"):
         eng.capture_decode()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_prr_on_gpu_graph_equals_eager_and_matches_dsa():
+    """On a GPU the engine's PRR layers run the runtime step (selection and speculation on two streams, the
+    predictor tail deferred to the token's end): the captured decode graph equals eager bit for bit over several
+    tokens, and PRR exact gives DSA's greedy tokens (head dim 64: the kernels' tiles need 16 or more)."""
+    cfg = ModelConfig(vocab_size=64, hidden=128, ffn=256, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=torch.bfloat16, device="cuda"))
+    sparse = prr.SparseConfig(top_k=6)
+    runs = {}
+    for name, attention, graph in (("dsa", "dsa", False), ("prr", "prr", False), ("prr_graph", "prr", True)):
+        eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=1)
+        eng.fill_random(2, 500, 16)
+        tok = torch.tensor([3, 4], device="cuda")
+        out = [eng.step(tok).clone()]  # one eager step compiles the kernels before a capture
+        if graph:
+            eng.capture_decode()
+        for _ in range(5):
+            logits = eng.step(tok).clone()
+            out.append(logits)
+            tok = logits.argmax(-1)
+        runs[name] = torch.stack(out)
+        if attention == "prr":
+            assert eng._step_stats and all(s.selected.sum() > 0 for s in eng._step_stats)
+    assert torch.equal(runs["prr"], runs["prr_graph"])
+    assert torch.equal(runs["prr"].argmax(-1), runs["dsa"].argmax(-1))
+    torch.testing.assert_close(runs["prr"].float(), runs["dsa"].float(), rtol=5e-2, atol=5e-2)

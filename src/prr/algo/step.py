@@ -139,10 +139,15 @@ def prr_step(
     if update:
         predictor.update(layer, sel.scores, nblk)
 
+    stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, spec_k)
+    return StepOutput(o, lse, sel, stats, Selection(p_idx, p_cnt))
+
+
+def prr_stats(p_idx, p_cnt, sel: Selection, nblk: torch.Tensor, cfg, spec_k: int) -> StepStats:
+    """Block counts of a PRR step from its P and S (``nblk``: blocks per sequence this step)."""
     hits = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts).sum(-1, dtype=torch.int32)
     # Blocks forced into both S and P (P's capacity may be the smaller one when K' < K).
     forced = torch.minimum(forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.k_max),
                            forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.n_sink + cfg.n_local + spec_k))
     forced = forced.to(torch.int32)[:, None].expand_as(hits)
-    stats = StepStats(sel.counts, p_cnt, hits, sel.counts - hits, p_cnt - hits, forced)
-    return StepOutput(o, lse, sel, stats, Selection(p_idx, p_cnt))
+    return StepStats(sel.counts, p_cnt, hits, sel.counts - hits, p_cnt - hits, forced)

@@ -19,8 +19,9 @@ from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, SparseConfig
-from ..algo.step import dsa_step, prr_step, speculative_top_k
+from ..algo.step import dsa_step, speculative_top_k
 from ..cache import KVCache
+from ..runtime.layer import LayerStep
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -80,6 +81,7 @@ class Engine:
         self._step_stats: list = []
         self._all_blocks = None
         self._graph = None
+        self._steps: dict[int, LayerStep] = {}
         self.record: dict | None = None  # layer -> [(scores [B, Hkv, N], num_blocks [B])] when set to {}
 
     # ---- prefill -----------------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class Engine:
         self.metas = [BlockMetadata(cfg, self.caches[i]) if self._sparse_layer(i) else None
                       for i in range(c.num_layers)]
         self._step_stats = []
+        self._steps = {}
         if self.attention != "prr":
             return
         cache0 = self.caches[0]
@@ -153,6 +156,17 @@ class Engine:
             if w >= 2:
                 self.predictor.calibrate(i, torch.stack(scores), torch.stack(nblk), cfg.top_k, cfg.n_sink,
                                          cfg.n_local, spec_k=spec_k)
+        # One runtime step per sparse layer (built after calibration: each predicts its first P now). On a GPU
+        # the layers share two streams: the selection's (high priority) and the side stream that runs the
+        # speculation and each layer's deferred tail (predictor update + next P) beside the next layer's
+        # projections; the token's step joins it once at the end.
+        cuda = cache0.device.type == "cuda"
+        side = torch.cuda.Stream(device=cache0.device) if cuda else None
+        sel = torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None
+        for i in range(self.n_dense_layers, c.num_layers):
+            self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, method="prr",
+                                       predictor=self.predictor, layer=i, ratio=self.ratio, mode=self.mode,
+                                       side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True)
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _dense(self, q, cache: KVCache):
@@ -176,13 +190,16 @@ class Engine:
         meta.append(cache)
         if self.attention == "dsa":
             out = dsa_step(q, cache, meta)
-        else:
-            out = prr_step(q, cache, meta, self.predictor, i, ratio=self.ratio, mode=self.mode)
-        self._step_stats.append(out.stats)
+            o, stats, scores = out.o, out.stats, out.selection.scores
+        else:  # the runtime step: on a GPU selection and speculation overlap, the tail is deferred
+            step = self._steps[i]
+            o, _ = step.run(q)
+            stats, scores = step.stats, step.last["scores"]
+        self._step_stats.append(stats)
         if self.record is not None:  # the locality study keeps every sparse layer's true block scores
-            self.record.setdefault(i, []).append((out.selection.scores.clone(), ops.num_blocks(
+            self.record.setdefault(i, []).append((scores.clone(), ops.num_blocks(
                 cache.seq_lens, self.sparse.block_size)))
-        return out.o
+        return o
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``. Replays the captured CUDA graph
@@ -193,7 +210,10 @@ class Engine:
             self._step_stats = self._g_stats
             return self._g_logits
         pos = self.caches[0].seq_lens.long()
-        return self.model.decode(tokens, pos, self._attend)
+        logits = self.model.decode(tokens, pos, self._attend)
+        if self._steps:  # the last layers' deferred tails (one shared side stream)
+            next(iter(self._steps.values())).join()
+        return logits
 
     def capture_decode(self) -> None:
         """Capture one whole decode step (every layer, its cache append, metadata update, selection,

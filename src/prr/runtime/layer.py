@@ -22,7 +22,7 @@ from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, select
-from ..algo.step import MODES, speculative_top_k
+from ..algo.step import MODES, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
@@ -40,13 +40,20 @@ class LayerStep:
         hold_prediction: the tail writes its prediction to scratch, so P (and the hit rate) stays as set
             (benchmarks); ``tail=False`` leaves the tail out (the step's critical path alone).
         ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"`` or ``"union"``.
-        streams: run speculation on a side stream (CUDA only).
+        streams: run speculation on a side stream (CUDA only); ``side_stream``/``sel_stream`` share streams
+            between the layers of a model (default: the step's own).
+        defer_tail: leave the tail running on the side stream (not joined): the caller joins it with
+            :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
+            so each layer's tail runs beside the next layer's projections).
+        collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (computed before the tail).
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
                  predictor: HoltPredictor | None = None, layer: int = 0, update_layer: int | None = None,
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
-                 tail: bool = True, hold_prediction: bool = False):
+                 tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
+                 sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
+                 collect_stats: bool = False):
         check.choice("method", method, METHODS)
         check.choice("mode", mode, MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
@@ -60,9 +67,11 @@ class LayerStep:
         self.q = torch.zeros(cache.batch, num_q_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
         cuda = cache.device.type == "cuda"
         two = cuda and streams and method == "prr"
-        self.side = torch.cuda.Stream(device=cache.device) if two else None
-        self.sel_stream = torch.cuda.Stream(device=cache.device, priority=-1) if two else None
+        self.side = (side_stream or torch.cuda.Stream(device=cache.device)) if two else None
+        self.sel_stream = (sel_stream or torch.cuda.Stream(device=cache.device, priority=-1)) if two else None
         self.tail, self.hold_prediction = tail, hold_prediction
+        self.defer_tail, self.collect_stats = defer_tail, collect_stats
+        self.stats = None
         if method == "prr":  # P for the first step, from the predictor's current state
             nblk = ops.num_blocks(cache.seq_lens, self.cfg.block_size)
             self.pred_scores = predictor.predict(layer).clone()
@@ -89,7 +98,7 @@ class LayerStep:
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
         if self.method == "dsa":
             sel = select(q, cache, self.meta, nblk=nblk)
-            self.last = {"s_idx": sel.indices, "s_cnt": sel.counts}
+            self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
             o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
             return o, lse, sel, nblk
         main = torch.cuda.current_stream() if self.side is not None else None
@@ -111,7 +120,10 @@ class LayerStep:
             main.wait_stream(self.side)
         o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
                                     mode=self.mode, scale=self.scale, **spec)
-        self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt}
+        self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
+                     "scores": sel.scores}
+        if self.collect_stats:  # before the tail overwrites P
+            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k)
         return o, lse, sel, nblk
 
     def _tail(self, sel, nblk, fork: bool = True):
@@ -129,8 +141,13 @@ class LayerStep:
             if not self.hold_prediction:
                 self.p_idx.copy_(nxt[0])
                 self.p_cnt.copy_(nxt[1])
-        if main is not None:
+        if main is not None and not self.defer_tail:
             main.wait_stream(self.side)  # a captured graph must end with its streams joined
+
+    def join(self) -> None:
+        """Make the current stream wait for a deferred tail (and anything else on the side stream)."""
+        if self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
 
     def _step(self):
         o, lse, sel, nblk = self._path()
@@ -171,6 +188,7 @@ class LayerStep:
         with torch.cuda.stream(warm):
             for _ in range(2):
                 self._step()
+            self.join()
         torch.cuda.current_stream().wait_stream(warm)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
@@ -185,6 +203,7 @@ class LayerStep:
         else:
             with torch.cuda.graph(self.graph):
                 self.out = self._step()
+                self.join()  # a deferred tail still ends inside the graph
         torch.cuda.synchronize()
         self._restore(snap)
 
