@@ -152,6 +152,9 @@ class LayerStep:
     def _step(self):
         o, lse, sel, nblk = self._path()
         self._tail(sel, nblk)
+        # A deferred tail reads these on the side stream after this returns: hold them until the next step, or
+        # the allocator hands their memory (nblk was made on the main stream) to the next layer's work.
+        self._held = (sel, nblk)
         return o, lse
 
     # ---- eager and graph ---------------------------------------------------------------------------------
