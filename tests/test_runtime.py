@@ -37,6 +37,38 @@ def test_layer_step_eager_equals_prr_step(mode):
     torch.testing.assert_close(dsa.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["exact", "union", "predicted"])
+def test_layer_step_decoding_with_appends_equals_prr_step(mode):
+    """The engine's path: one token appended before every step (``grow=1``), across block boundaries, with the
+    predictor tail deferred: outputs, P, the stats and the predictor state equal prr_step's, step for step."""
+    cache, cfg, meta, pred = _decode_setup("quest")
+    cache2 = prr.KVCache(cache.k.clone(), cache.v.clone(), cache.page_table.clone(), cache.seq_lens.clone())
+    meta2 = prr.BlockMetadata(cfg, cache2)
+    twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
+    step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.25, mode=mode, grow=1,
+                     defer_tail=True, collect_stats=True)
+    gen = torch.Generator().manual_seed(3)
+    q = make_query(cache, 4, scale=2.0)
+    crossed = 0
+    for _ in range(20):  # 20 tokens: both sequences start a new 16-token block on the way
+        kv = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64)
+        q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        for c, m in ((cache, meta), (cache2, meta2)):
+            c.append(kv[0], kv[1])
+            m.append(c)
+        crossed += int((cache.seq_lens % cfg.block_size == 1).sum())
+        p_used = step.p_idx.clone()
+        o, lse = step.run(q)
+        step.join()
+        ref = prr.prr_step(q, cache2, meta2, twin, 0, ratio=1.25, mode=mode)
+        assert torch.equal(p_used, ref.predicted.indices)
+        torch.testing.assert_close(o, ref.o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, ref.lse, rtol=1e-12, atol=1e-12)
+        assert torch.equal(step.stats.hits, ref.stats.hits) and torch.equal(step.stats.forced, ref.stats.forced)
+        assert torch.equal(pred.level, twin.level)
+    assert crossed >= 2
+
+
 def test_layer_step_rejects_bad_setup():
     cache, _, meta, pred = _decode_setup("quest")
     with pytest.raises(TypeError, match="needs a HoltPredictor"):

@@ -166,7 +166,8 @@ class Engine:
         for i in range(self.n_dense_layers, c.num_layers):
             self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, method="prr",
                                        predictor=self.predictor, layer=i, ratio=self.ratio, mode=self.mode,
-                                       side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True)
+                                       side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True,
+                                       grow=1)
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _dense(self, q, cache: KVCache):

@@ -22,7 +22,7 @@ from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, select
-from ..algo.step import MODES, prr_stats, speculative_top_k
+from ..algo.step import STEP_MODES, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
@@ -39,7 +39,10 @@ class LayerStep:
             step's true scores are folded into (default: the same).
         hold_prediction: the tail writes its prediction to scratch, so P (and the hit rate) stays as set
             (benchmarks); ``tail=False`` leaves the tail out (the step's critical path alone).
-        ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"`` or ``"union"``.
+        ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"``, ``"union"`` or ``"predicted"``
+            (the ablation: attention over P alone; S is still computed, for the predictor and the stats).
+        grow: tokens the cache gains before each step (a model decoding one token per step: 1); the tail then
+            predicts P over the next step's blocks (its local window included), as :func:`prr.prr_step` does.
         streams: run speculation on a side stream (CUDA only); ``side_stream``/``sel_stream`` share streams
             between the layers of a model (default: the step's own).
         defer_tail: leave the tail running on the side stream (not joined): the caller joins it with
@@ -53,9 +56,9 @@ class LayerStep:
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False):
+                 collect_stats: bool = False, grow: int = 0):
         check.choice("method", method, METHODS)
-        check.choice("mode", mode, MODES)
+        check.choice("mode", mode, STEP_MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
             raise TypeError("method='prr' needs a HoltPredictor")
         check.gqa(num_q_heads, cache.num_kv_heads)
@@ -72,8 +75,9 @@ class LayerStep:
         self.tail, self.hold_prediction = tail, hold_prediction
         self.defer_tail, self.collect_stats = defer_tail, collect_stats
         self.stats = None
+        self.grow = check.nonneg_int("grow", grow)
         if method == "prr":  # P for the first step, from the predictor's current state
-            nblk = ops.num_blocks(cache.seq_lens, self.cfg.block_size)
+            nblk = ops.num_blocks(cache.seq_lens + self.grow, self.cfg.block_size)
             self.pred_scores = predictor.predict(layer).clone()
             self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
                                                        self.cfg.n_local)
@@ -118,8 +122,11 @@ class LayerStep:
         if main is not None:  # join
             main.wait_stream(self.sel_stream)
             main.wait_stream(self.side)
-        o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
-                                    mode=self.mode, scale=self.scale, **spec)
+        if self.mode == "predicted":
+            o, lse = spec["spec_o"], spec["spec_lse"]
+        else:
+            o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
+                                        mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats:  # before the tail overwrites P
@@ -137,7 +144,8 @@ class LayerStep:
         with self._side() if main is not None else contextlib.nullcontext():
             pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
             self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
-            nxt = ops.select_blocks(pred, nblk, self.spec_k, cfg.n_sink, cfg.n_local)
+            nblk_next = ops.num_blocks(self.cache.seq_lens + self.grow, cfg.block_size) if self.grow else nblk
+            nxt = ops.select_blocks(pred, nblk_next, self.spec_k, cfg.n_sink, cfg.n_local)
             if not self.hold_prediction:
                 self.p_idx.copy_(nxt[0])
                 self.p_cnt.copy_(nxt[1])
