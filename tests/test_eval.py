@@ -85,3 +85,14 @@ def test_previous_step_predictor_hit_rate_on_known_selections():
     assert hit == pytest.approx(11 / 15) and fp == pytest.approx(4 / 5)
     # re-ranking with the live scores among 3K = 9 EMA candidates recovers every set the EMA has seen blocks of
     assert res[("rerank", 1.0)][0] >= hit
+
+
+def test_eval_cli_without_dense_prints_perplexity(tmp_path, capsys):
+    """Without a dense baseline there is no "vs dense" to print: the command still finishes and saves."""
+    from prr.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "--tasks", "passkey", "--lengths", "600", "--methods", "quest", "--budgets", "256",
+                 "--ppl-length", "400", "--ppl-steps", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "vs dense" not in text and out.exists()

@@ -135,7 +135,8 @@ def _cmd_eval(args) -> int:
     for r in result["summary"]:
         print(f"{r['length']:>6} {r['method']:>10} {r['budget'] or '-':>6} {r['accuracy']:>8.1f}")
     for r in result.get("perplexity", []):
-        print(f"perplexity {r['method']:>10} {r['budget'] or '-':>6} {r['perplexity']:.3f} ({r['vs_dense_pct']:+.2f}%)")
+        vs = "" if r["vs_dense_pct"] is None else f" ({r['vs_dense_pct']:+.2f}% vs dense)"
+        print(f"perplexity {r['method']:>10} {r['budget'] or '-':>6} {r['perplexity']:.3f}{vs}")
     same = [r["same_tokens_as_quest"] for r in rows if "same_tokens_as_quest" in r]
     if same:
         print(f"PRR exact == Quest DSA, token for token: {sum(same)}/{len(same)} instances")
