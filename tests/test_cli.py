@@ -1,6 +1,7 @@
 """The prr command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,19 @@ def test_bench_plot_and_show_read_saved_results(tmp_path, capsys):
     assert (tmp_path / "layer_latency.png").stat().st_size > 10_000
     assert main(["bench", "show", os.path.join(root, "bench_kernels_h200.json")]) == 0
     assert "NVIDIA H200" in capsys.readouterr().out
+
+
+def test_benchmark_source_digest_names_the_code(tmp_path):
+    """Saved benchmark results carry a digest of the package sources: a copy of the tree (what the GPU machine
+    gets, without git) digests the same, and any edit changes it."""
+    import shutil
+
+    import prr
+    from prr.bench.common import source_digest
+
+    pkg = os.path.dirname(prr.__file__)
+    copy = tmp_path / "prr"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(str(copy)) == source_digest()
+    (copy / "ops" / "__init__.py").write_text((copy / "ops" / "__init__.py").read_text() + "\n")
+    assert source_digest(str(copy)) != source_digest()

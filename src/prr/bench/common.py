@@ -67,6 +67,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_digest(root: str | None = None) -> str:
+    """SHA-1 over the package's .py files (relative path + bytes, sorted): names the code that ran even where
+    there is no git checkout (the GPU machine gets a copy of the tree) or the commit label was mistyped.
+    ``python -c "from prr.bench.common import source_digest; print(source_digest())"`` on a checkout gives the
+    same digest for the same sources."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the prr package
+    h = hashlib.sha1()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     import triton
 
@@ -79,6 +99,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": git_commit(),
+        "source_sha1": source_digest(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
