@@ -464,3 +464,29 @@ def test_holt_update_kernel_matches_reference():
         prr.ops.holt_update_(*out, scores.to(DEVICE), nblk.to(DEVICE), 0.3, 0.2, 0.5, pred)
     for got, want in zip([*out, pred], [*ref, pred_ref], strict=True):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_repair_slots_per_program_rule_and_long_ranges():
+    """The split rule (about one wave of programs, 1-8 tiles each) on the shapes it was measured at, and the
+    kernel with long ranges (16 and 32 of S's slots per program, as batch 8 gets on a GPU) against the reference."""
+    from prr.ops.repair.triton import repair_launch, slots_per_program
+
+    cpu = torch.device("cpu")
+    assert slots_per_program(8, 131, 4, cpu, sms=132) == 8  # Llama b1 Quest: two tiles
+    assert slots_per_program(64, 131, 4, cpu, sms=132) == 32  # Llama b8 Quest: eight tiles
+    assert slots_per_program(8, 67, 1, cpu, sms=132) == 4  # InfLLM-v2 b1: at least 4 slots
+    assert slots_per_program(2, 131, 4, cpu, sms=132) == 4  # GLM b1: one tile
+    assert slots_per_program(64, 131, 4, cpu) == 4  # no GPU: one tile
+    dtype = LOWP[-1]
+    base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
+    cache = _to(base, dtype)
+    q = make_query(base, 2).to(DEVICE, dtype)
+    s_idx, s_cnt, p_idx, p_cnt = _overlapping_selections(cache, 16, 40, 70, "wide", seed=1)
+    with use_backend("triton"):
+        bo, blse = prr.ops.block_states(q, cache, p_idx, p_cnt, 16)
+        want = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, block_o=bo, block_lse=blse)
+        for splits in (3, 2):  # 16 and 20 -> 16, 32 slots per program
+            so, slse = repair_launch(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, bo, blse, 1 / 8, True, splits=splits)
+            o, lse = prr.ops.merge.triton.merge_partials(so, slse, out_dtype=dtype)
+            torch.testing.assert_close(o, want[0], rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)

@@ -1,12 +1,12 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
-One program per (sequence, KV head, split); a split owns a few of S's slots (``PER``, loaded at once) and finds
-which are hits by comparing them with P's row, held in registers. Exact mode folds each hit's stored
-per-slot state of P in (reuse: never recomputed); the misses of the range are ranked by a prefix sum and
-attended alone, CHUNK blocks per tile (repair: no work for the hits, not even masked compute). Short ranges
-keep every program's chain of dependent loads short (a [FCH, G, D] tile fold measured 4-8x slower). Union
-mode skips the hits (already inside P's merged state). One launch of
-the merge kernel combines the split states (and, in union mode, P's merged state).
+One program per (sequence, KV head, split); a split owns a range of S's slots (``PER``, loaded at once; see
+:func:`slots_per_program`) and finds which are hits by comparing them with P's row, held in registers. Exact
+mode folds each hit's stored per-slot state of P in (reuse: never recomputed); the misses of the range are
+ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: no work for the hits, not even
+masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot. Union mode
+skips the hits (already inside P's merged state). One launch of the merge kernel combines the split states
+(and, in union mode, P's merged state).
 """
 
 from __future__ import annotations
@@ -96,6 +96,19 @@ def _repair_kernel(
     _store_state(so_ptr, slse_ptr, (i_b * HKV * G + hq) * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
 
 
+def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, sms: int | None = None) -> int:
+    """S's slots per repair program: about one wave of programs over the GPU, each taking 1 to 8 tiles of CHUNK
+    slots (at least 4 slots). Measured on the H200 (``scripts/sweep_repair.py``, results/sweep_repair_h200.json):
+    batch 1 wants short ranges (one or two tiles: one wave of short dependent-load chains), batch 8 long ones
+    (8 tiles for Llama Quest: 40 -> 26 us). On the CPU: one tile (4 slots)."""
+    if sms is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    tiles = 1
+    if sms:
+        tiles = min(8, max(1, round(rows * -(-max(slots, 1) // chunk) / sms)))
+    return max(4, chunk * tiles)
+
+
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
                   splits=None):
     """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
@@ -105,9 +118,8 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     g = hq // hkv
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
     chunk = chunk_slots(block_size)
-    # S's slots per split: one tile's worth (at least 4), so each program has at most one tile of misses and a
-    # few hits to fold; `splits` asks for fewer, longer splits instead.
-    per = max(chunk, 4) if not splits else chunk * -(-max(ks, 1) // (chunk * splits))
+    per = slots_per_program(bsz * hkv, ks, chunk, q.device) if not splits else \
+        chunk * -(-max(ks, 1) // (chunk * splits))
     nsplit = -(-max(ks, 1) // per)
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
