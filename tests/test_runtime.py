@@ -207,3 +207,40 @@ def test_drifting_workload_is_monotone_and_calibrates_to_a_target_hit_rate():
     assert abs(rate - 0.80) < 0.03 and 0.01 < sigma < 1.0
     q1 = drift(q0, 0.5, torch.Generator().manual_seed(1))  # the norm of every head is kept
     torch.testing.assert_close(q1.norm(dim=-1), q0.norm(dim=-1))
+
+
+def test_confirm_budget_keeps_speculation_only_when_the_timed_step_wins():
+    from prr.runtime.budget import confirm_budget
+
+    modelled = choose_budget(50.0, 30.0, {64: 40.0}, {64: 10.0})  # modelled 60 vs 80: on
+    assert modelled.enabled
+    lost = confirm_budget(modelled, 84.1, 94.6)  # what Llama b8 32K Quest measured: contention ate the gain
+    assert not lost.enabled and lost.reason.startswith("off") and "measured overlapped step 94.6" in lost.reason
+    won = confirm_budget(modelled, 84.0, 70.0)
+    assert won.spec_k == 64 and won.gain == pytest.approx(1 - 70 / 84) and won.reason.startswith("on")
+    off = choose_budget(10.0, 1.0, {64: 40.0}, {64: 10.0})
+    assert confirm_budget(off, 1.0, 0.1) is off  # an "off" is never turned on
+
+
+def test_measure_steps_runs_dsa_and_prr_over_the_given_prediction():
+    """The confirmation's two steps, run eagerly on the CPU through an injected timer: PRR speculates over
+    exactly the P it was given (held), and in exact mode its output is DSA's."""
+    from prr.runtime.budget import _prediction_with_hit_rate, measure_steps
+
+    cache, cfg, meta, _ = _decode_setup("quest")
+    q = make_query(cache, 4)
+    sel = prr.select(q, cache, meta)
+    nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
+    k = cfg.top_k + cfg.top_k // 4
+    p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, 0.8)
+    seen = {}
+
+    def timer(step):
+        seen[step.method] = (step.run(step.q), {n: t.clone() for n, t in step.last.items()})
+        return {"dsa": 80.0, "prr": 70.0}[step.method]
+
+    assert measure_steps(cache, meta, q, p_idx, p_cnt, k, timer=timer) == (80.0, 70.0)
+    assert torch.equal(seen["prr"][1]["p_idx"], p_idx)
+    torch.testing.assert_close(seen["prr"][0][0], seen["dsa"][0][0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="does not match"):
+        measure_steps(cache, meta, q, p_idx, p_cnt, k + 1, timer=timer)

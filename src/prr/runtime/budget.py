@@ -3,8 +3,11 @@
 PRR's step costs ``max(t_sel, t_spec(K')) + t_repair + t_rest`` against serialized DSA's ``t_sel + t_att``.
 From times measured on the GPU in use, :func:`choose_budget` takes the largest K' whose speculation hides
 under the selection (if none does, the cheapest), models the step at the measured hit rate, and switches
-speculation off when the modelled gain is under ``min_gain`` (2%). Decisions are cached per (GPU, shapes,
-context bucket) in a JSON file under the user cache directory.
+speculation off when the modelled gain is under ``min_gain`` (2%). The model ignores that speculation and
+selection share the GPU (at batch 8 the selection slows by half beside it), so a K' the model keeps is then
+confirmed by timing the overlapped step itself against serialized DSA (:func:`confirm_budget`); any doubt
+(a measured gain under 2%, or a measurement that fails) leaves speculation off. Decisions are cached per
+(GPU, shapes, context bucket) in a JSON file under the user cache directory.
 """
 
 from __future__ import annotations
@@ -54,6 +57,49 @@ def choose_budget(t_sel: float, t_att: float, t_spec: dict[int, float], t_repair
     return BudgetDecision(k, t_dsa, t_prr, gain, f"on: gain {gain:+.1%}; {why}")
 
 
+def confirm_budget(decision: BudgetDecision, t_dsa_us: float, t_prr_us: float,
+                   min_gain: float = 0.02) -> BudgetDecision:
+    """Keep a modelled "on" only if the overlapped PRR step, timed, beats serialized DSA by ``min_gain``."""
+    if not decision.enabled:
+        return decision
+    gain = 1.0 - t_prr_us / t_dsa_us
+    why = (f"measured overlapped step {t_prr_us:.1f} vs serialized {t_dsa_us:.1f} us at K'={decision.spec_k} "
+           f"(the model said {decision.t_prr_us:.1f} vs {decision.t_dsa_us:.1f} us)")
+    if gain < min_gain:
+        return BudgetDecision(None, t_dsa_us, t_prr_us, gain, f"off: gain {gain:+.1%} < {min_gain:.0%}; {why}")
+    return BudgetDecision(decision.spec_k, t_dsa_us, t_prr_us, gain, f"on: gain {gain:+.1%}; {why}")
+
+
+def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None):
+    """Serialized DSA and PRR's critical path (speculation over the given P beside the selection, then the
+    repair; no tail), each a :class:`prr.runtime.LayerStep`: ``(t_dsa, t_prr)`` from ``timer(step)`` (default:
+    capture a CUDA graph and time its replay)."""
+    from ..algo.predictor import HoltPredictor
+    from .layer import LayerStep
+
+    cfg = meta.cfg
+    if timer is None:
+        from ..bench.common import time_graph
+
+        def timer(step):
+            step.capture()
+            return time_graph(step.graph)
+
+    dsa = LayerStep(cache, meta, q.shape[1], method="dsa")
+    nmax = -(-cache.capacity // cfg.block_size)
+    pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, nmax, device=q.device)
+    prr = LayerStep(cache, meta, q.shape[1], method="prr", predictor=pred, ratio=spec_k / cfg.top_k, mode=mode,
+                    tail=False, hold_prediction=True)
+    if prr.spec_k != spec_k or tuple(prr.p_idx.shape) != tuple(p_idx.shape):
+        raise ValueError(f"the step's K' ({prr.spec_k}, P {tuple(prr.p_idx.shape)}) does not match the "
+                         f"prediction's ({spec_k}, {tuple(p_idx.shape)})")
+    prr.p_idx.copy_(p_idx)
+    prr.p_cnt.copy_(p_cnt)
+    for step in (dsa, prr):
+        step.q.copy_(q)
+    return timer(dsa), timer(prr)
+
+
 # Hit rates measured on real-model traces (DESIGN.md section 3: Holt, K = 64, SmolLM2): 0.80 at K' = K,
 # 0.94 at K' = 1.5K; linear in between, and assumed to fall at the same rate below K.
 def trace_hit_rate(ratio: float) -> float:
@@ -100,6 +146,14 @@ def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_ra
         t_rep[k] = time_op(lambda p=p_idx, c=p_cnt, sp=spec: ops.repair_combine(
             q, cache, cfg.block_size, p, c, sel.indices, sel.counts, mode=mode, **sp))
     dec = choose_budget(t_sel, t_att, t_spec, t_rep, min_gain=min_gain)
+    if dec.enabled:  # the model ignores contention between the branches: time the overlapped step itself
+        k = dec.spec_k
+        p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, hit_rate(k / cfg.top_k))
+        try:
+            dec = confirm_budget(dec, *measure_steps(cache, meta, q, p_idx, p_cnt, k, mode), min_gain=min_gain)
+        except Exception as e:  # never speculate on a step that could not be measured
+            dec = BudgetDecision(None, dec.t_dsa_us, dec.t_prr_us, 0.0,
+                                 f"off: the overlapped step could not be measured ({e!r}); {dec.reason}")
     store.put(key, dec)
     return dec
 
