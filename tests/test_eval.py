@@ -5,12 +5,11 @@ import torch
 
 from prr.eval import locality
 from prr.eval.tasks import TASKS, make_task
-from prr.model import load_model
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_model("smollm2")[1]
+def tok(smollm):
+    return smollm[1]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -43,10 +42,10 @@ def test_noise_haystack_multivalue_scores_partial_credit(tok):
     assert len(t.answers) == 4 and t.score(f"{t.answers[0]} and {t.answers[2]}") == 0.5
 
 
-def test_eval_run_on_a_small_instance(tok):
+def test_eval_run_on_a_small_instance(smollm, tok):
     from prr.eval import run
 
-    model, _ = load_model("smollm2")
+    model, _ = smollm
     rows = run.run_tasks(model, tok, ["passkey"], [600], ["dense", "quest", "prr_exact", "predicted"], [256],
                          progress=False)
     assert {r["method"] for r in rows} == {"dense", "quest", "prr_exact", "predicted"}
@@ -87,7 +86,7 @@ def test_previous_step_predictor_hit_rate_on_known_selections():
     assert res[("rerank", 1.0)][0] >= hit
 
 
-def test_eval_cli_without_dense_prints_perplexity(tmp_path, capsys):
+def test_eval_cli_without_dense_prints_perplexity(smollm, tmp_path, capsys):
     """Without a dense baseline there is no "vs dense" to print: the command still finishes and saves."""
     from prr.cli import main
 

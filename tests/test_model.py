@@ -14,11 +14,6 @@ from prr.model.prompts import passkey_prompt, pydoc_text
 from prr.model.weights import load_gguf, load_hf_dir, random_weights
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return load_model("smollm2")
-
-
 def test_chat_prompt_is_answered_sensibly(smollm):
     model, tok = smollm
     ids = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
@@ -134,7 +129,7 @@ def test_hf_checkpoint_directory_loads(tmp_path):
         load_hf_dir(str(tmp_path))
 
 
-def test_cli_generate_and_errors(tmp_path, capsys):
+def test_cli_generate_and_errors(smollm, tmp_path, capsys):
     from prr.cli import main
 
     out = tmp_path / "g.json"
