@@ -67,6 +67,10 @@ class KVCache:
         """Tokens one sequence can hold."""
         return self.max_pages * self.page_size
 
+    def max_blocks(self, block_size: int) -> int:
+        """Blocks of `block_size` tokens the capacity holds (``N_max``: the length of per-block buffers)."""
+        return -(-self.capacity // block_size)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.k.dtype

@@ -53,7 +53,7 @@ def _cmd_simulate(args) -> int:
     cache.write(rnd(b, hkv, args.context, d), rnd(b, hkv, args.context, d),
                 torch.full((b,), args.context, dtype=torch.int32, device=dev))
     meta = prr.BlockMetadata(cfg, cache)
-    nmax = -(-cache.capacity // cfg.block_size)
+    nmax = cache.max_blocks(cfg.block_size)
     pred = prr.HoltPredictor(1, b, hkv, nmax, device=dev)
     q = rnd(b, hq, d) * args.q_scale
 

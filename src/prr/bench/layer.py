@@ -71,7 +71,7 @@ def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.8
     import statistics
 
     sigma, calibrated = calibrate_drift(cache, meta, q0, target)
-    pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, -(-cache.capacity // meta.cfg.block_size),
+    pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, cache.max_blocks(meta.cfg.block_size),
                          alpha=0.5, device=q0.device)
     step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode="exact")
     step.q.copy_(q0)
@@ -122,7 +122,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
     dev = cache.device
-    nmax = -(-cache.capacity // cfg.block_size)
+    nmax = cache.max_blocks(cfg.block_size)
     sel = select(q, cache, meta)
     floor_b = _metadata_bytes(cfg, batch, hkv, d, ctx) + batch * cfg.budget_tokens * 2 * hkv * d * BF16
     floor_us = floor_b / (copy_tbps * 1e12) * 1e6

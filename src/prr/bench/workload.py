@@ -35,7 +35,7 @@ def measure_hit_rate(cache: KVCache, meta: BlockMetadata, q0: torch.Tensor, sigm
     cfg = meta.cfg
     gen = torch.Generator(device=q0.device).manual_seed(seed)
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
-    nmax = -(-cache.capacity // cfg.block_size)
+    nmax = cache.max_blocks(cfg.block_size)
     pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, nmax, alpha=alpha, device=q0.device)
     spec_k = speculative_top_k(cfg.top_k, ratio)
     q, hits, total = q0, 0.0, 0.0

@@ -139,7 +139,7 @@ class Engine:
         if self.attention != "prr":
             return
         cache0 = self.caches[0]
-        nmax = -(-cache0.capacity // cfg.block_size)
+        nmax = cache0.max_blocks(cfg.block_size)
         self.predictor = HoltPredictor(c.num_layers, cache0.batch, c.num_kv_heads, nmax, device=cache0.device)
         spec_k = speculative_top_k(cfg.top_k, self.ratio)
         for i in range(self.n_dense_layers, c.num_layers):

@@ -55,7 +55,7 @@ def check_decode_inputs(q, cache, indices, counts, block_size) -> int:
 def check_quest_inputs(q, kmin, kmax, cache, block_size) -> int:
     g = check_query(q, cache)
     check_block_size(block_size, cache.page_size)
-    nmax = -(-cache.capacity // block_size)
+    nmax = cache.max_blocks(block_size)
     for name, t in (("kmin", kmin), ("kmax", kmax)):
         check.tensor(name, t, ndim=4, device=cache.device)
         check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))

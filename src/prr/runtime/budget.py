@@ -86,7 +86,7 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
             return time_graph(step.graph)
 
     dsa = LayerStep(cache, meta, q.shape[1], method="dsa")
-    nmax = -(-cache.capacity // cfg.block_size)
+    nmax = cache.max_blocks(cfg.block_size)
     pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, nmax, device=q.device)
     prr = LayerStep(cache, meta, q.shape[1], method="prr", predictor=pred, ratio=spec_k / cfg.top_k, mode=mode,
                     tail=False, hold_prediction=True)

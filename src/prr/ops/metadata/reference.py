@@ -21,17 +21,13 @@ from ...cache import KVCache
 from .._common import check_block_size
 
 
-def _max_blocks(cache: KVCache, block_size: int) -> int:
-    return -(-cache.capacity // block_size)
-
-
 def quest_metadata(cache: KVCache, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bulk Quest metadata of every sequence: ``(kmin, kmax)``, each ``[B, Hkv, N_max, D]``.
 
     Built one sequence at a time, so the temporaries stay at one sequence's keys (long contexts on a GPU).
     """
     check_block_size(block_size, cache.page_size)
-    nmax = _max_blocks(cache, block_size)
+    nmax = cache.max_blocks(block_size)
     shape = (cache.batch, cache.num_kv_heads, nmax, cache.head_dim)
     kmin = torch.empty(shape, dtype=cache.dtype, device=cache.device)
     kmax = torch.empty(shape, dtype=cache.dtype, device=cache.device)
@@ -57,7 +53,7 @@ def _last_token(cache: KVCache, which: str = "k") -> torch.Tensor:
 
 def check_quest_append(kmin, kmax, cache: KVCache, block_size: int) -> None:
     check_block_size(block_size, cache.page_size)
-    nmax = _max_blocks(cache, block_size)
+    nmax = cache.max_blocks(block_size)
     for name, t in (("kmin", kmin), ("kmax", kmax)):
         check.tensor(name, t, ndim=4, device=cache.device)
         check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))

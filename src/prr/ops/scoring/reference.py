@@ -74,7 +74,7 @@ def infllm_scores(q: torch.Tensor, ckeys: torch.Tensor, cache: KVCache, block_si
     starts = torch.arange(cmax, device=q.device) * stride
     complete = (starts + window)[None, :] <= cache.seq_lens[:, None]  # [B, C]
     sc = sc.masked_fill(~complete[:, None, :], float("-inf"))
-    nmax = -(-cache.capacity // block_size)
+    nmax = cache.max_blocks(block_size)
     per_blk = block_size // stride  # windows starting in one block
     inside = (block_size - window) // stride + 1  # of which lie wholly inside it
     sc = torch.nn.functional.pad(sc, (0, nmax * per_blk - cmax), value=float("-inf"))
@@ -91,7 +91,7 @@ def oracle_scores(q: torch.Tensor, cache: KVCache, block_size: int, aggregate: s
     acc = acc_dtype(q.dtype)
     bsz, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    nmax = -(-cache.capacity // block_size)
+    nmax = cache.max_blocks(block_size)
     k = cache.logical("k").to(acc)
     k = torch.nn.functional.pad(k, (0, 0, 0, nmax * block_size - cache.capacity))
     qg = q.to(acc).view(bsz, cache.num_kv_heads, g, d)

@@ -109,7 +109,7 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
-    nmax = -(-cache.capacity // block_size)
+    nmax = cache.max_blocks(block_size)
     if ckeys.stride(-1) != 1:
         raise ValueError("ckeys must have a unit last stride")
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
