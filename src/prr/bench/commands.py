@@ -8,35 +8,44 @@ import sys
 import torch
 
 
+def _no_cuda(name: str, why: str = "") -> bool:
+    """True (after saying so on stderr) when there is no CUDA GPU to run benchmark `name` on."""
+    if torch.cuda.is_available():
+        return False
+    print(f"prr bench {name}: needs a CUDA GPU{why}", file=sys.stderr)
+    return True
+
+
+def _shapes(args) -> tuple[list[str], list[int], list[int], list[str]]:
+    """Models, batches, contexts and methods of the shape-sweeping benchmarks."""
+    from .kernels import parse_contexts
+
+    return (args.models.split(","), [int(b) for b in args.batches.split(",")], parse_contexts(args.contexts),
+            args.methods.split(","))
+
+
 def _cmd_bench_kernels(args) -> int:
-    if not torch.cuda.is_available():
-        print("prr bench kernels: needs a CUDA GPU (the kernels' CPU path is Triton's interpreter, not timed)",
-              file=sys.stderr)
+    if _no_cuda("kernels", " (the kernels' CPU path is Triton's interpreter, not timed)"):
         return 2
     from . import kernels
 
-    kernels.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
-                kernels.parse_contexts(args.contexts), args.methods.split(","), args.out,
-                torch_path=not args.no_torch)
+    kernels.run(*_shapes(args), args.out, torch_path=not args.no_torch)
     print(f"saved {args.out}")
     return 0
 
 
 def _cmd_bench_layer(args) -> int:
-    if not torch.cuda.is_available():
-        print("prr bench layer: needs a CUDA GPU", file=sys.stderr)
+    if _no_cuda("layer"):
         return 2
-    from . import kernels, layer
+    from . import layer
 
-    layer.run(args.models.split(","), [int(b) for b in args.batches.split(",")],
-              kernels.parse_contexts(args.contexts), args.methods.split(","), args.out)
+    layer.run(*_shapes(args), args.out)
     print(f"saved {args.out}")
     return 0
 
 
 def _cmd_bench_e2e(args) -> int:
-    if not torch.cuda.is_available():
-        print("prr bench e2e: needs a CUDA GPU", file=sys.stderr)
+    if _no_cuda("e2e"):
         return 2
     from . import e2e, kernels
 

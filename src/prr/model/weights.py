@@ -84,13 +84,21 @@ def load_gguf(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig
             raise ValueError(f"{path}: tensor {name!r} cannot be decoded ({e})") from e
         return torch.from_numpy(arr.copy()).to(device=device, dtype=dtype)
 
-    w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("output.weight")
-    for i in range(cfg.num_layers):
-        for ours, theirs in GGUF_NAMES.items():
-            w[f"layers.{i}.{ours}"] = get(f"blk.{i}.{theirs}.weight")
+    w = _collect(cfg, get, "token_embd.weight", "output_norm.weight", "output.weight", "blk.{i}.{name}.weight",
+                 GGUF_NAMES)
     return cfg, w, tokenizer
+
+
+def _collect(cfg: ModelConfig, get, embed: str, norm: str, head: str, layer_fmt: str, names: dict) -> dict:
+    """Our weight dict from a checkpoint's names: `get(name)` reads one tensor, `layer_fmt` formats a layer's
+    tensor name from ``i`` and the checkpoint's name in `names` (ours -> theirs)."""
+    w = {"embed": get(embed), "norm": get(norm)}
+    if not cfg.tie_embeddings:
+        w["lm_head"] = get(head)
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            w[f"layers.{i}.{ours}"] = get(layer_fmt.format(i=i, name=theirs))
+    return w
 
 
 def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict, Tokenizer]:
@@ -124,12 +132,9 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConf
             raise ValueError(f"{path}: tensor {name!r} is missing")
         return raw[name].to(device=device, dtype=dtype)
 
-    w = {"embed": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("lm_head.weight")
+    w = _collect(cfg, get, "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                 "model.layers.{i}.{name}.weight", HF_NAMES)
     for i in range(cfg.num_layers):
-        for ours, theirs in HF_NAMES.items():
-            w[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{theirs}.weight")
         for b, proj in (("bq", "q_proj"), ("bk", "k_proj"), ("bv", "v_proj")):  # Qwen2's biases
             key = f"model.layers.{i}.self_attn.{proj}.bias"
             if key in raw:
