@@ -9,7 +9,6 @@ import os
 
 import torch
 
-import prr.ops.attention.triton as attn_triton
 from prr.algo.predictor import HoltPredictor
 from prr.algo.sparse import select
 from prr.bench.common import graph_overhead_us, time_graph
@@ -17,23 +16,6 @@ from prr.bench.kernels import RandomLayer
 from prr.bench.layer import impose_hit_rate
 from prr.bench.timeline import format_timeline, graph_timeline
 from prr.runtime import LayerStep
-
-
-def capture(step):
-    snap = step._snapshot()
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(warm):
-        for _ in range(2):
-            step._step()
-    torch.cuda.current_stream().wait_stream(warm)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step.out = step._step()
-    torch.cuda.synchronize()
-    step._restore(snap)
-    step.graph = g
 
 
 def main():
@@ -45,14 +27,13 @@ def main():
     overhead = graph_overhead_us()
     print(f"graph overhead {overhead:.1f} us")
     result = {}
-    orig_splits = attn_triton.num_splits
     for spec in args.cases.split(","):
         model, b, ctx, method = spec.split(":")
         lay = RandomLayer.make(model, int(b), int(ctx), method)
         cfg, cache, meta, q = lay.cfg, lay.cache, lay.meta, lay.q
         hq, hkv = q.shape[1], cache.num_kv_heads
         sel = select(q, cache, meta)
-        nmax = -(-cache.capacity // cfg.block_size)
+        nmax = cache.max_blocks(cfg.block_size)
         res = result[lay.case] = {}
 
         def record(name, step, res=res, case=lay.case):
@@ -63,29 +44,23 @@ def main():
 
         dsa = LayerStep(cache, meta, hq, method="dsa")
         dsa.q.copy_(q)
-        capture(dsa)
+        dsa.capture()
         record("dsa", dsa)
         pred = HoltPredictor(2, int(b), hkv, nmax, alpha=0.5, device="cuda")
         impose_hit_rate(pred, sel.indices, sel.counts, lay.nblk.cpu(), cfg, cfg.top_k, 0.8)
-        variants = [("prr_path", None, None, True), ("prr_path_sel_normal_prio", 0, None, True)]
-        for name, prio, cap, streams in variants:
-            if cap is not None:
-                attn_triton.num_splits = lambda bkv, slots, dev, chunk=4, c=cap: min(orig_splits(bkv, slots, dev,
-                                                                                              chunk), c)
-            try:
-                step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0,
-                                 mode="exact", tail=False, hold_prediction=True, streams=streams)
-                step.q.copy_(q)
-                if prio is not None:  # the selection's stream at another priority
-                    step.sel_stream = torch.cuda.Stream(priority=prio)
-                capture(step)
-                record(name, step)
-            finally:
-                attn_triton.num_splits = orig_splits
+        # PRR's critical path with the selection's stream at high priority (the runtime's choice) and at normal.
+        for name, prio in (("prr_path", None), ("prr_path_sel_normal_prio", 0)):
+            step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0,
+                             mode="exact", tail=False, hold_prediction=True)
+            step.q.copy_(q)
+            if prio is not None:
+                step.sel_stream = torch.cuda.Stream(priority=prio)
+            step.capture()
+            record(name, step)
         step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0,
                          mode="exact", tail=True, hold_prediction=True)
         step.q.copy_(q)
-        capture(step)
+        step.capture()
         record("prr_with_tail", step)
         del cache, meta, step, dsa
         torch.cuda.empty_cache()
