@@ -96,9 +96,10 @@ class LayerStep:
     def _sel(self):
         return torch.cuda.stream(self.sel_stream) if self.sel_stream is not None else contextlib.nullcontext()
 
-    def _path(self):
-        """The critical path: ``(o, lse, sel, nblk)``."""
-        cfg, cache, q = self.cfg, self.cache, self.q
+    def _path(self, q: torch.Tensor | None = None):
+        """The critical path on query `q` (default: the static ``self.q`` graphs read): ``(o, lse, sel, nblk)``."""
+        cfg, cache = self.cfg, self.cache
+        q = self.q if q is None else q
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
         if self.method == "dsa":
             sel = select(q, cache, self.meta, nblk=nblk)
@@ -157,8 +158,8 @@ class LayerStep:
         if self.side is not None:
             torch.cuda.current_stream().wait_stream(self.side)
 
-    def _step(self):
-        o, lse, sel, nblk = self._path()
+    def _step(self, q: torch.Tensor | None = None):
+        o, lse, sel, nblk = self._path(q)
         self._tail(sel, nblk)
         # A deferred tail reads these on the side stream after this returns: hold them until the next step, or
         # the allocator hands their memory (nblk was made on the main stream) to the next layer's work.
@@ -167,9 +168,9 @@ class LayerStep:
 
     # ---- eager and graph ---------------------------------------------------------------------------------
     def run(self, q: torch.Tensor):
-        """Eager step on query ``q [B, Hq, D]``: ``(o, lse)``."""
-        self.q.copy_(q)
-        self.out = self._step()
+        """Eager step on query ``q [B, Hq, D]``: ``(o, lse)``. The query is read in place (no copy into the
+        static buffer: a model capturing its whole decode step already holds q in graph memory)."""
+        self.out = self._step(q)
         return self.out
 
     def _state(self):
