@@ -64,15 +64,20 @@ class RandomLayer:
     nblk: torch.Tensor
 
     @classmethod
-    def make(cls, model: str, batch: int, ctx: int, method: str, device="cuda", dtype=torch.bfloat16):
+    def make(cls, model: str, batch: int, ctx: int, method: str, device="cuda", dtype=torch.bfloat16,
+             budget: int | None = None):
+        """``budget``: tokens the selection holds (default :data:`METHOD_BUDGET`); a non-default budget is
+        named in the case label."""
         shp = ModelConfig.from_name(model)  # the attention shape of a named model
-        cfg = SparseConfig.from_budget(method, METHOD_BUDGET[method])
+        budget = budget or METHOD_BUDGET[method]
+        cfg = SparseConfig.from_budget(method, budget)
         cache = KVCache.allocate(batch, ctx, shp.num_kv_heads, shp.head_dim, dtype=dtype, device=device)
         cache.k.normal_()
         cache.v.normal_()
         cache.seq_lens.fill_(ctx)
         q = torch.randn(batch, shp.num_q_heads, shp.head_dim, device=device, dtype=dtype)
-        return cls(f"{model}/b{batch}/{_label(ctx)}/{method}", cfg, cache, BlockMetadata(cfg, cache), q,
+        label = f"{model}/b{batch}/{_label(ctx)}/{method}" + ("" if budget == METHOD_BUDGET[method] else f"/{budget}")
+        return cls(label, cfg, cache, BlockMetadata(cfg, cache), q,
                    ops.num_blocks(cache.seq_lens, cfg.block_size))
 
 

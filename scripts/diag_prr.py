@@ -1,0 +1,125 @@
+"""Where PRR's step goes with the one-launch repair: parts, variants and kernel timelines, side by side.
+
+Run on the GPU machine: PYTHONPATH=src python3 scripts/diag_prr.py --out DIR [--cases model:b:ctx:method:budget,...]
+Per case (bf16, one layer, Quest unless named): correctness of the new kernels against the split kernels,
+then net microseconds (graph replay minus the one-kernel graph overhead) of: scoring, top-K, selection, the
+attention as split kernel + merge kernel and as one launch, the speculation, the repair at a hit rate of 0.8
+as one launch and as kernel + merge kernel (several slots per program), serialized DSA with either attention,
+PRR's critical path (exact / union, speculation beside the selection from the start or after the scores);
+kernel timelines of the DSA and PRR graphs.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from prr import ops
+from prr.algo.predictor import HoltPredictor
+from prr.algo.sparse import select
+from prr.bench.common import environment, graph_overhead_us, time_graph, time_op
+from prr.bench.kernels import RandomLayer
+from prr.bench.layer import impose_hit_rate
+from prr.bench.timeline import format_timeline, graph_timeline
+from prr.ops.repair.triton import repair_launch, repair_two_kernels, sparse_decode_fused
+from prr.runtime import LayerStep
+
+CASES = ("llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192,llama-3.1-8b:1:131072:quest:8192,"
+         "llama-3.1-8b:4:131072:quest:8192,glm-4-9b:1:131072:quest:8192,llama-3.1-8b:8:32768:quest:2048")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--cases", default=CASES)
+    ap.add_argument("--timelines", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    overhead = graph_overhead_us()
+    print(f"graph overhead {overhead:.1f} us", flush=True)
+    result = {"env": environment(), "overhead_us": overhead, "cases": {}}
+    for spec in args.cases.split(","):
+        case, res = run_case(spec, overhead, args.timelines)
+        result["cases"][case] = res
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "diag_prr.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def run_case(spec: str, overhead: float, timelines: bool):
+    model, b, ctx, method, budget = spec.split(":")
+    lay = RandomLayer.make(model, int(b), int(ctx), method, budget=int(budget))
+    cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
+    hq, hkv, bs = q.shape[1], cache.num_kv_heads, cfg.block_size
+    sel = select(q, cache, meta)
+    res = {"us": {}, "err": {}}
+    us = res["us"]
+
+    def t(name, fn):
+        us[name] = round(time_op(fn) - overhead, 2)
+
+    def tg(name, step):
+        step.capture()
+        us[name] = round(time_graph(step.graph) - overhead, 2)
+        if timelines:
+            tl = graph_timeline(step.graph)
+            res.setdefault("timelines", {})[name] = tl
+            print(format_timeline(tl, f"{lay.case} {name}: net {us[name]:.1f} us"), flush=True)
+
+    # P with 80% of S's dynamic blocks (K' = K).
+    nmax = cache.max_blocks(bs)
+    pred = HoltPredictor(2, int(b), hkv, nmax, alpha=0.5, device="cuda")
+    impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, cfg.top_k, 0.8)
+    p_idx, p_cnt = ops.select_blocks(pred.predict(0).clone(), nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
+    bo, blse = ops.block_states(q, cache, p_idx, p_cnt, bs)
+    so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, bs)
+    scale = q.shape[-1] ** -0.5
+    s_idx, s_cnt = sel.indices, sel.counts
+    # correctness: one launch vs the split kernels
+    o_ref, _ = ops.sparse_decode(q, cache, s_idx, s_cnt, bs)
+    o_f, _ = sparse_decode_fused(q, cache, s_idx, s_cnt, bs)
+    o_x, _ = ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, block_o=bo, block_lse=blse)
+    res["err"] = {"fused_attention_vs_split": rel(o_f, o_ref), "repair_exact_vs_attention": rel(o_x, o_ref)}
+    # parts
+    t("score", lambda: meta.scores(q, cache))
+    sc = meta.scores(q, cache)
+    t("topk", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local))
+    t("selection", lambda: select(q, cache, meta))
+    t("attention_split", lambda: ops.sparse_decode(q, cache, s_idx, s_cnt, bs))
+    t("attention_fused", lambda: sparse_decode_fused(q, cache, s_idx, s_cnt, bs))
+    t("speculate", lambda: ops.block_states(q, cache, p_idx, p_cnt, bs))
+    t("repair_exact", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, block_o=bo,
+                                                  block_lse=blse))
+    t("repair_union", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, spec_o=so,
+                                                  spec_lse=slse, mode="union"))
+    t("repair_exact_two_kernels", lambda: repair_two_kernels(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, (bo, blse),
+                                                              scale, True))
+    for per in (4, 8, 16, 32, 64):
+        t(f"repair_exact_per{per}", lambda per=per: repair_launch(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt,
+                                                                  (bo, blse), scale, True, per=per))
+    for fused in (False, True):
+        dsa = LayerStep(cache, meta, hq, method="dsa", fused_attention=fused)
+        dsa.q.copy_(q)
+        tg(f"dsa_{'fused' if fused else 'split'}", dsa)
+    for mode in ("exact", "union"):
+        for overlap in ("parallel", "after_score"):
+            step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0, mode=mode,
+                             tail=False, hold_prediction=True, overlap=overlap)
+            step.q.copy_(q)
+            tg(f"prr_{mode}_{overlap}", step)
+    best_dsa = min(us["dsa_split"], us["dsa_fused"])
+    best_prr = min(v for k, v in us.items() if k.startswith("prr_exact"))
+    res["speedup_exact"] = round(best_dsa / best_prr, 3)
+    print(lay.case, json.dumps(res["err"]), flush=True)
+    print("  " + "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
+    print(f"  best DSA {best_dsa}  best PRR exact {best_prr}  -> {res['speedup_exact']}x", flush=True)
+    return lay.case, res
+
+
+if __name__ == "__main__":
+    main()
