@@ -1,12 +1,11 @@
-"""Where PRR's step goes with the one-launch repair: parts, variants and kernel timelines, side by side.
+"""Where the DSA and PRR steps go: parts and kernel timelines, side by side, at any budget.
 
 Run on the GPU machine: PYTHONPATH=src python3 scripts/diag_prr.py --out DIR [--cases model:b:ctx:method:budget,...]
-Per case (bf16, one layer, Quest unless named): correctness of the new kernels against the split kernels,
-then net microseconds (graph replay minus the one-kernel graph overhead) of: scoring, top-K, selection, the
-attention as split kernel + merge kernel and as one launch, the speculation, the repair at a hit rate of 0.8
-as one launch and as kernel + merge kernel (several slots per program), serialized DSA with either attention,
-PRR's critical path (exact / union, speculation beside the selection from the start or after the scores);
-kernel timelines of the DSA and PRR graphs.
+Per case (bf16, one layer): net microseconds (graph replay minus the one-kernel graph overhead) of scoring,
+top-K, selection, attention, speculation, the repair at a hit rate of 0.8 (exact and union), serialized DSA
+and PRR's critical path (exact, union); with ``--timelines`` the kernel timelines of the DSA and PRR graphs.
+(results/diag_prr_onelaunch_h200.json is this script's output at commit 6e0f22e, whose one-launch repair with
+the merge by the last split measured 2-4x slower than the split kernel + merge kernel and was reverted.)
 """
 
 import argparse
@@ -22,7 +21,6 @@ from prr.bench.common import environment, graph_overhead_us, time_graph, time_op
 from prr.bench.kernels import RandomLayer
 from prr.bench.layer import impose_hit_rate
 from prr.bench.timeline import format_timeline, graph_timeline
-from prr.ops.repair.triton import repair_launch, repair_two_kernels, sparse_decode_fused
 from prr.runtime import LayerStep
 
 CASES = ("llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192,llama-3.1-8b:1:131072:quest:8192,"
@@ -57,7 +55,7 @@ def run_case(spec: str, overhead: float, timelines: bool):
     cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     hq, hkv, bs = q.shape[1], cache.num_kv_heads, cfg.block_size
     sel = select(q, cache, meta)
-    res = {"us": {}, "err": {}}
+    res = {"us": {}}
     us = res["us"]
 
     def t(name, fn):
@@ -78,44 +76,29 @@ def run_case(spec: str, overhead: float, timelines: bool):
     p_idx, p_cnt = ops.select_blocks(pred.predict(0).clone(), nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
     bo, blse = ops.block_states(q, cache, p_idx, p_cnt, bs)
     so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, bs)
-    scale = q.shape[-1] ** -0.5
     s_idx, s_cnt = sel.indices, sel.counts
-    # correctness: one launch vs the split kernels
-    o_ref, _ = ops.sparse_decode(q, cache, s_idx, s_cnt, bs)
-    o_f, _ = sparse_decode_fused(q, cache, s_idx, s_cnt, bs)
-    o_x, _ = ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, block_o=bo, block_lse=blse)
-    res["err"] = {"fused_attention_vs_split": rel(o_f, o_ref), "repair_exact_vs_attention": rel(o_x, o_ref)}
     # parts
     t("score", lambda: meta.scores(q, cache))
     sc = meta.scores(q, cache)
     t("topk", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local))
     t("selection", lambda: select(q, cache, meta))
     t("attention_split", lambda: ops.sparse_decode(q, cache, s_idx, s_cnt, bs))
-    t("attention_fused", lambda: sparse_decode_fused(q, cache, s_idx, s_cnt, bs))
     t("speculate", lambda: ops.block_states(q, cache, p_idx, p_cnt, bs))
     t("repair_exact", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, block_o=bo,
                                                   block_lse=blse))
     t("repair_union", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, spec_o=so,
                                                   spec_lse=slse, mode="union"))
-    t("repair_exact_two_kernels", lambda: repair_two_kernels(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, (bo, blse),
-                                                              scale, True))
-    for per in (4, 8, 16, 32, 64):
-        t(f"repair_exact_per{per}", lambda per=per: repair_launch(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt,
-                                                                  (bo, blse), scale, True, per=per))
-    for fused in (False, True):
-        dsa = LayerStep(cache, meta, hq, method="dsa", fused_attention=fused)
-        dsa.q.copy_(q)
-        tg(f"dsa_{'fused' if fused else 'split'}", dsa)
+    dsa = LayerStep(cache, meta, hq, method="dsa")
+    dsa.q.copy_(q)
+    tg("dsa", dsa)
     for mode in ("exact", "union"):
-        for overlap in ("parallel", "after_score"):
-            step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0, mode=mode,
-                             tail=False, hold_prediction=True, overlap=overlap)
-            step.q.copy_(q)
-            tg(f"prr_{mode}_{overlap}", step)
-    best_dsa = min(us["dsa_split"], us["dsa_fused"])
-    best_prr = min(v for k, v in us.items() if k.startswith("prr_exact"))
+        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0, mode=mode,
+                         tail=False, hold_prediction=True)
+        step.q.copy_(q)
+        tg(f"prr_{mode}", step)
+    best_dsa, best_prr = us["dsa"], us["prr_exact"]
     res["speedup_exact"] = round(best_dsa / best_prr, 3)
-    print(lay.case, json.dumps(res["err"]), flush=True)
+    print(lay.case, flush=True)
     print("  " + "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
     print(f"  best DSA {best_dsa}  best PRR exact {best_prr}  -> {res['speedup_exact']}x", flush=True)
     return lay.case, res

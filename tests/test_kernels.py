@@ -469,7 +469,7 @@ def test_holt_update_kernel_matches_reference():
 def test_repair_slots_per_program_rule_and_long_ranges():
     """The split rule (about one wave of programs, 1-8 tiles each) on the shapes it was measured at, and the
     kernel with long ranges (16 and 32 of S's slots per program, as batch 8 gets on a GPU) against the reference."""
-    from prr.ops.repair.triton import repair_launch, repair_two_kernels, slots_per_program
+    from prr.ops.repair.triton import repair_launch, slots_per_program
 
     cpu = torch.device("cpu")
     assert slots_per_program(8, 131, 4, cpu, sms=132) == 8  # Llama b1 Quest: two tiles
@@ -485,34 +485,8 @@ def test_repair_slots_per_program_rule_and_long_ranges():
     with use_backend("triton"):
         bo, blse = prr.ops.block_states(q, cache, p_idx, p_cnt, 16)
         want = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, block_o=bo, block_lse=blse)
-        for per in (16, 32):  # the merge in the launch (ticket) and as a second kernel must agree
-            o, lse = repair_launch(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, (bo, blse), 1 / 8, True, per=per)
-            o2, lse2 = repair_two_kernels(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, (bo, blse), 1 / 8, True, per=per)
-            for got, got_lse in ((o, lse), (o2, lse2)):
-                torch.testing.assert_close(got, want[0], rtol=2e-3, atol=2e-3)
-                torch.testing.assert_close(got_lse, want[1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_sparse_decode_fused_matches_reference(dtype):
-    """Serialized DSA's attention through the repair kernel with no prediction (every slot a miss, the merge in
-    the launch) equals the float64 reference within the low-precision rule; run twice, so the ticket counters
-    left by the first launch must be back at zero."""
-    from prr.ops.repair.triton import sparse_decode_fused
-
-    base = make_cache([1500, 37, 900], hkv=2, d=64, capacity=1504)
-    cache = _to(base, dtype)
-    q = make_query(base, 4).to(DEVICE, dtype)
-    s_idx, s_cnt, _, _ = _overlapping_selections(cache, 16, 40, 70, "wide", seed=2)
-    s_cnt[1, 1] = 0  # an empty row -> (0, -inf)
-    s_idx[1, 1] = -1
-    ref64 = prr.KVCache(cache.k.cpu().double(), cache.v.cpu().double(), base.page_table, base.seq_lens)
-    lowp = prr.KVCache(cache.k.cpu().clone(), cache.v.cpu().clone(), base.page_table, base.seq_lens)
-    o_ref, lse_ref = prr.sparse_decode(q.cpu().double(), ref64, s_idx.cpu(), s_cnt.cpu(), 16)
-    own = _lowp_attention(q.cpu(), lowp, s_idx.cpu(), s_cnt.cpu(), 16)
-    for _ in range(2):
-        o, lse = sparse_decode_fused(q, cache, s_idx, s_cnt, 16)
-        _assert_rule(o.cpu(), o_ref, own, dtype)
-        live = lse_ref > float("-inf")
-        torch.testing.assert_close(lse.cpu().double()[live], lse_ref[live], rtol=1e-5, atol=1e-4)
-        assert torch.all(o[1, 4:8].cpu() == 0) and torch.all(lse[1, 4:8].cpu() == float("-inf"))
+        for splits in (3, 2):  # 16 and 20 -> 16, 32 slots per program
+            so, slse = repair_launch(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, bo, blse, 1 / 8, True, splits=splits)
+            o, lse = prr.ops.merge.triton.merge_partials(so, slse, out_dtype=dtype)
+            torch.testing.assert_close(o, want[0], rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from .attention import block_states, dense_decode, sparse_decode
 from .holt import holt_update_
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
-from .repair import repair_combine, sparse_decode_fused
+from .repair import repair_combine
 from .scoring import infllm_scores, oracle_scores, quest_scores
 from .select import select_blocks, selection_contains, selection_difference, selection_mask
 
@@ -36,5 +36,4 @@ __all__ = [
     "selection_difference",
     "selection_mask",
     "sparse_decode",
-    "sparse_decode_fused",
 ]

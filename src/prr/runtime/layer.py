@@ -21,12 +21,11 @@ import torch
 from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
-from ..algo.sparse import BlockMetadata, Selection, select
+from ..algo.sparse import BlockMetadata, select
 from ..algo.step import STEP_MODES, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
-OVERLAPS = ("parallel", "after_score")
 
 
 class LayerStep:
@@ -50,11 +49,6 @@ class LayerStep:
             :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
             so each layer's tail runs beside the next layer's projections).
         collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (computed before the tail).
-        overlap: where the speculation starts on the side stream: ``"parallel"`` (with the selection) or
-            ``"after_score"`` (once the block scores are written: it then runs beside the top-K, which leaves
-            the GPU nearly idle, instead of holding the SMs the score kernel wants).
-        fused_attention: serialized DSA attends with the one-launch kernel (the repair kernel with no prediction,
-            its merge inside) instead of the split kernel plus a merge kernel.
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
@@ -62,8 +56,7 @@ class LayerStep:
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False, grow: int = 0, overlap: str = "after_score",
-                 fused_attention: bool = True):
+                 collect_stats: bool = False, grow: int = 0):
         check.choice("method", method, METHODS)
         check.choice("mode", mode, STEP_MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
@@ -83,10 +76,6 @@ class LayerStep:
         self.defer_tail, self.collect_stats = defer_tail, collect_stats
         self.stats = None
         self.grow = check.nonneg_int("grow", grow)
-        self.overlap = check.choice("overlap", overlap, OVERLAPS)
-        self.fused_attention = fused_attention
-        # The repair's ticket counters (zero between launches), made before any capture.
-        self.tickets = torch.zeros(cache.batch * cache.num_kv_heads, dtype=torch.int32, device=cache.device)
         if method == "prr":  # P for the first step, from the predictor's current state
             nblk = ops.num_blocks(cache.seq_lens + self.grow, self.cfg.block_size)
             self.pred_scores = predictor.predict(layer).clone()
@@ -115,24 +104,15 @@ class LayerStep:
         if self.method == "dsa":
             sel = select(q, cache, self.meta, nblk=nblk)
             self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
-            if self.fused_attention:
-                o, lse = ops.sparse_decode_fused(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale,
-                                                 tickets=self.tickets)
-            else:
-                o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
+            o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
             return o, lse, sel, nblk
         main = torch.cuda.current_stream() if self.side is not None else None
         p_idx, p_cnt = self.p_idx, self.p_cnt
         if main is not None:  # fork: the selection first (high priority), then the speculation
             self.sel_stream.wait_stream(main)
-            if self.overlap == "parallel":
-                self.side.wait_stream(main)
+            self.side.wait_stream(main)
         with self._sel():
-            scores = self.meta.scores(q, cache)
-            if main is not None and self.overlap == "after_score":
-                self.side.wait_stream(self.sel_stream)
-            idx, cnt = ops.select_blocks(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
-            sel = Selection(idx, cnt, scores)
+            sel = select(q, cache, self.meta, nblk=nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
@@ -147,7 +127,7 @@ class LayerStep:
             o, lse = spec["spec_o"], spec["spec_lse"]
         else:
             o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
-                                        mode=self.mode, scale=self.scale, tickets=self.tickets, **spec)
+                                        mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats:  # before the tail overwrites P
