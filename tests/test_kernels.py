@@ -216,8 +216,10 @@ def test_infllm_scores_kernel(dtype):
     torch.testing.assert_close(s.cpu().double()[~dead], s_ref[~dead], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("nmax,top_k,n_sink,n_local", [(50, 7, 2, 3), (300, 40, 1, 2), (9, 20, 1, 2)],
-                         ids=["small", "wide", "budget>=blocks"])
+# "large": 8192 stage-2 candidates, where the k-th-key search switches from 8 to 4 thresholds per pass.
+@pytest.mark.parametrize("nmax,top_k,n_sink,n_local", [(50, 7, 2, 3), (300, 40, 1, 2), (9, 20, 1, 2),
+                                                       (6000, 300, 1, 2)],
+                         ids=["small", "wide", "budget>=blocks", "large"])
 def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local):
     gen = torch.Generator().manual_seed(nmax)
     scores = torch.randn(3, 4, nmax, generator=gen)
