@@ -11,11 +11,12 @@ import torch
 
 from prr.algo.predictor import HoltPredictor
 from prr.algo.sparse import select
-from prr.bench.common import graph_overhead_us, time_graph
+from prr.bench.common import graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.layer import impose_hit_rate
 from prr.bench.timeline import format_timeline, graph_timeline
 from prr.runtime import LayerStep
+from prr.timing import time_graph
 
 
 def main():

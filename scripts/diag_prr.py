@@ -17,11 +17,12 @@ import torch
 from prr import ops
 from prr.algo.predictor import HoltPredictor
 from prr.algo.sparse import select
-from prr.bench.common import environment, graph_overhead_us, time_graph, time_op
+from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.layer import impose_hit_rate
 from prr.bench.timeline import format_timeline, graph_timeline
 from prr.runtime import LayerStep
+from prr.timing import time_graph, time_op
 
 CASES = ("llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192,llama-3.1-8b:1:131072:quest:8192,"
          "llama-3.1-8b:4:131072:quest:8192,glm-4-9b:1:131072:quest:8192,llama-3.1-8b:8:32768:quest:2048")

@@ -12,10 +12,11 @@ import torch
 
 from prr import ops
 from prr.algo.sparse import select
-from prr.bench.common import environment, graph_overhead_us, time_op
+from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer, _replace_fraction
 from prr.ops.merge.triton import merge_partials
 from prr.ops.repair.triton import repair_launch
+from prr.timing import time_op
 
 CASES = [("llama-3.1-8b", 1, 32768, "quest"), ("llama-3.1-8b", 1, 131072, "infllm_v2"),
          ("llama-3.1-8b", 8, 32768, "quest"), ("llama-3.1-8b", 8, 32768, "infllm_v2"),

@@ -1,6 +1,6 @@
 """The one timer and the one result schema every prr benchmark uses.
 
-Timing: the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of device time),
+Timing (:mod:`prr.timing`): the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of device time),
 then ``triton.testing.do_bench`` replays it, flushing the L2 (a 256 MB write) before every replay, and
 reports the median (``median_us``). One replay carries a fixed cost that a whole decode step's graph pays
 once, not per op: ``overhead_us``, the median replay of a graph holding one one-element kernel, measured in
@@ -17,9 +17,10 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
 
 import torch
+
+from ..timing import time_op
 
 SCHEMA = "prr-bench/1"
 # Byte-floor bandwidth: the H200's measured device-to-device copy (DESIGN.md section 3; re-measured per run).
@@ -102,32 +103,6 @@ def environment() -> dict:
         "source_sha1": source_digest(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """Capture `fn` (already warmed up: kernels compiled) into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
-def time_graph(g: torch.cuda.CUDAGraph, rep_ms: int = 60) -> float:
-    """Median microseconds of one replay, L2 flushed before each."""
-    import triton.testing
-
-    return 1e3 * triton.testing.do_bench(g.replay, warmup=10, rep=rep_ms, return_mode="median")
-
-
-def time_op(fn: Callable[[], object], rep_ms: int = 60) -> float:
-    return time_graph(capture(fn), rep_ms)
 
 
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:

@@ -19,7 +19,8 @@ from ..algo.sparse import BlockMetadata, SparseConfig, select
 from ..cache import KVCache
 from ..model.config import ModelConfig
 from ..ops.backend import use_backend
-from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_op
+from ..timing import time_op
+from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table
 
 BF16 = 2
 METHOD_BUDGET = {"quest": 2048, "infllm_v2": 4096}  # tokens; Quest pages of 16, InfLLM-v2 blocks of 64

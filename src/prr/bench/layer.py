@@ -28,7 +28,8 @@ from ..algo.predictor import HoltPredictor
 from ..algo.sparse import SparseConfig, select
 from ..algo.step import speculative_top_k
 from ..runtime import BudgetCache, LayerStep, choose_budget, profile_budget, trace_hit_rate
-from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_graph, time_op
+from ..timing import time_graph, time_op
+from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table
 from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
 from .workload import calibrate_drift, drift
 

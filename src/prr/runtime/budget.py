@@ -79,7 +79,7 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
 
     cfg = meta.cfg
     if timer is None:
-        from ..bench.common import time_graph
+        from ..timing import time_graph
 
         def timer(step):
             step.capture()
@@ -120,7 +120,7 @@ def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_ra
     from .. import ops
     from ..algo.sparse import select
     from ..algo.step import speculative_top_k
-    from ..bench.common import time_op
+    from ..timing import time_op
 
     cfg = meta.cfg
     bsz, hq, d = q.shape
