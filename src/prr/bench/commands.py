@@ -24,12 +24,25 @@ def _shapes(args) -> tuple[list[str], list[int], list[int], list[str]]:
             args.methods.split(","))
 
 
+def _budgets(args) -> list[int] | None:
+    """``--budgets`` (tokens, comma separated; None: each method's default)."""
+    if not args.budgets:
+        return None
+    try:
+        out = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise SystemExit(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
+    if any(b <= 0 for b in out):
+        raise SystemExit(f"--budgets must be positive, got {args.budgets!r}")
+    return out
+
+
 def _cmd_bench_kernels(args) -> int:
     if _no_cuda("kernels", " (the kernels' CPU path is Triton's interpreter, not timed)"):
         return 2
     from . import kernels
 
-    kernels.run(*_shapes(args), args.out, torch_path=not args.no_torch)
+    kernels.run(*_shapes(args), args.out, torch_path=not args.no_torch, budgets=_budgets(args))
     print(f"saved {args.out}")
     return 0
 
@@ -39,7 +52,7 @@ def _cmd_bench_layer(args) -> int:
         return 2
     from . import layer
 
-    layer.run(*_shapes(args), args.out)
+    layer.run(*_shapes(args), args.out, budgets=_budgets(args), sweep=not args.quick)
     print(f"saved {args.out}")
     return 0
 
@@ -57,9 +70,10 @@ def _cmd_bench_e2e(args) -> int:
 
 
 def _cmd_bench_plot(args) -> int:
-    from .plots import plot_layer
+    from .plots import plot_heatmap, plot_layer
 
-    for p in plot_layer(args.file, args.out_dir):
+    paths = plot_heatmap(args.file, args.out_dir) if args.heatmap else plot_layer(args.file, args.out_dir)
+    for p in [paths] if isinstance(paths, str) else paths:
         print(f"wrote {p}")
     return 0
 
@@ -86,6 +100,8 @@ def register(sub) -> None:
     s.add_argument("--contexts", default="32K,128K,512K")
     s.add_argument("--methods", default="quest,infllm_v2")
     s.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch path")
+    s.add_argument("--budgets", default="", help="selection budgets in tokens, e.g. 2048,4096,8192 "
+                   "(default: 2048 for Quest, 4096 for InfLLM-v2)")
     s.add_argument("--out", default="results/bench_kernels.json")
     s.set_defaults(func=_cmd_bench_kernels)
     s = bsub.add_parser("layer", help="per-layer step: dense vs serialized DSA vs PRR (graphs, two streams)")
@@ -93,6 +109,9 @@ def register(sub) -> None:
     s.add_argument("--batches", default="1,8")
     s.add_argument("--contexts", default="32K,128K,512K")
     s.add_argument("--methods", default="quest,infllm_v2")
+    s.add_argument("--budgets", default="", help="selection budgets in tokens, e.g. 2048,4096,8192 "
+                   "(default: 2048 for Quest, 4096 for InfLLM-v2)")
+    s.add_argument("--quick", action="store_true", help="no hit-rate sweep, drift rows or whole-step timings")
     s.add_argument("--out", default="results/bench_layer.json")
     s.set_defaults(func=_cmd_bench_layer)
     s = bsub.add_parser("e2e", help="whole-model decode latency: dense vs DSA vs PRR, one CUDA graph per step")
@@ -108,6 +127,7 @@ def register(sub) -> None:
     s.set_defaults(func=_cmd_bench_e2e)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
     s.add_argument("file")
+    s.add_argument("--heatmap", action="store_true", help="PRR / DSA over (context, budget), a panel per batch")
     s.add_argument("--out-dir", default="results")
     s.set_defaults(func=_cmd_bench_plot)
     s = bsub.add_parser("show", help="print a saved benchmark result")

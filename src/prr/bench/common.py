@@ -1,7 +1,7 @@
 """The one timer and the one result schema every prr benchmark uses.
 
-Timing (:mod:`prr.timing`): the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of device time),
-then ``triton.testing.do_bench`` replays it, flushing the L2 (a 256 MB write) before every replay, and
+Timing (:mod:`prr.timing`): the op is captured in a CUDA graph (so launch gaps and Python overhead stay out of
+device time), then ``triton.testing.do_bench`` replays it, flushing the L2 (a 256 MB write) before every replay, and
 reports the median (``median_us``). One replay carries a fixed cost that a whole decode step's graph pays
 once, not per op: ``overhead_us``, the median replay of a graph holding one one-element kernel, measured in
 the same run. ``net_us = median_us - overhead_us``; bandwidth (``tbps``) is the bytes counted (each input read

@@ -83,8 +83,8 @@ class RandomLayer:
 
 
 def bench_case(model: str, batch: int, ctx: int, method: str, copy_tbps: float, overhead: float,
-               torch_path: bool) -> list[Row]:
-    lay = RandomLayer.make(model, batch, ctx, method)
+               torch_path: bool, budget: int | None = None) -> list[Row]:
+    lay = RandomLayer.make(model, batch, ctx, method, budget=budget)
     case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
     dev = cache.device
@@ -169,18 +169,19 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(models, batches, contexts, methods, out: str, torch_path: bool = True) -> dict:
+def run(models, batches, contexts, methods, out: str, torch_path: bool = True, budgets=None) -> dict:
     copy = copy_bandwidth_tbps()
     overhead = graph_overhead_us()
     print(f"copy bandwidth {copy:.2f} TB/s; graph replay overhead {overhead:.1f} us")
     rows: list[Row] = []
-    cases = [(m, b, c, me) for m in models for b in batches for c in contexts for me in methods]
+    cases = [(m, b, c, me, bu) for m in models for b in batches for c in contexts for me in methods
+             for bu in (budgets or [None])]
     failed = []
-    for m, b, c, me in tqdm(cases, desc="bench kernels", unit="case"):
+    for m, b, c, me, bu in tqdm(cases, desc="bench kernels", unit="case"):
         try:
-            rows += bench_case(m, b, c, me, copy, overhead, torch_path)
+            rows += bench_case(m, b, c, me, copy, overhead, torch_path, budget=bu)
         except Exception as e:  # one broken case must not lose the others' numbers
-            failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}", "error": repr(e)[:500]})
+            failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}/{bu or METHOD_BUDGET[me]}", "error": repr(e)[:500]})
             print(f"FAILED {failed[-1]}")
         torch.cuda.empty_cache()
     dicts = [r.to_dict() for r in rows]

@@ -118,8 +118,12 @@ def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.8
             "speedup_drift_path": round(net["dsa"] / net["path"], 3)}
 
 
-def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row], dict]:
-    lay = RandomLayer.make(model, batch, ctx, method)
+def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | None = None,
+               sweep: bool = True) -> tuple[list[Row], dict]:
+    """One case. ``budget``: selection budget in tokens (default per method); ``sweep=False`` leaves out the
+    hit-rate sweep, the drift rows and the whole-step (with tail) timings: the parts, serialized DSA, PRR's
+    critical path at the real-trace hit rates and the runtime's own choice (``auto``) remain."""
+    lay = RandomLayer.make(model, batch, ctx, method, budget=budget)
     case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
     dev = cache.device
@@ -167,8 +171,9 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     t_spec, t_rep, best = {}, {}, None
     for ratio, hit in REAL_TRACE:
         for mode in ("exact", "union"):
-            us, measured, step = prr_time(ratio, hit, mode)
-            add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=True)
+            if sweep:
+                us, measured, step = prr_time(ratio, hit, mode)
+                add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=True)
             us, measured, step = prr_time(ratio, hit, mode, tail=False)
             net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
             if best is None or net < best[0]:
@@ -186,12 +191,13 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
                 add("predictor_tail", "graph", time_op(lambda k=k, out=scratch: (
                     pred.update(1, sel.scores, nblk, pred=out),
                     ops.select_blocks(out, nblk, k, cfg.n_sink, cfg.n_local))), ratio=ratio)
-    for hit in SWEEP:
+    for hit in SWEEP if sweep else ():
         us, measured, _ = prr_time(1.0, hit, "exact", tail=False)
         add("prr_exact_path_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3), tail=False)
     drift_summary = {}
     try:  # PRR on a drifting query, the hit rate produced by the predictor itself (calibrated to traces)
-        drift_summary = add_drift_rows(add, cache, meta, q, hq, dsa)
+        if sweep:
+            drift_summary = add_drift_rows(add, cache, meta, q, hq, dsa)
     except Exception as e:  # a failure here must not lose the case's other numbers
         print(f"drift workload failed for {case}: {e!r}")
     # The speculation budget as the runtime decides it: a sweep of K' timed on this GPU (not cached here).
@@ -203,10 +209,12 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
         us, measured, _ = prr_time(ratio, trace_hit_rate(ratio), "exact", tail=False)
         auto = add("prr_auto_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
     model = choose_budget(t_sel, t_att, t_spec, t_rep)  # the same rule on the two K' timed above
-    summary = {"case": case, "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
+    summary = {"case": case, "model": model, "batch": batch, "context": ctx, "method": method,
+               "budget": cfg.budget_tokens, "budget_decision": dec.reason,
+               "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
                "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
                "speedup_best": round(t_dsa / best[0], 3), "prr_auto_us": round(auto, 2),
-               "speedup_auto": round(t_dsa / auto, 3), "budget": dec.reason, "spec_k": dec.spec_k,
+               "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
                "budget_two_points": model.reason,
                "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),
                "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2),
@@ -214,19 +222,22 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead) -> tuple[list[Row
     return rows, summary
 
 
-def run(models, batches, contexts, methods, out: str) -> dict:
+def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool = True) -> dict:
+    """Every (model, batch, context, method, budget) case; ``budgets`` in tokens (None: each method's
+    default). Saved after every case."""
     copy = copy_bandwidth_tbps()
     overhead = graph_overhead_us()
     print(f"copy bandwidth {copy:.2f} TB/s; graph replay overhead {overhead:.1f} us")
     rows, summaries, failed = [], [], []
-    cases = [(m, b, c, me) for m in models for b in batches for c in contexts for me in methods]
-    for m, b, c, me in tqdm(cases, desc="bench layer", unit="case"):
+    cases = [(m, b, c, me, bu) for m in models for b in batches for c in contexts for me in methods
+             for bu in (budgets or [None])]
+    for m, b, c, me, bu in tqdm(cases, desc="bench layer", unit="case"):
         try:
-            r, s = bench_case(m, b, c, me, copy, overhead)
+            r, s = bench_case(m, b, c, me, copy, overhead, budget=bu, sweep=sweep)
             rows += r
             summaries.append(s)
         except Exception as e:  # one broken case must not lose the others' numbers
-            failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}", "error": repr(e)[:500]})
+            failed.append({"case": f"{m}/b{b}/{_label(c)}/{me}/{bu or METHOD_BUDGET[me]}", "error": repr(e)[:500]})
             print(f"FAILED {failed[-1]}")
         torch.cuda.empty_cache()
         # Saved after every case: a run cut short keeps what it measured.

@@ -17,6 +17,9 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
         res = json.load(f)
     rows = res["rows"]
     os.makedirs(out_dir, exist_ok=True)
+    rows = [r for r in rows if r["case"].count("/") == 3]  # default-budget cases (budget sweeps: plot_heatmap)
+    if not rows:
+        return [plot_heatmap(path, out_dir)]
     groups = sorted({r["case"].rsplit("/", 2)[0] + "/" + r["case"].rsplit("/", 1)[1] for r in rows})
     ctx_of = {"32K": 32, "128K": 128, "512K": 512}
     fig, axes = plt.subplots(2, (len(groups) + 1) // 2, figsize=(4.2 * ((len(groups) + 1) // 2), 7), squeeze=False)
@@ -67,3 +70,45 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
+
+
+def plot_heatmap(path: str, out_dir: str, name: str = "layer_heatmap.png") -> str:
+    """PRR exact (critical path, best K') over serialized DSA, and the runtime's choice (``auto``) over
+    serialized DSA, per (context, budget): one panel per model and batch. Reads the summary of a saved
+    ``prr bench layer`` JSON (any set of budgets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    with open(path) as f:
+        res = json.load(f)
+    summ = [s for s in res["meta"]["summary"] if "budget" in s]
+    panels = sorted({(s["model"], s["method"], s["batch"]) for s in summ})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (model, method, batch) in zip(axes.flat, panels, strict=True):
+        mine = [s for s in summ if (s["model"], s["method"], s["batch"]) == (model, method, batch)]
+        ctxs = sorted({s["context"] for s in mine})
+        buds = sorted({s["budget"] for s in mine})
+        grid = np.full((len(buds), len(ctxs)), np.nan)
+        for s in mine:
+            grid[buds.index(s["budget"]), ctxs.index(s["context"])] = s["speedup_best"]
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0.6, vmax=1.4, origin="lower")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                auto = next(s["speedup_auto"] for s in mine if s["budget"] == buds[i] and s["context"] == ctxs[j])
+                ax.text(j, i, f"{v:.2f}x\nauto {auto:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(ctxs)), [f"{c // 1024}K" for c in ctxs])
+        ax.set_yticks(range(len(buds)), [str(b) for b in buds])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("budget (tokens)")
+        ax.set_title(f"{model} {method} b{batch}", fontsize=9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="serialized DSA / PRR exact (path)")
+    fig.suptitle(f"PRR exact vs serialized DSA per layer, {res['env']['gpu']} (bf16, hit rate of real traces)",
+                 fontsize=10)
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, name)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
