@@ -36,14 +36,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--cases", default=CASES)
-    ap.add_argument("--timelines", action="store_true")
+    ap.add_argument("--timelines", type=int, default=0, help="kernel timelines for the first N cases")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     overhead = graph_overhead_us()
     print(f"graph overhead {overhead:.1f} us", flush=True)
     result = {"env": environment(), "overhead_us": overhead, "cases": {}}
-    for spec in args.cases.split(","):
-        case, res = run_case(spec, overhead, args.timelines)
+    for i, spec in enumerate(args.cases.split(",")):
+        case, res = run_case(spec, overhead, i < args.timelines)
         result["cases"][case] = res
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "diag_prr.json"), "w") as f:
@@ -89,6 +89,14 @@ def run_case(spec: str, overhead: float, timelines: bool):
                                                   block_lse=blse))
     t("repair_union", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, spec_o=so,
                                                   spec_lse=slse, mode="union"))
+    from prr.ops.repair.triton import repair_launch
+
+    ks = s_idx.shape[-1]
+    for per in (4, 8, 16, 32):  # S slots per repair program (the default rule picks one of these)
+        splits = -(-ks // per)
+        t(f"repair_exact_per{per}", lambda sp=splits: ops.merge.triton.merge_partials(*repair_launch(
+            q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, bo, blse, q.shape[-1] ** -0.5, True, splits=sp),
+            out_dtype=q.dtype))
     dsa = LayerStep(cache, meta, hq, method="dsa")
     dsa.q.copy_(q)
     tg("dsa", dsa)
