@@ -24,7 +24,6 @@ from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, select
 from ..algo.step import STEP_MODES, prr_stats, speculative_top_k
 from ..cache import KVCache
-from ..ops.repair import new_slot_map, write_slot_map
 
 METHODS = ("dsa", "prr")
 
@@ -82,9 +81,6 @@ class LayerStep:
             self.pred_scores = predictor.predict(layer).clone()
             self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
                                                        self.cfg.n_local)
-            # block -> slot of P, written beside each speculation (the Triton repair finds hits through it)
-            self.slot_map = new_slot_map(cache.batch, cache.num_kv_heads, cache.max_blocks(self.cfg.block_size),
-                                         cache.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tail_graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -118,7 +114,6 @@ class LayerStep:
         with self._sel():
             sel = select(q, cache, self.meta, nblk=nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
-            write_slot_map(self.slot_map, p_idx)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
                 spec = {"block_o": bo, "block_lse": blse}
@@ -132,7 +127,7 @@ class LayerStep:
             o, lse = spec["spec_o"], spec["spec_lse"]
         else:
             o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
-                                        mode=self.mode, scale=self.scale, slot_map=self.slot_map, **spec)
+                                        mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats:  # before the tail overwrites P

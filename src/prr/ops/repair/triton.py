@@ -1,18 +1,12 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
 One program per (sequence, KV head, split); a split owns a range of S's slots (``PER``, loaded at once; see
-:func:`slots_per_program`) and finds which are hits through a **slot map**: ``slot_map[b, h, block]`` holds
-the slot of P the block was last written to (``prr.ops.repair.write_slot_map``, run beside the
-speculation); a hit is a block whose mapped slot ``j`` is live (``j < |P|``) and still holds it
-(``P[j] == block``), so stale entries of earlier steps never need clearing. Every S slot's hit test is then
-two gathers, with no [PER, K'] compare and no reduction per slot -- each cross-warp reduction is a
-barrier's latency, and the previous kernel spent two per slot to find a hit's position in P. Exact mode
-folds each hit's stored per-slot state of P in (reuse: never recomputed); the misses of the range are ranked
-by a prefix sum and attended alone, CHUNK blocks per tile (repair: no work for the hits, not even masked
-compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot. Union mode skips the
-hits (already inside P's merged state). One launch of the merge kernel combines the split states (and, in
-union mode, P's merged state): a one-launch variant with the merge done by the last split to finish
-measured 2-4x slower (results/diag_prr_onelaunch_h200.json).
+:func:`slots_per_program`) and finds which are hits by comparing them with P's row, held in registers. Exact
+mode folds each hit's stored per-slot state of P in (reuse: never recomputed); the misses of the range are
+ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: no work for the hits, not even
+masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot. Union mode
+skips the hits (already inside P's merged state). One launch of the merge kernel combines the split states
+(and, in union mode, P's merged state).
 """
 
 from __future__ import annotations
@@ -40,14 +34,14 @@ from ..merge.triton import merge_partials
 @triton.jit
 def _repair_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr,
-    p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr, map_ptr,  # slot map [B, Hkv, NMAP] int32
+    p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
     bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
     so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
     scale, HKV, KP, PER, NSPLIT,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
-    s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch, s_mb, s_mh, NMAP,
+    s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    CHUNK: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+    CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
@@ -56,21 +50,19 @@ def _repair_kernel(
     seq_len = tl.load(len_ptr + i_b)
     pt_row = pt_ptr + i_b * s_ptb
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
-    p_row = p_idx_ptr + i_b * s_pib + i_h * s_pih
-    map_row = map_ptr + i_b * s_mb + i_h * s_mh
+    i_p = tl.arange(0, KP_PAD)
+    p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=i_p < p_cnt, other=-1)
     s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
     start = i_split * PER
     end = tl.minimum(start + PER, s_cnt)
     i_r = tl.arange(0, PER_PAD)
-    live = start + i_r < end
-    s_row = s_idx_ptr + i_b * s_sib + i_h * s_sih
-    s_blk = tl.load(s_row + start + i_r, mask=live, other=-2)
+    s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + start + i_r, mask=start + i_r < end, other=-2)
 
-    # Hits of this range of S through the slot map (validated against P: stale entries are misses).
-    j = tl.load(map_row + s_blk, mask=live & (s_blk >= 0) & (s_blk < NMAP), other=-1)
-    ok = (j >= 0) & (j < p_cnt)
-    hit = ok & (tl.load(p_row + j, mask=ok, other=-3) == s_blk)
-    miss = (live & ~hit).to(tl.int32)
+    # Hits of this range of S (and each hit's slot in P); misses ranked by a prefix sum.
+    match = s_blk[:, None] == p_blk[None, :]  # [PER_PAD, KP_PAD]
+    hit = tl.max(match.to(tl.int32), axis=1) > 0
+    pos = tl.sum(tl.where(match, i_p[None, :], 0), axis=1)
+    miss = ((start + i_r < end) & ~hit).to(tl.int32)
     rank = tl.cumsum(miss, axis=0) - 1
     n_miss = tl.sum(miss, axis=0)
 
@@ -79,13 +71,9 @@ def _repair_kernel(
     acc = tl.zeros([G_PAD, D], tl.float32)
     if EXACT:  # reuse: fold in P's stored state of each hit of the range, one [G_PAD, D] tile per slot
         for f in tl.static_range(PER_PAD):
-            # scalar gathers (L1 hits: the vector loads above read the same words); no reduction per slot
-            live_f = start + f < end
-            blk_f = tl.load(s_row + start + f, mask=live_f, other=-2)
-            j_f = tl.load(map_row + blk_f, mask=live_f & (blk_f >= 0) & (blk_f < NMAP), other=-1)
-            ok_f = (j_f >= 0) & (j_f < p_cnt)
-            hit_f = ok_f & (tl.load(p_row + j_f, mask=ok_f, other=-3) == blk_f)
-            row = (i_b * HKV * G + hq) * KP + j_f
+            hit_f = tl.max(((i_r == f) & hit).to(tl.int32), axis=0) > 0
+            pos_f = tl.sum(tl.where(i_r == f, pos, 0), axis=0)
+            row = (i_b * HKV * G + hq) * KP + pos_f
             m_row = m_g & ((i_g * 0 + hit_f.to(tl.int32)) > 0)  # vector mask (see attention's _chunk_tokens)
             lse_f = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
             o_f = tl.load(bo_ptr + row[:, None] * D + i_d[None, :], mask=m_row[:, None], other=0.0)
@@ -122,9 +110,8 @@ def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, s
 
 
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                  splits=None, slot_map=None):
-    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``.
-    ``slot_map``: P's slot map, already written (:func:`write_slot_map`); None builds one here."""
+                  splits=None):
+    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -137,31 +124,23 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
     per_pad = triton.next_power_of_2(per)
-    if slot_map is None:
-        from . import new_slot_map, write_slot_map
-
-        slot_map = write_slot_map(new_slot_map(bsz, hkv, cache.max_blocks(block_size), q.device), p_idx)
-    if slot_map.stride(-1) != 1 or slot_map.dtype != torch.int32 or tuple(slot_map.shape[:2]) != (bsz, hkv):
-        raise ValueError(f"slot_map must be an int32 [B, Hkv, NMAP + 1] tensor with a unit last stride, got "
-                         f"{slot_map.dtype} {list(slot_map.shape)}")
     _repair_kernel[(bsz * hkv, nsplit)](
-        q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt, slot_map,
+        q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
         block_o if exact else so, block_lse if exact else slse, so, slse,
         scale, hkv, kp, per, nsplit,
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
-        slot_map.stride(0), slot_map.stride(1), slot_map.shape[-1] - 1,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
-        CHUNK=chunk, PER_PAD=per_pad, PREC=_prec(q.dtype),
+        CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
         EXACT=exact, num_warps=4,
     )
     return so, slse
 
 
 def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
-                   spec_o=None, spec_lse=None, mode="exact", scale=None, slot_map=None):
-    """Triton twin of :func:`prr.ops.repair.reference.repair_combine` (``slot_map``: :func:`write_slot_map`)."""
+                   spec_o=None, spec_lse=None, mode="exact", scale=None):
+    """Triton twin of :func:`prr.ops.repair.reference.repair_combine`."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     exact = mode == "exact"
     bsz, hq, d = q.shape
@@ -173,8 +152,7 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                                  "states (ops.block_states)")
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
-    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                             slot_map=slot_map)
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
     if exact:
         return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)

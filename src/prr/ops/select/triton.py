@@ -4,11 +4,10 @@ Two stages, so the per-row work is small even at 32K blocks (512K tokens of 16-t
 
 1. ``_group_max_kernel`` (many programs): the max dynamic-candidate score of every group of GROUP blocks.
 2. ``_topk_kernel`` (one program per (sequence, KV head)): the K best groups by their max are found exactly
-   (an 8-ary search over an order-preserving int32 key: 11 passes, each counting the group maxima at or above
-   8 thresholds; a binary search took 32 passes, and each pass is a cross-warp reduction's latency).
+   (binary search over an order-preserving int32 key, 32 compare-and-count passes over the group maxima).
    Every block of the top K lies in one of those K groups (a group holding a top-K block has a max at least
    the K-th largest score, which is at least the K-th largest group max; ties go to the lowest ids), so a
-   second search over just those K x GROUP scores finds the K-th score, ties at it going to the
+   second binary search over just those K x GROUP scores finds the K-th score, ties at it going to the
    lowest block ids. The candidates are gathered in ascending id order, so a prefix sum writes the chosen
    ids already sorted, between the sink blocks and the local blocks.
 """
@@ -32,35 +31,26 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_key(key, k, BRANCH: tl.constexpr, PASSES: tl.constexpr):
+def _kth_key(key, k):
     """The k-th largest of `key` (INT32_MIN entries never count); INT32_MIN if fewer than k count.
 
-    A BRANCH-ary search for the largest T with #(key >= T) >= k: each pass counts the keys at or above BRANCH
-    evenly spaced thresholds at once and keeps the sub-interval where the count crosses k, so 32-bit keys
-    take ceil(32 / log2(BRANCH)) passes instead of a binary search's 32. Each pass is one cross-warp
-    reduction, the latency the top-K is made of. ``PASSES`` = ceil(32 / log2(BRANCH)) (:func:`search_branch`).
-    int64 bounds so they cannot overflow.
+    Binary search for the largest T with #(key >= T) >= k; int64 bounds so they cannot overflow.
     """
     lo = tl.full([], -2147483647, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
-    i_t = tl.arange(0, BRANCH).to(tl.int64)
-    for _ in tl.static_range(PASSES):
-        step = (hi - lo + BRANCH) // BRANCH  # ceil((hi - lo + 1) / BRANCH) >= 1
-        t = lo + i_t * step  # t[0] = lo always counts >= k (the invariant)
-        t32 = tl.minimum(t, 2147483647).to(tl.int32)  # thresholds past hi are clamped, and masked below
-        c = tl.sum((key[:, None] >= t32[None, :]).to(tl.int32), axis=0)
-        best = tl.max(tl.where((c >= k) & (t <= hi), i_t, 0), axis=0)
-        new_lo = lo + best * step
-        hi = tl.minimum(hi, new_lo + step - 1)
-        lo = new_lo
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo = tl.where(c >= k, mid, lo)
+        hi = tl.where(c >= k, hi, mid - 1)
     n = tl.sum((key > -2147483648).to(tl.int32), axis=0)
     return tl.where(n >= k, lo, -2147483648).to(tl.int32)
 
 
 @triton.jit
-def _top_k_mask(key, k, BRANCH: tl.constexpr, PASSES: tl.constexpr):
+def _top_k_mask(key, k):
     """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions."""
-    thr = _kth_key(key, k, BRANCH, PASSES)
+    thr = _kth_key(key, k)
     above = key > thr
     tie = (key == thr) & (key > -2147483648)
     rank = tl.cumsum(tie.to(tl.int32), axis=0)
@@ -93,9 +83,7 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 @triton.jit
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
                  s_sb, s_sh, s_ib, s_ih,
-                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BRANCH_G: tl.constexpr, PASSES_G: tl.constexpr, BRANCH_C: tl.constexpr,
-                 PASSES_C: tl.constexpr):
+                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -110,7 +98,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
-        keep_g = _top_k_mask(gkey, TOPK, BRANCH_G, PASSES_G)
+        keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
         cg_row = cg_ptr + i_bh * TG_PAD
@@ -123,7 +111,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
-        chosen = _top_k_mask(key, TOPK, BRANCH_C, PASSES_C)
+        chosen = _top_k_mask(key, TOPK)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
         # Output: sink blocks, the chosen (already ascending), local blocks; -1 padding.
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
@@ -134,13 +122,6 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         count = N_SINK + n_chosen + N_LOCAL
         tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
         tl.store(cnt_ptr + i_bh, count)
-
-
-def search_branch(n: int) -> tuple[int, int]:
-    """(thresholds per pass, passes) of the k-th-key search over `n` keys: 8 thresholds (11 passes) while the
-    ``[n, 8]`` compare stays small in registers, 4 (16 passes) above 4096 keys."""
-    branch = 8 if n <= 4096 else 4
-    return branch, -(-32 // (branch.bit_length() - 1))
 
 
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None):
@@ -172,12 +153,10 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
     )
     ng_pad = max(16, triton.next_power_of_2(ng))
-    (bg, pg), (bc, pc) = search_branch(ng_pad), search_branch(tg_pad * GROUP)
     _topk_kernel[(bsz * hkv,)](
         scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        BRANCH_G=bg, PASSES_G=pg, BRANCH_C=bc, PASSES_C=pc,
         num_warps=4 if max(ng_pad, tg_pad * GROUP) <= 2048 else 8,
     )
     return idx, cnt
