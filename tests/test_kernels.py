@@ -122,7 +122,10 @@ def test_sparse_decode_kernel(dtype, lens, hkv, g, d, bs, page):
     # The block-states-only launch (PRR's exact speculation) writes the same slot states, bit for bit.
     with use_backend("triton"):
         bo2, blse2 = prr.ops.block_states(q, cache, idx, cnt, bs)
+        # ... also with its grid capped (one program per (sequence, KV head): every slot in one split)
+        bo3, blse3 = prr.ops.block_states(q, cache, idx, cnt, bs, max_programs=1)
     assert torch.equal(bo2, bo) and torch.equal(blse2, blse)
+    assert torch.equal(bo3, bo) and torch.equal(blse3, blse)
 
 
 def test_sparse_decode_kernel_full_budget_equals_dense_and_noncontiguous_inputs():

@@ -93,7 +93,7 @@ def plot_heatmap(path: str, out_dir: str, name: str = "layer_heatmap.png") -> st
         buds = sorted({s["budget"] for s in mine})
         grid = np.full((len(buds), len(ctxs)), np.nan)
         for s in mine:
-            grid[buds.index(s["budget"]), ctxs.index(s["context"])] = s["speedup_best"]
+            grid[buds.index(s["budget"]), ctxs.index(s["context"])] = s.get("speedup_exact", s["speedup_best"])
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0.6, vmax=1.4, origin="lower")
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):

@@ -49,6 +49,9 @@ class LayerStep:
             :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
             so each layer's tail runs beside the next layer's projections).
         collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (computed before the tail).
+        spec_programs: cap the exact-mode speculation's grid at this many programs (None: the attention's own
+            split rule), so it leaves SMs to the selection's kernels, whose CTAs otherwise queue behind its
+            tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
@@ -56,7 +59,7 @@ class LayerStep:
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False, grow: int = 0):
+                 collect_stats: bool = False, grow: int = 0, spec_programs: int | None = None):
         check.choice("method", method, METHODS)
         check.choice("mode", mode, STEP_MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
@@ -76,6 +79,7 @@ class LayerStep:
         self.defer_tail, self.collect_stats = defer_tail, collect_stats
         self.stats = None
         self.grow = check.nonneg_int("grow", grow)
+        self.spec_programs = spec_programs
         if method == "prr":  # P for the first step, from the predictor's current state
             nblk = ops.num_blocks(cache.seq_lens + self.grow, self.cfg.block_size)
             self.pred_scores = predictor.predict(layer).clone()
@@ -115,7 +119,8 @@ class LayerStep:
             sel = select(q, cache, self.meta, nblk=nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
-                bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
+                bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
+                                            max_programs=self.spec_programs)
                 spec = {"block_o": bo, "block_lse": blse}
             else:
                 so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)

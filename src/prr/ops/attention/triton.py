@@ -229,12 +229,17 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
     return (so, slse), (bo, blse)
 
 
-def block_states(q, cache: KVCache, indices, counts, block_size, scale=None):
+def block_states(q, cache: KVCache, indices, counts, block_size, scale=None, max_programs=None):
     """Triton twin of :func:`prr.ops.attention.reference.block_states`: per-slot states only (no split states,
-    no merge: PRR's exact-mode speculation needs nothing else)."""
+    no merge: PRR's exact-mode speculation needs nothing else). ``max_programs`` caps the grid."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    splits = None
+    if max_programs:
+        rows = q.shape[0] * cache.num_kv_heads
+        splits = max(1, min(num_splits(rows, indices.shape[-1], q.device, chunk_slots(block_size)),
+                            max_programs // rows))
     _, (bo, blse) = sparse_decode_launch(q, cache, indices, counts, block_size, scale, write_splits=False,
-                                         write_blocks=True)
+                                         write_blocks=True, splits=splits)
     return bo, blse
 
 
