@@ -218,7 +218,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
         ratio = dec.spec_k / cfg.top_k
         us, measured, _ = prr_time(ratio, trace_hit_rate(ratio), "exact", tail=False)
         auto = add("prr_auto_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
-    model = choose_budget(t_sel, t_att, t_spec, t_rep)  # the same rule on the two K' timed above
+    two_points = choose_budget(t_sel, t_att, t_spec, t_rep)  # the same rule on the two K' timed above
     summary = {"case": case, "model": model, "batch": batch, "context": ctx, "method": method,
                "budget": cfg.budget_tokens, "budget_decision": dec.reason,
                "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
@@ -226,7 +226,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
                "speedup_best": round(t_dsa / best[0], 3), "speedup_exact": round(t_dsa / best_exact, 3),
                "prr_auto_us": round(auto, 2),
                "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
-               "budget_two_points": model.reason,
+               "budget_two_points": two_points.reason,
                "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),
                "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2),
                **drift_summary}
