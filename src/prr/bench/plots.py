@@ -51,6 +51,8 @@ def plot_layer(path: str, out_dir: str) -> list[str]:
     fig.savefig(p1, dpi=110)
     plt.close(fig)
 
+    if not any(r["op"] == "prr_exact_path_sweep" for r in rows):  # a --quick run has no hit-rate sweep
+        return [p1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dsa = {r["case"]: r["net_us"] for r in rows if r["op"] == "dsa"}
     for case in sorted({r["case"] for r in rows if r["op"] == "prr_exact_path_sweep"}):
@@ -86,7 +88,8 @@ def plot_heatmap(path: str, out_dir: str, name: str = "layer_heatmap.png") -> st
         res = json.load(f)
     summ = [s for s in res["meta"]["summary"] if "budget" in s]
     panels = sorted({(s["model"], s["method"], s["batch"]) for s in summ})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False,
+                             gridspec_kw={"wspace": 0.12})
     for ax, (model, method, batch) in zip(axes.flat, panels, strict=True):
         mine = [s for s in summ if (s["model"], s["method"], s["batch"]) == (model, method, batch)]
         ctxs = sorted({s["context"] for s in mine})
@@ -98,11 +101,12 @@ def plot_heatmap(path: str, out_dir: str, name: str = "layer_heatmap.png") -> st
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
                 auto = next(s["speedup_auto"] for s in mine if s["budget"] == buds[i] and s["context"] == ctxs[j])
-                ax.text(j, i, f"{v:.2f}x\nauto {auto:.2f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{v:.2f}x\nauto {auto:.2f}x", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(ctxs)), [f"{c // 1024}K" for c in ctxs])
-        ax.set_yticks(range(len(buds)), [str(b) for b in buds])
+        ax.set_yticks(range(len(buds)), [str(b) for b in buds] if ax is axes.flat[0] else [])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("budget (tokens)")
+        if ax is axes.flat[0]:
+            ax.set_ylabel("budget (tokens)")
         ax.set_title(f"{model} {method} b{batch}", fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="serialized DSA / PRR exact (path)")
     fig.suptitle(f"PRR exact vs serialized DSA per layer, {res['env']['gpu']} (bf16, hit rate of real traces)",
