@@ -1,4 +1,4 @@
-"""prr.hf: prr's decode attention inside transformers models (tiny random Llama / Qwen2 / Mistral on the CPU,
+"""prr.hf: prr's decode attention inside transformers models (tiny random Llama / Qwen2 / Mistral / GLM-4, CPU,
 float32). With a budget covering the whole context DSA must give transformers' own tokens; PRR exact must give
 DSA's; batch 1 and 2; generate (greedy and sampling) and a plain forward loop."""
 
@@ -13,7 +13,9 @@ from conftest import rel_err
 VOCAB = 96
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None})}
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+            "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,
+                     {"head_dim": 16, "pad_token_id": 0, "eos_token_id": 1})}
 
 
 def tiny(family="llama", seed=0, **kw):
@@ -62,7 +64,8 @@ def test_dsa_covering_the_context_gives_transformers_tokens(family, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize(("family", "selector"), [("llama", "quest"), ("qwen2", "quest"), ("mistral", "infllm_v2")])
+@pytest.mark.parametrize(("family", "selector"), [("llama", "quest"), ("qwen2", "quest"), ("mistral", "infllm_v2"),
+                                                      ("glm4", "quest")])
 def test_prr_exact_gives_dsa_tokens(family, selector, batch):
     """A budget well below the context (the selection matters): PRR exact reproduces serialized DSA."""
     model = tiny(family)

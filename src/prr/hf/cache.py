@@ -26,7 +26,8 @@ from ..model.config import hf_sliding_window
 from ..runtime.layer import LayerStep
 from .settings import PrrSettings
 
-FAMILIES = ("llama", "qwen2", "mistral")
+# GLM-4 (glm, glm4) rotates half of each head: transformers applies that RoPE, prr only attends.
+FAMILIES = ("llama", "qwen2", "mistral", "glm", "glm4")
 _ACTIVE: contextvars.ContextVar[PrrLayer | None] = contextvars.ContextVar("prr_hf_active_layer", default=None)
 
 
@@ -68,16 +69,16 @@ class PrrLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, hkv, _, d = key_states.shape
-        self.kv = KVCache.allocate(b, self.owner.max_cache_len, hkv, d, dtype=key_states.dtype,
+        self.kv = KVCache.allocate(b, self.owner.capacity, hkv, d, dtype=key_states.dtype,
                                    device=key_states.device)
-        self.device = key_states.device
+        self.device, self.batch_size = key_states.device, b
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store ``k, v [B, Hkv, T, D]``: the prompt (T tokens, once), then one token per call."""
         t = key_states.shape[-2]
-        if self.length + t > self.owner.max_cache_len:
-            raise ValueError(f"the PrrCache holds max_cache_len={self.owner.max_cache_len} tokens per sequence; "
+        if self.length + t > self.owner.capacity:
+            raise ValueError(f"the PrrCache holds max_cache_len={self.owner.capacity} tokens per sequence; "
                              f"this call would make {self.length + t}")
         if self.kv is None:
             self.lazy_initialization(key_states, value_states)
@@ -158,7 +159,7 @@ class PrrLayer(CacheLayerMixin):
         return self.length
 
     def get_max_length(self) -> int:
-        return self.owner.max_cache_len
+        return self.owner.capacity
 
     def reset(self) -> None:
         self.__init__(self.owner, self.index)
@@ -202,7 +203,7 @@ class PrrCache(Cache):
         if window is not None and max_cache_len > window:
             raise ValueError(f"the model's layers use sliding_window={window}, prr attends the whole context: "
                              f"max_cache_len ({max_cache_len}) must be at most {window}")
-        self.settings, self.max_cache_len = settings, max_cache_len
+        self.settings, self.capacity = settings, max_cache_len
         self.num_layers = cfg.num_hidden_layers
         self.predictor: HoltPredictor | None = None
         self.step_stats: list = []
