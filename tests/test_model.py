@@ -115,7 +115,8 @@ def test_hf_checkpoint_directory_loads(tmp_path):
     save_file(hf, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "eos_token_id": 1}))
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "eos_token_id": 1,
+        "rms_norm_eps": 1e-5}))
     t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     t.save(str(tmp_path / "tokenizer.json"))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .rope import Rotary
 
 LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
@@ -36,9 +37,8 @@ class Llama:
         self.w = weights
         self.device = weights["embed"].device
         self.dtype = weights["embed"].dtype
-        half = cfg.head_dim // 2
-        inv = 1.0 / (cfg.rope_base ** (torch.arange(half, dtype=torch.float64) / half))
-        self._inv_freq = inv.float().to(self.device)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling, interleaved=cfg.rope_interleaved,
+                             device=self.device)
 
     def expected_names(self) -> list[str]:
         names = ["embed", "norm"] + ([] if self.cfg.tie_embeddings else ["lm_head"])
@@ -46,18 +46,9 @@ class Llama:
 
     # ---- pieces ------------------------------------------------------------------------------------------
     def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [..., T, H, D]`` at positions ``pos [..., T]``."""
-        ang = pos.float()[..., None] * self._inv_freq  # [..., T, D/2]
-        cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]
-        xf = x.float()
-        if self.cfg.rope_interleaved:  # adjacent pairs (2i, 2i+1)
-            a, b = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-        else:  # half split (i, i + D/2)
-            h = xf.shape[-1] // 2
-            a, b = xf[..., :h], xf[..., h:]
-            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        return out.to(x.dtype)
+        """Rotate ``x [..., T, H, D]`` at positions ``pos [..., T]`` (the config's RoPE variant, see
+        :mod:`prr.model.rope`)."""
+        return self.rotary.apply(x, pos)
 
     def qkv(self, i: int, x: torch.Tensor, pos: torch.Tensor):
         """``x [B, T, hidden]`` -> RoPE'd ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` of layer i."""

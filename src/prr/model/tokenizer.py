@@ -70,7 +70,11 @@ class Tokenizer:
 
         from tokenizers import Tokenizer as HFTokenizer
 
-        tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path} has no tokenizer.json (prr reads the fast tokenizer's file; "
+                                    "tokenizer.save_pretrained(path) writes it)")
+        tok = HFTokenizer.from_file(file)
         template, eos_ids = None, []
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(tc):

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_model_config
 from .llama import LAYER_WEIGHTS, Llama
 from .tokenizer import Tokenizer
 
@@ -62,6 +62,12 @@ def load_gguf(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig
     heads, kv = int(meta("attention.head_count")), int(meta("attention.head_count_kv"))
     hidden = int(meta("embedding_length"))
     names = {t.name for t in reader.tensors}
+    # llama.cpp writes RoPE scaling as metadata (linear, yarn) or as a rope_freqs tensor (Llama 3.1): not read
+    # here, so refused rather than computed as plain RoPE.
+    scaling = meta("rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported for GGUF files; "
+                         "load the Hugging Face directory instead")
     cfg = ModelConfig(
         vocab_size=int(meta("vocab_size", 0) or len(_field(reader, "tokenizer.ggml.tokens"))),
         hidden=hidden, ffn=int(meta("feed_forward_length")), num_layers=int(meta("block_count")),
@@ -102,34 +108,35 @@ def _collect(cfg: ModelConfig, get, embed: str, norm: str, head: str, layer_fmt:
 
 
 def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict, Tokenizer]:
+    """A Hugging Face Llama / Qwen2 / Mistral directory: ``config.json`` (either transformers format, see
+    :func:`prr.model.config.hf_rope`), ``tokenizer.json`` and ``*.safetensors``. Every tensor of the checkpoint
+    must be used: a bias or layer prr does not compute (``attention_bias``, ``mlp_bias``) is an error, not a
+    silently different model."""
     from safetensors.torch import load_file
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json")
     with open(cfg_path) as f:
         hc = json.load(f)
-    if hc.get("model_type") not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"{path}: model_type {hc.get('model_type')!r} is not supported (llama, qwen2, mistral)")
-    heads = hc["num_attention_heads"]
-    cfg = ModelConfig(
-        vocab_size=hc["vocab_size"], hidden=hc["hidden_size"], ffn=hc["intermediate_size"],
-        num_layers=hc["num_hidden_layers"], num_q_heads=heads, num_kv_heads=hc.get("num_key_value_heads", heads),
-        head_dim=hc.get("head_dim") or hc["hidden_size"] // heads, rope_base=float(hc.get("rope_theta", 10000.0)),
-        rms_eps=float(hc.get("rms_norm_eps", 1e-5)), tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
-        max_context=int(hc.get("max_position_embeddings", 8192)), rope_interleaved=False,
-        bos_token_id=hc.get("bos_token_id"), eos_token_id=hc.get("eos_token_id") if isinstance(
-            hc.get("eos_token_id"), int) else None)
+    cfg = hf_model_config(hc, where=cfg_path)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path} has no tokenizer.json (prr reads the fast tokenizer's file; "
+                                "tokenizer.save_pretrained(path) writes it)")
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors files (pickled checkpoints are not loaded)")
     raw = {}
     for f in files:
         raw.update(load_file(os.path.join(path, f)))
+    used = set()
 
     def get(name):
         if name not in raw:
             raise ValueError(f"{path}: tensor {name!r} is missing")
+        used.add(name)
         return raw[name].to(device=device, dtype=dtype)
 
     w = _collect(cfg, get, "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
@@ -138,7 +145,14 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConf
         for b, proj in (("bq", "q_proj"), ("bk", "k_proj"), ("bv", "v_proj")):  # Qwen2's biases
             key = f"model.layers.{i}.self_attn.{proj}.bias"
             if key in raw:
-                w[f"layers.{i}.{b}"] = raw[key].to(device=device, dtype=dtype)
+                w[f"layers.{i}.{b}"] = get(key)
+    # Tied checkpoints may still carry lm_head.weight (transformers ties it to the embedding); old ones may
+    # carry RoPE buffers (recomputed here).
+    left = sorted(n for n in raw if n not in used and not n.endswith("rotary_emb.inv_freq")
+                  and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if left:
+        raise ValueError(f"{path}: {len(left)} tensor(s) prr does not compute, e.g. {left[:3]} (biases of o_proj "
+                         "or the MLP, attention_bias / mlp_bias, are not supported)")
     return cfg, w, Tokenizer.from_hf_dir(path, hc)
 
 

@@ -1,0 +1,96 @@
+"""prr as a transformers attention implementation named ``"prr"``.
+
+Registered in transformers' own registries (``AttentionInterface`` for the attention function,
+``AttentionMaskInterface`` for its mask, which is SDPA's), so the model's modelling code runs unchanged: the
+prompt is attended by transformers' SDPA and stored into the :class:`prr.hf.PrrCache`; every decode call (one
+token per sequence) is attended by prr over that paged cache: dense, serialized DSA or PRR per layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import PrrCache, active_layer, check_model
+from .settings import PrrSettings
+
+NAME = "prr"
+
+
+def _padding_free(mask: torch.Tensor | None, q_len: int) -> bool:
+    """Whether a 4D mask (bool: True attends; float: 0 attends) is plain causal attention over the keys (a host
+    read, done once per prompt)."""
+    if mask is None:
+        return True
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    kv_len = keep.shape[-1]
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=keep.device).tril(diagonal=kv_len - q_len)
+    return bool((keep == causal).all())
+
+
+def prr_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs):
+    """transformers' attention-function signature: ``query [B, Hq, T, D]``, ``key, value [B, Hkv, T', D]``;
+    returns ``([B, T, Hq, D], None)``."""
+    layer = active_layer(module.layer_idx)
+    q_len = query.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is None:
+        if q_len == 1:
+            raise RuntimeError("prr attention decodes through a prr.hf.PrrCache: pass past_key_values=PrrCache(model, "
+                               "settings, max_cache_len=...) (or use prr.hf.generate)")
+        # No prr cache (a plain forward, use_cache=False): the prompt path alone, transformers' SDPA.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if q_len > 1:
+        if not _padding_free(attention_mask, q_len):
+            raise ValueError("prr.hf needs unpadded batches of equal-length prompts (the attention mask masks tokens)")
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+        layer.after_prefill(query, scale)
+        return out
+    if attention_mask is not None:  # SDPA's mask is None for an unpadded decode step
+        raise ValueError("prr.hf needs unpadded batches of equal-length prompts (the attention mask masks tokens)")
+    o = layer.decode(query[:, :, 0].contiguous(), scale)  # [B, Hq, D]
+    return o[:, None].to(query.dtype), None
+
+
+def register() -> None:
+    """Add ``"prr"`` to transformers' attention and mask registries (idempotent)."""
+    AttentionInterface.register(NAME, prr_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def enable(model):
+    """Make `model` (Llama, Qwen2 or Mistral) attend with prr; returns the model. Decode steps then need a
+    :class:`PrrCache` (``past_key_values=``), or use :func:`generate`."""
+    check_model(model)
+    register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(NAME)
+    else:
+        model.config._attn_implementation = NAME
+    return model
+
+
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its cache by (``cache`` from transformers 5.2x, ``past_key_values``
+    before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None, *, max_new_tokens: int,
+             **kwargs):
+    """``model.generate`` with prr attention and a fresh :class:`PrrCache` sized for the prompt plus
+    `max_new_tokens` (every other argument is transformers', e.g. ``do_sample``, ``temperature``)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        enable(model)
+    cache = PrrCache(model, settings, max_cache_len=input_ids.shape[1] + max_new_tokens)
+    return model.generate(input_ids, max_new_tokens=max_new_tokens, **{cache_kwarg(model): cache}, **kwargs)
