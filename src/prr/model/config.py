@@ -51,6 +51,7 @@ MODEL_PRESETS = {
     "smollm2-135m": ModelConfig(49152, 576, 1536, 30, 9, 3, 64, rope_base=100000.0, tie_embeddings=True,
                                 max_context=8192, rope_interleaved=True, bos_token_id=1, eos_token_id=2),
     "llama-3.1-8b": ModelConfig(128256, 4096, 14336, 32, 32, 8, 128, rope_base=500000.0, max_context=131072),
+    "llama-3.1-70b": ModelConfig(128256, 8192, 28672, 80, 64, 8, 128, rope_base=500000.0, max_context=131072),
     "glm-4-9b": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=10000.0, max_context=131072),
     "qwen3-8b": ModelConfig(151936, 4096, 12288, 36, 32, 8, 128, rope_base=1000000.0, max_context=131072),
 }

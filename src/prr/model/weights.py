@@ -101,7 +101,9 @@ def _collect(cfg: ModelConfig, get, embed: str, norm: str, head: str, layer_fmt:
     return w
 
 
-def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict, Tokenizer]:
+def load_hf_dir(path: str, dtype=torch.float32, device="cpu", shard=None) -> tuple[ModelConfig, dict, Tokenizer]:
+    """`shard(cfg, files)`, when given, returns the map of tensors to read instead of every file whole (tensor
+    parallelism: :class:`prr.model.tp.ShardedSafetensors` reads only this rank's slices)."""
     from safetensors.torch import load_file
 
     cfg_path = os.path.join(path, "config.json")
@@ -123,9 +125,12 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConf
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors files (pickled checkpoints are not loaded)")
-    raw = {}
-    for f in files:
-        raw.update(load_file(os.path.join(path, f)))
+    if shard is not None:  # tensor parallelism: this rank's slices, read when asked for
+        raw = shard(cfg, [os.path.join(path, f) for f in files])
+    else:
+        raw = {}
+        for f in files:
+            raw.update(load_file(os.path.join(path, f)))
 
     def get(name):
         if name not in raw:
