@@ -2,6 +2,9 @@
 gloo (2 processes on the host) against TP=1 — dense, DSA and PRR exact, float64 and float32."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from prr.model.tp import TensorParallel, load_model_tp, setup, shard_config, sha
 from prr.model.weights import HF_NAMES, random_weights
 
 STEPS = 6
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 SPARSE = prr.SparseConfig(top_k=4)  # 300-token prompt: 19 blocks of 16, 7 selected
 
 
@@ -85,39 +89,72 @@ def test_preset_loads_random_weights_at_the_rank_shapes(monkeypatch):
         load_model_tp("tiny-tp", TensorParallel(0, 3))
 
 
-def test_sharded_hf_checkpoint_reads_only_the_rank_slices(tmp_path):
-    """A Hugging Face directory loads per rank through safe_open's get_slice: the slices equal the in-memory
-    sharding of the full weights (Qwen2 biases included)."""
+def _write_hf_dir(path, cfg: ModelConfig, w: dict) -> None:
+    """A Qwen2-style checkpoint directory (biases included) split over two safetensors files, with a
+    word-level tokenizer (``w0`` ... ``w300``)."""
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg = chk.small_config()
-    w = chk.full_weights(cfg)
-    gen = torch.Generator().manual_seed(5)
-    for i in range(cfg.num_layers):
-        for b, n in (("bq", cfg.num_q_heads), ("bk", cfg.num_kv_heads), ("bv", cfg.num_kv_heads)):
-            w[f"layers.{i}.{b}"] = torch.randn(n * cfg.head_dim, generator=gen, dtype=torch.float64)
     hf = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["norm"], "lm_head.weight": w["lm_head"]}
     names = dict(HF_NAMES, bq="self_attn.q_proj", bk="self_attn.k_proj", bv="self_attn.v_proj")
     for i in range(cfg.num_layers):
         for ours, theirs in names.items():
             suffix = "bias" if ours.startswith("b") else "weight"
             hf[f"model.layers.{i}.{theirs}.{suffix}"] = w[f"layers.{i}.{ours}"].float().contiguous()
-    half = len(hf) // 2  # two files, as real checkpoints are split
     items = sorted(hf.items())
-    save_file(dict(items[:half]), str(tmp_path / "model-00001.safetensors"))
-    save_file(dict(items[half:]), str(tmp_path / "model-00002.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
+    save_file(dict(items[: len(items) // 2]), str(path / "model-00001.safetensors"))
+    save_file(dict(items[len(items) // 2 :]), str(path / "model-00002.safetensors"))
+    (path / "config.json").write_text(json.dumps({
         "model_type": "qwen2", "vocab_size": 301, "hidden_size": 64, "intermediate_size": 90, "num_hidden_layers": 3,
         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16, "max_position_embeddings": 512}))
-    from tokenizers import Tokenizer, models
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(301)}, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(path / "tokenizer.json"))
 
-    Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+
+def _with_biases(cfg: ModelConfig) -> dict:
+    w = chk.full_weights(cfg)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(cfg.num_layers):
+        for b, n in (("bq", cfg.num_q_heads), ("bk", cfg.num_kv_heads), ("bv", cfg.num_kv_heads)):
+            w[f"layers.{i}.{b}"] = torch.randn(n * cfg.head_dim, generator=gen, dtype=torch.float64)
+    return w
+
+
+def test_sharded_hf_checkpoint_reads_only_the_rank_slices(tmp_path):
+    """A Hugging Face directory loads per rank through safe_open's get_slice: the slices equal the in-memory
+    sharding of the full weights (Qwen2 biases included)."""
+    cfg = chk.small_config()
+    w = _with_biases(cfg)
+    _write_hf_dir(tmp_path, cfg, w)
     for rank in range(2):
         model, tok = load_model_tp(str(tmp_path), TensorParallel(rank, 2), dtype=torch.float32)
         want = shard_weights({k: t.float() for k, t in w.items()}, cfg, rank, 2)
         assert model.cfg == shard_config(cfg.replace(rope_base=model.cfg.rope_base), rank, 2)
         assert set(model.w) == set(want) and all(torch.equal(model.w[k], want[k]) for k in want)
-        assert model.tp.vocab_size == 301 and tok is not None
+        assert model.tp.vocab_size == 301 and tok.encode("w3 w5") == [3, 5]
+
+
+def test_torchrun_generate_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m prr generate` (gloo on the host): the same greedy tokens as one process;
+    only rank 0 prints and writes the JSON."""
+    from prr.cli import main
+
+    cfg = chk.small_config()
+    _write_hf_dir(tmp_path, cfg, _with_biases(cfg))
+    words = " ".join(f"w{int(i)}" for i in chk.prompt(cfg, batch=1, length=200)[0])
+    args = ["generate", "--model", str(tmp_path), "--prompt", words, "--no-chat", "--attention", "dsa", "--budget",
+            "112", "--dense-layers", "1", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prr", *args,
+                          "--tp", "2", "--json", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["tensor_parallel"] == 2 and one["tensor_parallel"] is None
+    assert one["tokens"] == two["tokens"] and len(one["tokens"]) == 6
+    assert run.stderr.count("tokens/s") == 1  # the summary line of rank 0 alone
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ must run the same steps in the same order (the engine does: every rank decodes t
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -251,6 +252,7 @@ def init_from_env(backend: str | None = None, device: str | None = None) -> tupl
     if not dist.is_initialized():
         kw = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, **kw)
+        atexit.register(dist.destroy_process_group)  # a clean exit, without NCCL's warning
     return TensorParallel(rank, world, backend), dev
 
 
