@@ -218,14 +218,13 @@ class TensorParallel:
             return torch.cat([x] * self.world, dim=-1)[..., : self.vocab_size]
         import torch.distributed as dist
 
-        x = x.contiguous()
-        if self.backend != "nccl":
-            parts = [torch.empty_like(x, device="cpu") for _ in range(self.world)]
-            dist.all_gather(parts, x.cpu())
-            out = torch.stack(parts).to(x.device)
-        else:  # one collective into a [N, ...] buffer: capturable in a CUDA graph
-            out = x.new_empty((self.world, *x.shape))
-            dist.all_gather_into_tensor(out, x)
+        # One collective, the ranks' parts concatenated along dim 0 (capturable in a CUDA graph); torch 2.13
+        # renamed all_gather_into_tensor to all_gather_single.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        y = (x.cpu() if self._on_host(x) else x).contiguous()
+        out = y.new_empty((self.world * y.shape[0], *y.shape[1:]))
+        gather(out, y)
+        out = out.view(self.world, *y.shape).to(x.device)
         return out.movedim(0, -2).flatten(-2)[..., : self.vocab_size]
 
 
