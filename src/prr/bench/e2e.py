@@ -102,7 +102,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     rows = []
     for ctx_asked in contexts:
         # "128K" is the whole window of a 128K model: leave room for the decoded tokens.
-        spare = (steps + 2) * (2 if split else 1)  # tensor parallel: a second timed run, without collectives
+        # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
+        spare = (steps + 2) * (1 if tp is None else 2)
         ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
