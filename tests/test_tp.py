@@ -68,6 +68,14 @@ def test_presets_and_errors():
     assert tp == TensorParallel() and dev == "cpu"
 
 
+def test_single_process_commands_refuse_torchrun(monkeypatch, capsys):
+    from prr.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo"]) == 2
+    assert "prr demo runs in one process; under torchrun run prr generate or prr bench e2e" in capsys.readouterr().err
+
+
 def test_tp1_path_equals_the_plain_model():
     """--tp 1 runs the tensor-parallel code path (its loader, embedding and logits hooks) with no collective:
     the same logits as the plain model, bit for bit."""

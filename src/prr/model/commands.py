@@ -17,10 +17,12 @@ def _sparse_cfg(args):
 
 
 def _load(args):
-    from .tp import load_model_tp, setup
+    from .tp import load_model_tp, setup, world_size_from_env
     from .weights import load_model
 
     # Tensor parallelism: under torchrun (or with --tp) this process is one rank and loads only its slices.
+    if not hasattr(args, "tp") and world_size_from_env() > 1:
+        raise ValueError(f"prr {args.command} runs in one process; under torchrun run prr generate or prr bench e2e")
     tp, device = setup(getattr(args, "tp", None), args.device, getattr(args, "tp_backend", None))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
