@@ -60,11 +60,17 @@ def _cmd_bench_layer(args) -> int:
 def _cmd_bench_e2e(args) -> int:
     if _no_cuda("e2e"):
         return 2
+    from ..model.tp import setup
     from . import e2e, kernels
 
+    # Tensor parallelism: under torchrun every rank runs this; rank 0 alone prints and writes.
+    tp, _ = setup(args.tp, None, args.tp_backend)
+    if tp is not None and tp.world > 1 and tp.backend != "nccl":
+        raise ValueError("bench e2e under tensor parallelism captures the step in a CUDA graph: use the nccl "
+                         "backend (one GPU per rank)")
     e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
-            ratio=args.ratio)
+            ratio=args.ratio, tp=tp)
     print(f"saved {args.out}")
     return 0
 
@@ -92,6 +98,8 @@ def _cmd_bench_show(args) -> int:
 
 
 def register(sub) -> None:
+    from ..model.commands import tp_args
+
     bench = sub.add_parser("bench", help="GPU benchmarks (results saved as JSON)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     s = bsub.add_parser("kernels", help="every kernel at real attention shapes vs dense SDPA and plain PyTorch")
@@ -124,6 +132,7 @@ def register(sub) -> None:
     s.add_argument("--dense-layers", type=int, default=2)
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--out", default="results/bench_e2e.json")
+    tp_args(s)
     s.set_defaults(func=_cmd_bench_e2e)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
     s.add_argument("file")

@@ -6,6 +6,11 @@ captured in one CUDA graph and replayed; the median replay (CUDA events) is the 
 floor of a token is the weights plus, per layer, what its attention must read (all KV for dense layers; block
 metadata plus the selected KV for sparse ones). PRR starts from an empty predictor (no prompt to calibrate
 on; random KV gives no temporal locality anyway), so its hit rate here is not a real-model number.
+
+Under tensor parallelism (``torchrun --nproc-per-node N -m prr bench e2e``, NCCL) each rank holds its slices and
+captures its whole step, collectives included, in one CUDA graph; rank 0's times are reported, its floor counts
+its own bytes, and two more numbers give the collectives' share of the step: the step recaptured without them
+(same kernels, wrong numbers) and the step's collectives alone in one graph.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 from ..algo.sparse import SparseConfig
 from ..model.engine import Engine
+from ..model.tp import TensorParallel, is_main, load_model_tp
 from ..model.weights import load_model
 from .common import copy_bandwidth_tbps, environment
 from .kernels import _label, _metadata_bytes
@@ -37,26 +43,74 @@ def _time_steps(eng: Engine, steps: int) -> list[float]:
     return out
 
 
+def _collectives_us(tp: TensorParallel, eng: Engine, steps: int) -> float:
+    """The collectives of one decode step alone, captured in one graph: the embedding's all-reduce, two
+    all-reduces of ``[B, 1, hidden]`` per layer, the logits' all-gather."""
+    c, b = eng.model.cfg, eng.caches[0].batch
+    x = torch.zeros(b, 1, c.hidden, dtype=eng.model.dtype, device="cuda")
+    lg = torch.zeros(b, c.vocab_size, dtype=torch.float32, device="cuda")
+
+    def body():
+        for _ in range(1 + 2 * c.num_layers):
+            tp.all_reduce(x)
+        tp.gather_logits(lg)
+
+    body()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    out = []
+    for _ in range(steps):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(e) * 1e3)
+    return statistics.median(out)
+
+
+def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
+    tp = eng.model.tp
+    tp.comm = False  # the same step without its collectives: every rank runs alone
+    try:
+        eng.capture_decode()
+        bare = statistics.median(_time_steps(eng, steps))
+    finally:
+        tp.comm = True
+        eng._graph = None
+    alone = _collectives_us(tp, eng, steps)
+    return {"step_without_collectives_us": round(bare, 1), "collectives_share": round(1 - bare / med, 3),
+            "collectives_alone_us": round(alone, 1), "collectives_alone_share": round(alone / med, 3)}
+
+
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
-        steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0) -> dict:
+        steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None) -> dict:
     import json
     import os
 
     copy = copy_bandwidth_tbps()
-    model, _ = load_model(model_name, dtype=torch.bfloat16, device="cuda")
+    if tp is None:
+        model, _ = load_model(model_name, dtype=torch.bfloat16, device="cuda")
+    else:  # this rank's slices (random weights at the rank's shapes)
+        model, _ = load_model_tp(model_name, tp, dtype=torch.bfloat16, device=torch.cuda.current_device())
+    split = tp is not None and tp.world > 1
     c = model.cfg
     weights_b = sum(t.numel() * t.element_size() for t in model.w.values())
     cfg = SparseConfig.from_budget(method, budget)
     rows = []
     for ctx_asked in contexts:
         # "128K" is the whole window of a 128K model: leave room for the decoded tokens.
-        ctx = min(ctx_asked, c.max_context - steps - 2)
+        # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
+        spare = (steps + 2) * (1 if tp is None else 2)
+        ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
             for attention in tqdm(("dense", "dsa", "prr"), desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 eng = Engine(model, None, attention=attention, sparse=cfg, ratio=ratio,
                              n_dense_layers=n_dense_layers)
-                eng.fill_random(b, ctx, steps + 2)
+                eng.fill_random(b, ctx, spare)
                 eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
                 eng.capture_decode()
                 times = _time_steps(eng, steps)
@@ -73,6 +127,10 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                        "steps_us": [round(t, 1) for t in times]}
                 if attention == "prr":
                     row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
+                if tp is not None:
+                    row["tp"] = tp.world
+                if split:
+                    row.update(_tp_columns(eng, steps, med))
                 res[attention] = row
                 rows.append(row)
                 del eng
@@ -80,16 +138,20 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
             for r in res.values():
                 r["speedup_vs_dense"] = round(res["dense"]["median_us"] / r["median_us"], 3)
                 r["speedup_vs_dsa"] = round(res["dsa"]["median_us"] / r["median_us"], 3)
+    if not is_main(tp):
+        return {"rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"schema": "prr-bench/1", "bench": "e2e", "env": environment(),
                    "meta": {"copy_tbps": copy, "model": model_name, "method": method, "budget": budget,
-                            "n_dense_layers": n_dense_layers, "ratio": ratio, "weights_bytes": weights_b},
+                            "n_dense_layers": n_dense_layers, "ratio": ratio, "weights_bytes": weights_b,
+                            "tensor_parallel": None if tp is None else tp.world},
                    "rows": rows}, f, indent=1)
     print(f"{'context':>8} {'batch':>5} {'attention':>9} {'ms/token':>9} {'tok/s':>8} {'x floor':>8} {'vs dense':>9} "
           f"{'vs DSA':>7}")
     for r in rows:
         print(f"{_label(r['context']):>8} {r['batch']:>5} {r['attention']:>9} {r['ms_per_token']:>9.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['x_floor']:>8.2f} {r['speedup_vs_dense']:>9.2f} "
-              f"{r['speedup_vs_dsa']:>7.2f}")
+              f"{r['speedup_vs_dsa']:>7.2f}" + (f" collectives {100 * r['collectives_share']:.0f}%"
+                                                 if "collectives_share" in r else ""))
     return {"rows": rows}

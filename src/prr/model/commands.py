@@ -17,11 +17,19 @@ def _sparse_cfg(args):
 
 
 def _load(args):
+    from .tp import load_model_tp, setup, world_size_from_env
     from .weights import load_model
 
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Tensor parallelism: under torchrun (or with --tp) this process is one rank and loads only its slices.
+    if not hasattr(args, "tp") and world_size_from_env() > 1:
+        raise ValueError(f"prr {args.command} runs in one process; under torchrun run prr generate or prr bench e2e")
+    tp, device = setup(getattr(args, "tp", None), args.device, getattr(args, "tp_backend", None))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    print(f"loading {args.model} on {dev} ...", file=sys.stderr)
+    print(f"loading {args.model} on {dev} ..." + (f" (tensor parallel over {tp.world} ranks)" if tp else ""),
+          file=sys.stderr)
+    if tp is not None:
+        return load_model_tp(args.model, tp, dtype=dtype, device=dev)
     return load_model(args.model, dtype=dtype, device=dev)
 
 
@@ -51,7 +59,7 @@ def _cmd_generate(args) -> int:
         sys.stdout.write(tok.decode([t]))
         sys.stdout.flush()
 
-    _, st = eng.generate(ids, args.max_new_tokens, on_token=show)
+    out, st = eng.generate(ids, args.max_new_tokens, on_token=show)
     print()
     s = st.summary()
     line = (f"[{args.attention}] prefill {s['prefill_s']:.2f} s | {s['new_tokens']} tokens, {s['ms_per_token']:.1f} "
@@ -61,9 +69,10 @@ def _cmd_generate(args) -> int:
     if args.attention == "prr":
         line += f" | hit rate {s['hit_rate']:.3f}"
     print(line, file=sys.stderr)
-    if args.json:
+    if args.json and getattr(model.tp, "rank", 0) == 0:  # tensor parallel: rank 0 writes
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": s}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": s,
+                       "tensor_parallel": getattr(model.tp, "world", None), "tokens": out}, f, indent=1)
     return 0
 
 
@@ -169,6 +178,14 @@ def _cmd_locality(args) -> int:
     return 0
 
 
+def tp_args(s) -> None:
+    """Tensor parallelism: launch with `torchrun --nproc-per-node N -m prr ...` (the world size decides)."""
+    s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks; must equal torchrun's "
+                   "--nproc-per-node (1: the tensor-parallel code path on one device)")
+    s.add_argument("--tp-backend", default=None, choices=["nccl", "gloo"],
+                   help="default: nccl on CUDA (one GPU per rank), gloo on the CPU or several ranks on one GPU")
+
+
 def register(sub) -> None:
     def model_args(s, budget):
         s.add_argument("--model", default="smollm2", help="smollm2 (bundled), a .gguf file, a Hugging Face "
@@ -189,6 +206,7 @@ def register(sub) -> None:
     s.add_argument("--attention", default="prr", choices=["dense", "dsa", "prr"])
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the model's chat template (default on)")
+    tp_args(s)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("demo", help="the main job: a long offline prompt answered by dense, DSA and PRR")

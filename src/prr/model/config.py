@@ -57,6 +57,8 @@ MODEL_PRESETS = {
                                 max_context=8192, rope_interleaved=True, bos_token_id=1, eos_token_id=2),
     "llama-3.1-8b": ModelConfig(128256, 4096, 14336, 32, 32, 8, 128, rope_base=500000.0, max_context=131072,
                                 rope_scaling=RopeScaling("llama3", 8.0, original_max_position=8192)),
+    "llama-3.1-70b": ModelConfig(128256, 8192, 28672, 80, 64, 8, 128, rope_base=500000.0, max_context=131072,
+                                 rope_scaling=RopeScaling("llama3", 8.0, original_max_position=8192)),
     "glm-4-9b": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=10000.0, max_context=131072),
     "qwen3-8b": ModelConfig(151936, 4096, 12288, 36, 32, 8, 128, rope_base=1000000.0, max_context=131072),
 }

@@ -29,8 +29,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Llama:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], tp=None):
         self.cfg = cfg
+        # Tensor parallelism (prr.model.tp.TensorParallel): sums the row-parallel projections (wo, w_down) over
+        # the ranks and owns the vocabulary-sharded embedding and LM head; None on one device.
+        self.tp = tp
         missing = [k for k in self.expected_names() if k not in weights]
         if missing:
             raise ValueError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -63,14 +66,21 @@ class Llama:
     def mlp_residual(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``x + wo(attn)``, then the SwiGLU block with its residual."""
         c, p = self.cfg, f"layers.{i}."
-        x = x + F.linear(attn, self.w[p + "wo"])
+        x = x + self._reduce(F.linear(attn, self.w[p + "wo"]))
         h = rms_norm(x, self.w[p + "ffn_norm"], c.rms_eps)
-        return x + F.linear(F.silu(F.linear(h, self.w[p + "w_gate"])) * F.linear(h, self.w[p + "w_up"]),
-                            self.w[p + "w_down"])
+        h = F.silu(F.linear(h, self.w[p + "w_gate"])) * F.linear(h, self.w[p + "w_up"])
+        return x + self._reduce(F.linear(h, self.w[p + "w_down"]))
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp is None else self.tp.all_reduce(x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.w["embed"]) if self.tp is None else self.tp.embed(tokens, self.w["embed"])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.w["norm"], self.cfg.rms_eps)
-        return F.linear(h, self.w["embed"] if self.cfg.tie_embeddings else self.w["lm_head"]).float()
+        out = F.linear(h, self.w["embed"] if self.cfg.tie_embeddings else self.w["lm_head"]).float()
+        return out if self.tp is None else self.tp.gather_logits(out)
 
     # ---- passes ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -84,7 +94,7 @@ class Llama:
         if t > c.max_context:
             raise ValueError(f"the prompt has {t} tokens, more than the model's context ({c.max_context})")
         pos = torch.arange(t, device=self.device).expand(b, t)
-        x = F.embedding(tokens, self.w["embed"])
+        x = self.embed(tokens)
         g = c.num_q_heads // c.num_kv_heads
         for i in range(c.num_layers):
             q, k, v = self.qkv(i, x, pos)
@@ -107,7 +117,7 @@ class Llama:
         """One token per sequence: ``tokens [B]`` at positions ``pos [B]``. ``attend(layer, q [B, Hq, D],
         k [B, Hkv, D], v [B, Hkv, D])`` stores k, v and returns the attention output ``[B, Hq, D]``.
         Returns logits ``[B, V]`` (float32)."""
-        x = F.embedding(tokens[:, None], self.w["embed"])  # [B, 1, hidden]
+        x = self.embed(tokens[:, None])  # [B, 1, hidden]
         p = pos[:, None]
         for i in range(self.cfg.num_layers):
             q, k, v = self.qkv(i, x, p)

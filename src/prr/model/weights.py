@@ -107,11 +107,13 @@ def _collect(cfg: ModelConfig, get, embed: str, norm: str, head: str, layer_fmt:
     return w
 
 
-def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict, Tokenizer]:
+def load_hf_dir(path: str, dtype=torch.float32, device="cpu", shard=None) -> tuple[ModelConfig, dict, Tokenizer]:
     """A Hugging Face Llama / Qwen2 / Mistral directory: ``config.json`` (either transformers format, see
     :func:`prr.model.config.hf_rope`), ``tokenizer.json`` and ``*.safetensors``. Every tensor of the checkpoint
     must be used: a bias or layer prr does not compute (``attention_bias``, ``mlp_bias``) is an error, not a
-    silently different model."""
+    silently different model. `shard(cfg, files)`, when given, returns the map of tensors to read instead of
+    every file whole (tensor parallelism: :class:`prr.model.tp.ShardedSafetensors` reads only this rank's
+    slices)."""
     from safetensors.torch import load_file
 
     if not os.path.isdir(path):
@@ -128,9 +130,12 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConf
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors files (pickled checkpoints are not loaded)")
-    raw = {}
-    for f in files:
-        raw.update(load_file(os.path.join(path, f)))
+    if shard is not None:  # tensor parallelism: this rank's slices, read when asked for
+        raw = shard(cfg, [os.path.join(path, f) for f in files])
+    else:
+        raw = {}
+        for f in files:
+            raw.update(load_file(os.path.join(path, f)))
     used = set()
 
     def get(name):
