@@ -20,26 +20,34 @@ from ..merge.triton import merge_partials
 
 
 @triton.jit
-def _block_tokens(blk, m_c, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr):
+def _block_tokens(blk, m_c, seq_len, pt_row, CAP, NPAGES, CHUNK: tl.constexpr, BS: tl.constexpr,
+                  PAGE: tl.constexpr):
     """The tokens of CHUNK blocks ``blk [CHUNK]`` (valid where ``m_c``) as one flat tile of ``T = CHUNK * BS``
-    positions: (slot of each token ``[T]``, physical page ``[T]`` int64, offset in page ``[T]``, mask ``[T]``)."""
+    positions: (slot of each token ``[T]``, physical page ``[T]`` int64, offset in page ``[T]``, mask ``[T]``).
+
+    Never reads outside the tensors whatever the indices (a CUDA launch cannot check them without a host
+    sync): tokens outside ``[0, min(seq_len, CAP))`` are masked (CAP: the page table's row, in tokens) and
+    physical pages are clamped into the pool's ``NPAGES``. Valid inputs are unaffected; invalid ones give
+    wrong numbers, not memory faults (the CPU reference and ``prr.set_debug`` reject them)."""
     T: tl.constexpr = CHUNK * BS
     tok = tl.reshape(blk[:, None] * BS + tl.arange(0, BS)[None, :], (T,))
     slot = tl.reshape(tl.broadcast_to(tl.arange(0, CHUNK)[:, None], (CHUNK, BS)), (T,))
-    m_t = tl.reshape(tl.broadcast_to(m_c[:, None], (CHUNK, BS)), (T,)) & (tok < seq_len)
-    phys = tl.load(pt_row + tok // PAGE, mask=m_t, other=0).to(tl.int64)
+    m_t = tl.reshape(tl.broadcast_to(m_c[:, None], (CHUNK, BS)), (T,))
+    m_t = m_t & (tok < seq_len) & (tok >= 0) & (tok < CAP)
+    phys = tl.load(pt_row + tok // PAGE, mask=m_t, other=0)
+    phys = tl.minimum(tl.maximum(phys, 0), NPAGES - 1).to(tl.int64)
     return slot, phys, (tok % PAGE).to(tl.int64), m_t
 
 
 @triton.jit
-def _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK: tl.constexpr, BS: tl.constexpr,
+def _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CAP, NPAGES, CHUNK: tl.constexpr, BS: tl.constexpr,
                   PAGE: tl.constexpr):
     """The tokens of slots ``c0 .. c0+CHUNK-1`` of a selection row (see :func:`_block_tokens`). All block ids
     are loaded at once, then all page ids: two dependent loads per chunk, not two per block."""
     i_c = c0 + tl.arange(0, CHUNK)
     m_c = i_c < end
     blk = tl.load(idx_row + i_c, mask=m_c, other=0)
-    return _block_tokens(blk, m_c, seq_len, pt_row, CHUNK, BS, PAGE)
+    return _block_tokens(blk, m_c, seq_len, pt_row, CAP, NPAGES, CHUNK, BS, PAGE)
 
 
 @triton.jit
@@ -107,7 +115,7 @@ def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, idx_ptr, cnt_ptr,
     so_ptr, slse_ptr,  # split states: [B, Hq, NSPLIT, D] fp32, [B, Hq, NSPLIT] fp32
     bo_ptr, blse_ptr,  # slot states:  [B, Hq, K, D] fp32,      [B, Hq, K] fp32
-    scale, HKV, K, SLOTS_PER_SPLIT, NSPLIT,
+    scale, HKV, K, SLOTS_PER_SPLIT, NSPLIT, CAP, NPAGES,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_ib, s_ih, s_cb, s_ch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
@@ -120,13 +128,13 @@ def _sparse_decode_kernel(
     pt_row = pt_ptr + i_b * s_ptb
     idx_row = idx_ptr + i_b * s_ib + i_h * s_ih
     start = i_split * SLOTS_PER_SPLIT
-    end = tl.minimum(start + SLOTS_PER_SPLIT, cnt)
+    end = tl.minimum(tl.minimum(start + SLOTS_PER_SPLIT, cnt), K)  # counts past K_max read no other row
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     for c0 in range(start, end, CHUNK):
-        _, phys, off, m_t = _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CHUNK, BS, PAGE)
+        _, phys, off, m_t = _chunk_tokens(idx_row, c0, end, seq_len, pt_row, CAP, NPAGES, CHUNK, BS, PAGE)
         s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
                                D, PREC)
         if WRITE_BLOCKS:  # each slot's own state: the tile seen as [CHUNK, G_PAD, BS], one batched dot
@@ -219,7 +227,7 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
         q, cache.k, cache.v, pt, lens, idx, cnt,
         so if so is not None else dummy, slse if slse is not None else dummy,
         bo if bo is not None else dummy, blse if blse is not None else dummy,
-        scale, hkv, kmax, per, nsplit,
+        scale, hkv, kmax, per, nsplit, pt.shape[1] * cache.page_size, cache.k.shape[0],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], pt.stride(0),
         idx.stride(0), idx.stride(1), cnt.stride(0), cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,

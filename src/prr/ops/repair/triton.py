@@ -37,7 +37,7 @@ def _repair_kernel(
     p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
     bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
     so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
-    scale, HKV, KP, PER, NSPLIT,
+    scale, HKV, KP, KS, PER, NSPLIT, CAP, NPAGES,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
@@ -51,10 +51,10 @@ def _repair_kernel(
     pt_row = pt_ptr + i_b * s_ptb
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
     i_p = tl.arange(0, KP_PAD)
-    p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=i_p < p_cnt, other=-1)
+    p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=(i_p < p_cnt) & (i_p < KP), other=-1)
     s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
     start = i_split * PER
-    end = tl.minimum(start + PER, s_cnt)
+    end = tl.minimum(tl.minimum(start + PER, s_cnt), KS)  # counts past K_max read no other row
     i_r = tl.arange(0, PER_PAD)
     s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + start + i_r, mask=start + i_r < end, other=-2)
 
@@ -89,7 +89,7 @@ def _repair_kernel(
     for r0 in range(0, n_miss, CHUNK):
         one = (rank[None, :] == (r0 + i_c)[:, None]) & (miss[None, :] > 0)  # [CHUNK, PER_PAD]
         blk = tl.sum(tl.where(one, s_blk[None, :], 0), axis=1)
-        _, phys, off, m_t = _block_tokens(blk, r0 + i_c < n_miss, seq_len, pt_row, CHUNK, BS, PAGE)
+        _, phys, off, m_t = _block_tokens(blk, r0 + i_c < n_miss, seq_len, pt_row, CAP, NPAGES, CHUNK, BS, PAGE)
         s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
                                D, PREC)
         m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
@@ -127,7 +127,7 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
         block_o if exact else so, block_lse if exact else slse, so, slse,
-        scale, hkv, kp, per, nsplit,
+        scale, hkv, kp, ks, per, nsplit, cache.page_table.shape[1] * cache.page_size, cache.k.shape[0],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
