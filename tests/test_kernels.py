@@ -531,3 +531,22 @@ def test_kernels_never_read_outside_their_tensors_on_bad_indices():
     wild.page_table[1, 3] = 1_000_000
     o, lse = attn_kernels.sparse_decode(q, wild, good.to(DEVICE), cnt_good.to(DEVICE), 16)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+
+def test_metadata_append_kernels_touch_nothing_on_lengths_outside_the_cache():
+    """seq_lens of 0 or past the capacity (unchecked on CUDA): the append kernels leave the metadata as it was
+    instead of writing outside it."""
+    from prr.ops.metadata import triton as meta_kernels
+
+    base = make_cache([64, 40], hkv=2, d=64, capacity=64)
+    cache = _to(base, LOWP[-1])
+    kmin, kmax = prr.quest_metadata(cache, 16)
+    ck = prr.infllm_metadata(cache, 32, 16)
+    before = [t.clone() for t in (kmin, kmax, ck)]
+    wild = prr.KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens.clone())
+    for lens in ([0, 0], [10_000, 65]):
+        wild.seq_lens.copy_(torch.tensor(lens, dtype=wild.seq_lens.dtype))
+        meta_kernels.quest_metadata_append(kmin, kmax, wild, 16)
+        meta_kernels.infllm_metadata_append(ck, wild, 32, 16)
+    for t, b in zip((kmin, kmax, ck), before, strict=True):
+        assert torch.equal(t, b)
