@@ -244,3 +244,25 @@ def test_measure_steps_runs_dsa_and_prr_over_the_given_prediction():
     torch.testing.assert_close(seen["prr"][0][0], seen["dsa"][0][0], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="does not match"):
         measure_steps(cache, meta, q, p_idx, p_cnt, k + 1, timer=timer)
+
+
+def test_confirm_best_keeps_the_k_that_measured_best_not_the_modelled_one():
+    """The model picks the largest K' that hides under the selection; contention can make it lose while a
+    smaller K' wins (GLM-4-9B b1 32K / 8192 on the H200): the confirmation times the candidates and keeps the
+    best; failures are skipped, and with nothing measured speculation stays off."""
+    from prr.runtime.budget import choose_budget, confirm_best
+
+    t_spec = {64: 10.0, 128: 20.0, 192: 30.0}
+    t_rep = {64: 12.0, 128: 8.0, 192: 6.0}
+    dec = choose_budget(30.0, 20.0, t_spec, t_rep)
+    assert dec.enabled and dec.spec_k == 192  # the model's choice: the largest K' that hides
+    measured = {64: (50.0, 46.0), 128: (50.0, 40.0), 192: (50.0, 51.0)}  # 192 loses once timed, 128 wins
+    got = confirm_best(dec, 30.0, 20.0, t_spec, t_rep, measured.__getitem__)
+    assert got.enabled and got.spec_k == 128 and abs(got.gain - 0.2) < 1e-9
+
+    def fails(k):
+        raise RuntimeError("capture failed")
+
+    assert not confirm_best(dec, 30.0, 20.0, t_spec, t_rep, fails).enabled
+    off = choose_budget(30.0, 1.0, t_spec, t_rep)
+    assert not off.enabled and confirm_best(off, 30.0, 1.0, t_spec, t_rep, measured.__getitem__) is off
