@@ -70,7 +70,7 @@ def _cmd_bench_e2e(args) -> int:
                          "backend (one GPU per rank)")
     e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
-            ratio=args.ratio, tp=tp)
+            ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","))
     print(f"saved {args.out}")
     return 0
 
@@ -131,6 +131,8 @@ def register(sub) -> None:
     s.add_argument("--ratio", type=float, default=1.0)
     s.add_argument("--dense-layers", type=int, default=2)
     s.add_argument("--steps", type=int, default=12)
+    s.add_argument("--attentions", default="dense,dsa,prr", help="which of dense, dsa, prr to time")
+    s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
     s.add_argument("--out", default="results/bench_e2e.json")
     tp_args(s)
     s.set_defaults(func=_cmd_bench_e2e)

@@ -86,13 +86,14 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 
 
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
-        steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None) -> dict:
+        steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
+        fuse: bool = True, attentions=("dense", "dsa", "prr")) -> dict:
     import json
     import os
 
     copy = copy_bandwidth_tbps()
     if tp is None:
-        model, _ = load_model(model_name, dtype=torch.bfloat16, device="cuda")
+        model, _ = load_model(model_name, dtype=torch.bfloat16, device="cuda", fuse=fuse)
     else:  # this rank's slices (random weights at the rank's shapes)
         model, _ = load_model_tp(model_name, tp, dtype=torch.bfloat16, device=torch.cuda.current_device())
     split = tp is not None and tp.world > 1
@@ -107,7 +108,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
-            for attention in tqdm(("dense", "dsa", "prr"), desc=f"e2e {_label(ctx)} b{b}", leave=False):
+            for attention in tqdm(attentions, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 eng = Engine(model, None, attention=attention, sparse=cfg, ratio=ratio,
                              n_dense_layers=n_dense_layers)
                 eng.fill_random(b, ctx, spare)
@@ -136,8 +137,10 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                 del eng
                 torch.cuda.empty_cache()
             for r in res.values():
-                r["speedup_vs_dense"] = round(res["dense"]["median_us"] / r["median_us"], 3)
-                r["speedup_vs_dsa"] = round(res["dsa"]["median_us"] / r["median_us"], 3)
+                r["fused_projections"] = fuse
+                for base in ("dense", "dsa"):
+                    if base in res:
+                        r[f"speedup_vs_{base}"] = round(res[base]["median_us"] / r["median_us"], 3)
     if not is_main(tp):
         return {"rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -145,13 +148,14 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         json.dump({"schema": "prr-bench/1", "bench": "e2e", "env": environment(),
                    "meta": {"copy_tbps": copy, "model": model_name, "method": method, "budget": budget,
                             "n_dense_layers": n_dense_layers, "ratio": ratio, "weights_bytes": weights_b,
+                            "fused_projections": fuse,
                             "tensor_parallel": None if tp is None else tp.world},
                    "rows": rows}, f, indent=1)
     print(f"{'context':>8} {'batch':>5} {'attention':>9} {'ms/token':>9} {'tok/s':>8} {'x floor':>8} {'vs dense':>9} "
           f"{'vs DSA':>7}")
     for r in rows:
         print(f"{_label(r['context']):>8} {r['batch']:>5} {r['attention']:>9} {r['ms_per_token']:>9.3f} "
-              f"{r['tokens_per_s']:>8.1f} {r['x_floor']:>8.2f} {r['speedup_vs_dense']:>9.2f} "
-              f"{r['speedup_vs_dsa']:>7.2f}" + (f" collectives {100 * r['collectives_share']:.0f}%"
+              f"{r['tokens_per_s']:>8.1f} {r['x_floor']:>8.2f} {r.get('speedup_vs_dense', float('nan')):>9.2f} "
+              f"{r.get('speedup_vs_dsa', float('nan')):>7.2f}" + (f" collectives {100 * r['collectives_share']:.0f}%"
                                                  if "collectives_share" in r else ""))
     return {"rows": rows}

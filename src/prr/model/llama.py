@@ -29,7 +29,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Llama:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], tp=None):
+    """``fuse``: one matrix for q, k, v and one for gate and up per layer (built once here; the dict's ``wq``,
+    ``wk``, ``wv``, ``w_gate``, ``w_up`` become views into them, so no memory is added): a decode step then
+    launches two matrix-vector products fewer per layer and reads the same bytes."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], tp=None, fuse: bool = True):
         self.cfg = cfg
         # Tensor parallelism (prr.model.tp.TensorParallel): sums the row-parallel projections (wo, w_down) over
         # the ranks and owns the vocabulary-sharded embedding and LM head; None on one device.
@@ -42,6 +46,32 @@ class Llama:
         self.dtype = weights["embed"].dtype
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling, interleaved=cfg.rope_interleaved,
                              device=self.device)
+        self._qkv: dict[int, tuple] = {}
+        self._gate_up: dict[int, torch.Tensor] = {}
+        if fuse:
+            for i in range(cfg.num_layers):
+                self._fuse_layer(i)
+
+    def _fuse_layer(self, i: int) -> None:
+        p, w = f"layers.{i}.", self.w
+        qkv = [w[p + n] for n in ("wq", "wk", "wv")]
+        if len({(t.dtype, t.device, t.shape[1]) for t in qkv}) != 1:
+            return  # mixed layouts (e.g. a quantized loader's leftovers): keep the separate products
+        sizes = [t.shape[0] for t in qkv]
+        fused = torch.cat(qkv)
+        for n, view in zip(("wq", "wk", "wv"), fused.split(sizes), strict=True):
+            w[p + n] = view  # the separate tensors are released; the dict stays complete
+        bias = None
+        if all(p + b in w for b in ("bq", "bk", "bv")):
+            bias = torch.cat([w[p + b] for b in ("bq", "bk", "bv")])
+            for n, view in zip(("bq", "bk", "bv"), bias.split(sizes), strict=True):
+                w[p + n] = view
+        elif any(p + b in w for b in ("bq", "bk", "bv")):
+            return  # partial biases: keep the separate products
+        self._qkv[i] = (fused, bias, sizes)
+        gu = torch.cat([w[p + "w_gate"], w[p + "w_up"]])
+        w[p + "w_gate"], w[p + "w_up"] = gu.chunk(2)
+        self._gate_up[i] = gu
 
     def expected_names(self) -> list[str]:
         names = ["embed", "norm"] + ([] if self.cfg.tie_embeddings else ["lm_head"])
@@ -57,10 +87,15 @@ class Llama:
         """``x [B, T, hidden]`` -> RoPE'd ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` of layer i."""
         c, p = self.cfg, f"layers.{i}."
         h = rms_norm(x, self.w[p + "attn_norm"], c.rms_eps)
-        b, t, _ = x.shape
-        q = F.linear(h, self.w[p + "wq"], self.w.get(p + "bq")).view(b, t, c.num_q_heads, c.head_dim)
-        k = F.linear(h, self.w[p + "wk"], self.w.get(p + "bk")).view(b, t, c.num_kv_heads, c.head_dim)
-        v = F.linear(h, self.w[p + "wv"], self.w.get(p + "bv")).view(b, t, c.num_kv_heads, c.head_dim)
+        if i in self._qkv:
+            fused, bias, sizes = self._qkv[i]
+            q, k, v = F.linear(h, fused, bias).split(sizes, dim=-1)
+        else:
+            q, k, v = (F.linear(h, self.w[p + n], self.w.get(p + b)) for n, b in (("wq", "bq"), ("wk", "bk"),
+                                                                                   ("wv", "bv")))
+        q = q.unflatten(-1, (c.num_q_heads, c.head_dim))
+        k = k.unflatten(-1, (c.num_kv_heads, c.head_dim))
+        v = v.unflatten(-1, (c.num_kv_heads, c.head_dim))
         return self.rope(q, pos), self.rope(k, pos), v
 
     def mlp_residual(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -68,7 +103,11 @@ class Llama:
         c, p = self.cfg, f"layers.{i}."
         x = x + self._reduce(F.linear(attn, self.w[p + "wo"]))
         h = rms_norm(x, self.w[p + "ffn_norm"], c.rms_eps)
-        h = F.silu(F.linear(h, self.w[p + "w_gate"])) * F.linear(h, self.w[p + "w_up"])
+        if i in self._gate_up:
+            g, u = F.linear(h, self._gate_up[i]).chunk(2, dim=-1)
+        else:
+            g, u = F.linear(h, self.w[p + "w_gate"]), F.linear(h, self.w[p + "w_up"])
+        h = F.silu(g) * u
         return x + self._reduce(F.linear(h, self.w[p + "w_down"]))
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,9 +183,9 @@ def random_weights(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device
     return w
 
 
-def load_model(name: str, dtype=None, device="cpu") -> tuple[Llama, Tokenizer | None]:
+def load_model(name: str, dtype=None, device="cpu", fuse: bool = True) -> tuple[Llama, Tokenizer | None]:
     """``smollm2`` (the bundled GGUF), a ``.gguf`` path, a Hugging Face checkpoint directory, or a preset
-    name (random weights, no tokenizer)."""
+    name (random weights, no tokenizer). ``fuse``: see :class:`prr.model.llama.Llama`."""
     from .config import MODEL_PRESETS
 
     device = torch.device(device)
@@ -201,4 +201,4 @@ def load_model(name: str, dtype=None, device="cpu") -> tuple[Llama, Tokenizer | 
     else:
         raise ValueError(f"unknown model {name!r}: expected smollm2, a .gguf file, a checkpoint directory, or "
                          f"one of {', '.join(MODEL_PRESETS)} (random weights)")
-    return Llama(cfg, w), tok
+    return Llama(cfg, w, fuse=fuse), tok

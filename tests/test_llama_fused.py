@@ -1,0 +1,34 @@
+"""The fused projections (one q/k/v matrix and one gate/up matrix per layer) compute the unfused model and
+add no memory: the weight dict keeps every name, as views into the fused matrices."""
+
+import pytest
+import torch
+
+from prr.model.config import ModelConfig
+from prr.model.llama import Llama
+from prr.model.weights import random_weights
+
+
+@pytest.mark.parametrize("biases", [False, True], ids=["llama", "qwen2-biases"])
+def test_fused_projections_equal_the_separate_ones(biases):
+    cfg = ModelConfig(vocab_size=97, hidden=64, ffn=88, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                      max_context=256)
+    w = random_weights(cfg, seed=3, dtype=torch.float64)
+    if biases:
+        gen = torch.Generator().manual_seed(4)
+        for i in range(cfg.num_layers):
+            for b, n in (("bq", cfg.num_q_heads), ("bk", cfg.num_kv_heads), ("bv", cfg.num_kv_heads)):
+                w[f"layers.{i}.{b}"] = torch.randn(n * cfg.head_dim, generator=gen, dtype=torch.float64)
+    plain = Llama(cfg, {k: t.clone() for k, t in w.items()}, fuse=False)
+    fused = Llama(cfg, {k: t.clone() for k, t in w.items()})
+    assert len(fused._qkv) == len(fused._gate_up) == cfg.num_layers and not plain._qkv
+    for i in range(cfg.num_layers):  # every name still there, now views into the fused matrices
+        big = fused._qkv[i][0]
+        for n in ("wq", "wk", "wv"):
+            t = fused.w[f"layers.{i}.{n}"]
+            assert t.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+            assert torch.equal(t, w[f"layers.{i}.{n}"])
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    got, want = fused.prefill(tokens, lambda *a: None, all_logits=True), plain.prefill(tokens, lambda *a: None,
+                                                                                       all_logits=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # float32 logits of a float64 model
