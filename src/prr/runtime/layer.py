@@ -49,6 +49,8 @@ class LayerStep:
             :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
             so each layer's tail runs beside the next layer's projections).
         collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (computed before the tail).
+        amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"`` only: its
+            selection has no full scores to feed PRR's predictor); call its ``reset()`` after :meth:`capture`.
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
@@ -56,8 +58,11 @@ class LayerStep:
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False, grow: int = 0):
+                 collect_stats: bool = False, grow: int = 0, amortized=None):
         check.choice("method", method, METHODS)
+        if amortized is not None and method != "dsa":
+            raise ValueError("amortized selection runs with method='dsa' only (PRR's predictor needs full scores)")
+        self.amortized = amortized
         check.choice("mode", mode, STEP_MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
             raise TypeError("method='prr' needs a HoltPredictor")
@@ -102,7 +107,7 @@ class LayerStep:
         q = self.q if q is None else q
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
         if self.method == "dsa":
-            sel = select(q, cache, self.meta, nblk=nblk)
+            sel = select(q, cache, self.meta, nblk=nblk, amortized=self.amortized)
             self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
             o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
             return o, lse, sel, nblk
