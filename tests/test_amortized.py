@@ -160,3 +160,27 @@ def test_one_graph_serves_scan_and_rescore_steps(method):
         sel = twin.select(q, cache)
         assert torch.equal(step.last["s_idx"], sel.indices)
     assert am.scans.tolist() == [3, 3]
+
+
+def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
+    """The GPU benchmark's case code (not its timing) on a CPU: every op it times runs, one row each, and the
+    target check reads the rows."""
+    from prr.bench import amortized as bench
+
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(1)
+        return 100.0
+
+    rows = bench.bench_case("llama-3.1-8b", 1, 8192, "quest", [(4, 2.0)], 4.0, 5.0, timer=timer, device="cpu",
+                            dtype=torch.float32)
+    ops_ = [r.op for r in rows]
+    assert ops_ == ["selection", "dsa_step", "amortized_scan_c2", "amortized_rescore_c2", "candidate_score_c2",
+                    "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
+    assert len(calls) == len(rows)
+    assert rows[-1].median_us == 25.0  # four steps per timed call
+    fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]
+    targets = bench.check_targets(fake)
+    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2"]

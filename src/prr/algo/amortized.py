@@ -39,7 +39,7 @@ class AmortizedSelector:
         cache: the layer's cache (batch, heads, device).
         every: m, steps per full scan (1: a scan every step, the full selection).
         factor: c, candidates kept per scan as a multiple of K (>= 1).
-        new_slots: list slots for blocks that appear after a scan; default ``ceil(m * grow / BS) + 1``.
+        new_slots: list slots for blocks that appear after a scan; default ``ceil(m * grow / BS) + 1`` (at most N_max).
         grow: tokens the cache gains per step (1 when decoding a token per step).
 
     State (device tensors, updated in place): ``cand [B, Hkv, C + new_slots]`` int32 (the first C columns are
@@ -61,8 +61,9 @@ class AmortizedSelector:
         self.scan_k = math.ceil(self.factor * cfg.top_k)
         cap = cfg.n_sink + cfg.n_local + self.scan_k
         grow = check.nonneg_int("grow", grow)
-        self.new_slots = (math.ceil(every * grow / cfg.block_size) + 1 if new_slots is None
-                          else check.positive_int("new_slots", new_slots))
+        # A list never needs more new-block slots than the cache has blocks.
+        self.new_slots = (min(math.ceil(every * grow / cfg.block_size) + 1, cache.max_blocks(cfg.block_size))
+                          if new_slots is None else check.positive_int("new_slots", new_slots))
         dev = cache.device
         self.cand = torch.full((cache.batch, cache.num_kv_heads, cap + self.new_slots), -1, dtype=torch.int32,
                                device=dev)

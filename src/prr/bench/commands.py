@@ -18,7 +18,7 @@ def _no_cuda(name: str, why: str = "") -> bool:
 
 def _shapes(args) -> tuple[list[str], list[int], list[int], list[str]]:
     """Models, batches, contexts and methods of the shape-sweeping benchmarks."""
-    from .kernels import parse_contexts
+    from ..cli_args import parse_contexts
 
     return (args.models.split(","), [int(b) for b in args.batches.split(",")], parse_contexts(args.contexts),
             args.methods.split(","))
@@ -47,11 +47,23 @@ def _cmd_bench_layer(args) -> int:
 def _cmd_bench_e2e(args) -> int:
     if _no_cuda("e2e"):
         return 2
-    from . import e2e, kernels
+    from ..cli_args import parse_contexts
+    from . import e2e
 
-    e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
+    e2e.run(args.model, parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
             ratio=args.ratio)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_select(args) -> int:
+    if _no_cuda("select"):
+        return 2
+    from ..cli_args import parse_amortized
+    from . import amortized
+
+    amortized.run(*_shapes(args), parse_amortized(args.amortized), args.out)
     print(f"saved {args.out}")
     return 0
 
@@ -106,6 +118,15 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--out", default="results/bench_e2e.json")
     s.set_defaults(func=_cmd_bench_e2e)
+    s = bsub.add_parser("select", help="full-scan selection vs amortized selection (scan every m steps, c*K "
+                                       "candidates re-scored between) and the DSA step with it")
+    s.add_argument("--models", default="llama-3.1-8b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest")
+    s.add_argument("--amortized", default="8x3,16x4,32x4", help="MxC settings, comma separated")
+    s.add_argument("--out", default="results/bench_select.json")
+    s.set_defaults(func=_cmd_bench_select)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
     s.add_argument("file")
     s.add_argument("--out-dir", default="results")
