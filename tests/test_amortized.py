@@ -184,3 +184,36 @@ def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
     fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]
     targets = bench.check_targets(fake)
     assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2"]
+
+
+def test_locality_replay_is_the_selector_offline():
+    """prr locality's offline replay (score history -> amortized selections) picks what the selector picks."""
+    from prr.eval import locality
+
+    hist, got = [], []
+    for _t, sel, full, cfg, cache in _decode("quest", 30, every=6, factor=1.5, bsz=2):
+        hist.append((full.scores, prr.num_blocks(cache.seq_lens, cfg.block_size)))
+        got.append(prr.ops.selection_mask(sel.indices, sel.counts, full.scores.shape[-1]))
+    scores, nblk = torch.stack([s for s, _ in hist]), torch.stack([n for _, n in hist])
+    offline = locality.amortized_selections(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, 6, 1.5)
+    j = torch.arange(scores.shape[-1])
+    forced = (j < cfg.n_sink) | (j >= nblk.long()[:, :, None, None] - cfg.n_local)
+    assert torch.equal(offline, torch.stack(got) & ~forced)
+    hits = locality.amortized_hit_rates(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, [(1, 1.0), (6, 1.5)])
+    assert hits["scan m1 c1"] == 1.0 and hits["ema m1 c1"] <= 1.0
+    assert 0.5 < hits["scan m6 c1.5"] < 1.0  # the drifting query makes candidates miss: the metric can move
+
+
+def test_eval_names_and_agreement():
+    from prr.eval.amortized import agreement, method_name, parse_method, relative_cost
+
+    assert method_name("quest", 16, 4.0) == "quest_m16c4" and parse_method("quest_m16c4") == ("quest", 16, 4.0)
+    assert parse_method("infllm_v2_m8c2.5") == ("infllm_v2", 8, 2.5) and parse_method("quest") is None
+    base = {"task": "passkey", "length": 2048, "seed": 0, "budget": 1024}
+    rows = [{**base, "method": "quest", "output": "42", "score": 1.0},
+            {**base, "method": "quest_m8c3", "output": "42", "score": 1.0},
+            {**base, "seed": 1, "method": "quest", "output": "7", "score": 0.0},
+            {**base, "seed": 1, "method": "quest_m8c3", "output": "8", "score": 0.0}]
+    assert agreement(rows) == [{"method": "quest_m8c3", "budget": 1024, "instances": 2, "same_output": 0.5,
+                                "same_score": 1.0}]
+    assert relative_cost(16, 4, 32768, 125) == pytest.approx(1 / 16 + (3 + 500 + 2) / 32768)

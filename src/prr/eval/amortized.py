@@ -5,6 +5,7 @@ with the full-scan method of the same budget."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..algo.amortized import AmortizedSelector
@@ -68,3 +69,78 @@ def agreement(rows: list[dict]) -> list[dict]:
         a[2] += r["score"] == base["score"]
     return [{"method": m, "budget": b, "instances": n, "same_output": round(s / n, 4), "same_score": round(t / n, 4)}
             for (m, b), (n, s, t) in sorted(acc.items())]
+
+
+def relative_cost(every: int, factor: float, n_blocks: int, top_k: int, n_forced: int = 3,
+                  block_size: int = 16) -> float:
+    """Metadata blocks scored per step over a full scan's N (the cost model): ``1/m + (forced + c·K + new) / N``,
+    ``new = ceil(m / BS) + 1`` slots for blocks appeared since the scan."""
+    listed = n_forced + math.ceil(factor * top_k) + math.ceil(every / block_size) + 1
+    return 1 / every + listed / n_blocks
+
+
+def plot_tradeoff(locality: dict, evaluation: dict | None, path: str, n_blocks: int = 32768, top_k: int = 125) -> str:
+    """Hit against the full scan (mean and worst layer) and, from `prr eval`, perplexity and answer agreement,
+    each against the modelled selection cost at N = `n_blocks` (Llama-3.1-8B at 512K: 32768 pages of 16) and
+    K = `top_k`. Drawn from saved JSON only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if evaluation else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for src, color in (("scan", "C0"), ("ema", "C1")):
+        pts = []
+        for key, hit in locality["amortized_mean"].items():
+            s, m, c = key.split()
+            if s == src:
+                pts.append((relative_cost(int(m[1:]), float(c[1:]), n_blocks, top_k), hit,
+                            locality["amortized_min"][key], f"{m}{c}"))
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{src} candidates: mean")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "v:", color=color, alpha=0.6, label=f"{src}: worst layer")
+        if src == "scan":
+            for x, y, _, lab in pts:
+                ax.annotate(lab, (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    ax.axhline(0.98, ls="--", lw=0.8, color="k")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"metadata read per step / full scan (model: N={n_blocks}, K={top_k})")
+    ax.set_ylabel("|S_amortized ∩ S_full| / K")
+    ax.set_title(f"hit against the full scan (SmolLM2, K={locality['k']}, N≈{locality.get('num_blocks', '?')})",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if evaluation:
+        ax = axes[0][1]
+        agree = {a["method"]: a["same_output"] for a in evaluation.get("amortized_agreement", [])}
+        ppl = {r["method"]: r["vs_full_scan_pct"] for r in evaluation.get("perplexity", []) if "vs_full_scan_pct" in r}
+        pts = sorted((relative_cost(p[1], p[2], n_blocks, top_k), m) for m in agree if (p := parse_method(m)))
+        ax.plot([x for x, _ in pts], [100 * agree[m] for _, m in pts], "o-", label="same output as the full scan (%)")
+        for x, m in pts:
+            ax.annotate(m.split("_")[-1], (x, 100 * agree[m]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("metadata read per step / full scan (model)")
+        ax.set_ylabel("task instances (%)")
+        ax2 = ax.twinx()
+        ax2.plot([x for x, m in pts if m in ppl], [ppl[m] for _, m in pts if m in ppl], "s--", color="C3",
+                 label="perplexity vs the full scan (%)")
+        ax2.set_ylabel("perplexity change (%)", color="C3")
+        ax.set_title("prr eval: answers and perplexity against the full-scan Quest", fontsize=9)
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, [h.get_label() for h in lines], fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # python -m prr.eval.amortized LOCALITY_JSON [EVAL_JSON] OUT_PNG
+    import json
+    import sys
+
+    *inputs, out = sys.argv[1:]
+    loaded = [json.load(open(p)) for p in inputs]
+    print(plot_tradeoff(loaded[0], loaded[1] if len(loaded) > 1 else None, out))
