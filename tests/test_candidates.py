@@ -187,3 +187,33 @@ def test_select_candidates_kernel_matches_reference(nmax, c, top_k, n_sink, n_lo
     ridx, rcnt = cops.select_candidates(cand, scores, nblk, top_k, n_sink, n_local)
     assert torch.equal(cnt.cpu(), rcnt)
     assert torch.equal(idx.cpu(), ridx)
+
+
+def test_amortized_plan_and_commit_kernels_match_reference():
+    """The bookkeeping of an amortized step: scan flags (period, overflow of the new-block slots, a shorter
+    sequence), gated lengths, new-block slots, counters; then the commit of a scan's selection."""
+    bsz, hkv, c, r = 4, 3, 12, 3
+    step = torch.tensor([0, 5, 7, 9], dtype=torch.int64)  # every 4: only sequence 0 is on the period
+    seq_lens = torch.tensor([100, 200, 300, 90], dtype=torch.int32)  # 7, 13, 19, 6 blocks of 16
+    nblk_scan = torch.tensor([5, 12, 15, 7], dtype=torch.int32)  # seq 2: 4 new > 3 slots; seq 3 shrank
+    cand = torch.arange(bsz * hkv * c, dtype=torch.int32).view(bsz, hkv, c)
+    scans = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    state = [t.to(DEVICE) for t in (step, seq_lens, nblk_scan, cand, scans)]  # copies on a GPU: updated in place
+    ref_state = [t.clone() for t in (step, seq_lens, nblk_scan, cand, scans)]
+    with use_backend("triton"):
+        got = cops.amortized_plan(*state, 4, r, 16)
+    want = cops.amortized_plan(*ref_state, 4, r, 16)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)
+    assert want[0].tolist() == [1, 0, 1, 1] and want[1].tolist() == [100, 0, 300, 90]
+    assert ref_state[3][1, 0, -r:].tolist() == [12, -1, -1]  # one block new since the scan at 12
+    for a, b in zip(state, ref_state, strict=True):
+        assert torch.equal(a.cpu(), b)
+    s_idx = -torch.arange(bsz * hkv * 5, dtype=torch.int32).view(bsz, hkv, 5)
+    cand2 = ref_state[3].to(DEVICE)
+    with use_backend("triton"):
+        cops.commit_candidates(cand2, s_idx.to(DEVICE), want[0].to(DEVICE))
+    cops.commit_candidates(ref_state[3], s_idx, want[0])
+    cand2 = cand2.cpu()
+    assert torch.equal(cand2, ref_state[3])
+    assert torch.equal(cand2[1], cand[1]) and torch.equal(cand2[0, :, :5], s_idx[0])

@@ -43,7 +43,7 @@ class AmortizedSelector:
         grow: tokens the cache gains per step (1 when decoding a token per step).
 
     State (device tensors, updated in place): ``cand [B, Hkv, C + new_slots]`` int32 (the first C columns are
-    the last scan's selection), ``nblk_scan [B]`` int32, ``step [1]`` int64.
+    the last scan's selection), ``nblk_scan [B]`` int32, ``step, scans [B]`` int64 (steps and scans so far).
     """
 
     def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 16, factor: float = 4.0,
@@ -68,8 +68,7 @@ class AmortizedSelector:
         self.cand = torch.full((cache.batch, cache.num_kv_heads, cap + self.new_slots), -1, dtype=torch.int32,
                                device=dev)
         self.nblk_scan = torch.zeros(cache.batch, dtype=torch.int32, device=dev)
-        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._slot = torch.arange(self.new_slots, dtype=torch.int32, device=dev)
+        self.step = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # per sequence: no race in the plan
         self.scans = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # scans done (for reports)
 
     @property
@@ -92,25 +91,19 @@ class AmortizedSelector:
                                             cfg.aggregate)
 
     def select(self, q: torch.Tensor, cache: KVCache, nblk: torch.Tensor | None = None) -> Selection:
-        """This step's selection (``scores=None``); advances the step counter. No host sync."""
+        """This step's selection (``scores=None``); advances the step counters. No host sync. (``nblk`` is
+        accepted for :func:`prr.select`'s signature; the plan computes the block counts itself.)"""
         cfg = self.cfg
-        nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk.to(torch.int32)
-        cap = self.capacity
-        # [B] bool: this sequence scans now (the period, too many new blocks for the list, or a shorter cache)
-        scan = ((self.step % self.every) == 0) | (nblk > self.nblk_scan + self.new_slots) | (nblk < self.nblk_scan)
-        gated = KVCache(cache.k, cache.v, cache.page_table, torch.where(scan, cache.seq_lens, 0))
+        # One launch decides per sequence whether this step scans, and lists the blocks new since the scan.
+        scan, g_lens, g_nblk, nblk = cops.amortized_plan(self.step, cache.seq_lens.to(torch.int32), self.nblk_scan,
+                                                         self.cand, self.scans, self.every, self.new_slots,
+                                                         cfg.block_size)
+        gated = KVCache(cache.k, cache.v, cache.page_table, g_lens)
         full = self.meta.scores(q, gated)  # all -inf (nothing read) for a sequence that does not scan
-        s_idx, _ = ops.select_blocks(full, torch.where(scan, nblk, 0), self.scan_k, cfg.n_sink, cfg.n_local)
-        self.cand[..., :cap].copy_(torch.where(scan[:, None, None], s_idx, self.cand[..., :cap]))
-        self.nblk_scan.copy_(torch.where(scan, nblk, self.nblk_scan))
-        # Blocks that appeared since the scan follow the scan's (ascending) list in order: the list stays sorted.
-        new = self.nblk_scan[:, None] + self._slot
-        new = torch.where(new < nblk[:, None], new, -1)[:, None, :]
-        self.cand[..., cap:].copy_(new.expand_as(self.cand[..., cap:]))
+        s_idx, _ = ops.select_blocks(full, g_nblk, self.scan_k, cfg.n_sink, cfg.n_local)
+        cops.commit_candidates(self.cand, s_idx, scan)  # the scan's sorted selection heads the list
         scores = self._scores(q, cache, self.cand)
         idx, cnt = cops.select_candidates(self.cand, scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
-        self.step.add_(1)
-        self.scans.add_(scan.to(torch.int64))
         return Selection(idx, cnt, None)
 
     def blocks_read(self, n: int) -> float:

@@ -41,7 +41,7 @@ class AmortizedEngine(Engine):
     def scan_share(self) -> float:
         """Share of (layer, sequence) steps that ran a full scan so far."""
         sels = [m.amortized for m in self.metas if m is not None]
-        steps = sum(int(s.step) * s.scans.numel() for s in sels)
+        steps = sum(int(s.step.sum()) for s in sels)
         return sum(int(s.scans.sum()) for s in sels) / max(steps, 1)
 
 

@@ -36,8 +36,27 @@ def select_candidates(cand, scores, num_blocks, top_k, n_sink=1, n_local=2):
     return reference.select_candidates(cand, scores, num_blocks, top_k, n_sink, n_local)
 
 
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size):
+    if backend.use_triton(cand):
+        from . import triton as kernels
+
+        return kernels.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
+    return reference.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
+
+
+def commit_candidates(cand, scan_idx, scan):
+    if backend.use_triton(cand):
+        from . import triton as kernels
+
+        return kernels.commit_candidates(cand, scan_idx, scan)
+    return reference.commit_candidates(cand, scan_idx, scan)
+
+
+amortized_plan.__doc__ = reference.amortized_plan.__doc__
+commit_candidates.__doc__ = reference.commit_candidates.__doc__
 quest_candidate_scores.__doc__ = reference.quest_candidate_scores.__doc__
 infllm_candidate_scores.__doc__ = reference.infllm_candidate_scores.__doc__
 select_candidates.__doc__ = reference.select_candidates.__doc__
 
-__all__ = ["infllm_candidate_scores", "quest_candidate_scores", "select_candidates"]
+__all__ = ["amortized_plan", "commit_candidates", "infllm_candidate_scores", "quest_candidate_scores",
+           "select_candidates"]

@@ -122,3 +122,36 @@ def select_candidates(cand: torch.Tensor, scores: torch.Tensor, num_blocks: torc
     allids = torch.cat([forced.expand(bsz, hkv, kmax), chosen], dim=-1).sort(dim=-1).values[..., :kmax]
     counts = (allids != big).sum(-1, dtype=torch.int32)
     return torch.where(allids == big, -1, allids).to(torch.int32), counts
+
+
+def amortized_plan(step: torch.Tensor, seq_lens: torch.Tensor, nblk_scan: torch.Tensor, cand: torch.Tensor,
+                   scans: torch.Tensor, every: int, new_slots: int, block_size: int):
+    """One amortized step's bookkeeping, in place, per sequence (no host sync):
+
+    - ``scan = step % every == 0``, or more blocks appeared since the last scan than ``new_slots``, or the
+      sequence got shorter; ``step += 1``, ``scans += scan``; a scanning sequence sets ``nblk_scan = N``;
+    - the last ``new_slots`` columns of ``cand [B, Hkv, C]`` list the blocks ``nblk_scan ..  N - 1``
+      (ascending, -1 padded), for every KV head.
+
+    ``step, scans: [B]`` int64, ``seq_lens, nblk_scan: [B]`` int32. Returns ``(scan [B] int32, gated_lens [B]
+    int32, gated_nblk [B] int32, nblk [B] int32)``: the lengths and block counts with 0 where a sequence does
+    not scan (a full scorer then reads nothing for it), and the true block counts.
+    """
+    nblk = num_blocks(seq_lens, block_size)
+    scan = ((step % every) == 0) | (nblk > nblk_scan + new_slots) | (nblk < nblk_scan)
+    step.add_(1)
+    scans.add_(scan.to(scans.dtype))
+    nblk_scan.copy_(torch.where(scan, nblk, nblk_scan))
+    new = nblk_scan[:, None] + torch.arange(new_slots, device=cand.device, dtype=torch.int32)
+    new = torch.where(new < nblk[:, None], new, -1)
+    cand[..., cand.shape[-1] - new_slots:] = new[:, None, :].to(cand.dtype)
+    zero = torch.zeros_like(nblk)
+    return (scan.to(torch.int32), torch.where(scan, seq_lens.to(torch.int32), zero), torch.where(scan, nblk, zero),
+            nblk)
+
+
+def commit_candidates(cand: torch.Tensor, scan_idx: torch.Tensor, scan: torch.Tensor) -> None:
+    """``cand[b, :, :K_scan] = scan_idx[b]`` where ``scan[b]`` (the scan's selection becomes the list), in place.
+    ``scan_idx: [B, Hkv, K_scan]`` int32, ``scan: [B]`` int."""
+    k = scan_idx.shape[-1]
+    cand[..., :k] = torch.where(scan.bool()[:, None, None], scan_idx.to(cand.dtype), cand[..., :k])

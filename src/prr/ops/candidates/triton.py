@@ -199,4 +199,69 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
     return idx, cnt
 
 
-__all__ = ["infllm_candidate_scores", "quest_candidate_scores", "select_candidates"]
+
+
+@triton.jit
+def _plan_kernel(step_ptr, len_ptr, nscan_ptr, cand_ptr, scans_ptr, scan_ptr, glen_ptr, gnblk_ptr, nblk_ptr,
+                 HKV, EVERY, R, C, s_cb, s_ch,
+                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr):
+    i_b = tl.program_id(0)
+    step = tl.load(step_ptr + i_b)
+    seq_len = tl.load(len_ptr + i_b)
+    nscan = tl.load(nscan_ptr + i_b)
+    n = (seq_len + BS - 1) // BS
+    scan = ((step % EVERY) == 0) | (n > nscan + R) | (n < nscan)
+    tl.store(step_ptr + i_b, step + 1)
+    tl.store(scans_ptr + i_b, tl.load(scans_ptr + i_b) + scan.to(tl.int64))
+    nscan = tl.where(scan, n, nscan)
+    tl.store(nscan_ptr + i_b, nscan)
+    tl.store(scan_ptr + i_b, scan.to(tl.int32))
+    tl.store(glen_ptr + i_b, tl.where(scan, seq_len, 0))
+    tl.store(gnblk_ptr + i_b, tl.where(scan, n, 0))
+    tl.store(nblk_ptr + i_b, n)
+    i_h = tl.arange(0, H_PAD)
+    i_r = tl.arange(0, R_PAD)
+    new = nscan + i_r
+    new = tl.where(new < n, new, -1)
+    ptr = cand_ptr + i_b * s_cb + i_h[:, None] * s_ch + (C - R + i_r)[None, :]
+    tl.store(ptr, tl.broadcast_to(new[None, :], (H_PAD, R_PAD)), mask=(i_h[:, None] < HKV) & (i_r[None, :] < R))
+
+
+@triton.jit
+def _commit_kernel(cand_ptr, idx_ptr, scan_ptr, HKV, K, s_cb, s_ch, s_ib, s_ih, K_PAD: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    if tl.load(scan_ptr + i_b) != 0:
+        i_k = tl.arange(0, K_PAD)
+        row = tl.load(idx_ptr + i_b * s_ib + i_h * s_ih + i_k, mask=i_k < K)
+        tl.store(cand_ptr + i_b * s_cb + i_h * s_ch + i_k, row, mask=i_k < K)
+
+
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots: int, block_size: int):
+    """Triton twin of :func:`prr.ops.candidates.reference.amortized_plan`: one launch for the bookkeeping."""
+    _check_cand(cand)
+    for name, t, dt in (("step", step, torch.int64), ("scans", scans, torch.int64), ("seq_lens", seq_lens, torch.int32),
+                        ("nblk_scan", nblk_scan, torch.int32)):
+        if t.dtype != dt or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dt} tensor, got {t.dtype}")
+    bsz, hkv, c = cand.shape
+    out = [torch.empty(bsz, dtype=torch.int32, device=cand.device) for _ in range(4)]
+    _plan_kernel[(bsz,)](step, seq_lens, nblk_scan, cand, scans, *out, hkv, every, new_slots, c, cand.stride(0),
+                         cand.stride(1), BS=block_size, H_PAD=triton.next_power_of_2(hkv),
+                         R_PAD=triton.next_power_of_2(new_slots), num_warps=1)
+    return tuple(out)
+
+
+def commit_candidates(cand, scan_idx, scan) -> None:
+    """Triton twin of :func:`prr.ops.candidates.reference.commit_candidates`."""
+    _check_cand(cand)
+    if scan_idx.dtype != torch.int32 or scan_idx.stride(-1) != 1:
+        raise ValueError("scan_idx must be int32 with a unit last stride")
+    bsz, hkv, k = scan_idx.shape
+    _commit_kernel[(bsz * hkv,)](cand, scan_idx, scan, hkv, k, cand.stride(0), cand.stride(1), scan_idx.stride(0),
+                                 scan_idx.stride(1), K_PAD=triton.next_power_of_2(k), num_warps=4)
+
+
+__all__ = ["amortized_plan", "commit_candidates", "infllm_candidate_scores", "quest_candidate_scores",
+           "select_candidates"]
