@@ -87,29 +87,33 @@ def plot_tradeoff(locality: dict, evaluation: dict | None, path: str, n_blocks: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = 2 if evaluation else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
-    for src, color in (("scan", "C0"), ("ema", "C1")):
-        pts = []
-        for key, hit in locality["amortized_mean"].items():
-            s, m, c = key.split()
-            if s == src:
-                pts.append((relative_cost(int(m[1:]), float(c[1:]), n_blocks, top_k), hit,
-                            locality["amortized_min"][key], f"{m}{c}"))
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{src} candidates: mean")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "v:", color=color, alpha=0.6, label=f"{src}: worst layer")
-        if src == "scan":
-            for x, y, _, lab in pts:
-                ax.annotate(lab, (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    # One line per c across m (scan candidates: solid; EMA candidates: dashed; worst layer: small dots).
+    parsed = [(k.split()[0], int(k.split()[1][1:]), float(k.split()[2][1:]), k) for k in locality["amortized_mean"]]
+    for i, c in enumerate(sorted({p[2] for p in parsed})):
+        for src, style in (("scan", "o-"), ("ema", "x--")):
+            pts = sorted((relative_cost(m, c, n_blocks, top_k), locality["amortized_mean"][k],
+                          locality["amortized_min"][k], m) for s_, m, c_, k in parsed if s_ == src and c_ == c)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i}", alpha=1 if src == "scan" else 0.6,
+                    label=f"c={c:g}, {src} candidates")
+            if src == "scan":
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], ".", color=f"C{i}", alpha=0.5)
+                for x, y, _, m in pts:
+                    ax.annotate(f"m{m}", (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
     ax.axhline(0.98, ls="--", lw=0.8, color="k")
     ax.set_xscale("log")
-    ax.set_xlabel(f"metadata read per step / full scan (model: N={n_blocks}, K={top_k})")
+    ax.set_xlabel(f"metadata read per step / full scan (cost model at N={n_blocks}, K={top_k})")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("|S_amortized ∩ S_full| / K")
-    ax.set_title(f"hit against the full scan (SmolLM2, K={locality['k']}, N≈{locality.get('num_blocks', '?')})",
-                 fontsize=9)
+    ax.set_title(f"hit vs the full scan, mean over layers (dots: worst layer); SmolLM2, K={locality['k']}, "
+                 f"N={locality.get('num_blocks', '?')}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     if evaluation:
