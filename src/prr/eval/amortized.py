@@ -141,10 +141,21 @@ def plot_tradeoff(locality: dict, evaluation: dict | None, path: str, n_blocks: 
     return path
 
 
-if __name__ == "__main__":  # python -m prr.eval.amortized LOCALITY_JSON [EVAL_JSON] OUT_PNG
+def merge_evals(results: list[dict]) -> dict:
+    """One `prr eval` result from several runs (e.g. lengths run in parallel): task rows and perplexity rows
+    concatenated, the agreement recomputed over all rows."""
+    rows = [r for res in results for r in res.get("tasks", [])]
+    return {"tasks": rows, "amortized_agreement": agreement(rows),
+            "perplexity": [r for res in results for r in res.get("perplexity", [])]}
+
+
+if __name__ == "__main__":  # python -m prr.eval.amortized LOCALITY_JSON [EVAL_JSON ...] OUT_PNG
     import json
     import sys
 
     *inputs, out = sys.argv[1:]
-    loaded = [json.load(open(p)) for p in inputs]
-    print(plot_tradeoff(loaded[0], loaded[1] if len(loaded) > 1 else None, out))
+    loaded = []
+    for path in inputs:
+        with open(path) as f:
+            loaded.append(json.load(f))
+    print(plot_tradeoff(loaded[0], merge_evals(loaded[1:]) if len(loaded) > 1 else None, out))
