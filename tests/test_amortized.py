@@ -109,6 +109,9 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="dsa"):
         LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8),
                   amortized=AmortizedSelector(meta, cache))
+    meta.amortized = AmortizedSelector(meta, cache)  # attached to the metadata: PRR would get no scores either
+    with pytest.raises(ValueError, match="dsa"):
+        LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8))
 
 
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])

@@ -60,7 +60,7 @@ class LayerStep:
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
                  collect_stats: bool = False, grow: int = 0, amortized=None):
         check.choice("method", method, METHODS)
-        if amortized is not None and method != "dsa":
+        if (amortized is not None or getattr(meta, "amortized", None) is not None) and method != "dsa":
             raise ValueError("amortized selection runs with method='dsa' only (PRR's predictor needs full scores)")
         self.amortized = amortized
         check.choice("mode", mode, STEP_MODES)
