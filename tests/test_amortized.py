@@ -220,3 +220,22 @@ def test_eval_names_and_agreement():
     assert agreement(rows) == [{"method": "quest_m8c3", "budget": 1024, "instances": 2, "same_output": 0.5,
                                 "same_score": 1.0}]
     assert relative_cost(16, 4, 32768, 125) == pytest.approx(1 / 16 + (3 + 500 + 2) / 32768)
+
+
+def test_eval_cli_amortized_with_a_scan_every_step_is_the_full_scan(smollm, tmp_path, capsys):
+    """`prr eval --amortized`: m = 1 (a scan every step) gives the full-scan Quest's answers and perplexity
+    exactly; the agreement and the perplexity against the full scan are saved and printed."""
+    import json
+
+    from prr.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "--tasks", "passkey", "--lengths", "600", "--methods", "quest", "--budgets", "256",
+                 "--amortized", "1x1,4x2", "--ppl-length", "400", "--ppl-steps", "6", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    agree = {a["method"]: a for a in res["amortized_agreement"]}
+    assert set(agree) == {"quest_m1c1", "quest_m4c2"}
+    assert agree["quest_m1c1"]["same_output"] == 1.0
+    ppl = {r["method"]: r for r in res["perplexity"]}
+    assert ppl["quest_m1c1"]["vs_full_scan_pct"] == 0.0 and "vs_full_scan_pct" in ppl["quest_m4c2"]
+    assert "same output as the full scan" in capsys.readouterr().out
