@@ -119,13 +119,18 @@ def plot_tradeoff(locality: dict, evaluation: dict | None, path: str, n_blocks: 
     if evaluation:
         ax = axes[0][1]
         agree = {a["method"]: a["same_output"] for a in evaluation.get("amortized_agreement", [])}
+        score = {a["method"]: a["same_score"] for a in evaluation.get("amortized_agreement", [])}
         ppl = {r["method"]: r["vs_full_scan_pct"] for r in evaluation.get("perplexity", []) if "vs_full_scan_pct" in r}
         pts = sorted((relative_cost(p[1], p[2], n_blocks, top_k), m) for m in agree if (p := parse_method(m)))
         ax.plot([x for x, _ in pts], [100 * agree[m] for _, m in pts], "o-", label="same output as the full scan (%)")
+        ax.plot([x for x, _ in pts], [100 * score[m] for _, m in pts], "^:", color="C2",
+                label="same task score as the full scan (%)")
         for x, m in pts:
             ax.annotate(m.split("_")[-1], (x, 100 * agree[m]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("metadata read per step / full scan (model)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
         ax.set_ylabel("task instances (%)")
         ax2 = ax.twinx()
         ax2.plot([x for x, m in pts if m in ppl], [ppl[m] for _, m in pts if m in ppl], "s--", color="C3",
@@ -142,9 +147,11 @@ def plot_tradeoff(locality: dict, evaluation: dict | None, path: str, n_blocks: 
 
 
 def merge_evals(results: list[dict]) -> dict:
-    """One `prr eval` result from several runs (e.g. lengths run in parallel): task rows and perplexity rows
-    concatenated, the agreement recomputed over all rows."""
-    rows = [r for res in results for r in res.get("tasks", [])]
+    """One `prr eval` result from several runs (e.g. lengths run in parallel): task rows (an instance run twice
+    counted once) and perplexity rows concatenated, the agreement recomputed over all rows."""
+    unique = {(r["task"], r["length"], r["seed"], r["method"], r["budget"]): r
+              for res in results for r in res.get("tasks", [])}
+    rows = list(unique.values())
     return {"tasks": rows, "amortized_agreement": agreement(rows),
             "perplexity": [r for res in results for r in res.get("perplexity", [])]}
 
