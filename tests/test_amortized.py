@@ -180,8 +180,8 @@ def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
     rows = bench.bench_case("llama-3.1-8b", 1, 8192, "quest", [(4, 2.0)], 4.0, 5.0, timer=timer, device="cpu",
                             dtype=torch.float32)
     ops_ = [r.op for r in rows]
-    assert ops_ == ["selection", "dsa_step", "amortized_scan_c2", "amortized_rescore_c2", "candidate_score_c2",
-                    "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
+    assert ops_ == ["selection", "dsa_step", "gated_scan_idle", "amortized_scan_c2", "amortized_rescore_c2",
+                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
     assert len(calls) == len(rows)
     assert rows[-1].median_us == 25.0  # four steps per timed call
     fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]

@@ -4,6 +4,8 @@ Per case (model shape, batch, context, method) and per (m, c) setting, each op g
 :mod:`prr.bench.common` (L2 flushed before each replay):
 
 - ``selection``: the full scan (score every block + top-K); ``dsa_step``: it, then the sparse attention;
+- ``gated_scan_idle``: the full scorer and top-K launched for sequences of length 0, as a re-score step runs
+  them (the price of one graph for both step kinds: their grids launch, nothing is read);
 - ``amortized_scan_cC`` / ``amortized_rescore_cC``: one amortized step of each kind (a selector that scans at
   every step, and one whose candidates were kept by a scan during warm-up and never rescans), with
   ``candidate_score_cC`` / ``candidate_topk_cC`` the re-score step's two kernels alone;
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from .. import ops
 from ..algo.amortized import AmortizedSelector
 from ..algo.sparse import select
+from ..cache import KVCache
 from ..ops import candidates as cops
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table, time_op
 from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
@@ -65,6 +68,11 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
 
     add("selection", lambda: select(q, cache, meta), meta_b)
     add("dsa_step", dsa(lambda: select(q, cache, meta)), meta_b + att_b)
+    # What one graph for every step costs: the full scorer and top-K launched with length 0 (nothing to read).
+    idle = KVCache(cache.k, cache.v, cache.page_table, torch.zeros_like(cache.seq_lens))
+    zero = torch.zeros_like(lay.nblk)
+    add("gated_scan_idle", lambda: ops.select_blocks(meta.scores(q, idle), zero, cfg.top_k, cfg.n_sink, cfg.n_local),
+        0)
     nblk = lay.nblk
     for c in sorted({c for _, c in settings}):
         scan = AmortizedSelector(meta, cache, every=1, factor=c, new_slots=2)
