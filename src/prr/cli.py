@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_simulate)
 
     from .bench.commands import register as register_bench
+    from .eval.commands import register as register_eval
     from .model.commands import register as register_model
 
     register_model(sub)
+    register_eval(sub)
     register_bench(sub)
     return p
 

@@ -100,6 +100,7 @@ class BlockMetadata:
             raise TypeError(f"cfg must be a SparseConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.kmin = self.kmax = self.ckeys = None
+        self.amortized = None  # an AmortizedSelector attached here is what select() uses (issue #12)
         self.build(cache)
 
     def build(self, cache: KVCache) -> None:
@@ -129,11 +130,17 @@ class BlockMetadata:
 
 
 def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None,
-           nblk: torch.Tensor | None = None) -> Selection:
+           nblk: torch.Tensor | None = None, amortized=None) -> Selection:
     """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K. ``nblk`` (blocks per
-    sequence, ``ops.num_blocks(cache.seq_lens, block_size)``) may be passed when the caller has it already."""
+    sequence, ``ops.num_blocks(cache.seq_lens, block_size)``) may be passed when the caller has it already.
+    ``amortized`` (or one attached as ``meta.amortized``): a :class:`prr.algo.amortized.AmortizedSelector`
+    selects instead (a full scan every m steps, candidates re-scored between; its Selection has no scores);
+    a ``top_k`` other than the config's runs the full selection."""
     if not isinstance(meta, BlockMetadata):
         raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
+    amortized = amortized if amortized is not None else meta.amortized
+    if amortized is not None and top_k in (None, meta.cfg.top_k):
+        return amortized.select(q, cache, nblk)
     cfg = meta.cfg
     scores = meta.scores(q, cache)
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk

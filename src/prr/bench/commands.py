@@ -18,7 +18,7 @@ def _no_cuda(name: str, why: str = "") -> bool:
 
 def _shapes(args) -> tuple[list[str], list[int], list[int], list[str]]:
     """Models, batches, contexts and methods of the shape-sweeping benchmarks."""
-    from .kernels import parse_contexts
+    from ..cli_args import parse_contexts
 
     return (args.models.split(","), [int(b) for b in args.batches.split(",")], parse_contexts(args.contexts),
             args.methods.split(","))
@@ -60,17 +60,29 @@ def _cmd_bench_layer(args) -> int:
 def _cmd_bench_e2e(args) -> int:
     if _no_cuda("e2e"):
         return 2
+    from ..cli_args import parse_contexts
     from ..model.tp import setup
-    from . import e2e, kernels
+    from . import e2e
 
     # Tensor parallelism: under torchrun every rank runs this; rank 0 alone prints and writes.
     tp, _ = setup(args.tp, None, args.tp_backend)
     if tp is not None and tp.world > 1 and tp.backend != "nccl":
         raise ValueError("bench e2e under tensor parallelism captures the step in a CUDA graph: use the nccl "
                          "backend (one GPU per rank)")
-    e2e.run(args.model, kernels.parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
+    e2e.run(args.model, parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
             ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","))
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_select(args) -> int:
+    if _no_cuda("select"):
+        return 2
+    from ..cli_args import parse_amortized
+    from . import amortized
+
+    amortized.run(*_shapes(args), parse_amortized(args.amortized), args.out)
     print(f"saved {args.out}")
     return 0
 
@@ -136,6 +148,15 @@ def register(sub) -> None:
     s.add_argument("--out", default="results/bench_e2e.json")
     tp_args(s)
     s.set_defaults(func=_cmd_bench_e2e)
+    s = bsub.add_parser("select", help="full-scan selection vs amortized selection (scan every m steps, c*K "
+                                       "candidates re-scored between) and the DSA step with it")
+    s.add_argument("--models", default="llama-3.1-8b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="32K,128K,512K")
+    s.add_argument("--methods", default="quest")
+    s.add_argument("--amortized", default="8x3,16x4,32x4", help="MxC settings, comma separated")
+    s.add_argument("--out", default="results/bench_select.json")
+    s.set_defaults(func=_cmd_bench_select)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
     s.add_argument("file")
     s.add_argument("--heatmap", action="store_true", help="PRR / DSA over (context, budget), a panel per batch")

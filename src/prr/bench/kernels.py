@@ -195,12 +195,4 @@ def run(models, batches, contexts, methods, out: str, torch_path: bool = True, b
     return {"rows": dicts, "targets": targets}
 
 
-def parse_contexts(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
-    return out
-
-
-__all__ = ["bench_case", "check_targets", "parse_contexts", "run"]
+__all__ = ["bench_case", "check_targets", "run"]

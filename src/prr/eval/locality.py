@@ -7,10 +7,16 @@ recomputed, and measured:
 - hit rate ``|P ∩ S| / K`` (dynamic blocks) and false positives ``|P \\ S|`` of predictors at K' = K, 1.25K,
   1.5K: the previous step; an EMA (Holt with alpha 0.3, no trend); Holt calibrated by grid search on the first
   half of the steps (scored on the second half); and re-ranking (DESIGN.md): the EMA's top ``M = 3K``
-  candidates re-scored with the live query (their true scores at that step) and the best K' kept.
+  candidates re-scored with the live query (their true scores at that step) and the best K' kept;
+- amortized selection (issue #12), per (m, c): a scan every m steps keeps c·K candidates, the steps between
+  keep the top K of the candidates plus the blocks that appeared since (their true scores at that step); hit =
+  ``|S_amortized ∩ S_full| / K``. Candidates from the scan's scores ("scan") or from an EMA (alpha 0.3) of the
+  z-scored scores folded in at the scan steps only ("ema": what a selector that scans every m steps can keep).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -86,6 +92,41 @@ def predictor_hit_rates(scores, nblk, k, n_sink, n_local, ratios=(1.0, 1.25, 1.5
     return out
 
 
+def amortized_selections(scores, nblk, k, n_sink, n_local, every: int, factor: float, source: str = "scan"):
+    """Dynamic selection masks ``[T, B, Hkv, N]`` of amortized selection over a score history (offline twin of
+    :class:`prr.algo.amortized.AmortizedSelector`: same candidate lists, the true scores of the step)."""
+    if source not in ("scan", "ema"):
+        raise ValueError(f"unknown candidate source {source!r}; expected scan or ema")
+    t_steps, n = scores.shape[0], scores.shape[-1]
+    scan_k = math.ceil(factor * k)
+    j = torch.arange(n)
+    level = torch.zeros_like(scores[0], dtype=torch.float32)
+    trend = torch.zeros_like(level)
+    known = torch.zeros(scores.shape[1], dtype=torch.int32)
+    allowed = []
+    for t in range(t_steps):
+        if t % every == 0:
+            basis = scores[t]
+            if source == "ema":  # fold this scan's scores into the EMA, then rank by the EMA
+                z = normalize_scores(scores[t], nblk[t])
+                level, trend = holt_step(level, trend, z, known, nblk[t], 0.3, 0.0)
+                known = torch.maximum(known, nblk[t].to(torch.int32))
+                basis = holt_predict(level, trend, known, 0.0)
+            idx, cnt = ops.select_blocks(basis, nblk[t], scan_k, n_sink, n_local)
+            listed = ops.selection_mask(idx, cnt, n)
+            n_scan = nblk[t].long()[:, None, None]
+        allowed.append(listed | (j >= n_scan))
+    live = torch.where(torch.stack(allowed), scores, float("-inf"))
+    return selections(live, nblk, k, n_sink, n_local)
+
+
+def amortized_hit_rates(scores, nblk, k, n_sink, n_local, settings, sources=("scan", "ema")) -> dict:
+    """``{"scan m16 c4": hit rate, ...}``: ``|S_amortized ∩ S_full| / K`` over all steps (scan steps count 1)."""
+    true = selections(scores, nblk, k, n_sink, n_local)
+    return {f"{src} m{m} c{c:g}": _hits(amortized_selections(scores, nblk, k, n_sink, n_local, m, c, src), true)[0]
+            for src in sources for m, c in settings}
+
+
 @torch.inference_mode()
 def record_scores(model, tok, length: int, steps: int, cfg, text_offset: int = 0) -> dict:
     """Teacher-force `steps` tokens of real text after a `length`-token prefix through serialized DSA and keep
@@ -103,8 +144,8 @@ def record_scores(model, tok, length: int, steps: int, cfg, text_offset: int = 0
             for i, v in eng.record.items()}
 
 
-def study(history: dict, k: int, n_sink: int, n_local: int, lags=(1, 2, 4, 8, 16, 32, 64)) -> dict:
-    """Every metric, per layer (KV heads pooled) and overall."""
+def study(history: dict, k: int, n_sink: int, n_local: int, lags=(1, 2, 4, 8, 16, 32, 64), amortized=()) -> dict:
+    """Every metric, per layer (KV heads pooled) and overall; ``amortized``: (m, c) settings to replay."""
     per_layer = {}
     for layer, (scores, nblk) in sorted(history.items()):
         masks = selections(scores, nblk, k, n_sink, n_local)
@@ -112,12 +153,21 @@ def study(history: dict, k: int, n_sink: int, n_local: int, lags=(1, 2, 4, 8, 16
         per_layer[layer] = {"overlap": overlap_vs_lag(masks, lags), "holt_params": hr.pop("holt_params"),
                             "predictors": {f"{n}@{r}": {"hit_rate": h, "false_positives": fp}
                                            for (n, r), (h, fp) in hr.items()}}
+        if amortized:
+            per_layer[layer]["amortized"] = amortized_hit_rates(scores, nblk, k, n_sink, n_local, amortized)
     keys = next(iter(per_layer.values()))["predictors"].keys()
     overall = {key: sum(v["predictors"][key]["hit_rate"] for v in per_layer.values()) / len(per_layer)
                for key in keys}
     lag_keys = next(iter(per_layer.values()))["overlap"].keys()
     overlap = {lag: sum(v["overlap"][lag] for v in per_layer.values()) / len(per_layer) for lag in lag_keys}
-    return {"per_layer": per_layer, "hit_rate_mean": overall, "overlap_mean": overlap, "k": k}
+    res = {"per_layer": per_layer, "hit_rate_mean": overall, "overlap_mean": overlap, "k": k}
+    if amortized:
+        res["amortized_mean"] = {key: sum(v["amortized"][key] for v in per_layer.values()) / len(per_layer)
+                                 for key in next(iter(per_layer.values()))["amortized"]}
+        res["amortized_min"] = {key: min(v["amortized"][key] for v in per_layer.values())
+                                for key in res["amortized_mean"]}
+        res["num_blocks"] = int(next(iter(history.values()))[1].max())
+    return res
 
 
 def plot(result: dict, path: str) -> str:

@@ -34,6 +34,10 @@ METHODS = {
 
 
 def make_engine(model, tok, method: str, budget: int, ratio: float = 1.0, n_dense_layers: int = 2) -> Engine:
+    from .amortized import make_amortized_engine, parse_method  # quest_m16c4 etc. (issue #12)
+
+    if method not in METHODS and parse_method(method):
+        return make_amortized_engine(model, tok, method, budget, n_dense_layers)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     attention, selector, mode = METHODS[method]

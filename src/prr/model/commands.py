@@ -1,10 +1,9 @@
-"""The model-facing subcommands: ``prr generate``, ``prr demo``, ``prr eval``, ``prr locality``."""
+"""The model-facing subcommands: ``prr generate``, ``prr demo`` (eval and locality: :mod:`prr.eval.commands`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -123,61 +122,6 @@ def _cmd_demo(args) -> int:
     return 0 if (same or args.mode == "union") else 1
 
 
-def _cmd_eval(args) -> int:
-    from ..bench.kernels import parse_contexts
-    from ..eval import run
-    from ..eval.tasks import TASKS
-
-    model, tok = _load(args)
-    tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
-    methods = list(run.METHODS) if args.methods == "all" else args.methods.split(",")
-    budgets = [int(b) for b in args.budgets.split(",")]
-    lengths = parse_contexts(args.lengths)
-    result = {"args": {k: v for k, v in vars(args).items() if k != "func"}}
-    rows = run.run_tasks(model, tok, tasks, lengths, methods, budgets, seeds=range(args.seeds), ratio=args.ratio)
-    result.update(tasks=rows, summary=run.summarize(rows))
-    if args.ppl_steps > 0:
-        result["perplexity"] = run.run_perplexity(model, tok, args.ppl_length, args.ppl_steps, methods, budgets,
-                                                  ratio=args.ratio)
-    run.save(args.out, result, result["summary"])
-    print(f"{'length':>6} {'method':>10} {'budget':>6} {'accuracy':>8}")
-    for r in result["summary"]:
-        print(f"{r['length']:>6} {r['method']:>10} {r['budget'] or '-':>6} {r['accuracy']:>8.1f}")
-    for r in result.get("perplexity", []):
-        vs = "" if r["vs_dense_pct"] is None else f" ({r['vs_dense_pct']:+.2f}% vs dense)"
-        print(f"perplexity {r['method']:>10} {r['budget'] or '-':>6} {r['perplexity']:.3f}{vs}")
-    same = [r["same_tokens_as_quest"] for r in rows if "same_tokens_as_quest" in r]
-    if same:
-        print(f"PRR exact == Quest DSA, token for token: {sum(same)}/{len(same)} instances")
-    if args.plot:
-        print(f"wrote {run.plot(result, args.plot)}")
-    print(f"saved {args.out}")
-    return 0
-
-
-def _cmd_locality(args) -> int:
-    import prr
-
-    from ..eval import locality
-
-    model, tok = _load(args)
-    cfg = prr.SparseConfig(method=args.method, block_size=16 if args.method == "quest" else 64, top_k=args.k)
-    hist = locality.record_scores(model, tok, args.length, args.steps, cfg)
-    res = locality.study(hist, cfg.top_k, cfg.n_sink, cfg.n_local)
-    res["args"] = {k: v for k, v in vars(args).items() if k != "func"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    print("mean hit rate over layers:")
-    for key, v in res["hit_rate_mean"].items():
-        print(f"  {key:14s} {v:.3f}")
-    print("mean overlap against lag: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["overlap_mean"].items()))
-    if args.plot:
-        print(f"wrote {locality.plot(res, args.plot)}")
-    print(f"saved {args.out}")
-    return 0
-
-
 def tp_args(s) -> None:
     """Tensor parallelism: launch with `torchrun --nproc-per-node N -m prr ...` (the world size decides)."""
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks; must equal torchrun's "
@@ -215,30 +159,3 @@ def register(sub) -> None:
     s.add_argument("--depth", type=float, default=0.75, help="where the pass key sits (0 start, 1 end)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo, max_new_tokens=16, budget=2048)
-
-    s = sub.add_parser("eval", help="offline long-context tasks and perplexity: dense vs DSA vs PRR")
-    s.add_argument("--model", default="smollm2")
-    s.add_argument("--device", default=None)
-    s.add_argument("--tasks", default="all", help="comma list or all: passkey, niah_single, niah_multikey, "
-                                                  "niah_multivalue, variable_tracking, common_words")
-    s.add_argument("--lengths", default="2K,4K,8K", help="prompt lengths (fitted within 2%%)")
-    s.add_argument("--methods", default="all", help="dense, quest, infllm_v2, prr_exact, prr_union, predicted")
-    s.add_argument("--budgets", default="512,1024,2048")
-    s.add_argument("--seeds", type=int, default=1, help="instances per task and length")
-    s.add_argument("--ratio", type=float, default=1.0, help="PRR speculation ratio")
-    s.add_argument("--ppl-length", type=int, default=4096, help="prefix before the teacher-forced tokens")
-    s.add_argument("--ppl-steps", type=int, default=64, help="teacher-forced tokens (0: no perplexity)")
-    s.add_argument("--out", default="results/eval.json")
-    s.add_argument("--plot", default=None, help="write a PNG here")
-    s.set_defaults(func=_cmd_eval)
-
-    s = sub.add_parser("locality", help="temporal locality of DSA selections and predictor hit rates")
-    s.add_argument("--model", default="smollm2")
-    s.add_argument("--device", default=None)
-    s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
-    s.add_argument("--k", type=int, default=64, help="dynamic blocks per selection")
-    s.add_argument("--length", type=int, default=4096, help="text prefix before the recorded steps")
-    s.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps recorded")
-    s.add_argument("--out", default="results/locality.json")
-    s.add_argument("--plot", default=None)
-    s.set_defaults(func=_cmd_locality)

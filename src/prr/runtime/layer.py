@@ -52,6 +52,8 @@ class LayerStep:
         spec_programs: cap the exact-mode speculation's grid at this many programs (None: the attention's own
             split rule), so it leaves SMs to the selection's kernels, whose CTAs otherwise queue behind its
             tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
+        amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"`` only: its
+            selection has no full scores to feed PRR's predictor); call its ``reset()`` after :meth:`capture`.
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
@@ -59,8 +61,12 @@ class LayerStep:
                  ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False, grow: int = 0, spec_programs: int | None = None):
+                 collect_stats: bool = False, grow: int = 0, spec_programs: int | None = None,
+                 amortized=None):
         check.choice("method", method, METHODS)
+        if (amortized is not None or getattr(meta, "amortized", None) is not None) and method != "dsa":
+            raise ValueError("amortized selection runs with method='dsa' only (PRR's predictor needs full scores)")
+        self.amortized = amortized
         check.choice("mode", mode, STEP_MODES)
         if method == "prr" and not isinstance(predictor, HoltPredictor):
             raise TypeError("method='prr' needs a HoltPredictor")
@@ -106,7 +112,7 @@ class LayerStep:
         q = self.q if q is None else q
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
         if self.method == "dsa":
-            sel = select(q, cache, self.meta, nblk=nblk)
+            sel = select(q, cache, self.meta, nblk=nblk, amortized=self.amortized)
             self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
             o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
             return o, lse, sel, nblk

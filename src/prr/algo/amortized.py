@@ -1,0 +1,111 @@
+"""Amortized DSA selection (issue #12): a full scan every m steps, candidates re-scored in between.
+
+Every ``every`` (m) steps the full selection runs with ``ceil(factor * K)`` (c·K) dynamic blocks and its
+result (sink and local blocks included, sorted) becomes the candidate list of that (sequence, KV head). Every
+step, the scan's step too, scores only the candidates plus the blocks that appeared since the scan, with the
+live query on the live metadata, and keeps the best K; sink and local blocks are forced as always. On a scan
+step the list holds the scan's top c·K ⊇ its top K, so the result is the full selection exactly.
+
+The scan/re-score choice is made on the device: a step counter tensor decides per sequence whether this step
+scans, and a sequence that does not scan is handed to the full scorer with length 0 (a scorer reads no
+metadata for dead blocks and the top-K finishes at once), so the same kernels run at every step and one
+captured CUDA graph serves every step. A sequence also rescans when more blocks appeared than the list has
+room for, or when it got shorter (a reused cache). :meth:`AmortizedSelector.reset` makes the next step a scan
+(call it after a graph capture, whose warm-up steps advance the counter).
+
+Cost per step, in metadata blocks read: ``N / m + c·K + forced + new`` instead of ``N``. Known limits: the
+step's :class:`Selection` carries no full scores (``scores=None``), so the PRR predictor cannot be fed from it
+(the runtime refuses PRR with an amortized selector); the oracle method has no candidate scorer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks as check
+from .. import ops
+from ..cache import KVCache
+from ..ops import candidates as cops
+from .sparse import BlockMetadata, Selection
+
+
+class AmortizedSelector:
+    """Per-layer state of amortized selection for one cache.
+
+    Args:
+        meta: the layer's block metadata (its config gives the method and budget; Quest or InfLLM-v2).
+        cache: the layer's cache (batch, heads, device).
+        every: m, steps per full scan (1: a scan every step, the full selection).
+        factor: c, candidates kept per scan as a multiple of K (>= 1).
+        new_slots: list slots for blocks that appear after a scan; default ``ceil(m * grow / BS) + 1`` (at most N_max).
+        grow: tokens the cache gains per step (1 when decoding a token per step).
+
+    State (device tensors, updated in place): ``cand [B, Hkv, C + new_slots]`` int32 (the first C columns are
+    the last scan's selection), ``nblk_scan [B]`` int32, ``step, scans [B]`` int64 (steps and scans so far).
+    """
+
+    def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 16, factor: float = 4.0,
+                 new_slots: int | None = None, grow: int = 1):
+        if not isinstance(meta, BlockMetadata):
+            raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
+        cfg = meta.cfg
+        if cfg.method not in ("quest", "infllm_v2"):
+            raise ValueError(f"amortized selection needs quest or infllm_v2, not {cfg.method!r}")
+        self.every = check.positive_int("every", every)
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
+            raise ValueError(f"factor must be a finite number >= 1, got {factor!r}")
+        self.factor = float(factor)
+        self.meta, self.cfg = meta, cfg
+        self.scan_k = math.ceil(self.factor * cfg.top_k)
+        cap = cfg.n_sink + cfg.n_local + self.scan_k
+        grow = check.nonneg_int("grow", grow)
+        # A list never needs more new-block slots than the cache has blocks.
+        self.new_slots = (min(math.ceil(every * grow / cfg.block_size) + 1, cache.max_blocks(cfg.block_size))
+                          if new_slots is None else check.positive_int("new_slots", new_slots))
+        dev = cache.device
+        self.cand = torch.full((cache.batch, cache.num_kv_heads, cap + self.new_slots), -1, dtype=torch.int32,
+                               device=dev)
+        self.nblk_scan = torch.zeros(cache.batch, dtype=torch.int32, device=dev)
+        self.step = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # per sequence: no race in the plan
+        self.scans = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # scans done (for reports)
+
+    @property
+    def capacity(self) -> int:
+        """Candidates kept by a scan (forced blocks included), ``n_sink + n_local + ceil(c K)``."""
+        return self.cand.shape[-1] - self.new_slots
+
+    def reset(self) -> None:
+        """Forget the candidates: the next step scans."""
+        self.step.zero_()
+        self.nblk_scan.zero_()
+        self.cand.fill_(-1)
+        self.scans.zero_()
+
+    def _scores(self, q, cache, cand):
+        cfg, meta = self.cfg, self.meta
+        if cfg.method == "quest":
+            return cops.quest_candidate_scores(q, meta.kmin, meta.kmax, cache, cand, cfg.block_size, cfg.aggregate)
+        return cops.infllm_candidate_scores(q, meta.ckeys, cache, cand, cfg.block_size, cfg.window, cfg.stride,
+                                            cfg.aggregate)
+
+    def select(self, q: torch.Tensor, cache: KVCache, nblk: torch.Tensor | None = None) -> Selection:
+        """This step's selection (``scores=None``); advances the step counters. No host sync. (``nblk`` is
+        accepted for :func:`prr.select`'s signature; the plan computes the block counts itself.)"""
+        cfg = self.cfg
+        # One launch decides per sequence whether this step scans, and lists the blocks new since the scan.
+        scan, g_lens, g_nblk, nblk = cops.amortized_plan(self.step, cache.seq_lens.to(torch.int32), self.nblk_scan,
+                                                         self.cand, self.scans, self.every, self.new_slots,
+                                                         cfg.block_size)
+        gated = KVCache(cache.k, cache.v, cache.page_table, g_lens)
+        full = self.meta.scores(q, gated)  # all -inf (nothing read) for a sequence that does not scan
+        s_idx, _ = ops.select_blocks(full, g_nblk, self.scan_k, cfg.n_sink, cfg.n_local)
+        cops.commit_candidates(self.cand, s_idx, scan)  # the scan's sorted selection heads the list
+        scores = self._scores(q, cache, self.cand)
+        idx, cnt = cops.select_candidates(self.cand, scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
+        return Selection(idx, cnt, None)
+
+    def blocks_read(self, n: int) -> float:
+        """Mean metadata blocks scored per step at N = `n` blocks (the cost model; vs ``n`` for a full scan)."""
+        return n / self.every + self.cand.shape[-1]

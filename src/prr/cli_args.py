@@ -1,0 +1,30 @@
+"""Argument parsing shared by the subcommands of several layers (bench, eval): no prr imports at module level."""
+
+from __future__ import annotations
+
+
+def parse_contexts(text: str) -> list[int]:
+    """``"2K,4K,8000"`` -> ``[2048, 4096, 8000]`` (a K suffix multiplies by 1024)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
+        except ValueError:
+            raise ValueError(f"cannot read {part!r} as a length (e.g. 4096 or 4K)") from None
+    return out
+
+
+def parse_amortized(text: str) -> list[tuple[int, float]]:
+    """``"8x3,16x4"`` -> ``[(8, 3.0), (16, 4.0)]``: (m, c) settings of amortized selection (a full scan every m
+    steps keeps c·K candidates)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m, sep, c = part.lower().partition("x")
+        try:
+            out.append((int(m), float(c)))
+        except ValueError:
+            raise ValueError(f"cannot read {part!r} as an amortized setting MxC (e.g. 16x4)") from None
+        if not sep or out[-1][0] < 1 or out[-1][1] < 1:
+            raise ValueError(f"amortized setting {part!r}: need MxC with m >= 1 and c >= 1")
+    return out

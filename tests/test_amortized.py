@@ -1,0 +1,241 @@
+"""Amortized selection (prr.algo.amortized): a full scan every m steps, candidates re-scored in between.
+
+Invariants: m = 1 is the full selection at every step; every step equals the top-K of the *full* scores
+restricted to (the last scan's top c·K ∪ forced ∪ blocks appeared since), computed independently here; scan
+steps equal the full selection; the Triton path (interpreter, fp32) equals the reference path; the runtime's
+LayerStep uses it; on a GPU one captured graph replays every step kind."""
+
+import math
+
+import pytest
+import torch
+
+import prr
+from prr.algo.amortized import AmortizedSelector
+from prr.ops.backend import use_backend
+from prr.runtime.layer import LayerStep
+
+from conftest import make_cache, make_query
+
+
+def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=0, backend="auto", device="cpu"):
+    """Append a token per step with a drifting query; yield (step, amortized selection, full selection, config,
+    cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5."""
+    start = 300 if method == "quest" else 1500
+    cache = make_cache([start, start - 77][:bsz], hkv=2, d=32, capacity=start + steps + 16, dtype=dtype, seed=seed)
+    cache = prr.KVCache(cache.k.to(device), cache.v.to(device), cache.page_table.to(device),
+                        cache.seq_lens.to(device))
+    cfg = prr.SparseConfig(method=method, block_size=16 if method == "quest" else 64, top_k=5)
+    meta = prr.BlockMetadata(cfg, cache)
+    am = AmortizedSelector(meta, cache, every=every, factor=factor)
+    gen = torch.Generator().manual_seed(seed + 7)
+    q = make_query(cache, g).to(device)
+    with use_backend(backend):
+        for t in range(steps):
+            k, v = (torch.randn(bsz, 2, 32, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(2))
+            cache.append(k, v)
+            meta.append(cache)
+            q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+            got = prr.select(q, cache, meta, amortized=am)
+            full = prr.select(q, cache, meta)
+            yield t, got, full, cfg, cache
+
+
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_every_step_scan_is_the_full_selection(method):
+    for _t, got, full, _cfg, _cache in _decode(method, 20, every=1, factor=1.0):
+        assert torch.equal(got.indices, full.indices) and torch.equal(got.counts, full.counts)
+
+
+@pytest.mark.parametrize("method,every,factor", [("quest", 8, 2.0), ("quest", 5, 1.0), ("infllm_v2", 6, 2.5)],
+                         ids=["quest-m8-c2", "quest-m5-c1", "infllm-m6-c2.5"])
+def test_steps_between_scans_pick_the_best_candidates(method, every, factor):
+    """Independent model: the top-K of the full scores over {last scan's selection at c·K} ∪ {blocks >= the scan's
+    block count}; equal to the full selection on scan steps."""
+    differs = 0
+    for t, got, full, cfg, cache in _decode(method, 40, every, factor):
+        nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
+        if t % every == 0:
+            assert torch.equal(got.indices, full.indices), t
+            scan_k = math.ceil(factor * cfg.top_k)
+            s_idx, s_cnt = prr.select_blocks(full.scores, nblk, scan_k, cfg.n_sink, cfg.n_local)
+            listed = prr.ops.selection_mask(s_idx, s_cnt, full.scores.shape[-1])
+            nblk_scan = nblk.clone()
+        j = torch.arange(full.scores.shape[-1])
+        allowed = listed | (j >= nblk_scan[:, None, None])
+        want = prr.select_blocks(full.scores.masked_fill(~allowed, float("-inf")), nblk, cfg.top_k, cfg.n_sink,
+                                 cfg.n_local)
+        assert torch.equal(got.indices, want[0]) and torch.equal(got.counts, want[1]), t
+        differs += int(not torch.equal(got.indices, full.indices))
+    assert differs > 0  # the drift is strong enough that the candidates matter: the test can fail
+
+
+def test_rescan_when_the_list_overflows_or_the_cache_shrinks():
+    cache = make_cache([200], hkv=2, d=32, capacity=400)
+    cfg = prr.SparseConfig(top_k=3)
+    meta = prr.BlockMetadata(cfg, cache)
+    am = AmortizedSelector(meta, cache, every=100, factor=1.0, new_slots=1)
+    q = make_query(cache, 2)
+    am.select(q, cache)
+    assert am.scans.tolist() == [1]
+    cache.append(torch.randn(1, 2, 32, dtype=torch.float64), torch.randn(1, 2, 32, dtype=torch.float64))
+    meta.append(cache)
+    cache.seq_lens += 16  # 217 tokens: one new block (14 in all) fits the list's single slot
+    meta.build(cache)
+    am.select(q, cache)
+    assert am.scans.tolist() == [1]
+    cache.seq_lens += 16  # two new blocks since the scan: more than the list holds
+    meta.build(cache)
+    am.select(q, cache)
+    assert am.scans.tolist() == [2]
+    cache.seq_lens -= 100  # a shorter cache (reused): rescan
+    meta.build(cache)
+    got = am.select(q, cache)
+    assert am.scans.tolist() == [3]
+    assert torch.equal(got.indices, prr.select(q, cache, meta).indices)
+    am.reset()
+    assert int(am.step) == 0 and am.scans.tolist() == [0]
+
+
+def test_bad_configuration_is_refused():
+    cache = make_cache([100], hkv=2, d=32)
+    meta = prr.BlockMetadata(prr.SparseConfig(), cache)
+    with pytest.raises(ValueError, match="factor"):
+        AmortizedSelector(meta, cache, every=4, factor=0.5)
+    with pytest.raises(ValueError, match="every"):
+        AmortizedSelector(meta, cache, every=0)
+    with pytest.raises(ValueError, match="oracle"):
+        AmortizedSelector(prr.BlockMetadata(prr.SparseConfig(method="oracle"), cache), cache)
+    with pytest.raises(ValueError, match="dsa"):
+        LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8),
+                  amortized=AmortizedSelector(meta, cache))
+    meta.amortized = AmortizedSelector(meta, cache)  # attached to the metadata: PRR would get no scores either
+    with pytest.raises(ValueError, match="dsa"):
+        LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8))
+
+
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_triton_path_equals_reference_path(method):
+    ref = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32)]
+    tri = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32, backend="triton")]
+    for t, (a, b) in enumerate(zip(ref, tri, strict=True)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), t
+
+
+def test_layer_step_runs_the_amortized_selection():
+    cache = make_cache([300], hkv=2, d=32, capacity=340)
+    cfg = prr.SparseConfig(top_k=4)
+    meta = prr.BlockMetadata(cfg, cache)
+    am = AmortizedSelector(meta, cache, every=4, factor=2.0)
+    twin = AmortizedSelector(meta, cache, every=4, factor=2.0)
+    step = LayerStep(cache, meta, 8, method="dsa", amortized=am)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        cache.append(*(torch.randn(1, 2, 32, generator=gen, dtype=torch.float64) for _ in range(2)))
+        meta.append(cache)
+        q = torch.randn(1, 8, 32, generator=gen, dtype=torch.float64)
+        o, _ = step.run(q)
+        sel = twin.select(q, cache)
+        assert torch.equal(step.last["s_idx"], sel.indices)
+        o_ref, _ = prr.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size)
+        torch.testing.assert_close(o, o_ref)
+    assert int(am.scans) == 2  # steps 0 and 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_one_graph_serves_scan_and_rescore_steps(method):
+    dev = "cuda"
+    base = make_cache([5000, 3001], hkv=2, d=64, capacity=5100, dtype=torch.float32)
+    cache = prr.KVCache(base.k.to(dev, torch.bfloat16), base.v.to(dev, torch.bfloat16), base.page_table.to(dev),
+                        base.seq_lens.to(dev))
+    cfg = prr.SparseConfig.from_budget(method, 1024)
+    meta = prr.BlockMetadata(cfg, cache)
+    am, twin = AmortizedSelector(meta, cache, every=4, factor=3.0), AmortizedSelector(meta, cache, every=4, factor=3.0)
+    step = LayerStep(cache, meta, 8, method="dsa", amortized=am)
+    step.capture()
+    am.reset()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(9):  # scans at 0, 4, 8
+        q = torch.randn(2, 8, 64, generator=gen).to(dev, torch.bfloat16)
+        step.replay(q)
+        sel = twin.select(q, cache)
+        assert torch.equal(step.last["s_idx"], sel.indices)
+    assert am.scans.tolist() == [3, 3]
+
+
+def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
+    """The GPU benchmark's case code (not its timing) on a CPU: every op it times runs, one row each, and the
+    target check reads the rows."""
+    from prr.bench import amortized as bench
+
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(1)
+        return 100.0
+
+    rows = bench.bench_case("llama-3.1-8b", 1, 8192, "quest", [(4, 2.0)], 4.0, 5.0, timer=timer, device="cpu",
+                            dtype=torch.float32)
+    ops_ = [r.op for r in rows]
+    assert ops_ == ["selection", "dsa_step", "gated_scan_idle", "amortized_scan_c2", "amortized_rescore_c2",
+                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
+    assert len(calls) == len(rows)
+    assert rows[-1].median_us == 25.0  # four steps per timed call
+    fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]
+    targets = bench.check_targets(fake)
+    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2"]
+
+
+def test_locality_replay_is_the_selector_offline():
+    """prr locality's offline replay (score history -> amortized selections) picks what the selector picks."""
+    from prr.eval import locality
+
+    hist, got = [], []
+    for _t, sel, full, cfg, cache in _decode("quest", 30, every=6, factor=1.5, bsz=2):
+        hist.append((full.scores, prr.num_blocks(cache.seq_lens, cfg.block_size)))
+        got.append(prr.ops.selection_mask(sel.indices, sel.counts, full.scores.shape[-1]))
+    scores, nblk = torch.stack([s for s, _ in hist]), torch.stack([n for _, n in hist])
+    offline = locality.amortized_selections(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, 6, 1.5)
+    j = torch.arange(scores.shape[-1])
+    forced = (j < cfg.n_sink) | (j >= nblk.long()[:, :, None, None] - cfg.n_local)
+    assert torch.equal(offline, torch.stack(got) & ~forced)
+    hits = locality.amortized_hit_rates(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, [(1, 1.0), (6, 1.5)])
+    assert hits["scan m1 c1"] == 1.0 and hits["ema m1 c1"] <= 1.0
+    assert 0.5 < hits["scan m6 c1.5"] < 1.0  # the drifting query makes candidates miss: the metric can move
+
+
+def test_eval_names_and_agreement():
+    from prr.eval.amortized import agreement, method_name, parse_method, relative_cost
+
+    assert method_name("quest", 16, 4.0) == "quest_m16c4" and parse_method("quest_m16c4") == ("quest", 16, 4.0)
+    assert parse_method("infllm_v2_m8c2.5") == ("infllm_v2", 8, 2.5) and parse_method("quest") is None
+    base = {"task": "passkey", "length": 2048, "seed": 0, "budget": 1024}
+    rows = [{**base, "method": "quest", "output": "42", "score": 1.0},
+            {**base, "method": "quest_m8c3", "output": "42", "score": 1.0},
+            {**base, "seed": 1, "method": "quest", "output": "7", "score": 0.0},
+            {**base, "seed": 1, "method": "quest_m8c3", "output": "8", "score": 0.0}]
+    assert agreement(rows) == [{"method": "quest_m8c3", "budget": 1024, "instances": 2, "same_output": 0.5,
+                                "same_score": 1.0}]
+    assert relative_cost(16, 4, 32768, 125) == pytest.approx(1 / 16 + (3 + 500 + 2) / 32768)
+
+
+def test_eval_cli_amortized_with_a_scan_every_step_is_the_full_scan(smollm, tmp_path, capsys):
+    """`prr eval --amortized`: m = 1 (a scan every step) gives the full-scan Quest's answers and perplexity
+    exactly; the agreement and the perplexity against the full scan are saved and printed."""
+    import json
+
+    from prr.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "--tasks", "passkey", "--lengths", "600", "--methods", "quest", "--budgets", "256",
+                 "--amortized", "1x1,4x2", "--ppl-length", "400", "--ppl-steps", "6", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    agree = {a["method"]: a for a in res["amortized_agreement"]}
+    assert set(agree) == {"quest_m1c1", "quest_m4c2"}
+    assert agree["quest_m1c1"]["same_output"] == 1.0
+    ppl = {r["method"]: r for r in res["perplexity"]}
+    assert ppl["quest_m1c1"]["vs_full_scan_pct"] == 0.0 and "vs_full_scan_pct" in ppl["quest_m4c2"]
+    assert "same output as the full scan" in capsys.readouterr().out
