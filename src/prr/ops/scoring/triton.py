@@ -36,22 +36,27 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
     m_g = i_g < G
     nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
     m_n = i_n < nblk
-    q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
-    off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
-    b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
-    b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
-    # q+ and q- are exact in the input dtype (cast back: max/min may promote bf16 to fp32).
-    q_pos = tl.maximum(q, 0.0).to(q.dtype)
-    q_neg = tl.minimum(q, 0.0).to(q.dtype)
-    if PREC == "ieee":
-        s = tl.dot(q_pos.to(tl.float32), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
-        s += tl.dot(q_neg.to(tl.float32), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
-    else:  # products of bf16/fp16 are exact in the float32 accumulator
-        s = tl.dot(q_pos, tl.trans(b_hi))
-        s += tl.dot(q_neg, tl.trans(b_lo))
-    agg = _aggregate_rows(s, m_g, AGG_MAX)
-    agg = tl.where(m_n, agg, float("-inf"))
-    tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
+    if tl.program_id(1) * BLOCK_N < nblk:  # a chunk past the sequence reads no metadata and multiplies nothing
+        q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None],
+                    other=0.0)
+        off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
+        b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
+        b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
+        # q+ and q- are exact in the input dtype (cast back: max/min may promote bf16 to fp32).
+        q_pos = tl.maximum(q, 0.0).to(q.dtype)
+        q_neg = tl.minimum(q, 0.0).to(q.dtype)
+        if PREC == "ieee":
+            s = tl.dot(q_pos.to(tl.float32), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
+            s += tl.dot(q_neg.to(tl.float32), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+        else:  # products of bf16/fp16 are exact in the float32 accumulator
+            s = tl.dot(q_pos, tl.trans(b_hi))
+            s += tl.dot(q_neg, tl.trans(b_lo))
+        agg = _aggregate_rows(s, m_g, AGG_MAX)
+        agg = tl.where(m_n, agg, float("-inf"))
+        tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
+    else:
+        tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, tl.full([BLOCK_N], float("-inf"), tl.float32),
+                 mask=i_n < NMAX)
 
 
 @triton.jit
