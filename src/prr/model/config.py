@@ -52,5 +52,8 @@ MODEL_PRESETS = {
                                 max_context=8192, rope_interleaved=True, bos_token_id=1, eos_token_id=2),
     "llama-3.1-8b": ModelConfig(128256, 4096, 14336, 32, 32, 8, 128, rope_base=500000.0, max_context=131072),
     "glm-4-9b": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=10000.0, max_context=131072),
+    # The paper's model: GLM-4-9B-Chat-1M shapes (random weights; GLM's rope_ratio 10000 -> base 1e8).
+    "glm-4-9b-1m": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=1e8, rms_eps=1.5625e-07,
+                               max_context=1 << 20),
     "qwen3-8b": ModelConfig(151936, 4096, 12288, 36, 32, 8, 128, rope_base=1000000.0, max_context=131072),
 }

@@ -179,18 +179,22 @@ class Engine:
         self._calib_q = dict(other._calib_q)
         self._build_sparse_state()
 
+    def crossover(self, batch: int) -> int:
+        """The context (tokens) from which ``attention="auto"`` decodes sparsely: `auto_crossover` if given, the
+        fixed CPU default on a CPU, else profiled on this GPU for these shapes (cached)."""
+        if self.auto_crossover is not None:
+            return self.auto_crossover
+        if self.model.device.type != "cuda":
+            return auto.CPU_CROSSOVER
+        c = self.cfg
+        return auto.profile_crossover(c.num_q_heads, c.num_kv_heads, c.head_dim, batch, self.sparse,
+                                      dtype=self.model.dtype, device=self.model.device, max_context=c.max_context)
+
     def _resolve_auto(self) -> None:
         if self.requested != "auto":
             return
-        cache0 = self.caches[0]
-        ctx = int(cache0.seq_lens.max())
-        cross = self.auto_crossover
-        if cross is None and cache0.device.type != "cuda":
-            cross = auto.CPU_CROSSOVER
-        elif cross is None:
-            c = self.cfg
-            cross = auto.profile_crossover(c.num_q_heads, c.num_kv_heads, c.head_dim, cache0.batch, self.sparse,
-                                           dtype=cache0.dtype, device=cache0.device, max_context=c.max_context)
+        ctx = int(self.caches[0].seq_lens.max())
+        cross = self.crossover(self.caches[0].batch)
         self.attention = auto.resolve(ctx, cross, self.auto_sparse)
         self.auto_decision = {"context": ctx, "crossover": cross, "attention": self.attention}
 

@@ -277,35 +277,39 @@ class Generation:
                 s.hit_rate = None if hit is None else round(hit, 4)
 
     def _accept(self, j: int, tok: int, texts: list[str], eos: set[int]) -> TokenEvent:
-        """Append a token to sequence j; decide whether it ends the sequence and what text it adds."""
+        """Append a token to sequence j; decide whether it ends the sequence and what text it streams
+        (``texts[j]``: the text streamed so far)."""
         seq, cfg, tk = self.sequences[j], self.cfg, self.eng.tok
         seq.tokens.append(tok)
-        delta, reason = "", None
-        if tk is not None:
-            full = tk.decode(seq.tokens)
-            if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next bytes
-                full = texts[j]
-            delta = full[len(texts[j]):] if full.startswith(texts[j]) else full
-            cut = _find_stop(full, cfg.stop, start=max(0, len(texts[j]) - max(map(len, cfg.stop), default=0)))
-            if cut is not None:
-                pos, s = cut
-                delta = full[len(texts[j]):pos] if pos >= len(texts[j]) else ""
-                full, reason, seq.stop_string = full[:pos], "stop", s
-            texts[j] = full
-            seq.text = full
-        if reason is None and tok in eos:
-            reason = "eos"
-        if reason is None and len(seq.tokens) >= cfg.max_new_tokens:
-            reason = "length"
+        reason, final = None, None
+        full = tk.decode(seq.tokens) if tk is not None else None
+        if full is not None and (cut := _find_stop(full, cfg.stop)) is not None:
+            reason, seq.stop_string, final = "stop", cut[1], full[:cut[0]]
+        elif tok in eos:
+            reason, final = "eos", full
+        elif len(seq.tokens) >= cfg.max_new_tokens:
+            reason, final = "length", full
         seq.finish_reason = reason
+        if full is None:
+            return TokenEvent(j, tok, "", reason)
+        if final is None:
+            # Hold back an incomplete multi-byte character, and the last (longest stop - 1) characters: they
+            # may begin a stop string, and streamed text cannot be taken back.
+            final = full.rstrip("\ufffd")
+            final = final[:len(final) - max(map(len, cfg.stop), default=1) + 1]
+        else:
+            seq.text = final
+        if len(final) <= len(texts[j]) or not final.startswith(texts[j]):
+            return TokenEvent(j, tok, "", reason)
+        delta, texts[j] = final[len(texts[j]):], final
         return TokenEvent(j, tok, delta, reason)
 
 
-def _find_stop(text: str, stops, start: int = 0) -> tuple[int, str] | None:
-    """The earliest stop string in ``text[start:]``: ``(position, string)``."""
+def _find_stop(text: str, stops) -> tuple[int, str] | None:
+    """The earliest stop string in ``text``: ``(position, string)``."""
     best = None
     for s in stops:
-        i = text.find(s, start)
+        i = text.find(s)
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     return best
