@@ -16,6 +16,7 @@ own time between tokens is not counted); prefill, warm-up and capture are measur
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -78,6 +79,7 @@ class GenerationStats:
     steady_steps: int = 0
     steady_tokens: int = 0  # tokens produced by the steady-state steps (active sequences only)
     cuda_graph: bool = False
+    graph_error: str | None = None  # why the step could not be captured (then it ran eagerly)
     hit_rates: list[float] = field(default_factory=list)  # PRR: per decode step, over sparse layers
     blocks_per_step: list[float] = field(default_factory=list)  # |S| per (sequence, KV head), mean
     misses_per_step: list[float] = field(default_factory=list)
@@ -261,8 +263,13 @@ class Generation:
                 state.set_active(active)
             if use_graph and graph is None and n_steps == 1:
                 t0 = time.perf_counter()
-                graph = eng.capture(state.body)
-                st.capture_s, st.cuda_graph = time.perf_counter() - t0, True
+                try:
+                    graph = eng.capture(state.body)
+                    st.cuda_graph = True
+                except RuntimeError as e:  # keep generating, eagerly, and say why
+                    use_graph, st.graph_error = False, f"{type(e).__name__}: {e}"
+                    warnings.warn(f"decode step not captured in a CUDA graph, decoding eagerly: {e}", stacklevel=2)
+                st.capture_s = time.perf_counter() - t0
             t_step = time.perf_counter()
             ids = graph.run(ids) if graph is not None else state.body(ids)
             n_steps += 1

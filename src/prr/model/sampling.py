@@ -59,17 +59,18 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix of int64 ``x`` (values in ``[0, 2^32)``), elementwise; the same on every device."""
+def hash32(x):
+    """A 32-bit integer mix of int64 tensor (elementwise) or Python int ``x``; the same on every device."""
     x = x & _M32
     x = ((x ^ (x >> 16)) * _MUL) & _M32
     x = ((x ^ (x >> 16)) * _MUL) & _M32
     return x ^ (x >> 16)
 
 
-def uniforms(seed: int | torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+def uniforms(seed: int, rows: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[B, V]`` float32 in the open interval (0, 1), a pure function of (seed, row, step, token id)."""
-    key = hash32(hash32(hash32(torch.as_tensor(seed, dtype=torch.int64, device=rows.device)) ^ rows) ^ steps)
+    # The seed is hashed on the host: a tensor made from it inside a CUDA graph capture would be a host copy.
+    key = hash32(hash32(rows.long() ^ hash32(int(seed))) ^ steps.long())
     ids = torch.arange(vocab, dtype=torch.int64, device=rows.device)
     bits = hash32(hash32(key[:, None] ^ ids) + 0x9E3779B9)
     # 24 bits fit float32's mantissa exactly; the half step keeps u away from 0 and 1.
