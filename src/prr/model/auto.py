@@ -7,9 +7,12 @@ DSA method, budget) by timing one layer's dense and DSA attention, each as a CUD
 2K, 4K, ... up to the model's window, and cached in a JSON file under the user cache directory (as the
 speculation budget is). The rest of a decode step is the same for both, so one layer decides.
 
-On the CPU the ops are PyTorch references whose costs say nothing about a GPU; there the crossover is fixed at
-:data:`CPU_CROSSOVER` tokens, beyond the bundled SmolLM2's 8K window: dense is the right choice for it on a CPU
-(measured on 2 cores, ~5K tokens: dense 125 ms/token, DSA 134 ms/token, see the README).
+On the CPU the ops are PyTorch references whose costs say nothing about a GPU; there the crossover is a fixed
+default, :data:`CPU_CROSSOVER` tokens, beyond the bundled SmolLM2's 8K window: the bundled model decodes densely
+(exact answers) at every length it supports. That is a choice, not a speed claim: one decode step of SmolLM2
+on the shared 2-core machine (median of 8, heavily loaded, so rough) took dense 965 / 1566 / 1289 ms and DSA
+(1024-token budget) 1407 / 1084 / 702 ms at 2K / 4K / 7.9K tokens, so on an idle CPU DSA may well be faster
+from about 4K; pass ``auto_crossover`` to choose otherwise.
 """
 
 from __future__ import annotations
