@@ -105,6 +105,53 @@ def test_ragged_random_fill_decodes_and_prr_matches_dsa():
         Engine(model, None).fill_random(2, [10], 4)
 
 
+class _EosTokenizer:
+    """Just what generation asks of a tokenizer: EOS ids and a decoder."""
+
+    def __init__(self, eos: int):
+        self.eos_ids = [eos]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _early_stop_run(model, attention, lens, graphs=True):
+    """Decode a random-filled ragged batch, then again with one of sequence 1's tokens as EOS: every sequence
+    must stop at its first EOS and keep the tokens it had, while the sequence that stopped no longer grows."""
+    sparse = prr.SparseConfig(top_k=6)
+
+    def run(tok):
+        eng = Engine(model, tok, attention=attention, sparse=sparse, n_dense_layers=1, graphs=graphs)
+        eng.fill_random(len(lens), lens, 12)
+        return eng, eng.generate_batch(None, GenerationConfig(12))[0]
+
+    _, free = run(None)
+    eos = free[1].tokens[3]
+    eng, seqs = run(_EosTokenizer(eos))
+    for f, s in zip(free, seqs, strict=True):
+        cut = f.tokens.index(eos) + 1 if eos in f.tokens else len(f.tokens)
+        assert s.tokens == f.tokens[:cut]
+        assert s.finish_reason == ("eos" if cut < len(f.tokens) or f.tokens[-1] == eos else "length")
+    assert seqs[1].finish_reason == "eos" and len(seqs[1].tokens) <= 4
+    if any(s.finish_reason == "length" for s in seqs):  # later steps ran: the finished sequence attends 1 token
+        assert eng.caches[-1].seq_lens[1].item() <= 1
+    return [s.tokens for s in seqs]
+
+
+@pytest.mark.parametrize("attention", ["dense", "dsa", "prr"])
+def test_a_sequence_that_stops_early_leaves_the_others_unchanged(attention):
+    _early_stop_run(_model(), attention, [150, 400, 257])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["dense", "dsa", "prr"])
+def test_generate_graph_equals_eager_on_gpu_when_sequences_stop_early(attention):
+    model = _model(torch.bfloat16, "cuda", max_context=1024, head_dim=64)
+    lens = [300, 520, 131]
+    assert _early_stop_run(model, attention, lens, graphs=False) == _early_stop_run(model, attention, lens)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attention", ["dense", "dsa", "prr"])
