@@ -32,46 +32,94 @@ def _load(args):
     return load_model(args.model, dtype=dtype, device=dev)
 
 
+def _read_prompts(args) -> list[str]:
+    """--prompt (repeatable), then --prompt-file (repeatable; a .jsonl file holds one prompt per line: a JSON
+    string, or an object with a "prompt" field)."""
+    texts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                body = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e}") from e
+        if not path.endswith(".jsonl"):
+            texts.append(body)
+            continue
+        for n, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{n}: expected a JSON string or an object with a "prompt" string')
+            texts.append(text)
+    if not texts:
+        raise ValueError("give --prompt TEXT or --prompt-file FILE (each may be repeated)")
+    for j, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError("the prompt is empty" if len(texts) == 1 else f"prompt {j} of the batch is empty")
+    return texts
+
+
+def _timing_line(st) -> str:
+    s = st.summary()
+    line = (f"prefill {s['prefill_s']:.2f} s | warm-up {1e3 * s['warmup_s']:.0f} ms"
+            + (f", graph capture {1e3 * s['capture_s']:.0f} ms" if s["cuda_graph"] else "")
+            + f" | {s['new_tokens']} tokens, steady state {s['ms_per_token']:.2f} ms/token, "
+            f"{s['tokens_per_s']:.1f} tokens/s")
+    if s["blocks_per_step"] is not None:
+        line += f" | blocks per step {s['blocks_per_step']}"
+    if s["hit_rate"] is not None:
+        line += f" | hit rate {s['hit_rate']:.3f}"
+    return line
+
+
 def _cmd_generate(args) -> int:
     from .engine import Engine
+    from .generation import GenerationConfig
+    from .sampling import SamplingConfig
 
+    # Settings first: a bad one fails before the model loads.
+    sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+    gcfg = GenerationConfig(args.max_new_tokens, sampling, tuple(args.stop or ()), not args.ignore_eos)
+    texts = _read_prompts(args)
     model, tok = _load(args)
     if tok is None:
         print(f"prr generate: {args.model} has random weights and no tokenizer; use a real model", file=sys.stderr)
         return 2
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ValueError(f"cannot read --prompt-file: {e}") from e
-    elif args.prompt is not None:
-        text = args.prompt
+    prompts = [tok.chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
+    # On a GPU users get the attention that pays at their context; on the CPU (reference ops) PRR, as before.
+    attention = args.attention or ("auto" if model.device.type == "cuda" else "prr")
+    eng = Engine(model, tok, attention=attention, sparse=_sparse_cfg(args), ratio=args.ratio, mode=args.mode,
+                 n_dense_layers=args.dense_layers, graphs=not args.no_graph)
+    print(f"prompts: {len(prompts)} of {', '.join(str(len(p)) for p in prompts)} tokens; attention: {attention}",
+          file=sys.stderr)
+    gen = eng.stream(prompts, gcfg)
+    for ev in gen:  # one prompt streams as it comes; a batch prints each sequence at the end
+        if len(prompts) == 1:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    if len(prompts) == 1:
+        print()
     else:
-        raise ValueError("give --prompt TEXT or --prompt-file FILE")
-    ids = tok.chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
-    eng = Engine(model, tok, attention=args.attention, sparse=_sparse_cfg(args), ratio=args.ratio, mode=args.mode,
-                 n_dense_layers=args.dense_layers)
-    print(f"prompt: {len(ids)} tokens; attention: {args.attention}", file=sys.stderr)
-
-    def show(t):
-        sys.stdout.write(tok.decode([t]))
-        sys.stdout.flush()
-
-    out, st = eng.generate(ids, args.max_new_tokens, on_token=show)
-    print()
-    s = st.summary()
-    line = (f"[{args.attention}] prefill {s['prefill_s']:.2f} s | {s['new_tokens']} tokens, {s['ms_per_token']:.1f} "
-            f"ms/token, {s['tokens_per_s']:.1f} tokens/s")
-    if args.attention != "dense":
-        line += f" | blocks per step {s['blocks_per_step']}"
-    if args.attention == "prr":
-        line += f" | hit rate {s['hit_rate']:.3f}"
-    print(line, file=sys.stderr)
+        for j, seq in enumerate(gen.sequences):
+            print(f"--- [{j}] {seq.finish_reason}, {len(seq.tokens)} tokens\n{seq.text}")
+    st = gen.stats
+    if eng.auto_decision:
+        d = eng.auto_decision
+        print(f"auto: {d['attention']} at {d['context']} tokens (crossover {d['crossover']})", file=sys.stderr)
+    print(f"[{st.attention}] {_timing_line(st)}", file=sys.stderr)
     if args.json and getattr(model.tp, "rank", 0) == 0:  # tensor parallel: rank 0 writes
+        seqs = [q.summary() for q in gen.sequences]
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": s,
-                       "tensor_parallel": getattr(model.tp, "world", None), "tokens": out}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": st.summary(),
+                       "auto": eng.auto_decision, "sequences": seqs,
+                       "tensor_parallel": getattr(model.tp, "world", None),
+                       "tokens": seqs[0]["tokens"] if len(seqs) == 1 else [q["tokens"] for q in seqs]},
+                      f, indent=1)
     return 0
 
 
@@ -107,7 +155,15 @@ def _cmd_demo(args) -> int:
     print()
     for name, (text, st) in results.items():
         extra = f", hit rate {st.hit_rate:.3f}" if st.hit_rate is not None else ""
-        print(f"{name:5s} {st.ms_per_token:7.1f} ms/token{extra}: {text!r}")
+        warm = f"warm-up {1e3 * st.warmup_s:.0f} ms" + (f", capture {1e3 * st.capture_s:.0f} ms" if st.cuda_graph
+                                                         else "")
+        print(f"{name:5s} {st.ms_per_token:7.1f} ms/token ({warm}){extra}: {text!r}")
+    # What attention="auto" (the default of `prr generate` on a GPU) picks at this context.
+    from .auto import resolve
+
+    cross = dense.crossover(1)
+    auto_pick = resolve(len(ids), cross, dense.auto_sparse)
+    print(f"auto would use {auto_pick} here ({len(ids)} tokens; crossover {cross} tokens on this device)")
     same = results["dsa"][0] == results["prr"][0]
     print(f"\nDSA and PRR ({args.mode}) answers identical: {same}; dense agrees with DSA: "
           f"{results['dense'][0] == results['dsa'][0]}; pass key found by dense/DSA/PRR: "
@@ -117,7 +173,8 @@ def _cmd_demo(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"key": key, "prompt_tokens": len(ids), "answers": {n: r[0] for n, r in results.items()},
-                       "stats": {n: r[1].summary() for n, r in results.items()}, "dsa_equals_prr": same}, f,
+                       "stats": {n: r[1].summary() for n, r in results.items()}, "dsa_equals_prr": same,
+                       "auto": {"attention": auto_pick, "crossover": cross}}, f,
                       indent=1)
     return 0 if (same or args.mode == "union") else 1
 
@@ -143,13 +200,23 @@ def register(sub) -> None:
         s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
         s.add_argument("--json", help="write the stats here")
 
-    s = sub.add_parser("generate", help="generate from a prompt with dense, DSA or PRR attention")
+    s = sub.add_parser("generate", help="generate from one prompt or a batch with dense, DSA or PRR attention")
     model_args(s, 1024)
-    s.add_argument("--prompt", help="prompt text")
-    s.add_argument("--prompt-file", help="read the prompt from this file")
-    s.add_argument("--attention", default="prr", choices=["dense", "dsa", "prr"])
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--prompt-file", action="append", help="read a prompt from this file (repeat for a batch; "
+                                                          "a .jsonl file holds one prompt per line)")
+    s.add_argument("--attention", default=None, choices=["auto", "dense", "dsa", "prr"],
+                   help="default: auto on a GPU (dense below the profiled crossover context), prr on a CPU")
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the model's chat template (default on)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokens)")
+    s.add_argument("--stop", action="append", help="stop a sequence at this string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    s.add_argument("--no-graph", action="store_true", help="decode eagerly on a GPU (no CUDA graph)")
     tp_args(s)
     s.set_defaults(func=_cmd_generate)
 

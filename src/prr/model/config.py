@@ -60,6 +60,9 @@ MODEL_PRESETS = {
     "llama-3.1-70b": ModelConfig(128256, 8192, 28672, 80, 64, 8, 128, rope_base=500000.0, max_context=131072,
                                  rope_scaling=RopeScaling("llama3", 8.0, original_max_position=8192)),
     "glm-4-9b": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=10000.0, max_context=131072),
+    # The paper's model: GLM-4-9B-Chat-1M shapes (random weights; GLM's rope_ratio 10000 -> base 1e8).
+    "glm-4-9b-1m": ModelConfig(151552, 4096, 13696, 40, 32, 2, 128, rope_base=1e8, rms_eps=1.5625e-07,
+                               max_context=1 << 20),
     "qwen3-8b": ModelConfig(151936, 4096, 12288, 36, 32, 8, 128, rope_base=1000000.0, max_context=131072),
 }
 

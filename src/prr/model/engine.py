@@ -4,14 +4,16 @@ Prefill is dense: it fills each layer's KV cache, builds the block metadata in b
 each layer's predictor on the selections of the last ``calibrate_window`` prompt positions (computed as if
 they were decode steps; the block holding a position includes up to BS-1 later prompt tokens in its
 metadata, a small leak accepted for calibration). The first ``n_dense_layers`` layers stay dense, as Quest
-does. Decoding is greedy.
+does. Prompts of different lengths (a ragged batch) are prefilled one at a time, each into its row of the
+batch's caches, and decoded together; a finished sequence's cache length is reset to 0 (it then attends one
+token per step), so it stops costing attention. ``attention="auto"`` picks dense or sparse attention from the
+context at the start of decoding (:mod:`prr.model.auto`). Decoding itself (sampling, stop conditions,
+streaming, the CUDA graph of the step) is :mod:`prr.model.generation`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,53 +24,62 @@ from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..runtime.layer import LayerStep
+from . import auto
+from .generation import Generation, GenerationConfig, GenerationStats, SequenceResult
 from .llama import Llama
+from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
 ATTENTIONS = ("dense", "dsa", "prr")
 
+__all__ = ["ATTENTIONS", "CapturedStep", "Engine", "GenerationStats"]
 
-@dataclass
-class GenerationStats:
-    attention: str
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    hit_rates: list[float] = field(default_factory=list)  # PRR: per step, mean over sparse layers
-    blocks_per_step: list[float] = field(default_factory=list)  # |S| per (sequence, KV head), mean
-    misses_per_step: list[float] = field(default_factory=list)
 
-    @property
-    def ms_per_token(self) -> float:
-        return 1e3 * self.decode_s / max(self.new_tokens, 1)
+class CapturedStep:
+    """A function of ``tokens [B]`` captured in a CUDA graph: :meth:`run` copies the tokens in and replays."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+    def __init__(self, eng: Engine, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.eng = eng
+        self.tokens = torch.zeros(eng.caches[0].batch, dtype=torch.long, device=eng.model.device)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        eng._step_stats = []
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.tokens)
+        self.stats = eng._step_stats  # the layers' StepStats, in graph memory: each replay refreshes them
 
-    @property
-    def hit_rate(self) -> float | None:
-        return sum(self.hit_rates) / len(self.hit_rates) if self.hit_rates else None
-
-    def summary(self) -> dict:
-        d = asdict(self)
-        for k in ("hit_rates", "blocks_per_step", "misses_per_step"):
-            d.pop(k)
-        d.update(ms_per_token=round(self.ms_per_token, 3), tokens_per_s=round(self.tokens_per_s, 2),
-                 hit_rate=None if self.hit_rate is None else round(self.hit_rate, 4),
-                 blocks_per_step=round(sum(self.blocks_per_step) / len(self.blocks_per_step), 2)
-                 if self.blocks_per_step else None)
-        return d
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.eng._step_stats = self.stats
+        return self.out
 
 
 class Engine:
+    """Prefill, decode steps and generation on one model with one attention.
+
+    Args:
+        attention: ``"dense"``, ``"dsa"``, ``"prr"`` or ``"auto"`` (dense below the crossover context, else
+            `auto_sparse`; the crossover is `auto_crossover` if given, else profiled on a GPU and cached, else
+            :data:`prr.model.auto.CPU_CROSSOVER` on a CPU).
+        graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
+    """
+
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, *, attention: str = "dense",
                  sparse: SparseConfig | None = None, ratio: float = 1.5, mode: str = "exact",
-                 n_dense_layers: int = 2, calibrate_window: int = 16):
-        check.choice("attention", attention, ATTENTIONS)
+                 n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
+                 auto_sparse: str = "dsa", auto_crossover: int | None = None):
+        check.choice("attention", attention, (*ATTENTIONS, "auto"))
+        check.choice("auto_sparse", auto_sparse, ("dsa", "prr"))
+        if auto_crossover is not None:
+            check.positive_int("auto_crossover", auto_crossover)
         self.model, self.tok, self.cfg = model, tokenizer, model.cfg
-        self.attention = attention
+        self.requested = attention
+        # "auto" is resolved when the context is known (after a prefill); until then it decodes densely.
+        self.attention = "dense" if attention == "auto" else attention
+        self.auto_sparse, self.auto_crossover = auto_sparse, auto_crossover
+        self.auto_decision: dict | None = None
+        self.graphs = graphs
         self.sparse = sparse or SparseConfig.from_budget("quest", 1024)
         self.ratio, self.mode = ratio, mode
         speculative_top_k(self.sparse.top_k, ratio)  # validates the ratio
@@ -88,33 +99,68 @@ class Engine:
     def _sparse_layer(self, i: int) -> bool:
         return self.attention != "dense" and i >= self.n_dense_layers
 
-    def prefill(self, prompt: list[int] | torch.Tensor, max_new_tokens: int,
-                progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Run the prompt ``[T]`` (or ``[B, T]``) densely; caches get room for `max_new_tokens` more.
-        Returns the last position's logits ``[B, V]``."""
-        c, dev = self.cfg, self.model.device
-        ids = torch.as_tensor(prompt, dtype=torch.long, device=dev)
-        ids = ids[None] if ids.dim() == 1 else ids
-        b, t = ids.shape
-        if t == 0:
-            raise ValueError("the prompt is empty")
-        if t + max_new_tokens > c.max_context:
-            raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"context of {c.max_context} tokens")
-        cap = t + max_new_tokens
-        self.caches = [KVCache.allocate(b, cap, c.num_kv_heads, c.head_dim, page_size=16, dtype=self.model.dtype,
-                                        device=dev) for _ in range(c.num_layers)]
-        lens = torch.full((b,), t, dtype=torch.int32, device=dev)
-        self._prompt_lens = lens.clone()
-        w = self.calibrate_window
+    @staticmethod
+    def _as_rows(prompt) -> list[torch.Tensor]:
+        """A prompt ``[T]`` (ids or tensor), a batch ``[B, T]`` or a list of prompts of any lengths -> rows."""
+        if isinstance(prompt, torch.Tensor):
+            rows = [prompt] if prompt.dim() == 1 else list(prompt)
+        elif len(prompt) and isinstance(prompt[0], (list, tuple, torch.Tensor)):
+            rows = [torch.as_tensor(p, dtype=torch.long) for p in prompt]
+        else:
+            rows = [torch.as_tensor(prompt, dtype=torch.long)]
+        if not rows:
+            raise ValueError("the batch holds no prompt")
+        for j, r in enumerate(rows):
+            if r.dim() != 1:
+                raise ValueError(f"prompt {j} must be a flat list of token ids, got shape {tuple(r.shape)}")
+            if r.numel() == 0:
+                raise ValueError("the prompt is empty" if len(rows) == 1 else f"prompt {j} of the batch is empty")
+        return rows
 
-        def store(i, q, k, v):
-            self.caches[i].write(k.transpose(1, 2), v.transpose(1, 2), lens)
-            self._calib_q[i] = q[:, -w:].transpose(0, 1).contiguous()  # [W, B, Hq, D]
+    def _new_caches(self, batch: int, capacity: int) -> None:
+        """One cache per layer; their ``seq_lens`` are rows of one ``[L, B]`` tensor, so that freezing finished
+        sequences is one op for every layer."""
+        c, dev = self.cfg, self.model.device
+        self.caches = [KVCache.allocate(batch, capacity, c.num_kv_heads, c.head_dim, page_size=16,
+                                        dtype=self.model.dtype, device=dev) for _ in range(c.num_layers)]
+        self._lens = torch.zeros(c.num_layers, batch, dtype=torch.int32, device=dev)
+        for i, cache in enumerate(self.caches):
+            cache.seq_lens = self._lens[i]
+
+    def prefill(self, prompt, max_new_tokens: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run the prompt densely: ``[T]``, ``[B, T]``, or a list of prompts of different lengths (each then
+        prefilled alone into its row of the caches). Caches get room for `max_new_tokens` more tokens after
+        the longest prompt. Returns the last prompt position's logits ``[B, V]``."""
+        c, dev = self.cfg, self.model.device
+        check.positive_int("max_new_tokens", max_new_tokens)
+        rows = self._as_rows(prompt)
+        lens = [int(r.numel()) for r in rows]
+        if max(lens) + max_new_tokens > c.max_context:
+            raise ValueError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {c.max_context} tokens")
+        b = len(rows)
+        self._new_caches(b, max(lens) + max_new_tokens)
+        w = min(self.calibrate_window, min(lens))
+        self._calib_q = {}
+
+        def store(i, q, k, v, row=None):
+            cache = self.caches[i]
+            if row is not None:  # one prompt of a ragged batch: its row of the cache
+                cache = KVCache(cache.k, cache.v, cache.page_table[row:row + 1], cache.seq_lens[row:row + 1])
+            cache.write(k.transpose(1, 2), v.transpose(1, 2),
+                        torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=dev))
+            if w:
+                cq = self._calib_q.setdefault(i, q.new_empty(w, b, *q.shape[2:]))  # [W, B, Hq, D]
+                cq[:, slice(None) if row is None else slice(row, row + 1)] = q[:, -w:].transpose(0, 1)
             if progress:
                 progress(i)
 
-        logits = self.model.prefill(ids, store)
+        if len(set(lens)) == 1:  # equal lengths: one batched pass
+            logits = self.model.prefill(torch.stack(rows).to(dev), store)
+        else:
+            logits = torch.cat([self.model.prefill(r.to(dev)[None], lambda *a, j=j: store(*a, row=j))
+                                for j, r in enumerate(rows)])
+        self._prompt_lens = self.caches[0].seq_lens.clone()
         self._last_logits = logits
         self._build_sparse_state()
         return logits
@@ -125,12 +171,36 @@ class Engine:
         # The other engine may have decoded since: its tokens past the prompt are ignored (and overwritten).
         self.caches = [KVCache(c.k.clone(), c.v.clone(), c.page_table.clone(), other._prompt_lens.clone())
                        for c in other.caches]
+        self._lens = torch.stack([c.seq_lens for c in self.caches])
+        for i, cache in enumerate(self.caches):
+            cache.seq_lens = self._lens[i]
         self._prompt_lens = other._prompt_lens.clone()
         self._last_logits = other._last_logits
         self._calib_q = dict(other._calib_q)
         self._build_sparse_state()
 
+    def crossover(self, batch: int) -> int:
+        """The context (tokens) from which ``attention="auto"`` decodes sparsely: `auto_crossover` if given, the
+        fixed CPU default on a CPU, else profiled on this GPU for these shapes (cached)."""
+        if self.auto_crossover is not None:
+            return self.auto_crossover
+        if self.model.device.type != "cuda":
+            return auto.CPU_CROSSOVER
+        c = self.cfg
+        return auto.profile_crossover(c.num_q_heads, c.num_kv_heads, c.head_dim, batch, self.sparse,
+                                      dtype=self.model.dtype, device=self.model.device, max_context=c.max_context)
+
+    def _resolve_auto(self) -> None:
+        if self.requested != "auto":
+            return
+        ctx = int(self.caches[0].seq_lens.max())
+        cross = self.crossover(self.caches[0].batch)
+        self.attention = auto.resolve(ctx, cross, self.auto_sparse)
+        self.auto_decision = {"context": ctx, "crossover": cross, "attention": self.attention}
+
     def _build_sparse_state(self) -> None:
+        self._graph = None  # a captured step belongs to the caches it was captured on
+        self._resolve_auto()
         c, cfg = self.cfg, self.sparse
         self.metas = [BlockMetadata(cfg, self.caches[i]) if self._sparse_layer(i) else None
                       for i in range(c.num_layers)]
@@ -146,11 +216,10 @@ class Engine:
             if i not in self._calib_q:
                 continue
             cache, qs = self.caches[i], self._calib_q[i]
-            t = int(cache.seq_lens.max())
             w = qs.shape[0]
             scores, nblk = [], []
-            for j in range(w):  # the last W prompt positions as if they were decode steps
-                view = KVCache(cache.k, cache.v, cache.page_table, torch.full_like(cache.seq_lens, t - w + j + 1))
+            for j in range(w):  # the last W prompt positions of each sequence as if they were decode steps
+                view = KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens - (w - j - 1))
                 scores.append(self.metas[i].scores(qs[j], view))
                 nblk.append(ops.num_blocks(view.seq_lens, cfg.block_size))
             if w >= 2:
@@ -202,95 +271,109 @@ class Engine:
                 cache.seq_lens, self.sparse.block_size)))
         return o
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``. Replays the captured CUDA graph
-        when :meth:`capture_decode` made one."""
-        if self._graph is not None:
-            self._g_tokens.copy_(tokens)
-            self._graph.replay()
-            self._step_stats = self._g_stats
-            return self._g_logits
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One eager decode step, one token per sequence (``tokens [B]``): logits ``[B, V]``. The sparse layers'
+        :class:`prr.StepStats` are left in ``_step_stats`` (device tensors; nothing is read on the host)."""
+        self._step_stats = []
         pos = self.caches[0].seq_lens.long()
         logits = self.model.decode(tokens, pos, self._attend)
         if self._steps:  # the last layers' deferred tails (one shared side stream)
             next(iter(self._steps.values())).join()
         return logits
 
-    def capture_decode(self) -> None:
-        """Capture one whole decode step (every layer, its cache append, metadata update, selection,
-        speculation and repair) in a CUDA graph; :meth:`step` then replays it. Run one eager step first so the
-        kernels are compiled (capture itself executes nothing)."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode one token per sequence (``tokens [B]``): logits ``[B, V]``. Replays the CUDA graph when
+        :meth:`capture_decode` made one."""
+        if self._graph is not None:
+            return self._graph.run(tokens)
+        return self.decode_step(tokens)
+
+    def freeze_finished(self, active: torch.Tensor) -> None:
+        """Reset the cache length of finished sequences (``active [B]`` 0) to 0 in every layer, so they attend
+        one token per step from now on (one op, no sync)."""
+        self._lens.mul_(active)
+
+    def capture(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CapturedStep:
+        """Capture ``fn(tokens)`` (one decode step and whatever follows it on the device) in a CUDA graph. Run
+        one eager step first so that the kernels are compiled (capture itself executes nothing)."""
         if self.model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
-        self._graph = None
-        b = self.caches[0].batch
-        self._g_tokens = torch.zeros(b, dtype=torch.long, device=self.model.device)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        self._step_stats = []
-        with torch.cuda.graph(g):
-            self._g_logits = self.step(self._g_tokens)
-        self._g_stats = self._step_stats
-        self._graph = g
+        return CapturedStep(self, fn)
 
-    def fill_random(self, batch: int, context: int, max_new_tokens: int, seed: int = 0) -> None:
-        """Latency work: caches of `context` random tokens per sequence, as if prefilled (no prompt, so no
-        predictor calibration: PRR starts from an empty predictor)."""
+    def capture_decode(self) -> None:
+        """Capture one whole decode step (every layer, its cache append, metadata update, selection,
+        speculation and repair) in a CUDA graph; :meth:`step` then replays it."""
+        self._graph = None
+        self._graph = self.capture(self.decode_step)
+
+    def fill_random(self, batch: int, context: int | Sequence[int], max_new_tokens: int, seed: int = 0) -> None:
+        """Latency work: caches of `context` random tokens per sequence (one length for all, or one per
+        sequence: a ragged batch), as if prefilled (no prompt, so no predictor calibration: PRR starts from an
+        empty predictor). The "prefill logits" are zeros: greedy decoding starts from token 0."""
         c, dev = self.cfg, self.model.device
-        cap = context + max_new_tokens
+        lens = [context] * batch if isinstance(context, int) else list(context)
+        if len(lens) != batch or min(lens) <= 0:
+            raise ValueError(f"context must be a positive length or {batch} of them, got {context!r}")
+        cap = max(lens) + max_new_tokens
         if cap > c.max_context:
             raise ValueError(f"context + max_new_tokens ({cap}) exceeds the model's context ({c.max_context})")
         gen = torch.Generator(device=dev).manual_seed(seed)
-        self.caches = []
-        for _ in range(c.num_layers):
-            cache = KVCache.allocate(batch, cap, c.num_kv_heads, c.head_dim, dtype=self.model.dtype, device=dev)
-            cache.k.copy_(torch.randn(cache.k.shape, generator=gen, device=dev, dtype=torch.float32))
-            cache.v.copy_(torch.randn(cache.v.shape, generator=gen, device=dev, dtype=torch.float32))
-            cache.seq_lens.fill_(context)
-            self.caches.append(cache)
+        self._new_caches(batch, cap)
+        for cache in self.caches:
+            for t in (cache.k, cache.v):  # in slices: a float32 copy of a long cache would not fit beside it
+                for s in range(0, t.shape[0], 4096):
+                    t[s:s + 4096].copy_(torch.randn(t[s:s + 4096].shape, generator=gen, device=dev))
+        self._lens.copy_(torch.tensor(lens, dtype=torch.int32).expand(c.num_layers, batch))
         self._prompt_lens = self.caches[0].seq_lens.clone()
+        self._last_logits = torch.zeros(batch, c.vocab_size, device=dev)
         self._calib_q = {}
         self.calibrate_window = 0
         self._build_sparse_state()
 
+    # ---- generation ----------------------------------------------------------------------------------------
+    def stream(self, prompts=None, config: GenerationConfig | None = None, *,
+               prefilled_from: Engine | None = None,
+               prefill_progress: Callable[[int], None] | None = None) -> Generation:
+        """Generate for one prompt or a batch of prompts of any lengths, as an iterator of
+        :class:`prr.model.generation.TokenEvent` (the results are on the returned object once it is
+        exhausted). ``prompts=None`` decodes from the caches as they are (after :meth:`fill_random` or
+        :meth:`prefill`); `prefilled_from` reuses another engine's prefill of the same prompts."""
+        cfg = config or GenerationConfig()
+        if not isinstance(cfg, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
+        if prompts is None:
+            if not self.caches:
+                raise ValueError("no prompts given and nothing prefilled")
+            rows, lens = None, [int(n) for n in self._prompt_lens.tolist()]
+
+            def pre():
+                return self._last_logits
+        else:
+            rows = [r.tolist() for r in self._as_rows(prompts)]
+            lens = [len(r) for r in rows]
+
+            def pre():
+                if prefilled_from is None:
+                    return self.prefill(rows, cfg.max_new_tokens, progress=prefill_progress)
+                self.adopt_prefill(prefilled_from)
+                return self._last_logits
+        return Generation(self, cfg, rows, lens, pre)
+
+    def generate_batch(self, prompts, config: GenerationConfig | None = None, **kw
+                       ) -> tuple[list[SequenceResult], GenerationStats]:
+        """:meth:`stream` run to the end: one :class:`SequenceResult` per prompt, and the batch's stats."""
+        g = self.stream(prompts, config, **kw).run()
+        return g.sequences, g.stats
+
     def generate(self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = True,
                  on_token: Callable[[int], None] | None = None,
-                 prefill_progress: Callable[[int], None] | None = None, prefilled_from: Engine | None = None
+                 prefill_progress: Callable[[int], None] | None = None, prefilled_from: Engine | None = None,
+                 sampling: SamplingConfig | None = None, stop: Sequence[str] = ()
                  ) -> tuple[list[int], GenerationStats]:
-        """Greedy generation for one prompt. Returns the new token ids and the stats."""
-        check.positive_int("max_new_tokens", max_new_tokens)
-        stats = GenerationStats(self.attention, prompt_tokens=len(prompt))
-        t0 = time.perf_counter()
-        if prefilled_from is not None:
-            self.adopt_prefill(prefilled_from)
-            logits = self._last_logits
-        else:
-            logits = self.prefill(prompt, max_new_tokens, progress=prefill_progress)
-        stats.prefill_s = time.perf_counter() - t0
-        out: list[int] = []
-        eos = set(self.tok.eos_ids) if (self.tok and stop_at_eos) else set()
-        t0 = time.perf_counter()
-        nxt = int(logits[0].argmax())
-        for _ in range(max_new_tokens):
-            out.append(nxt)
+        """One prompt (greedy unless `sampling` says otherwise): the new token ids and the stats."""
+        cfg = GenerationConfig(max_new_tokens, sampling or SamplingConfig(), tuple(stop), stop_at_eos)
+        g = self.stream(prompt, cfg, prefilled_from=prefilled_from, prefill_progress=prefill_progress)
+        for ev in g:
             if on_token:
-                on_token(nxt)
-            if nxt in eos or len(out) == max_new_tokens:
-                break
-            self._step_stats = []
-            logits = self.step(torch.tensor([nxt], device=self.model.device))
-            self._record(stats)
-            nxt = int(logits[0].argmax())
-        stats.decode_s = time.perf_counter() - t0
-        stats.new_tokens = len(out)
-        return out, stats
-
-    def _record(self, stats: GenerationStats) -> None:
-        if not self._step_stats:
-            return
-        sel = torch.stack([s.selected.float().mean() for s in self._step_stats]).mean()
-        stats.blocks_per_step.append(float(sel))
-        if self.attention == "prr":
-            stats.hit_rates.append(sum(s.hit_rate() for s in self._step_stats) / len(self._step_stats))
-            stats.misses_per_step.append(float(torch.stack([s.misses.float().mean()
-                                                            for s in self._step_stats]).mean()))
+                on_token(ev.token)
+        return g.sequences[0].tokens, g.stats
