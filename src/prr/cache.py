@@ -88,6 +88,7 @@ class KVCache:
                     f"seq_lens must lie in [0, capacity={self.capacity}] "
                     f"(max_pages={self.max_pages} x page_size={self.page_size}); got up to {longest}"
                 )
+            check.page_table(self, extra)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod

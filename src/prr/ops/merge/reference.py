@@ -19,6 +19,7 @@ def check_merge_inputs(o, lse) -> None:
     check.tensor("lse", lse, dtypes=check.FLOAT_DTYPES, device=o.device)
     if o.dim() < 2 or tuple(lse.shape) != tuple(o.shape[:-1]):
         raise ValueError(f"o must be [..., N, D] and lse [..., N]; got o {list(o.shape)}, lse {list(lse.shape)}")
+    check.no_nan("lse", lse)
 
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
