@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import _checks as check
-from .. import ops
+from .. import memory, ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import dsa_step, speculative_top_k
@@ -26,6 +26,15 @@ from .llama import Llama
 from .tokenizer import Tokenizer
 
 ATTENTIONS = ("dense", "dsa", "prr")
+
+
+class CacheFull(ValueError):
+    """The KV cache filled up during :meth:`Engine.generate`; ``tokens`` and ``stats`` hold what was generated
+    before the step that did not fit."""
+
+    def __init__(self, message: str, tokens: list[int], stats: GenerationStats):
+        super().__init__(message)
+        self.tokens, self.stats = tokens, stats
 
 
 @dataclass
@@ -102,6 +111,7 @@ class Engine:
             raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"context of {c.max_context} tokens")
         cap = t + max_new_tokens
+        self._require_caches(b, cap)
         self.caches = [KVCache.allocate(b, cap, c.num_kv_heads, c.head_dim, page_size=16, dtype=self.model.dtype,
                                         device=dev) for _ in range(c.num_layers)]
         lens = torch.full((b,), t, dtype=torch.int32, device=dev)
@@ -168,6 +178,13 @@ class Engine:
                                        predictor=self.predictor, layer=i, ratio=self.ratio, mode=self.mode,
                                        side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True,
                                        grow=1)
+
+    def _require_caches(self, batch: int, capacity: int) -> None:
+        c = self.cfg
+        nbytes = memory.kv_cache_bytes(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.model.dtype,
+                                       block_size=None if self.attention == "dense" else self.sparse.block_size)
+        memory.require(nbytes, self.model.device, f"the KV caches ({c.num_layers} layers x {batch} x {capacity} "
+                                                  "tokens)")
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _dense(self, q, cache: KVCache):
@@ -240,6 +257,7 @@ class Engine:
         cap = context + max_new_tokens
         if cap > c.max_context:
             raise ValueError(f"context + max_new_tokens ({cap}) exceeds the model's context ({c.max_context})")
+        self._require_caches(batch, cap)
         gen = torch.Generator(device=dev).manual_seed(seed)
         self.caches = []
         for _ in range(c.num_layers):
@@ -271,12 +289,19 @@ class Engine:
         eos = set(self.tok.eos_ids) if (self.tok and stop_at_eos) else set()
         t0 = time.perf_counter()
         nxt = int(logits[0].argmax())
+        filled, cap = int(self.caches[0].seq_lens.max()), self.caches[0].capacity  # host-side: no sync per step
         for _ in range(max_new_tokens):
             out.append(nxt)
             if on_token:
                 on_token(nxt)
             if nxt in eos or len(out) == max_new_tokens:
                 break
+            if filled >= cap:  # checked on the host: on CUDA an append past the capacity would write out of bounds
+                stats.decode_s, stats.new_tokens = time.perf_counter() - t0, len(out)
+                raise CacheFull(f"the KV cache is full ({cap} tokens: a {stats.prompt_tokens}-token prompt and "
+                                f"{len(out)} generated tokens); the tokens generated so far are returned with this "
+                                "error (CacheFull.tokens)", out, stats)
+            filled += 1
             self._step_stats = []
             logits = self.step(torch.tensor([nxt], device=self.model.device))
             self._record(stats)
