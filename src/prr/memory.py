@@ -26,7 +26,11 @@ class NotEnoughMemory(MemoryError, ValueError):
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
+    """A size for people: GiB, MiB or KiB, one decimal."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
 
 
 def _meminfo_available() -> int | None:
