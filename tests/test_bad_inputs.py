@@ -28,7 +28,7 @@ from prr.model.llama import Llama
 from prr.model.weights import load_gguf, load_hf_dir, load_model, random_weights
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import all_blocks, make_cache, make_query  # noqa: E402
+from conftest import all_blocks, make_cache, make_query
 
 
 class CLIError(Exception):
@@ -334,7 +334,8 @@ def _(tmp):
     prr.speculative_top_k(8, 0.0)
 
 
-@case("ratio-nan", "a NaN speculation ratio", "prr.model.Engine", ValueError, "ratio must be a positive number, got nan")
+@case("ratio-nan", "a NaN speculation ratio", "prr.model.Engine", ValueError,
+      "ratio must be a positive number, got nan")
 def _(tmp):
     Engine(tiny_model(), attention="prr", ratio=float("nan"))
 
