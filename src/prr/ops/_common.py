@@ -21,9 +21,22 @@ def check_query(q: torch.Tensor, cache: KVCache) -> int:
     check.shape("q", q, (cache.batch, None, cache.head_dim))
     check.same_dtype("q", q, cache.dtype, "the cache")
     check.finite("q", q)
-    # The cache may have been edited since it was built: lengths and used pages again (value checks).
-    cache.check_lengths()
+    check_cache_values(cache)
     return check.gqa(q.shape[1], cache.num_kv_heads)
+
+
+def check_cache_values(cache: KVCache) -> None:
+    """The cache may have been edited since it was built: lengths and used pages again (value checks), once per
+    change of ``page_table`` or ``seq_lens`` (their version counters), not once per op of a decode step."""
+    if not check.values_checkable(cache.seq_lens):
+        return
+    try:
+        stamp = (id(cache.page_table), cache.page_table._version, id(cache.seq_lens), cache.seq_lens._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
+        stamp = None
+    if stamp is None or getattr(cache, "_checked", None) != stamp:
+        cache.check_lengths()
+        cache._checked = stamp
 
 
 def check_block_size(block_size: int, page_size: int) -> int:
