@@ -19,6 +19,7 @@
 #   model-tests  tests/test_model.py and tests/test_eval.py on the GPU (PRR_REQUIRE_MODEL=1: no skipping)
 #   long-run     scripts/long_run.py --steps 4096: PRR exact vs DSA tokens at every step, memory over the run
 #   long-run-graph  the same with each engine's decode step replayed as one CUDA graph
+#   long-run-fp32   the same in float32 (if bf16 differs: a near-tie flipped by bf16 rounding, or a real bug?)
 #   hit-rates    prr locality on the GPU at the layer benchmark's Quest K (125 blocks): real-model hit rates
 #   layer-real   prr bench layer (llama-3.1-8b, quest, b1, 32K/128K) with the PRR rows at the hit rates of
 #                hit-rates (K'/K = 1 and 1.5) instead of the CPU-trace defaults
@@ -78,9 +79,11 @@ run_steps() {
     case "$step" in
       model-tests) timeout 420 python3 -m pytest -q tests/test_model.py tests/test_eval.py 2>&1 \
         | tee "$OUT/model_tests.log" | tail -25 ;;
-      long-run) timeout 580 python3 scripts/long_run.py --steps 4096 --out "$OUT/long_run" 2>&1 | tail -40 ;;
-      long-run-graph) timeout 580 python3 scripts/long_run.py --steps 4096 --graph --out "$OUT/long_run_graph" 2>&1 \
+      long-run) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --out "$OUT/long_run" 2>&1 | tail -40 ;;
+      long-run-graph) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --graph --out "$OUT/long_run_graph" 2>&1 \
         | tail -40 ;;
+      long-run-fp32) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --dtype fp32 --out "$OUT/long_run_fp32" \
+        2>&1 | tail -40 ;;
       hit-rates) timeout 300 python3 -m prr locality --device cuda --k 125 --length 7936 --steps 128 \
         --out "$OUT/locality_k125.json" 2>&1 | tail -20 ;;
       layer-real) timeout 500 python3 - "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench_layer_real.log" | grep -v "it/s\]" | tail -60

@@ -54,7 +54,7 @@ def growth(samples: list[dict], key: str) -> float | None:
 
 @torch.inference_mode()
 def run(model, tok, steps: int, *, prompt: str = PROMPT, budget: int = 256, ratio: float = 1.5,
-        graph: bool = False, sample_every: int = 128, log=print) -> dict:
+        graph: bool = False, sample_every: int = 128, time_limit: float | None = None, log=print) -> dict:
     """Decode `steps` tokens with DSA and PRR (exact) in lockstep; returns the result dict (see module doc)."""
     from prr import SparseConfig
     from prr.model.engine import Engine
@@ -68,22 +68,34 @@ def run(model, tok, steps: int, *, prompt: str = PROMPT, budget: int = 256, rati
     nxt = {a: int(e._last_logits[0].argmax()) for a, e in engines.items()}
     tokens: dict[str, list[int]] = {a: [] for a in engines}
     secs = dict.fromkeys(engines, 0.0)
+    logits = {}
     samples, hits, first_diff = [memory_sample(0, dev)], [], None
     log(f"prompt {len(ids)} tokens, {steps} steps, Quest budget {budget} ({cfg.k_max} blocks of {cfg.block_size}), "
         f"PRR ratio {ratio}, exact mode, device {dev}, graph {graph}")
+    start, done = time.perf_counter(), 0
     for step in range(1, steps + 1):
+        if time_limit and time.perf_counter() - start > time_limit:
+            log(f"time limit of {time_limit} s reached after {done} steps: stopping, results cover those")
+            if samples[-1]["step"] != done:
+                samples.append(memory_sample(done, dev))
+            break
+        done = step
         for a, eng in engines.items():
             tokens[a].append(nxt[a])
             eng._step_stats = []  # the engine keeps one step's stats (generate() resets them the same way)
             t0 = time.perf_counter()
-            logits = eng.step(torch.tensor([nxt[a]], device=dev))
-            nxt[a] = int(logits[0].argmax())
+            logits[a] = eng.step(torch.tensor([nxt[a]], device=dev))
+            nxt[a] = int(logits[a][0].argmax())
             secs[a] += time.perf_counter() - t0
             if graph and step == 1:  # the first step ran eagerly (kernels compiled); replay a graph from now on
                 eng.capture_decode()
         if first_diff is None and nxt["dsa"] != nxt["prr"]:
-            first_diff = step
-            log(f"step {step}: first token difference, DSA {nxt['dsa']} vs PRR {nxt['prr']}")
+            # A near-tie of DSA's two best logits points at float rounding; a wide margin at a real difference.
+            top2 = logits["dsa"][0].float().topk(2).values
+            margin = float(top2[0] - top2[1])
+            first_diff = {"step": step, "dsa": nxt["dsa"], "prr": nxt["prr"], "dsa_top2_margin": margin,
+                          "max_abs_logit_diff": float((logits["dsa"].float() - logits["prr"].float()).abs().max())}
+            log(f"step {step}: first token difference {first_diff}")
         stats = engines["prr"]._step_stats
         if stats:
             hits.append(sum(s.hit_rate() for s in stats) / len(stats))
@@ -98,10 +110,11 @@ def run(model, tok, steps: int, *, prompt: str = PROMPT, budget: int = 256, rati
         tokens[a].append(nxt[a])
     diffs = sum(x != y for x, y in zip(tokens["dsa"], tokens["prr"], strict=True))
     return {
-        "steps": steps, "prompt": prompt, "prompt_tokens": len(ids), "budget": budget, "ratio": ratio,
-        "graph": graph, "device": str(dev), "token_differences": diffs, "first_difference_step": first_diff,
+        "steps": steps, "steps_done": done, "prompt": prompt, "prompt_tokens": len(ids), "budget": budget,
+        "ratio": ratio,
+        "graph": graph, "device": str(dev), "token_differences": diffs, "first_difference": first_diff,
         "tokens_equal": diffs == 0, "hit_rate_mean": sum(hits) / len(hits) if hits else None,
-        "ms_per_step": {a: round(1e3 * secs[a] / steps, 3) for a in engines},
+        "ms_per_step": {a: round(1e3 * secs[a] / max(done, 1), 3) for a in engines},
         "memory": samples, "rss_growth_mb": growth(samples, "rss_mb"),
         "cuda_allocated_growth_mb": growth(samples, "cuda_allocated_mb"),
         "cuda_reserved_growth_mb": growth(samples, "cuda_reserved_mb"),
@@ -134,7 +147,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=256, help="Quest tokens per step (forced blocks included)")
     p.add_argument("--ratio", type=float, default=1.5)
     p.add_argument("--graph", action="store_true", help="replay each engine's decode step as one CUDA graph")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="model and cache dtype (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--sample-every", type=int, default=128)
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of decoding and "
+                   "save what was run (a device call has a hard limit)")
     p.add_argument("--prompt", default=PROMPT)
     args = p.parse_args(argv)
     from prr.model import load_model
@@ -149,19 +166,20 @@ def main(argv=None) -> int:
         logf.flush()
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     model, tok = load_model("smollm2", dtype=dtype, device=dev)
     t0 = time.perf_counter()
     res = run(model, tok, args.steps, prompt=args.prompt, budget=args.budget, ratio=args.ratio, graph=args.graph,
-              sample_every=args.sample_every, log=log)
+              sample_every=args.sample_every, time_limit=args.time_limit, log=log)
     res.update(args=vars(args), environment=environment(), dtype=str(dtype), seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "long_run.json"), "w") as f:
         json.dump(res, f, indent=1)
-    log(f"done in {res['seconds']} s: token differences {res['token_differences']} (first at step "
-        f"{res['first_difference_step']}), PRR hit rate {res['hit_rate_mean']}, rss growth {res['rss_growth_mb']} MB, "
+    log(f"done in {res['seconds']} s: token differences {res['token_differences']} (first: "
+        f"{res['first_difference']}), PRR hit rate {res['hit_rate_mean']}, rss growth {res['rss_growth_mb']} MB, "
         f"cuda allocated growth {res['cuda_allocated_growth_mb']} MB; ms/step {res['ms_per_step']}")
     logf.close()
-    return 0 if res["tokens_equal"] else 1
+    return 0 if res["tokens_equal"] and res["steps_done"] == args.steps else 1
 
 
 if __name__ == "__main__":

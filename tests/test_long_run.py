@@ -25,7 +25,7 @@ def load_script():
 def test_prr_exact_equals_dsa_for_1024_steps_with_flat_memory(smollm):
     model, tok = smollm
     res = load_script().run(model, tok, 1024, budget=128, sample_every=128, log=lambda _msg: None)
-    assert res["token_differences"] == 0, f"first difference at step {res['first_difference_step']}"
+    assert res["token_differences"] == 0, f"first difference: {res['first_difference']}"
     assert len(res["tokens"]["prr"]) == 1025
     # Sparse for most of the run, with misses to repair (a hit rate of 1 would make the comparison trivial).
     assert res["prompt_tokens"] + 1024 > 8 * res["budget"] and res["hit_rate_mean"] < 1.0
