@@ -1,9 +1,11 @@
 """Input validation shared by every public entry point.
 
-Structural checks (shapes, dtypes, devices) read only tensor metadata and always run. Value checks (NaN in
-``q``, ``seq_lens`` within capacity) read tensor data: on the CPU they always run; on CUDA they would force a
-host sync inside the decode step, so they run only when debugging is on (:func:`set_debug`) and never while a
-CUDA graph is being captured.
+Structural checks (shapes, dtypes, devices) read only tensor metadata and always run. Value checks (NaN/inf
+in ``q``, ``seq_lens`` within capacity, used page-table entries inside the pool, selection counts within
+``K_max``, block ids of live blocks, no duplicate block in a selection, ``num_blocks`` within ``N_max``) read
+tensor data: on the CPU they always run; on CUDA they would force a host sync inside the decode step, so they
+run only when debugging is on (:func:`set_debug`) and never while a CUDA graph is being captured. Every
+rejected input and its message: docs/ERRORS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def set_debug(enabled: bool) -> None:
-    """Run value checks (NaN, lengths within capacity) on CUDA tensors too; they cost a host sync each."""
+    """Run value checks (NaN/inf, lengths, page-table entries, selection ids, counts and duplicates) on CUDA
+    tensors too; they cost a host sync each."""
     global _DEBUG
     _DEBUG = bool(enabled)
 
