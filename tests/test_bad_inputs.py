@@ -96,3 +96,24 @@ def test_errors_doc_is_current():
 
 if __name__ == "__main__":
     sys.stdout.write(render_doc())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checks_values_in_debug_mode_only():
+    """On CUDA the decode path reads no values on the host: a bad block id passes the wrappers (the kernels must
+    mask it: the output stays finite), and is refused in debug mode."""
+    cache, q, idx, cnt = setup()
+    cache = prr.KVCache(cache.k.float().cuda(), cache.v.float().cuda(), cache.page_table.cuda(),
+                        cache.seq_lens.cuda())
+    q, idx, cnt = q.float().cuda(), idx.clone(), cnt.cuda()
+    idx[1, 0, 0] = 999
+    idx = idx.cuda()
+    prr.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r"indices\[1, 0, 0\] = 999 is out of range"):
+            prr.sparse_decode(q, cache, idx, cnt, 16)
+    finally:
+        prr.set_debug(False)
+    o, _ = prr.sparse_decode(q, cache, idx, cnt, 16)
+    assert torch.isfinite(o).all()
