@@ -95,3 +95,27 @@ def test_eval_cli_without_dense_prints_perplexity(smollm, tmp_path, capsys):
                  "--ppl-length", "400", "--ppl-steps", "4", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "perplexity" in text and "vs dense" not in text and out.exists()
+
+
+def test_teacher_forced_nll_keeps_the_target_on_the_logits_device(monkeypatch):
+    """Perplexity on CUDA once failed: "Expected all tensors to be on the same device ... target is on cpu".
+    Without a GPU, logits on the meta device stand in for any non-CPU device: cross_entropy itself refuses
+    a target on another device (the meta result is then replaced by a number so the mean can be taken)."""
+    from types import SimpleNamespace
+
+    from prr.eval import run
+
+    real_ce = torch.nn.functional.cross_entropy
+    seen = []
+
+    def ce(logits, target):
+        real_ce(logits, target)  # raises on a device mismatch
+        seen.append((logits.device.type, target.device.type))
+        return torch.tensor(2.0)
+
+    meta_logits = torch.zeros(1, 16, device="meta")
+    eng = SimpleNamespace(_last_logits=meta_logits, model=SimpleNamespace(device=torch.device("meta")),
+                          step=lambda tokens: (seen.append(("step", tokens.device.type)), meta_logits)[1])
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
+    assert run.teacher_forced_nll(eng, [1, 2, 3, 4], 1, 3) == 2.0
+    assert seen.count(("meta", "meta")) == 3 and seen.count(("step", "meta")) == 3

@@ -1,9 +1,11 @@
 """Input validation shared by every public entry point.
 
-Structural checks (shapes, dtypes, devices) read only tensor metadata and always run. Value checks (NaN in
-``q``, ``seq_lens`` within capacity) read tensor data: on the CPU they always run; on CUDA they would force a
-host sync inside the decode step, so they run only when debugging is on (:func:`set_debug`) and never while a
-CUDA graph is being captured.
+Structural checks (shapes, dtypes, devices) read only tensor metadata and always run. Value checks (NaN/inf
+in ``q``, ``seq_lens`` within capacity, used page-table entries inside the pool, selection counts within
+``K_max``, block ids of live blocks, no duplicate block in a selection, ``num_blocks`` within ``N_max``) read
+tensor data: on the CPU they always run; on CUDA they would force a host sync inside the decode step, so they
+run only when debugging is on (:func:`set_debug`) and never while a CUDA graph is being captured. Every
+rejected input and its message: docs/ERRORS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def set_debug(enabled: bool) -> None:
-    """Run value checks (NaN, lengths within capacity) on CUDA tensors too; they cost a host sync each."""
+    """Run value checks (NaN/inf, lengths, page-table entries, selection ids, counts and duplicates) on CUDA
+    tensors too; they cost a host sync each."""
     global _DEBUG
     _DEBUG = bool(enabled)
 
@@ -88,8 +91,80 @@ def choice(name: str, v, options) -> str:
 
 
 def finite(name: str, t: torch.Tensor) -> None:
+    """NaN or inf in a query poisons every output it touches (and the predictor's state): refuse it."""
+    if values_checkable(t) and not bool(torch.isfinite(t).all()):
+        kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        at = [int(i) for i in (~torch.isfinite(t)).nonzero()[0]]
+        raise ValueError(f"{name} contains {kind} (first at {at})")
+
+
+def no_nan(name: str, t: torch.Tensor) -> None:
+    """Like :func:`finite` but -inf/+inf are allowed (block scores use -inf for dead blocks)."""
     if values_checkable(t) and bool(torch.isnan(t).any()):
-        raise ValueError(f"{name} contains NaN")
+        at = [int(i) for i in torch.isnan(t).nonzero()[0]]
+        raise ValueError(f"{name} contains NaN (first at {at})")
+
+
+def in_range(name: str, t: torch.Tensor, lo: int, hi: int, why: str = "") -> None:
+    """Every value of an index tensor in ``[lo, hi]`` (a value check)."""
+    if values_checkable(t) and t.numel():
+        bad = (t < lo) | (t > hi)
+        if bool(bad.any()):
+            at = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"{name}{at} = {int(t[tuple(at)])} is out of range: it must lie in [{lo}, {hi}]"
+                             + (f" ({why})" if why else ""))
+
+
+def counts_name(indices_name: str) -> str:
+    """The name of a selection's counts from its indices' name: indices -> counts, p_idx -> p_cnt."""
+    if indices_name.endswith("_idx"):
+        return indices_name[:-4] + "_cnt"
+    return indices_name.replace("indices", "counts") if "indices" in indices_name else indices_name + "_counts"
+
+
+def selection_values(name: str, indices: torch.Tensor, counts: torch.Tensor, nblk: torch.Tensor, n_max: int,
+                     *, unique: bool = True) -> None:
+    """A selection's values (a value check): ``counts`` within the capacity ``K_max``; every valid slot (slot
+    < count) holds -1 (padding) or a block id below the sequence's block count ``nblk [B]`` (and ``n_max``, the
+    cache's); with `unique`, no block twice in a row (it would be attended, and counted, twice)."""
+    if not values_checkable(indices):
+        return
+    cname = counts_name(name)
+    kmax = indices.shape[-1]
+    in_range(cname, counts, 0, kmax, f"the selection's capacity K_max = {kmax}")
+    slot = torch.arange(kmax, device=indices.device) < counts[..., None]
+    ids = torch.where(slot, indices.long(), -1)
+    limit = torch.clamp(nblk.long(), max=n_max)[:, None, None]
+    bad = (ids < -1) | (ids >= limit)
+    if bool(bad.any()):
+        b, h, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{b}, {h}, {k}] = {int(ids[b, h, k])} is out of range: sequence {b} has "
+            f"{int(limit[b, 0, 0])} blocks, so a block id must lie in [0, {int(limit[b, 0, 0]) - 1}] (or be -1, "
+            "padding)")
+    if unique and kmax > 1:
+        srt = ids.sort(dim=-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        if bool(dup.any()):
+            b, h, k = (int(i) for i in dup.nonzero()[0])
+            raise ValueError(f"{name}[{b}, {h}] holds block {int(srt[b, h, k])} twice: a selection must not repeat "
+                             "a block (it would be attended and weighted twice)")
+
+
+def page_table(cache, extra: int = 0) -> None:
+    """Every page a sequence uses (logical page < ceil((seq_len + extra) / page_size)) maps to a physical page of the
+    pool (a value check; entries past the end are never read and may hold anything)."""
+    pt = cache.page_table
+    if not values_checkable(pt) or not pt.numel():
+        return
+    used = -(-(cache.seq_lens.long() + extra) // cache.page_size)  # [B]
+    live = torch.arange(pt.shape[1], device=pt.device)[None, :] < used[:, None]
+    pool = cache.k.shape[0]
+    bad = live & ((pt < 0) | (pt >= pool))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"cache.page_table[{b}, {j}] = {int(pt[b, j])} is out of range: sequence {b} uses "
+                         f"{int(used[b])} pages, each must lie in [0, {pool - 1}] (the pool holds {pool} pages)")
 
 
 def gqa(num_q_heads: int, num_kv_heads: int) -> int:

@@ -80,7 +80,8 @@ class KVCache:
         return self.k.device
 
     def check_lengths(self, extra: int = 0) -> None:
-        """ValueError if any sequence (plus `extra` tokens) exceeds the capacity (a value check)."""
+        """ValueError if any sequence (plus `extra` tokens) exceeds the capacity, or uses a page-table entry
+        outside the page pool (value checks)."""
         if check.values_checkable(self.seq_lens):
             longest = int(self.seq_lens.max()) + extra if self.batch else 0
             if longest > self.capacity or (self.batch and int(self.seq_lens.min()) < 0):
@@ -88,6 +89,7 @@ class KVCache:
                     f"seq_lens must lie in [0, capacity={self.capacity}] "
                     f"(max_pages={self.max_pages} x page_size={self.page_size}); got up to {longest}"
                 )
+            check.page_table(self, extra)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod

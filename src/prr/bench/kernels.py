@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .. import ops
+from .. import memory, ops
 from ..algo.sparse import BlockMetadata, SparseConfig, select
 from ..cache import KVCache
 from ..model.config import ModelConfig
@@ -72,6 +72,9 @@ class RandomLayer:
         shp = ModelConfig.from_name(model)  # the attention shape of a named model
         budget = budget or METHOD_BUDGET[method]
         cfg = SparseConfig.from_budget(method, budget)
+        # The cache and its metadata, plus a dense copy of K and V for the SDPA baseline.
+        nbytes = memory.kv_cache_bytes(2, batch, ctx, shp.num_kv_heads, shp.head_dim, dtype, block_size=16)
+        memory.require(nbytes, device, f"the benchmark buffers of {model} b{batch} {ctx} tokens")
         cache = KVCache.allocate(batch, ctx, shp.num_kv_heads, shp.head_dim, dtype=dtype, device=device)
         cache.k.normal_()
         cache.v.normal_()

@@ -82,8 +82,10 @@ def teacher_forced_nll(eng: Engine, ids: list[int], prefix: int, steps: int) -> 
     logits = eng._last_logits
     nll = []
     for t in range(prefix, prefix + steps):
-        nll.append(float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor([ids[t]]))))
-        logits = eng.step(torch.tensor([ids[t]], device=eng.model.device))
+        # The target lives where the logits do (a CPU target beside CUDA logits fails in cross_entropy).
+        target = torch.tensor([ids[t]], device=logits.device)
+        nll.append(float(torch.nn.functional.cross_entropy(logits.float(), target)))
+        logits = eng.step(target.to(eng.model.device))
     return sum(nll) / len(nll)
 
 

@@ -18,21 +18,21 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import _checks as check
-from .. import ops
+from .. import memory, ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..runtime.layer import LayerStep
 from . import auto
-from .generation import Generation, GenerationConfig, GenerationStats, SequenceResult
+from .generation import CacheFull, Generation, GenerationConfig, GenerationStats, SequenceResult
 from .llama import Llama
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
 ATTENTIONS = ("dense", "dsa", "prr")
 
-__all__ = ["ATTENTIONS", "CapturedStep", "Engine", "GenerationStats"]
+__all__ = ["ATTENTIONS", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
 
 
 class CapturedStep:
@@ -121,6 +121,7 @@ class Engine:
         """One cache per layer; their ``seq_lens`` are rows of one ``[L, B]`` tensor, so that freezing finished
         sequences is one op for every layer."""
         c, dev = self.cfg, self.model.device
+        self._require_caches(batch, capacity)
         self.caches = [KVCache.allocate(batch, capacity, c.num_kv_heads, c.head_dim, page_size=16,
                                         dtype=self.model.dtype, device=dev) for _ in range(c.num_layers)]
         self._lens = torch.zeros(c.num_layers, batch, dtype=torch.int32, device=dev)
@@ -237,6 +238,13 @@ class Engine:
                                        predictor=self.predictor, layer=i, ratio=self.ratio, mode=self.mode,
                                        side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True,
                                        grow=1)
+
+    def _require_caches(self, batch: int, capacity: int) -> None:
+        c = self.cfg
+        nbytes = memory.kv_cache_bytes(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.model.dtype,
+                                       block_size=None if self.attention == "dense" else self.sparse.block_size)
+        memory.require(nbytes, self.model.device, f"the KV caches ({c.num_layers} layers x {batch} x {capacity} "
+                                                  "tokens)")
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _dense(self, q, cache: KVCache):

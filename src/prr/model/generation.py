@@ -65,6 +65,16 @@ class SequenceResult:
         return d
 
 
+class CacheFull(ValueError):
+    """The KV cache filled up while decoding (a generation that outgrows the caches it was prefilled with);
+    ``tokens`` (one prompt: its new ids; a batch: a list per sequence) and ``stats`` hold what was generated
+    before the step that did not fit."""
+
+    def __init__(self, message: str, tokens: list, stats: GenerationStats):
+        super().__init__(message)
+        self.tokens, self.stats = tokens, stats
+
+
 @dataclass
 class GenerationStats:
     attention: str
@@ -261,6 +271,7 @@ class Generation:
                 break
             if active != was:
                 state.set_active(active)
+            self._check_room(active)
             if use_graph and graph is None and n_steps == 1:
                 t0 = time.perf_counter()
                 try:
@@ -282,6 +293,19 @@ class Generation:
             if state.stats.layer_heads and steps > 0:
                 s.blocks_per_step = round(sel / (steps * state.stats.layer_heads), 3)
                 s.hit_rate = None if hit is None else round(hit, 4)
+
+    def _check_room(self, active: list[bool]) -> None:
+        """Checked on the host before each step (lengths are known there: no sync): on CUDA an append past the
+        capacity would be masked, not refused, so a generation that outgrows its caches stops here with what
+        it has."""
+        cap = self.eng.caches[0].capacity
+        for j, seq in enumerate(self.sequences):
+            if active[j] and seq.prompt_tokens + len(seq.tokens) > cap:
+                self.stats.new_tokens = sum(len(s.tokens) for s in self.sequences)
+                tokens = seq.tokens if len(self.sequences) == 1 else [s.tokens for s in self.sequences]
+                raise CacheFull(f"the KV cache is full ({cap} tokens: a {seq.prompt_tokens}-token prompt and "
+                                f"{len(seq.tokens)} generated tokens); the tokens generated so far are returned "
+                                "with this error (CacheFull.tokens)", tokens, self.stats)
 
     def _accept(self, j: int, tok: int, texts: list[str], eos: set[int]) -> TokenEvent:
         """Append a token to sequence j; decide whether it ends the sequence and what text it streams

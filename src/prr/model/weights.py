@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .. import memory
 from .config import ModelConfig, hf_model_config
 from .llama import LAYER_WEIGHTS, Llama
 from .tokenizer import Tokenizer
@@ -57,6 +58,8 @@ def load_gguf(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig
 
     def meta(key, default=None):
         v = _field(reader, f"llama.{key}")
+        if v is None and default is None:  # a required key: say which, not int(None)'s TypeError
+            raise ValueError(f"{path}: GGUF metadata key 'llama.{key}' is missing")
         return default if v is None else v
 
     heads, kv = int(meta("attention.head_count")), int(meta("attention.head_count_kv"))
@@ -78,6 +81,7 @@ def load_gguf(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
     fields = {k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
     tokenizer = Tokenizer.from_gguf_fields(fields)
+    memory.require(memory.weight_bytes(cfg, dtype), device, f"the weights of {os.path.basename(path)} ({dtype})")
     by_name = {t.name: t for t in reader.tensors}
 
     def get(name):
@@ -124,6 +128,8 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu", shard=None) -> tup
     with open(cfg_path) as f:
         hc = json.load(f)
     cfg = hf_model_config(hc, where=cfg_path)
+    if shard is None:  # a tensor-parallel rank reads only its slices (checked where they are allocated)
+        memory.require(memory.weight_bytes(cfg, dtype), device, f"the weights of {path} ({dtype})")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path} has no tokenizer.json (prr reads the fast tokenizer's file; "
                                 "tokenizer.save_pretrained(path) writes it)")
@@ -135,7 +141,10 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu", shard=None) -> tup
     else:
         raw = {}
         for f in files:
-            raw.update(load_file(os.path.join(path, f)))
+            try:
+                raw.update(load_file(os.path.join(path, f)))
+            except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+                raise ValueError(f"{os.path.join(path, f)} is not a readable safetensors file ({e})") from e
     used = set()
 
     def get(name):
@@ -163,6 +172,8 @@ def load_hf_dir(path: str, dtype=torch.float32, device="cpu", shard=None) -> tup
 
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu") -> dict:
     """Random weights at the config's shapes (latency work: the numbers are meaningless, the shapes real)."""
+    memory.require(memory.weight_bytes(cfg, dtype), device,
+                   f"random weights of {memory.weight_params(cfg) / 1e9:.2f}B parameters ({dtype})")
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape, scale=None):

@@ -21,7 +21,22 @@ def check_query(q: torch.Tensor, cache: KVCache) -> int:
     check.shape("q", q, (cache.batch, None, cache.head_dim))
     check.same_dtype("q", q, cache.dtype, "the cache")
     check.finite("q", q)
+    check_cache_values(cache)
     return check.gqa(q.shape[1], cache.num_kv_heads)
+
+
+def check_cache_values(cache: KVCache) -> None:
+    """The cache may have been edited since it was built: lengths and used pages again (value checks), once per
+    change of ``page_table`` or ``seq_lens`` (their version counters), not once per op of a decode step."""
+    if not check.values_checkable(cache.seq_lens):
+        return
+    try:
+        stamp = (id(cache.page_table), cache.page_table._version, id(cache.seq_lens), cache.seq_lens._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
+        stamp = None
+    if stamp is None or getattr(cache, "_checked", None) != stamp:
+        cache.check_lengths()
+        cache._checked = stamp
 
 
 def check_block_size(block_size: int, page_size: int) -> int:
@@ -34,7 +49,7 @@ def check_block_size(block_size: int, page_size: int) -> int:
 def check_selection(indices: torch.Tensor, counts: torch.Tensor, cache: KVCache, name: str = "indices"):
     check.tensor(name, indices, ndim=3, dtypes=check.INDEX_DTYPES, device=cache.device)
     check.shape(name, indices, (cache.batch, cache.num_kv_heads, None))
-    cname = name.replace("indices", "counts") if "indices" in name else name + "_counts"
+    cname = check.counts_name(name)
     check.tensor(cname, counts, ndim=2, dtypes=check.INDEX_DTYPES, device=cache.device)
     check.shape(cname, counts, (cache.batch, cache.num_kv_heads))
 
@@ -44,11 +59,19 @@ def num_blocks(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     return ((seq_lens + block_size - 1) // block_size).to(torch.int32)
 
 
-def check_decode_inputs(q, cache, indices, counts, block_size) -> int:
+def check_selection_values(indices, counts, cache: KVCache, block_size: int, name: str = "indices") -> None:
+    """Value checks of a selection against the cache (CPU always; CUDA in debug mode): counts within K_max,
+    block ids of live blocks, no duplicates."""
+    check.selection_values(name, indices, counts, num_blocks(cache.seq_lens, block_size),
+                           cache.max_blocks(block_size))
+
+
+def check_decode_inputs(q, cache, indices, counts, block_size, name: str = "indices") -> int:
     """Checks shared by both sparse_decode implementations; returns G."""
     g = check_query(q, cache)
     check_block_size(block_size, cache.page_size)
-    check_selection(indices, counts, cache)
+    check_selection(indices, counts, cache, name)
+    check_selection_values(indices, counts, cache, block_size, name)
     return g
 
 
@@ -57,7 +80,7 @@ def check_quest_inputs(q, kmin, kmax, cache, block_size) -> int:
     check_block_size(block_size, cache.page_size)
     nmax = cache.max_blocks(block_size)
     for name, t in (("kmin", kmin), ("kmax", kmax)):
-        check.tensor(name, t, ndim=4, device=cache.device)
+        check.tensor(name, t, ndim=4, dtypes=check.FLOAT_DTYPES, device=cache.device)
         check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
     return g
 
@@ -67,6 +90,8 @@ def check_infllm_inputs(q, ckeys, cache, block_size, window, stride) -> int:
     check_block_size(block_size, cache.page_size)
     if block_size % stride or block_size < window:
         raise ValueError(f"block_size={block_size} must be a multiple of stride={stride} and >= window={window}")
-    check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
-    check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, None, cache.head_dim))
+    check.tensor("ckeys", ckeys, ndim=4, dtypes=check.FLOAT_DTYPES, device=cache.device)
+    # C_max windows exactly (ops.infllm_metadata's layout): the kernels index windows up to it.
+    cmax = max(0, (cache.capacity - window) // stride + 1)
+    check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, cmax, cache.head_dim))
     return g

@@ -7,6 +7,7 @@ from .reference import holt_predict, holt_step, normalize_scores
 
 def holt_update_(level, trend, known, scores, num_blocks, alpha, beta, gamma, pred=None):
     if backend.use_triton(level) and all(isinstance(x, float) for x in (alpha, beta, gamma)):
+        reference.check_holt_inputs(level, trend, known, scores, num_blocks, pred)
         from . import triton as kernels
 
         return kernels.holt_update_(level, trend, known, scores, num_blocks, alpha, beta, gamma, pred)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ... import _checks as check
+
 
 def normalize_scores(scores: torch.Tensor, num_blocks: torch.Tensor) -> torch.Tensor:
     """Z-score ``[..., B, Hkv, N]`` over the live, finite blocks of each row; dead blocks -> 0.
@@ -49,9 +51,21 @@ def holt_predict(level, trend, known, gamma):
     return torch.where(j < known[..., None, None], level + gamma * trend, float("-inf"))
 
 
+def check_holt_inputs(level, trend, known, scores, num_blocks, pred=None) -> None:
+    check.tensor("level", level, ndim=3, dtypes=(torch.float32, torch.float64))
+    for name, t in (("trend", trend), ("scores", scores)) + ((("pred", pred),) if pred is not None else ()):
+        check.tensor(name, t, dtypes=check.FLOAT_DTYPES, device=level.device)
+        check.shape(name, t, tuple(level.shape))
+    for name, t in (("known", known), ("num_blocks", num_blocks)):
+        check.tensor(name, t, ndim=1, dtypes=check.INDEX_DTYPES, device=level.device)
+        check.shape(name, t, (level.shape[0],))
+    check.in_range("num_blocks", num_blocks, 0, level.shape[-1], f"the state covers N = {level.shape[-1]} blocks")
+
+
 def holt_update_(level, trend, known, scores, num_blocks, alpha, beta, gamma, pred=None) -> None:
     """In place: fold this step's ``scores [B, Hkv, N]`` into ``level, trend [B, Hkv, N]`` and ``known [B]``;
     if `pred` is given, also write the next step's prediction into it."""
+    check_holt_inputs(level, trend, known, scores, num_blocks, pred)
     z = normalize_scores(scores, num_blocks)
     lvl, trd = holt_step(level, trend, z, known, num_blocks, alpha, beta)
     level.copy_(lvl)

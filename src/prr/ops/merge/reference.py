@@ -19,6 +19,7 @@ def check_merge_inputs(o, lse) -> None:
     check.tensor("lse", lse, dtypes=check.FLOAT_DTYPES, device=o.device)
     if o.dim() < 2 or tuple(lse.shape) != tuple(o.shape[:-1]):
         raise ValueError(f"o must be [..., N, D] and lse [..., N]; got o {list(o.shape)}, lse {list(lse.shape)}")
+    check.no_nan("lse", lse)
 
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +34,8 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     check_merge_inputs(o, lse)
     acc = acc_dtype(lse.dtype)
+    if lse.shape[-1] == 0:  # no parts: the empty state, as the kernel returns it (amax cannot reduce 0 items)
+        return o.new_zeros(o.shape[:-2] + o.shape[-1:]), torch.full(lse.shape[:-1], float("-inf"), dtype=acc)
     lse_a = lse.to(acc)
     m = lse_a.amax(dim=-1, keepdim=True)
     # An all-empty row has m = -inf; shift by 0 there so exp() gives 0 weights instead of NaN.

@@ -58,6 +58,13 @@ def check_quest_append(kmin, kmax, cache: KVCache, block_size: int) -> None:
         check.tensor(name, t, ndim=4, device=cache.device)
         check.shape(name, t, (cache.batch, cache.num_kv_heads, nmax, cache.head_dim))
         check.same_dtype(name, t, cache.dtype, "the cache")
+    check_has_token(cache)
+
+
+def check_has_token(cache: KVCache) -> None:
+    """The appends fold in the token at ``seq_len - 1``: every sequence must hold one (a value check)."""
+    check.in_range("cache.seq_lens", cache.seq_lens, 1, cache.capacity,
+                   "metadata appends run after KVCache.append: every sequence needs a newest token")
 
 
 def quest_metadata_append(kmin: torch.Tensor, kmax: torch.Tensor, cache: KVCache, block_size: int) -> None:
@@ -111,6 +118,7 @@ def check_infllm_append(ckeys, cache: KVCache, window: int, stride: int) -> int:
     cmax = num_windows(cache.capacity, window, stride)
     check.tensor("ckeys", ckeys, ndim=4, device=cache.device)
     check.shape("ckeys", ckeys, (cache.batch, cache.num_kv_heads, cmax, cache.head_dim))
+    check_has_token(cache)
     return cmax
 
 

@@ -1,7 +1,6 @@
 """Reuse + repair + merge of a PRR step; dispatches (see :mod:`prr.ops.backend`)."""
 
 from .. import backend
-from .._common import check_decode_inputs
 from . import reference
 from .reference import MODES
 
@@ -10,9 +9,8 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                    spec_o=None, spec_lse=None, mode="exact", scale=None):
     kw = dict(block_o=block_o, block_lse=block_lse, spec_o=spec_o, spec_lse=spec_lse, mode=mode, scale=scale)
     if backend.use_triton(q):
-        check_decode_inputs(q, cache, p_idx, p_cnt, block_size)
-        check_decode_inputs(q, cache, s_idx, s_cnt, block_size)
-        reference.check_mode(mode)
+        reference.check_repair_inputs(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, spec_o,
+                                      spec_lse, mode)
         from . import triton as kernels
 
         return kernels.repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, **kw)

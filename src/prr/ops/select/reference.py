@@ -38,6 +38,9 @@ def check_select_inputs(scores, num_blocks, top_k, n_sink, n_local) -> int:
     check.tensor("scores", scores, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("num_blocks", num_blocks, ndim=1, dtypes=check.INDEX_DTYPES, device=scores.device)
     check.shape("num_blocks", num_blocks, (scores.shape[0],))
+    # Value checks (CPU; CUDA in debug mode): a count past N_max would select blocks the scores do not cover.
+    check.in_range("num_blocks", num_blocks, 0, scores.shape[-1], f"scores cover N_max = {scores.shape[-1]} blocks")
+    check.no_nan("scores", scores)
     return kmax
 
 
