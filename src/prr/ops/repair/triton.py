@@ -61,7 +61,7 @@ def _repair_kernel(
     # Hits of this range of S (and each hit's slot in P); misses ranked by a prefix sum.
     match = s_blk[:, None] == p_blk[None, :]  # [PER_PAD, KP_PAD]
     hit = tl.max(match.to(tl.int32), axis=1) > 0
-    pos = tl.sum(tl.where(match, i_p[None, :], 0), axis=1)
+    pos = tl.minimum(tl.sum(tl.where(match, i_p[None, :], 0), axis=1), KP - 1)  # duplicates in P stay in bounds
     miss = ((start + i_r < end) & ~hit).to(tl.int32)
     rank = tl.cumsum(miss, axis=0) - 1
     n_miss = tl.sum(miss, axis=0)

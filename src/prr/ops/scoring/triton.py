@@ -35,7 +35,7 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
     i_d = tl.arange(0, D)
     m_g = i_g < G
     nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
-    m_n = i_n < nblk
+    m_n = (i_n < nblk) & (i_n < NMAX)  # a length past the capacity reads no metadata outside it
     if tl.program_id(1) * BLOCK_N < nblk:  # a chunk past the sequence reads no metadata and multiplies nothing
         q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None],
                     other=0.0)

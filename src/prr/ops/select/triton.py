@@ -74,7 +74,7 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
     i_h = i_bh % HKV
     i_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.reshape(i_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], (BLOCK_G * GROUP,))
-    n = tl.load(nblk_ptr + i_b)
+    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
     key = _candidate_keys(s_ptr + i_b * s_sb + i_h * s_sh, j, n, NMAX, N_SINK, N_LOCAL)
     gmax = tl.max(tl.reshape(key, (BLOCK_G, GROUP)), axis=1)
     tl.store(g_ptr + i_bh * NG + i_g, gmax, mask=i_g < NG)
@@ -87,7 +87,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
-    n = tl.load(nblk_ptr + i_b)
+    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
     s_row = s_ptr + i_b * s_sb + i_h * s_sh
     out = idx_ptr + i_b * s_ib + i_h * s_ih
     k = tl.arange(0, BLOCK_K)
