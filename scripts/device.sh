@@ -24,14 +24,14 @@ for step in "$@"; do
     kernels-quick) timeout 200 python3 -m prr bench kernels --models llama-3.1-8b --batches 1 \
       --contexts 32K,512K --methods quest --out "$OUT/bench_quick.json" 2>&1 | tail -40 ;;
     # One call for the checks and timings of the 2026-11-29 session (logs appended to $OUT/run.log).
-    final-tests) { timeout 150 python3 -m pytest -q tests/test_kernels.py tests/test_candidates.py 2>&1 | tail -4
-      timeout 90 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
+    final-tests) { timeout 100 python3 -m pytest -q tests/test_kernels.py tests/test_candidates.py 2>&1 | tail -4
+      timeout 60 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
     final-select) timeout 75 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x4 \
       --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -15 | tee -a "$OUT/run.log" ;;
-    final-gen) timeout 110 python3 scripts/gen_gpu.py --out "$OUT" --new-tokens 32 2>&1 | grep -v "it/s\]" \
+    final-gen) timeout 90 python3 scripts/gen_gpu.py --out "$OUT" --new-tokens 32 2>&1 | grep -v "it/s\]" \
       | tail -15 | tee -a "$OUT/run.log" ;;
-    final-hf) timeout 100 python3 scripts/hf_gpu.py --out "$OUT" --steps 16 2>&1 | tail -15 | tee -a "$OUT/run.log" ;;
-    final-fuse) for f in "" --no-fuse; do timeout 40 python3 -m prr bench e2e --attentions dense --contexts 4K \
+    final-hf) timeout 80 python3 scripts/hf_gpu.py --out "$OUT" --steps 16 2>&1 | tail -15 | tee -a "$OUT/run.log" ;;
+    final-fuse) for f in "" --no-fuse; do timeout 38 python3 -m prr bench e2e --attentions dense --contexts 4K \
       --batches 1 --steps 8 $f --out "$OUT/bench_e2e_4k_dense${f:+_nofuse}.json" 2>&1 | tail -3; done \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
