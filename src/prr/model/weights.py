@@ -67,7 +67,7 @@ def load_gguf(path: str, dtype=torch.float32, device="cpu") -> tuple[ModelConfig
     names = {t.name for t in reader.tensors}
     # llama.cpp writes RoPE scaling as metadata (linear, yarn) or as a rope_freqs tensor (Llama 3.1): not read
     # here, so refused rather than computed as plain RoPE.
-    scaling = meta("rope.scaling.type")
+    scaling = _field(reader, "llama.rope.scaling.type")  # optional: absent means plain RoPE
     if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
         raise ValueError(f"{path}: RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported for GGUF files; "
                          "load the Hugging Face directory instead")
