@@ -4,10 +4,11 @@ without a host sync): called below the dispatchers, which reject such inputs on 
 import torch
 
 import prr
+
 from conftest import make_cache, make_query
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.float16  # exact in the interpreter and on a GPU alike
+DTYPE = torch.float16  # loads correctly in the CPU interpreter (bf16 does not) and on a GPU
 
 
 def _to(cache, dtype):
