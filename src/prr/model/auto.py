@@ -17,8 +17,6 @@ from about 4K; pass ``auto_crossover`` to choose otherwise.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from collections.abc import Callable
 
@@ -27,6 +25,7 @@ import torch
 from .. import ops
 from ..algo.sparse import BlockMetadata, SparseConfig, select
 from ..cache import KVCache
+from ..jsoncache import JsonCache
 
 CPU_CROSSOVER = 16384
 NEVER = 1 << 62  # a crossover no context reaches: stay dense
@@ -46,12 +45,11 @@ def probe_contexts(max_context: int, start: int = 1024) -> list[int]:
     return [*out, max_context]
 
 
-class CrossoverCache:
+class CrossoverCache(JsonCache):
     """Profiled crossovers keyed by GPU and shapes, in a JSON file (``{key: {"crossover": T, "times": ...}}``)."""
 
     def __init__(self, path: str | None = None):
-        root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        self.path = path or os.path.join(root, "prr", "attention_crossover.json")
+        super().__init__("attention_crossover.json", path)
 
     @staticmethod
     def key(gpu: str, batch: int, hq: int, hkv: int, d: int, dtype: torch.dtype, cfg: SparseConfig,
@@ -59,24 +57,11 @@ class CrossoverCache:
         return (f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{str(dtype).replace('torch.', '')}|{cfg.method}|"
                 f"{cfg.budget_tokens}|bs{cfg.block_size}|max{max_context}")
 
-    def _load(self) -> dict:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return {}
-
     def get(self, key: str) -> dict | None:
-        return self._load().get(key)
+        return self.get_entry(key)
 
     def put(self, key: str, entry: dict) -> None:
-        data = self._load()
-        data[key] = entry
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written cache
+        self.put_entry(key, entry)
 
 
 def find_crossover(measure: Callable[[int], tuple[float, float]], contexts: list[int]) -> tuple[int, dict]:

@@ -14,9 +14,9 @@ succeeds) leaves speculation off. Decisions are cached per
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
+
+from ..jsoncache import JsonCache
 
 
 @dataclasses.dataclass
@@ -208,34 +208,20 @@ def context_bucket(tokens: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(tokens, 1))))
 
 
-class BudgetCache:
+class BudgetCache(JsonCache):
     """Decisions keyed by (GPU name, shapes, method, budget, context bucket), in a JSON file."""
 
     def __init__(self, path: str | None = None):
-        root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        self.path = path or os.path.join(root, "prr", "speculation_budget.json")
+        super().__init__("speculation_budget.json", path)
 
     @staticmethod
     def key(gpu: str, batch: int, hq: int, hkv: int, d: int, method: str, budget: int, tokens: int,
             mode: str = "exact") -> str:
         return f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{method}|{budget}|{mode}|ctx{context_bucket(tokens)}"
 
-    def _load(self) -> dict:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return {}
-
     def get(self, key: str) -> BudgetDecision | None:
-        d = self._load().get(key)
+        d = self.get_entry(key)
         return BudgetDecision(**d) if d else None
 
     def put(self, key: str, decision: BudgetDecision) -> None:
-        data = self._load()
-        data[key] = dataclasses.asdict(decision)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written cache
+        self.put_entry(key, dataclasses.asdict(decision))
