@@ -146,10 +146,10 @@ def _(tmp):
     prr.sparse_decode(q, cache, idx[:, :1], cnt, 16)
 
 
-@case("block-id-past-end", "a block id past the sequence's end (300 tokens = 19 blocks, id 999)",
+@case("block-id-past-end", "a block id past the cache's end (300 tokens = 19 blocks, id 999)",
       "prr.sparse_decode (every op taking a selection)", ValueError,
-      "indices[0, 0, 1] = 999 is out of range: sequence 0 has 19 blocks, so a block id must lie in [0, 18] "
-      "(or be -1, padding)")
+      "indices[0, 0, 1] = 999 is out of range: the cache holds 19 blocks per sequence, so a block id must lie in "
+      "[0, 18] (or be -1, padding)")
 def _(tmp):
     cache = make_cache([300], hkv=1, d=64)
     q = make_query(cache, 2)
@@ -158,8 +158,8 @@ def _(tmp):
 
 
 @case("block-id-negative", "a negative block id other than the padding -1", "prr.block_states", ValueError,
-      "indices[1, 0, 0] = -7 is out of range: sequence 1 has 4 blocks, so a block id must lie in [0, 3] "
-      "(or be -1, padding)")
+      "indices[1, 0, 0] = -7 is out of range: the cache holds 8 blocks per sequence, so a block id must lie in "
+      "[0, 7] (or be -1, padding)")
 def _(tmp):
     cache, q, idx, cnt = setup()
     idx[1, 0, 0] = -7

@@ -120,3 +120,17 @@ def test_scale_argument_is_honoured():
     o2, l2 = prr.dense_decode(q * (0.5 * 8), cache)  # default scale 1/sqrt(64) = 1/8
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(l1, l2)
+
+
+def test_blocks_past_a_sequence_end_but_inside_the_cache_attend_nothing():
+    """A selection may name a block past a sequence's current end (a finished sequence shrinks under a
+    prediction made before): accepted, and it adds nothing to the attention."""
+    cache = make_cache([100, 40], hkv=1, d=64, capacity=128)
+    q = make_query(cache, 2)
+    idx = torch.tensor([[[0, 2, -1]], [[0, 1, 5]]], dtype=torch.int32)  # sequence 1 has 3 blocks; 5 is past it
+    cnt = torch.tensor([[2], [3]], dtype=torch.int32)
+    o, lse = prr.sparse_decode(q, cache, idx, cnt, 16)
+    o2, lse2 = prr.sparse_decode(q, cache, torch.tensor([[[0, 2, -1]], [[0, 1, -1]]], dtype=torch.int32),
+                                 torch.tensor([[2], [2]], dtype=torch.int32), 16)
+    torch.testing.assert_close(o, o2, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse2, rtol=0, atol=0)

@@ -2,7 +2,7 @@
 
 Structural checks (shapes, dtypes, devices) read only tensor metadata and always run. Value checks (NaN/inf
 in ``q``, ``seq_lens`` within capacity, used page-table entries inside the pool, selection counts within
-``K_max``, block ids of live blocks, no duplicate block in a selection, ``num_blocks`` within ``N_max``) read
+``K_max``, block ids of the cache, no duplicate block in a selection, ``num_blocks`` within ``N_max``) read
 tensor data: on the CPU they always run; on CUDA they would force a host sync inside the decode step, so they
 run only when debugging is on (:func:`set_debug`) and never while a CUDA graph is being captured. Every
 rejected input and its message: docs/ERRORS.md.
@@ -122,11 +122,13 @@ def counts_name(indices_name: str) -> str:
     return indices_name.replace("indices", "counts") if "indices" in indices_name else indices_name + "_counts"
 
 
-def selection_values(name: str, indices: torch.Tensor, counts: torch.Tensor, nblk: torch.Tensor, n_max: int,
-                     *, unique: bool = True) -> None:
+def selection_values(name: str, indices: torch.Tensor, counts: torch.Tensor, n_max: int, *,
+                     unique: bool = True) -> None:
     """A selection's values (a value check): ``counts`` within the capacity ``K_max``; every valid slot (slot
-    < count) holds -1 (padding) or a block id below the sequence's block count ``nblk [B]`` (and ``n_max``, the
-    cache's); with `unique`, no block twice in a row (it would be attended, and counted, twice)."""
+    < count) holds -1 (padding) or a block id of the cache, below ``n_max`` (its blocks per sequence); with
+    `unique`, no block twice in a row (it would be attended, and counted, twice). A block past a sequence's
+    current end is allowed and attends nothing: a sequence the engine has finished shrinks under a prediction
+    made before."""
     if not values_checkable(indices):
         return
     cname = counts_name(name)
@@ -134,14 +136,12 @@ def selection_values(name: str, indices: torch.Tensor, counts: torch.Tensor, nbl
     in_range(cname, counts, 0, kmax, f"the selection's capacity K_max = {kmax}")
     slot = torch.arange(kmax, device=indices.device) < counts[..., None]
     ids = torch.where(slot, indices.long(), -1)
-    limit = torch.clamp(nblk.long(), max=n_max)[:, None, None]
-    bad = (ids < -1) | (ids >= limit)
+    bad = (ids < -1) | (ids >= n_max)
     if bool(bad.any()):
         b, h, k = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{name}[{b}, {h}, {k}] = {int(ids[b, h, k])} is out of range: sequence {b} has "
-            f"{int(limit[b, 0, 0])} blocks, so a block id must lie in [0, {int(limit[b, 0, 0]) - 1}] (or be -1, "
-            "padding)")
+            f"{name}[{b}, {h}, {k}] = {int(ids[b, h, k])} is out of range: the cache holds {n_max} blocks per "
+            f"sequence, so a block id must lie in [0, {n_max - 1}] (or be -1, padding)")
     if unique and kmax > 1:
         srt = ids.sort(dim=-1).values
         dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
