@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
-from ..scoring.triton import _aggregate_rows
+from ..scoring.triton import _aggregate_rows, _quest_bound
 from ..select.triton import _order_key, _top_k_mask
 
 
@@ -41,16 +41,7 @@ def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_pt
     off = i_b * s_mb + i_h * s_mh + tl.where(m_j, j, 0)[:, None].to(tl.int64) * s_mn + i_d[None, :]
     b_hi = tl.load(kmax_ptr + off, mask=m_j[:, None], other=0.0)  # [BLOCK_C, D]
     b_lo = tl.load(kmin_ptr + off, mask=m_j[:, None], other=0.0)
-    # q+ and q- are exact in the input dtype (cast back: max/min may promote bf16 to fp32).
-    q_pos = tl.maximum(q, 0.0).to(q.dtype)
-    q_neg = tl.minimum(q, 0.0).to(q.dtype)
-    if PREC == "ieee":
-        s = tl.dot(q_pos.to(tl.float32), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
-        s += tl.dot(q_neg.to(tl.float32), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
-    else:  # products of bf16/fp16 are exact in the float32 accumulator
-        s = tl.dot(q_pos, tl.trans(b_hi))
-        s += tl.dot(q_neg, tl.trans(b_lo))
-    agg = tl.where(m_j, _aggregate_rows(s, m_g, AGG_MAX), float("-inf"))  # [BLOCK_C]
+    agg = tl.where(m_j, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))  # [BLOCK_C]
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_c, agg, mask=m_c)
 
 

@@ -23,6 +23,22 @@ def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
+def _quest_bound(q, b_hi, b_lo, m_g, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
+    """Quest's bound ``q+ . max + q- . min`` of the packed query rows ``q [G_PAD, D]`` against the blocks' key
+    maxima and minima ``[BLOCK, D]``, aggregated over the group's heads: ``[BLOCK]`` float32."""
+    # q+ and q- are exact in the input dtype (cast back: max/min may promote bf16 to fp32).
+    q_pos = tl.maximum(q, 0.0).to(q.dtype)
+    q_neg = tl.minimum(q, 0.0).to(q.dtype)
+    if PREC == "ieee":
+        s = tl.dot(q_pos.to(tl.float32), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
+        s += tl.dot(q_neg.to(tl.float32), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+    else:  # products of bf16/fp16 are exact in the float32 accumulator
+        s = tl.dot(q_pos, tl.trans(b_hi))
+        s += tl.dot(q_neg, tl.trans(b_lo))
+    return _aggregate_rows(s, m_g, AGG_MAX)
+
+
+@triton.jit
 def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
                          s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -42,17 +58,7 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
         off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
         b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
         b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
-        # q+ and q- are exact in the input dtype (cast back: max/min may promote bf16 to fp32).
-        q_pos = tl.maximum(q, 0.0).to(q.dtype)
-        q_neg = tl.minimum(q, 0.0).to(q.dtype)
-        if PREC == "ieee":
-            s = tl.dot(q_pos.to(tl.float32), tl.trans(b_hi.to(tl.float32)), input_precision="ieee")
-            s += tl.dot(q_neg.to(tl.float32), tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
-        else:  # products of bf16/fp16 are exact in the float32 accumulator
-            s = tl.dot(q_pos, tl.trans(b_hi))
-            s += tl.dot(q_neg, tl.trans(b_lo))
-        agg = _aggregate_rows(s, m_g, AGG_MAX)
-        agg = tl.where(m_n, agg, float("-inf"))
+        agg = tl.where(m_n, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
     else:
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, tl.full([BLOCK_N], float("-inf"), tl.float32),
