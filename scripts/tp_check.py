@@ -30,6 +30,17 @@ from prr.model.tp import TensorParallel, init_from_env, world_size_from_env
 
 
 def main() -> int:
+    code = _main()
+    if world_size_from_env() > 1:
+        # every rank leaves together: a rank that tore NCCL down while rank 0 still checked hung the exit on
+        # the two-H200 run (the checks had passed and were saved; torchrun's limit killed it)
+        import torch.distributed as dist
+
+        dist.barrier()
+    return code
+
+
+def _main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:I")
     p.add_argument("--backend", default=None, choices=["nccl", "gloo"])

@@ -88,6 +88,7 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "prr")) -> dict:
+    import gc
     import json
     import os
 
@@ -135,6 +136,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                 res[attention] = row
                 rows.append(row)
                 del eng
+                gc.collect()  # the engine's captured graph sits in reference cycles: free its pool now
                 torch.cuda.empty_cache()
             for r in res.values():
                 r["fused_projections"] = fuse
