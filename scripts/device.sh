@@ -34,6 +34,19 @@ for step in "$@"; do
     final-fuse) for f in "" --no-fuse; do timeout 38 python3 -m prr bench e2e --attentions dense --contexts 4K \
       --batches 1 --steps 8 $f --out "$OUT/bench_e2e_4k_dense${f:+_nofuse}.json" 2>&1 | tail -3; done \
       | tee -a "$OUT/run.log" ;;
+    # Session 2026-11-29 (2): whole-model decode with the per-token breakdown (kernel timeline of one replay).
+    e2e-8b) timeout 170 python3 -m prr bench e2e --contexts 32K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
+      2>&1 | grep -v "it/s\]" | tail -20 | tee -a "$OUT/run.log" ;;
+    e2e-glm) { timeout 170 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 32K,128K,512K --batches 1,4 \
+      --out "$OUT/bench_e2e_glm_h200.json" 2>&1 | grep -v "it/s\]" | tail -24
+      timeout 90 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 \
+      --out "$OUT/bench_e2e_glm_1m_h200.json" 2>&1 | grep -v "it/s\]" | tail -8; } | tee -a "$OUT/run.log" ;;
+    # PRR's best layer case of the budget sweep (GLM-4-9B, batch 1, 32K, budget 8192) as a whole model
+    e2e-glm-best) timeout 80 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 32K --batches 1 --budget 8192 \
+      --attentions dsa,prr --out "$OUT/bench_e2e_glm_32k_budget8192_h200.json" 2>&1 | grep -v "it/s\]" | tail -8 \
+      | tee -a "$OUT/run.log" ;;
+    layer-real) LOCALITY=results/real_model_h200/locality_k125.json timeout 200 bash scripts/gpu_real_model.sh \
+      run layer-real 2>&1 | tail -30 | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -19,10 +19,13 @@
 #   model-tests  tests/test_model.py and tests/test_eval.py on the GPU (PRR_REQUIRE_MODEL=1: no skipping)
 #   long-run     scripts/long_run.py --steps 4096: PRR exact vs DSA tokens at every step, memory over the run
 #   long-run-graph  the same with each engine's decode step replayed as one CUDA graph
-#   long-run-fp32   the same in float32 (if bf16 differs: a near-tie flipped by bf16 rounding, or a real bug?)
+#   long-run-fp32   the same in float32, with graphs (if bf16 differs: a near-tie flipped by bf16 rounding, or a bug?)
+#   long-run-forced bf16 with graphs, teacher-forced: both engines take DSA's token, every flip of PRR's greedy
+#                token is recorded with DSA's top-2 margin in bf16 spacings (passes when all are near-ties)
 #   hit-rates    prr locality on the GPU at the layer benchmark's Quest K (125 blocks): real-model hit rates
 #   layer-real   prr bench layer (llama-3.1-8b, quest, b1, 32K/128K) with the PRR rows at the hit rates of
-#                hit-rates (K'/K = 1 and 1.5) instead of the CPU-trace defaults
+#                hit-rates (K'/K = 1 and 1.5) instead of the CPU-trace defaults; reads $LOCALITY (default
+#                $OUT/locality_k125.json; results/real_model_h200/locality_k125.json holds the H200's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=${KEEP:-/root/keep}
@@ -75,6 +78,8 @@ run_steps() {
   export PYTHONPATH=src:$SITE PYTHONUNBUFFERED=1 PRR_REQUIRE_MODEL=1
   mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+  set +e  # a failing step (e.g. a token difference) must not stop the steps after it; the exit code reports it
+  local failed=0
   for step in "$@"; do
     case "$step" in
       model-tests) timeout 420 python3 -m pytest -q tests/test_model.py tests/test_eval.py 2>&1 \
@@ -82,15 +87,17 @@ run_steps() {
       long-run) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --out "$OUT/long_run" 2>&1 | tail -40 ;;
       long-run-graph) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --graph --out "$OUT/long_run_graph" 2>&1 \
         | tail -40 ;;
-      long-run-fp32) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --dtype fp32 --out "$OUT/long_run_fp32" \
-        2>&1 | tail -40 ;;
+      long-run-fp32) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --graph --dtype fp32 \
+        --out "$OUT/long_run_graph_fp32" 2>&1 | tail -40 ;;
+      long-run-forced) timeout 580 python3 scripts/long_run.py --steps 4096 --time-limit 520 --graph --forced \
+        --out "$OUT/long_run_graph_forced" 2>&1 | tail -40 ;;
       hit-rates) timeout 300 python3 -m prr locality --device cuda --k 125 --length 7936 --steps 128 \
         --out "$OUT/locality_k125.json" 2>&1 | tail -20 ;;
-      layer-real) timeout 500 python3 - "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench_layer_real.log" | grep -v "it/s\]" | tail -60
+      layer-real) timeout 500 python3 - "$OUT" "${LOCALITY:-$OUT/locality_k125.json}" <<'EOF' 2>&1 | tee "$OUT/bench_layer_real.log" | grep -v "it/s\]" | tail -60
 import json, sys
 from prr.bench import kernels, layer
 out = sys.argv[1]
-with open(f"{out}/locality_k125.json") as f:
+with open(sys.argv[2]) as f:
     hr = json.load(f)["hit_rate_mean"]
 layer.REAL_TRACE = ((1.0, round(hr["holt@1.0"], 3)), (1.5, round(hr["holt@1.5"], 3)))
 print(f"PRR rows at the real model's hit rates (Holt, GPU trace, K = 125): {layer.REAL_TRACE}")
@@ -99,7 +106,10 @@ EOF
         ;;
       *) echo "unknown step $step"; exit 2 ;;
     esac
+    rc=$?
+    [ "$rc" = 0 ] || { echo "step $step: exit code $rc"; failed=1; }
   done
+  return $failed
 }
 
 case "${1:-}" in

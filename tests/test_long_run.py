@@ -41,3 +41,14 @@ def test_prr_exact_equals_dsa_for_1024_steps_with_flat_memory(smollm):
     # allocator noise (a leak of one float32 tensor of 1024 logits' size per step would add 49152 x 4 x 768
     # bytes = 144 MB).
     assert res["rss_growth_mb"] < 16, res["memory"]
+
+
+def test_teacher_forced_run_feeds_dsa_tokens_to_both_and_records_flips(smollm):
+    """``forced``: both engines take DSA's token each step (so a bf16 near-tie cannot send the texts apart);
+    in float32 on the CPU PRR exact's greedy token is DSA's at every step, so no flips are recorded."""
+    model, tok = smollm
+    res = load_script().run(model, tok, 96, budget=64, sample_every=32, forced=True, log=lambda _msg: None)
+    assert res["forced"] and res["tokens"]["prr"] == res["tokens"]["dsa"]
+    assert res["flips"] == [] and res["flips_all_near_ties"] and res["token_differences"] == 0
+    assert res["prompt_tokens"] + 96 > 2 * res["budget"] and res["hit_rate_mean"] < 1.0  # sparse, with misses
+    assert res["max_abs_logit_diff"] < 1e-3

@@ -71,7 +71,8 @@ def _cmd_bench_e2e(args) -> int:
                          "backend (one GPU per rank)")
     e2e.run(args.model, parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
-            ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","))
+            ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","),
+            breakdown=not args.no_breakdown)
     print(f"saved {args.out}")
     return 0
 
@@ -88,7 +89,14 @@ def _cmd_bench_select(args) -> int:
 
 
 def _cmd_bench_plot(args) -> int:
-    from .plots import plot_heatmap, plot_layer
+    import json
+
+    from .plots import plot_e2e_breakdown, plot_heatmap, plot_layer
+
+    with open(args.file) as f:
+        if json.load(f).get("bench") == "e2e":
+            print(plot_e2e_breakdown(args.file, args.out_dir))
+            return 0
 
     paths = plot_heatmap(args.file, args.out_dir) if args.heatmap else plot_layer(args.file, args.out_dir)
     for p in [paths] if isinstance(paths, str) else paths:
@@ -145,6 +153,8 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,prr", help="which of dense, dsa, prr to time")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
+    s.add_argument("--no-breakdown", action="store_true", help="skip the per-token breakdown (a kernel timeline of "
+                   "one replay per configuration: selection, speculation, repair, attention vs the rest)")
     s.add_argument("--out", default="results/bench_e2e.json")
     tp_args(s)
     s.set_defaults(func=_cmd_bench_e2e)
@@ -157,7 +167,8 @@ def register(sub) -> None:
     s.add_argument("--amortized", default="8x3,16x4,32x4", help="MxC settings, comma separated")
     s.add_argument("--out", default="results/bench_select.json")
     s.set_defaults(func=_cmd_bench_select)
-    s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON")
+    s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON (or the "
+                                     "per-token breakdown from a `bench e2e` JSON)")
     s.add_argument("file")
     s.add_argument("--heatmap", action="store_true", help="PRR / DSA over (context, budget), a panel per batch")
     s.add_argument("--out-dir", default="results")

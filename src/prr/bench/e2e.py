@@ -26,6 +26,7 @@ from ..model.tp import TensorParallel, is_main, load_model_tp
 from ..model.weights import load_model
 from .common import copy_bandwidth_tbps, environment
 from .kernels import _label, _metadata_bytes
+from .timeline import graph_timeline, step_breakdown
 
 BF16 = 2
 
@@ -87,7 +88,7 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
-        fuse: bool = True, attentions=("dense", "dsa", "prr")) -> dict:
+        fuse: bool = True, attentions=("dense", "dsa", "prr"), breakdown: bool = True) -> dict:
     import gc
     import json
     import os
@@ -127,6 +128,10 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                        "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
                        "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
                        "steps_us": [round(t, 1) for t in times]}
+                if breakdown:  # where the step's time goes: one kernel timeline of the captured step
+                    tl = graph_timeline(eng._graph.graph, replays=5)
+                    row["breakdown"] = step_breakdown(tl, attention)
+                    row["breakdown"]["kernels"] = len(tl)
                 if attention == "prr":
                     row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
                 if tp is not None:
@@ -160,4 +165,11 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
               f"{r['tokens_per_s']:>8.1f} {r['x_floor']:>8.2f} {r.get('speedup_vs_dense', float('nan')):>9.2f} "
               f"{r.get('speedup_vs_dsa', float('nan')):>7.2f}" + (f" collectives {100 * r['collectives_share']:.0f}%"
                                                  if "collectives_share" in r else ""))
+    if any("breakdown" in r for r in rows):
+        print("per-token breakdown, ms (exclusive: parts add up to the step's kernel span; hidden work costs 0)")
+        for r in rows:
+            if "breakdown" in r:
+                ex = r["breakdown"]["exclusive_us"]
+                print(f"{_label(r['context']):>8} {r['batch']:>5} {r['attention']:>9} " + " ".join(
+                    f"{k} {v / 1e3:.2f}" for k, v in ex.items() if v > 0))
     return {"rows": rows}

@@ -116,3 +116,51 @@ def plot_heatmap(path: str, out_dir: str, name: str = "layer_heatmap.png") -> st
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def plot_e2e_breakdown(path: str, out_dir: str, name: str | None = None) -> str:
+    """A stacked bar per configuration of a ``bench e2e`` JSON: where one decode step's time goes (ms per token,
+    the timeline's exclusive parts: they add up to the step's kernel span). Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .timeline import CATEGORIES
+
+    with open(path) as f:
+        res = json.load(f)
+    rows = [r for r in res["rows"] if "breakdown" in r]
+    if not rows:
+        raise ValueError(f"{path} has no per-token breakdown (run `prr bench e2e` without --no-breakdown)")
+    colors = {"rest": "#9e9e9e", "metadata": "#8d6e63", "selection": "#1f77b4", "attention": "#2ca02c",
+              "repair": "#d62728", "speculation": "#ff7f0e", "predictor": "#9467bd", "gaps": "#e0e0e0"}
+
+    def label(r):
+        ctx = r["context"]
+        c = f"{round(ctx / 2**20)}M" if ctx >= 2**20 - 4096 else f"{round(ctx / 1024)}K"
+        return f"{c} b{r['batch']} {r['attention']}"
+
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6))
+    ys = range(len(rows))
+    left = [0.0] * len(rows)
+    for cat in CATEGORIES:
+        w = [r["breakdown"]["exclusive_us"].get(cat, 0.0) / 1e3 for r in rows]
+        if any(w):
+            ax.barh(ys, w, left=left, color=colors[cat], label=cat, edgecolor="white", linewidth=0.4)
+            left = [a + b for a, b in zip(left, w, strict=True)]
+    for y, r in zip(ys, rows, strict=True):
+        ax.text(left[y], y, f" {r['ms_per_token']:.2f} ms", va="center", fontsize=7)
+    ax.set_yticks(list(ys), [label(r) for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    meta = res.get("meta", {})
+    ax.set_xlabel("ms per decode step (kernel timeline of one graph replay; the number: median step time)")
+    ax.set_title(f"{meta.get('model', '')} per-token breakdown ({meta.get('method', '')}, budget "
+                 f"{meta.get('budget', '')}; {res.get('env', {}).get('gpu', '')})", fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, name or os.path.splitext(os.path.basename(path))[0] + "_breakdown.png")
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

@@ -78,3 +78,80 @@ def format_timeline(rows: list[dict], title: str = "") -> str:
         lines.append(f"  s{streams[r['stream']]} {r['name']:<40} {r['start_us']:7.1f} {r['end_us']:7.1f} "
                      f"{r['dur_us']:6.1f} |{bar}")
     return "\n".join(lines)
+
+
+# ---- per-token breakdown of a whole decode step ----------------------------------------------------------------
+CATEGORIES = ("rest", "metadata", "selection", "attention", "repair", "speculation", "predictor", "gaps")
+"""Breakdown categories, in the order a stacked bar draws them. "rest": projections, MLP, norms, RoPE, the cache
+append, the LM head (every kernel no other category claims); "gaps": no kernel running (launch latency and
+dependency bubbles inside the graph)."""
+
+_SELECTION = ("quest_scores", "infllm_scores", "candidate", "_plan_kernel", "_commit_kernel")
+
+
+def kernel_categories(rows: list[dict], method: str) -> list[str]:
+    """The category of each kernel of a decode-step timeline (``graph_timeline`` rows, sorted by start).
+
+    By name, with streams telling PRR's work apart: the main stream is the first kernel's; an attention kernel
+    there is attention (dense, DSA, or PRR's dense layers), elsewhere PRR's speculation; a top-K on the
+    speculation's stream is the predictor's next-P selection (the step's tail); a merge belongs to the attention
+    or repair launched just before it on the main stream."""
+    if not rows:
+        return []
+    main = rows[0]["stream"]
+    side = {r["stream"] for r in rows if "sparse_decode" in r["name"] and r["stream"] != main}
+    cats, last_main = [], "attention"
+    for r in rows:
+        n, s = r["name"].lower(), r["stream"]
+        if "append" in n and ("quest" in n or "infllm" in n):
+            c = "metadata"
+        elif "holt" in n or "_known_kernel" in n:
+            c = "predictor"
+        elif "repair" in n:
+            c = "repair"
+        elif any(k in n for k in _SELECTION):
+            c = "selection"
+        elif "topk" in n or "group_max" in n:
+            c = "predictor" if method == "prr" and s in side else "selection"
+        elif "sparse_decode" in n:
+            c = "attention" if s == main else "speculation"
+        elif "merge" in n:
+            c = last_main
+        else:
+            c = "rest"
+        if s == main and c in ("attention", "repair"):
+            last_main = c
+        cats.append(c)
+    return cats
+
+
+def step_breakdown(rows: list[dict], method: str) -> dict:
+    """Where one replay's wall time goes: ``{"wall_us", "exclusive_us": {category: us}, "busy_us": {...}}``.
+
+    ``exclusive_us`` splits the wall time (first kernel's start to last kernel's end) into disjoint segments,
+    each given to the highest-priority category running then, in :data:`CATEGORIES` order ("rest" first): so
+    the parts add up to the wall time, and work hidden under other work (a speculation under the selection, a
+    deferred tail under the next layer's projections) costs nothing there. ``busy_us`` sums each category's
+    kernel durations (overlaps counted twice)."""
+    cats = kernel_categories(rows, method)
+    busy = dict.fromkeys(CATEGORIES, 0.0)
+    excl = dict.fromkeys(CATEGORIES, 0.0)
+    if not rows:
+        return {"wall_us": 0.0, "exclusive_us": excl, "busy_us": busy}
+    prio = {c: i for i, c in enumerate(CATEGORIES)}
+    events = []
+    for r, c in zip(rows, cats, strict=True):
+        busy[c] += r["dur_us"]
+        events += [(r["start_us"], 1, c), (r["end_us"], -1, c)]
+    events.sort(key=lambda e: (e[0], e[1]))
+    active = dict.fromkeys(CATEGORIES, 0)
+    t_prev = events[0][0]
+    for t, kind, c in events:
+        if t > t_prev:
+            live = [k for k in CATEGORIES if active[k] > 0]
+            excl[min(live, key=prio.get) if live else "gaps"] += t - t_prev
+            t_prev = t
+        active[c] += kind
+    wall = events[-1][0] - events[0][0]
+    r2 = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
+    return {"wall_us": round(wall, 1), "exclusive_us": r2(excl), "busy_us": r2(busy)}
