@@ -95,13 +95,14 @@ run_steps() {
         --out "$OUT/locality_k125.json" 2>&1 | tail -20 ;;
       layer-real) timeout 500 python3 - "$OUT" "${LOCALITY:-$OUT/locality_k125.json}" <<'EOF' 2>&1 | tee "$OUT/bench_layer_real.log" | grep -v "it/s\]" | tail -60
 import json, sys
-from prr.bench import kernels, layer
+from prr.bench import layer
+from prr.cli_args import parse_contexts
 out = sys.argv[1]
 with open(sys.argv[2]) as f:
     hr = json.load(f)["hit_rate_mean"]
 layer.REAL_TRACE = ((1.0, round(hr["holt@1.0"], 3)), (1.5, round(hr["holt@1.5"], 3)))
 print(f"PRR rows at the real model's hit rates (Holt, GPU trace, K = 125): {layer.REAL_TRACE}")
-layer.run(["llama-3.1-8b"], [1], kernels.parse_contexts("32K,128K"), ["quest"], f"{out}/bench_layer_real.json")
+layer.run(["llama-3.1-8b"], [1], parse_contexts("32K,128K"), ["quest"], f"{out}/bench_layer_real.json")
 EOF
         ;;
       *) echo "unknown step $step"; exit 2 ;;

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 
 def parse_contexts(text: str) -> list[int]:
-    """``"2K,4K,8000"`` -> ``[2048, 4096, 8000]`` (a K suffix multiplies by 1024)."""
+    """``"2K,4K,8000,1M"`` -> ``[2048, 4096, 8000, 1048576]`` (a K suffix multiplies by 1024, M by 1024²)."""
     out = []
     for part in text.split(","):
         part = part.strip().upper()
         try:
-            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
+            mult = {"K": 1024, "M": 1024 * 1024}.get(part[-1:], 1)
+            out.append(int(part[:-1] if mult > 1 else part) * mult)
         except ValueError:
-            raise ValueError(f"cannot read {part!r} as a length (e.g. 4096 or 4K)") from None
+            raise ValueError(f"cannot read {part!r} as a length (e.g. 4096, 4K or 1M)") from None
     return out
 
 

@@ -106,7 +106,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     for ctx_asked in contexts:
         # "128K" is the whole window of a 128K model: leave room for the decoded tokens.
         # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
-        spare = (steps + 2) * (1 if tp is None else 2)
+        # (the breakdown's timeline replays the step 6 more times: each replay appends a token)
+        spare = (steps + 2 + (6 if breakdown else 0)) * (1 if tp is None else 2)
         ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
