@@ -48,7 +48,8 @@ class LayerStep:
         defer_tail: leave the tail running on the side stream (not joined): the caller joins it with
             :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
             so each layer's tail runs beside the next layer's projections).
-        collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (computed before the tail).
+        collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (on CUDA computed in the tail, on the side
+            stream, before the prediction overwrites P; without streams or a tail, right after the repair).
         spec_programs: cap the exact-mode speculation's grid at this many programs (None: the attention's own
             split rule), so it leaves SMs to the selection's kernels, whose CTAs otherwise queue behind its
             tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
@@ -141,8 +142,8 @@ class LayerStep:
                                         mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
-        if self.collect_stats:  # before the tail overwrites P
-            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k)
+        if self.collect_stats and not (self.tail and self.side is not None):
+            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k)  # (a stream-less tail runs after)
         return o, lse, sel, nblk
 
     def _tail(self, sel, nblk, fork: bool = True):
@@ -154,6 +155,11 @@ class LayerStep:
         if main is not None:
             self.side.wait_stream(main)
         with self._side() if main is not None else contextlib.nullcontext():
+            if self.collect_stats and self.side is not None:
+                # The step's counts from the P it used, before the prediction below overwrites it: a dozen small
+                # kernels, off the critical path here (on the main stream after the join they cost a PRR step
+                # of Llama-3.1-8B ~1 ms per token: 720 kernels, measured with the e2e breakdown)
+                self.stats = prr_stats(self.p_idx, self.p_cnt, sel, nblk, cfg, self.spec_k)
             pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
             self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
             nblk_next = ops.num_blocks(self.cache.seq_lens + self.grow, cfg.block_size) if self.grow else nblk
