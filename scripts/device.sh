@@ -47,6 +47,12 @@ for step in "$@"; do
       | tee -a "$OUT/run.log" ;;
     layer-real) LOCALITY=results/real_model_h200/locality_k125.json timeout 200 bash scripts/gpu_real_model.sh \
       run layer-real 2>&1 | tail -30 | tee -a "$OUT/run.log" ;;
+    # The fused decode step (prr.ops.fused) against the unfused baseline (--no-fuse), one call, same GPU.
+    fused-tests) { timeout 150 python3 -m pytest -q tests/test_fused.py tests/test_llama_fused.py 2>&1 | tail -4
+      timeout 120 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
+    e2e-fused-ab) for f in "" --no-fuse; do timeout 120 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 \
+      $f --out "$OUT/bench_e2e_h200${f:+_unfused}.json" 2>&1 | grep -v "it/s\]" | tail -22; done \
+      | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -23,6 +23,7 @@ from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import dsa_step, speculative_top_k
 from ..cache import KVCache
+from ..ops import fused
 from ..runtime.layer import LayerStep
 from . import auto
 from .generation import CacheFull, Generation, GenerationConfig, GenerationStats, SequenceResult
@@ -261,7 +262,10 @@ class Engine:
 
     def _attend(self, i: int, q, k, v):
         cache = self.caches[i]
-        cache.append(k, v)
+        if getattr(self.model, "fuse", True):
+            fused.append_kv(cache, k, v)  # one kernel on a GPU (the cache's own append: 9)
+        else:  # the unfused baseline
+            cache.append(k, v)
         if not self._sparse_layer(i):
             return self._dense(q, cache)
         meta = self.metas[i]

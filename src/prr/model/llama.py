@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..ops import fused
 from .config import ModelConfig
 from .rope import Rotary
 
@@ -31,7 +32,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class Llama:
     """``fuse``: one matrix for q, k, v and one for gate and up per layer (built once here; the dict's ``wq``,
     ``wk``, ``wv``, ``w_gate``, ``w_up`` become views into them, so no memory is added): a decode step then
-    launches two matrix-vector products fewer per layer and reads the same bytes."""
+    launches two matrix-vector products fewer per layer and reads the same bytes; and the decode step's small
+    ops run fused (:meth:`decode`). ``fuse=False`` keeps both apart: the baseline."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], tp=None, fuse: bool = True):
         self.cfg = cfg
@@ -48,6 +50,7 @@ class Llama:
                              device=self.device)
         self._qkv: dict[int, tuple] = {}
         self._gate_up: dict[int, torch.Tensor] = {}
+        self.fuse = fuse
         if fuse:
             for i in range(cfg.num_layers):
                 self._fuse_layer(i)
@@ -155,11 +158,48 @@ class Llama:
                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One token per sequence: ``tokens [B]`` at positions ``pos [B]``. ``attend(layer, q [B, Hq, D],
         k [B, Hkv, D], v [B, Hkv, D])`` stores k, v and returns the attention output ``[B, Hq, D]``.
-        Returns logits ``[B, V]`` (float32)."""
+        Returns logits ``[B, V]`` (float32).
+
+        The same math as :meth:`qkv` and :meth:`mlp_residual` (and the same roundings), in fused ops
+        (:mod:`prr.ops.fused`; Triton kernels on a GPU): each residual add runs inside the RMSNorm after it, RoPE
+        rotates q and k straight out of the fused q/k/v product with cos/sin computed once per step for every
+        layer, SwiGLU is one kernel."""
+        if not self.fuse:
+            return self._decode_unfused(tokens, pos, attend)
+        c, w = self.cfg, self.w
+        b = tokens.shape[0]
+        x = self.embed(tokens[:, None])[:, 0]  # [B, hidden]
+        cos, sin = self.rotary.cos_sin(pos)  # [B, D/2], shared by the layers
+        res = None  # the residual still to be added (the previous layer's MLP output)
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            h, x = fused.rms_norm(x, w[p + "attn_norm"], c.rms_eps, res)
+            if i in self._qkv:
+                qkv_w, bias, _ = self._qkv[i]
+                qkv = F.linear(h, qkv_w, bias)
+            else:
+                qkv = torch.cat([F.linear(h, w[p + n], w.get(p + bn)) for n, bn in (("wq", "bq"), ("wk", "bk"),
+                                                                                     ("wv", "bv"))], dim=-1)
+            q, k, v = fused.rope_qkv(qkv, cos, sin, c.num_q_heads, c.num_kv_heads, c.head_dim,
+                                     self.rotary.interleaved)
+            o = attend(i, q, k, v)
+            a = self._reduce(F.linear(o.reshape(b, -1).to(x.dtype), w[p + "wo"]))
+            h, x = fused.rms_norm(x, w[p + "ffn_norm"], c.rms_eps, a)
+            if i in self._gate_up:
+                gu = F.linear(h, self._gate_up[i])
+            else:
+                gu = torch.cat([F.linear(h, w[p + "w_gate"]), F.linear(h, w[p + "w_up"])], dim=-1)
+            res = self._reduce(F.linear(fused.swiglu(gu), w[p + "w_down"]))
+        h, _ = fused.rms_norm(x, w["norm"], c.rms_eps, res)
+        out = F.linear(h, w["embed"] if c.tie_embeddings else w["lm_head"]).float()
+        return out if self.tp is None else self.tp.gather_logits(out)
+
+    def _decode_unfused(self, tokens, pos, attend):
+        """:meth:`decode` op by op (``fuse=False``: the baseline the fused step is measured against)."""
         x = self.embed(tokens[:, None])  # [B, 1, hidden]
         p = pos[:, None]
         for i in range(self.cfg.num_layers):
             q, k, v = self.qkv(i, x, p)
-            o = attend(i, q[:, 0], k[:, 0], v[:, 0])
+            o = attend(i, q[:, 0], k[:, 0], v[:, 0].contiguous())
             x = self.mlp_residual(i, x, o.reshape(x.shape[0], 1, -1).to(x.dtype))
         return self.logits(x[:, 0])
