@@ -163,14 +163,15 @@ def test_append_kv_kernel_equals_the_cache_append(dtype):
 def test_append_kv_kernel_never_writes_past_a_full_cache():
     """On CUDA the value check would sync, so the kernel masks: a full sequence's append writes nothing."""
     base = make_cache([32], hkv=1, d=64, page_size=16, capacity=32, dtype=torch.float32)
-    cache = KVCache(base.k.clone(), base.v.clone(), base.page_table, base.seq_lens.clone())
+    cache = KVCache(base.k.to(DEVICE), base.v.to(DEVICE), base.page_table.to(DEVICE), base.seq_lens.to(DEVICE))
     before = cache.k.clone()
     from prr.ops.fused import triton as kernels
 
     cache.seq_lens.fill_(32)
+    ones = torch.ones(1, 1, 64, device=DEVICE)
     with use_backend("triton"):
         kernels._append_kernel[(1, 1)](
-            torch.ones(1, 1, 64), torch.ones(1, 1, 64), cache.k, cache.v, cache.page_table, cache.seq_lens, 32,
+            ones, ones, cache.k, cache.v, cache.page_table, cache.seq_lens, 32,
             cache.k.shape[0], 64, 64, 64, 64, *cache.k.stride()[:3], *cache.v.stride()[:3],
             cache.page_table.stride(0), D=64, PAGE=16, num_warps=1)
     assert torch.equal(cache.k, before)

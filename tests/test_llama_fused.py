@@ -45,9 +45,11 @@ def test_fused_decode_step_equals_the_unfused_one(backend, interleaved):
 
     cfg = ModelConfig(vocab_size=97, hidden=64, ffn=88, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
                       max_context=256, rope_interleaved=interleaved)
-    w = random_weights(cfg, seed=5, dtype=torch.float32)
+    # the kernels run natively on a GPU, in Triton's interpreter on the CPU
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    w = {k: t.to(dev) for k, t in random_weights(cfg, seed=5, dtype=torch.float32).items()}
     models = {f: Llama(cfg, {k: t.clone() for k, t in w.items()}, fuse=f) for f in (False, True)}
-    prompt = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1)).to(dev)
     logits, caches = {}, {}
     for f, m in models.items():
         eng = Engine(m, None, attention="dense", graphs=False)
@@ -60,8 +62,9 @@ def test_fused_decode_step_equals_the_unfused_one(backend, interleaved):
                 outs.append(out)
                 tok = out.argmax(-1)
         logits[f], caches[f] = torch.stack(outs), eng.caches
-    torch.testing.assert_close(logits[True], logits[False], rtol=2e-5, atol=2e-5)
+    tol = 2e-5 if dev == "cpu" else 2e-3  # (CUDA: TF32-free float32, but other GEMM and reduction orders)
+    torch.testing.assert_close(logits[True], logits[False], rtol=tol, atol=tol)
     for a, b in zip(caches[True], caches[False], strict=True):
         assert torch.equal(a.seq_lens, b.seq_lens)
-        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)  # (2-D vs 3-D products: another GEMM order)
+        torch.testing.assert_close(a.k, b.k, rtol=tol / 2, atol=tol / 2)
+        torch.testing.assert_close(a.v, b.v, rtol=tol / 2, atol=tol / 2)  # (2-D vs 3-D products: another GEMM order)

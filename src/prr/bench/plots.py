@@ -157,8 +157,8 @@ def plot_e2e_breakdown(path: str, out_dir: str, name: str | None = None) -> str:
     ax.set_xlabel("ms per decode step (kernel timeline of one graph replay; the number: median step time)")
     ax.set_title(f"{meta.get('model', '')} per-token breakdown ({meta.get('method', '')}, budget "
                  f"{meta.get('budget', '')}; {res.get('env', {}).get('gpu', '')})", fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, ncol=8, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, name or os.path.splitext(os.path.basename(path))[0] + "_breakdown.png")
     fig.savefig(out, dpi=130)
