@@ -53,6 +53,11 @@ for step in "$@"; do
     e2e-fused-ab) for f in "" --no-fuse; do timeout 120 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 \
       $f --out "$OUT/bench_e2e_h200${f:+_unfused}.json" 2>&1 | grep -v "it/s\]" | tail -22; done \
       | tee -a "$OUT/run.log" ;;
+    # GLM-4-9B-1M's two target rows with the fused step (DSA vs dense at 512K batch 4 and 1M batch 1)
+    e2e-glm-targets) { timeout 80 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 512K --batches 4 \
+      --attentions dense,dsa --out "$OUT/bench_e2e_glm_512k_b4_h200.json" 2>&1 | grep -v "it/s\]" | tail -6
+      timeout 80 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --attentions dense,dsa \
+      --out "$OUT/bench_e2e_glm_1m_b1_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

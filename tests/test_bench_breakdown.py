@@ -44,6 +44,11 @@ def test_prr_step_hidden_speculation_and_tail_cost_nothing():
     assert b["busy_us"]["speculation"] == 16 and b["busy_us"]["predictor"] == 12
     # the same kernels under DSA's rules: a top-K is always selection
     assert kernel_categories(rows, "dsa")[8] == "selection"
+    # generic kernels off the main stream: the tail's glue on the speculation's stream, the selection's on its own
+    glue = [*rows, k("at::native::copy_kernel", side, 60, 62), k("at::native::elementwise", sel, 8, 9)]
+    assert kernel_categories(glue, "prr")[-2:] == ["predictor", "selection"]
+    top = step_breakdown(glue, "prr")["top_kernels"]
+    assert top[0] == {"name": "gemv_bf16", "category": "rest", "count": 2, "busy_us": 31}
 
 
 def test_empty_timeline():

@@ -95,7 +95,9 @@ def kernel_categories(rows: list[dict], method: str) -> list[str]:
     By name, with streams telling PRR's work apart: the main stream is the first kernel's; an attention kernel
     there is attention (dense, DSA, or PRR's dense layers), elsewhere PRR's speculation; a top-K on the
     speculation's stream is the predictor's next-P selection (the step's tail); a merge belongs to the attention
-    or repair launched just before it on the main stream."""
+    or repair launched just before it on the main stream; any other kernel is "rest" on the main stream and
+    belongs to its stream's work elsewhere (PRR's tail and statistics on the speculation's stream, the
+    selection on its own)."""
     if not rows:
         return []
     main = rows[0]["stream"]
@@ -117,8 +119,10 @@ def kernel_categories(rows: list[dict], method: str) -> list[str]:
             c = "attention" if s == main else "speculation"
         elif "merge" in n:
             c = last_main
-        else:
+        elif s == main:
             c = "rest"
+        else:  # generic kernels (copies, elementwise glue) off the main stream belong to that stream's work
+            c = "predictor" if method == "prr" and s in side else "selection"
         if s == main and c in ("attention", "repair"):
             last_main = c
         cats.append(c)
@@ -132,7 +136,8 @@ def step_breakdown(rows: list[dict], method: str) -> dict:
     each given to the highest-priority category running then, in :data:`CATEGORIES` order ("rest" first): so
     the parts add up to the wall time, and work hidden under other work (a speculation under the selection, a
     deferred tail under the next layer's projections) costs nothing there. ``busy_us`` sums each category's
-    kernel durations (overlaps counted twice)."""
+    kernel durations (overlaps counted twice); ``top_kernels`` the 25 kernels (by name and category) that ran
+    longest in all, with their counts."""
     cats = kernel_categories(rows, method)
     busy = dict.fromkeys(CATEGORIES, 0.0)
     excl = dict.fromkeys(CATEGORIES, 0.0)
@@ -154,4 +159,10 @@ def step_breakdown(rows: list[dict], method: str) -> dict:
         active[c] += kind
     wall = events[-1][0] - events[0][0]
     r2 = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
-    return {"wall_us": round(wall, 1), "exclusive_us": r2(excl), "busy_us": r2(busy)}
+    kinds = defaultdict(lambda: [0, 0.0])
+    for r, c in zip(rows, cats, strict=True):
+        kinds[(r["name"], c)][0] += 1
+        kinds[(r["name"], c)][1] += r["dur_us"]
+    top = sorted(kinds.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"wall_us": round(wall, 1), "exclusive_us": r2(excl), "busy_us": r2(busy),
+            "top_kernels": [{"name": n, "category": c, "count": k, "busy_us": round(t, 1)} for (n, c), (k, t) in top]}
