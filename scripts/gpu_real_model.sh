@@ -23,6 +23,8 @@
 #   long-run-forced bf16 with graphs, teacher-forced: both engines take DSA's token, every flip of PRR's greedy
 #                token is recorded with DSA's top-2 margin in bf16 spacings (passes when all are near-ties)
 #   hit-rates    prr locality on the GPU at the layer benchmark's Quest K (125 blocks): real-model hit rates
+#   generate     prr generate with SmolLM2 on a ~5K-token pydoc prompt, 200 new tokens: dense, DSA, PRR
+#                (steady-state ms/token, warm-up apart; JSON per attention)
 #   layer-real   prr bench layer (llama-3.1-8b, quest, b1, 32K/128K) with the PRR rows at the hit rates of
 #                hit-rates (K'/K = 1 and 1.5) instead of the CPU-trace defaults; reads $LOCALITY (default
 #                $OUT/locality_k125.json; results/real_model_h200/locality_k125.json holds the H200's)
@@ -105,6 +107,11 @@ print(f"PRR rows at the real model's hit rates (Holt, GPU trace, K = 125): {laye
 layer.run(["llama-3.1-8b"], [1], parse_contexts("32K,128K"), ["quest"], f"{out}/bench_layer_real.json")
 EOF
         ;;
+      generate) python3 -c "from pydoc_data.topics import topics; print(' '.join(topics.values())[:20000])" \
+          > "$OUT/pydoc_prompt.txt"
+        for a in dense dsa prr; do timeout 100 python3 -m prr generate --model smollm2 --prompt-file \
+          "$OUT/pydoc_prompt.txt" --no-chat --attention $a --max-new-tokens 200 --ignore-eos \
+          --json "$OUT/gen_smollm2_$a.json" 2>&1 | grep -v "it/s\]" | tail -4; done ;;
       *) echo "unknown step $step"; exit 2 ;;
     esac
     rc=$?
