@@ -3,7 +3,8 @@
 Invariants: m = 1 is the full selection at every step; every step equals the top-K of the *full* scores
 restricted to (the last scan's top c·K ∪ forced ∪ blocks appeared since), computed independently here; scan
 steps equal the full selection; the Triton path (interpreter, fp32) equals the reference path; the runtime's
-LayerStep uses it; on a GPU one captured graph replays every step kind."""
+LayerStep uses it; the host schedule (a graph per step kind) selects what the device schedule (one graph)
+does; on a GPU the captured graphs replay every step kind."""
 
 import math
 
@@ -18,16 +19,19 @@ from prr.runtime.layer import LayerStep
 from conftest import make_cache, make_query
 
 
-def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=0, backend="auto", device="cpu"):
+def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=0, backend="auto", device="cpu",
+            schedule="device", replay=False):
     """Append a token per step with a drifting query; yield (step, amortized selection, full selection, config,
-    cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5."""
+    cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5. ``replay``: step the host
+    schedule as a two-graph replay does (the kind from the host clock, the step run forced to it, then the clock
+    advanced)."""
     start = 300 if method == "quest" else 1500
     cache = make_cache([start, start - 77][:bsz], hkv=2, d=32, capacity=start + steps + 16, dtype=dtype, seed=seed)
     cache = prr.KVCache(cache.k.to(device), cache.v.to(device), cache.page_table.to(device),
                         cache.seq_lens.to(device))
     cfg = prr.SparseConfig(method=method, block_size=16 if method == "quest" else 64, top_k=5)
     meta = prr.BlockMetadata(cfg, cache)
-    am = AmortizedSelector(meta, cache, every=every, factor=factor)
+    am = AmortizedSelector(meta, cache, every=every, factor=factor, schedule=schedule)
     gen = torch.Generator().manual_seed(seed + 7)
     q = make_query(cache, g).to(device)
     with use_backend(backend):
@@ -36,7 +40,12 @@ def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=
             cache.append(k, v)
             meta.append(cache)
             q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64).to(device, dtype)
-            got = prr.select(q, cache, meta, amortized=am)
+            if replay:
+                with am.forced(am.next_is_scan()):
+                    got = prr.select(q, cache, meta, amortized=am)
+                am.advance()
+            else:
+                got = prr.select(q, cache, meta, amortized=am)
             full = prr.select(q, cache, meta)
             yield t, got, full, cfg, cache
 
@@ -114,6 +123,62 @@ def test_bad_configuration_is_refused():
         LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_host_schedule_selects_what_the_device_schedule_selects(method, backend):
+    """Decoding a token per step (no overflow, no shrink): the host schedule (a plain run, and a replay of one
+    graph per step kind chosen by the host clock) selects exactly what the one-graph device schedule does, at
+    every step."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    kw = dict(dtype=dtype, backend=backend)
+    dev = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, **kw)]
+    for replay in (False, True):
+        host = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, schedule="host", replay=replay,
+                                                                **kw)]
+        for t, (a, b) in enumerate(zip(dev, host, strict=True)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (replay, t)
+
+
+def test_host_schedule_rescore_steps_skip_the_full_scorer(monkeypatch):
+    """A re-score step on the host schedule runs no full scorer (the device schedule's one graph runs it gated,
+    with length 0, at every step); a scan step runs it for every sequence."""
+    cache = make_cache([300, 250], hkv=2, d=32, capacity=340)
+    meta = prr.BlockMetadata(prr.SparseConfig(top_k=4), cache)
+    calls = []
+    real = meta.scores
+    monkeypatch.setattr(meta, "scores", lambda q, c: calls.append(c.seq_lens.tolist()) or real(q, c))
+    q = make_query(cache, 2)
+    for schedule, want in (("device", [[300, 250], [0, 0], [0, 0], [300, 250], [0, 0]]),
+                           ("host", [[300, 250], [300, 250]])):
+        calls.clear()
+        am = AmortizedSelector(meta, cache, every=3, factor=2.0, schedule=schedule)
+        for _ in range(5):
+            am.select(q, cache)
+        assert calls == want and am.scans.tolist() == [2, 2] and am.host_step == (5 if schedule == "host" else 0)
+    with pytest.raises(RuntimeError, match="host schedule"):
+        AmortizedSelector(meta, cache).forced(True).__enter__()
+    with pytest.raises(ValueError, match="schedule"):
+        AmortizedSelector(meta, cache, schedule="gpu")
+
+
+def test_host_schedule_lists_only_the_slots_until_the_next_scan():
+    """The host schedule's known limit, pinned: more new blocks in a period than slots are not candidates until
+    the next scan (the device schedule rescans at once); a reset() makes the next step a scan."""
+    cache = make_cache([200], hkv=2, d=32, capacity=400)
+    meta = prr.BlockMetadata(prr.SparseConfig(top_k=3), cache)
+    am = AmortizedSelector(meta, cache, every=100, factor=1.0, new_slots=1, schedule="host")
+    q = make_query(cache, 2)
+    am.select(q, cache)
+    cache.seq_lens += 48  # three new blocks (13, 14, 15), one slot
+    meta.build(cache)
+    am.select(q, cache)
+    assert am.scans.tolist() == [1] and am.cand[0, 0, -1].item() == 13
+    am.reset()
+    got = am.select(q, cache)
+    assert am.scans.tolist() == [1] and am.host_step == 1  # reset zeroed the counters: this was a scan
+    assert torch.equal(got.indices, prr.select(q, cache, meta).indices)
+
+
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
 def test_triton_path_equals_reference_path(method):
     ref = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32)]
@@ -144,17 +209,22 @@ def test_layer_step_runs_the_amortized_selection():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("schedule", ["device", "host"])
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
-def test_one_graph_serves_scan_and_rescore_steps(method):
+def test_graphs_serve_scan_and_rescore_steps(method, schedule):
+    """Device schedule: one graph for every step; host schedule: a graph per step kind, replayed by the host
+    clock. Either way the replayed selections are the eager selector's (device schedule) at every step."""
     dev = "cuda"
     base = make_cache([5000, 3001], hkv=2, d=64, capacity=5100, dtype=torch.float32)
     cache = prr.KVCache(base.k.to(dev, torch.bfloat16), base.v.to(dev, torch.bfloat16), base.page_table.to(dev),
                         base.seq_lens.to(dev))
     cfg = prr.SparseConfig.from_budget(method, 1024)
     meta = prr.BlockMetadata(cfg, cache)
-    am, twin = AmortizedSelector(meta, cache, every=4, factor=3.0), AmortizedSelector(meta, cache, every=4, factor=3.0)
+    am = AmortizedSelector(meta, cache, every=4, factor=3.0, schedule=schedule)
+    twin = AmortizedSelector(meta, cache, every=4, factor=3.0)
     step = LayerStep(cache, meta, 8, method="dsa", amortized=am)
     step.capture()
+    assert (step.kind_graphs is not None) == (schedule == "host")
     am.reset()
     gen = torch.Generator().manual_seed(0)
     for _ in range(9):  # scans at 0, 4, 8
@@ -181,12 +251,17 @@ def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
                             dtype=torch.float32)
     ops_ = [r.op for r in rows]
     assert ops_ == ["selection", "dsa_step", "gated_scan_idle", "amortized_scan_c2", "amortized_rescore_c2",
-                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
+                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "amortized_rescore_c2_host",
+                    "dsa_step_rescore_c2_host", "selection_m4c2", "dsa_step_m4c2", "selection_m4c2_host",
+                    "dsa_step_m4c2_host"]
     assert len(calls) == len(rows)
     assert rows[-1].median_us == 25.0  # four steps per timed call
     fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]
+    fake[-2]["net_us"] = 10.0  # the host schedule's selection: 100 / 10, met
     targets = bench.check_targets(fake)
-    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2"]
+    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2", "selection_m4c2_host",
+                                          "dsa_step_m4c2_host"]
+    assert [t["met"] for t in targets[::2]] == [False, True]
 
 
 def test_locality_replay_is_the_selector_offline():

@@ -217,3 +217,37 @@ def test_amortized_plan_and_commit_kernels_match_reference():
     cand2 = cand2.cpu()
     assert torch.equal(cand2, ref_state[3])
     assert torch.equal(cand2[1], cand[1]) and torch.equal(cand2[0, :, :5], s_idx[0])
+
+
+@pytest.mark.parametrize("force", [1, 0], ids=["host-scan", "host-rescore"])
+def test_amortized_plan_on_the_hosts_schedule(force):
+    """The host's schedule overrides the device's flags: force = 1 scans every sequence (off the period too),
+    force = 0 none (on the period, an overflow of the slots or a shorter sequence too: the slots list the first
+    new blocks only, and a shrunk sequence lists none); the kernel equals the reference."""
+    r = 3
+    step = torch.tensor([0, 5, 7, 9], dtype=torch.int64)
+    seq_lens = torch.tensor([100, 200, 300, 90], dtype=torch.int32)  # 7, 13, 19, 6 blocks of 16
+    nblk_scan = torch.tensor([5, 12, 15, 7], dtype=torch.int32)
+    cand = torch.arange(4 * 3 * 12, dtype=torch.int32).view(4, 3, 12)
+    scans = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    state = [t.to(DEVICE) for t in (step, seq_lens, nblk_scan, cand, scans)]
+    ref_state = [t.clone() for t in (step, seq_lens, nblk_scan, cand, scans)]
+    with use_backend("triton"):
+        got = cops.amortized_plan(*state, 4, r, 16, force=force)
+    want = cops.amortized_plan(*ref_state, 4, r, 16, force=force)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)
+    for a, b in zip(state, ref_state, strict=True):
+        assert torch.equal(a.cpu(), b)
+    assert want[0].tolist() == [force] * 4 and want[3].tolist() == [7, 13, 19, 6]
+    assert ref_state[0].tolist() == [1, 6, 8, 10] and ref_state[4].tolist() == [1 + force, 2 + force, 3 + force,
+                                                                                 4 + force]
+    if force:
+        assert want[1].tolist() == [100, 200, 300, 90] and ref_state[2].tolist() == [7, 13, 19, 6]
+        assert ref_state[3][2, 1, -r:].tolist() == [-1, -1, -1]  # nothing new since this scan
+    else:
+        assert want[1].tolist() == [0] * 4 and ref_state[2].tolist() == [5, 12, 15, 7]
+        assert ref_state[3][2, 1, -r:].tolist() == [15, 16, 17]  # 4 new blocks, 3 slots: block 18 not listed
+        assert ref_state[3][3, 0, -r:].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="force"):
+        cops.amortized_plan(*ref_state, 4, r, 16, force=2)

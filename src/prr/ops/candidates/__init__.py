@@ -36,12 +36,12 @@ def select_candidates(cand, scores, num_blocks, top_k, n_sink=1, n_local=2):
     return reference.select_candidates(cand, scores, num_blocks, top_k, n_sink, n_local)
 
 
-def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size):
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force=-1):
     if backend.use_triton(cand):
         from . import triton as kernels
 
-        return kernels.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
-    return reference.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
+        return kernels.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force)
+    return reference.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force)
 
 
 def commit_candidates(cand, scan_idx, scan):

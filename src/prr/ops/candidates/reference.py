@@ -124,12 +124,20 @@ def select_candidates(cand: torch.Tensor, scores: torch.Tensor, num_blocks: torc
     return torch.where(allids == big, -1, allids).to(torch.int32), counts
 
 
+def check_force(force: int) -> None:
+    if force not in (-1, 0, 1):
+        raise ValueError(f"force must be -1 (the device decides), 0 (no scan) or 1 (every sequence scans), "
+                         f"got {force!r}")
+
+
 def amortized_plan(step: torch.Tensor, seq_lens: torch.Tensor, nblk_scan: torch.Tensor, cand: torch.Tensor,
-                   scans: torch.Tensor, every: int, new_slots: int, block_size: int):
+                   scans: torch.Tensor, every: int, new_slots: int, block_size: int, force: int = -1):
     """One amortized step's bookkeeping, in place, per sequence (no host sync):
 
-    - ``scan = step % every == 0``, or more blocks appeared since the last scan than ``new_slots``, or the
-      sequence got shorter; ``step += 1``, ``scans += scan``; a scanning sequence sets ``nblk_scan = N``;
+    - ``force = -1`` (the device decides): ``scan = step % every == 0``, or more blocks appeared since the last
+      scan than ``new_slots``, or the sequence got shorter; ``force = 1``: every sequence scans; ``force = 0``:
+      none does (the host's schedule says this step re-scores; blocks past the slots are then not listed);
+    - ``step += 1``, ``scans += scan``; a scanning sequence sets ``nblk_scan = N``;
     - the last ``new_slots`` columns of ``cand [B, Hkv, C]`` list the blocks ``nblk_scan ..  N - 1``
       (ascending, -1 padded), for every KV head.
 
@@ -137,8 +145,12 @@ def amortized_plan(step: torch.Tensor, seq_lens: torch.Tensor, nblk_scan: torch.
     int32, gated_nblk [B] int32, nblk [B] int32)``: the lengths and block counts with 0 where a sequence does
     not scan (a full scorer then reads nothing for it), and the true block counts.
     """
+    check_force(force)
     nblk = num_blocks(seq_lens, block_size)
-    scan = ((step % every) == 0) | (nblk > nblk_scan + new_slots) | (nblk < nblk_scan)
+    if force == -1:
+        scan = ((step % every) == 0) | (nblk > nblk_scan + new_slots) | (nblk < nblk_scan)
+    else:
+        scan = torch.full_like(nblk, force, dtype=torch.bool)
     step.add_(1)
     scans.add_(scan.to(scans.dtype))
     nblk_scan.copy_(torch.where(scan, nblk, nblk_scan))

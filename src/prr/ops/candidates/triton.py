@@ -19,6 +19,7 @@ from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
 from ..scoring.triton import _aggregate_rows, _quest_bound
 from ..select.triton import _order_key, _top_k_mask
+from .reference import check_force
 
 
 @triton.jit
@@ -195,13 +196,16 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
 @triton.jit
 def _plan_kernel(step_ptr, len_ptr, nscan_ptr, cand_ptr, scans_ptr, scan_ptr, glen_ptr, gnblk_ptr, nblk_ptr,
                  HKV, EVERY, R, C, s_cb, s_ch,
-                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr):
+                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr, FORCE: tl.constexpr):
     i_b = tl.program_id(0)
     step = tl.load(step_ptr + i_b)
     seq_len = tl.load(len_ptr + i_b)
     nscan = tl.load(nscan_ptr + i_b)
     n = (seq_len + BS - 1) // BS
-    scan = ((step % EVERY) == 0) | (n > nscan + R) | (n < nscan)
+    if FORCE == -1:
+        scan = ((step % EVERY) == 0) | (n > nscan + R) | (n < nscan)
+    else:
+        scan = (n * 0 + FORCE) != 0
     tl.store(step_ptr + i_b, step + 1)
     tl.store(scans_ptr + i_b, tl.load(scans_ptr + i_b) + scan.to(tl.int64))
     nscan = tl.where(scan, n, nscan)
@@ -229,9 +233,11 @@ def _commit_kernel(cand_ptr, idx_ptr, scan_ptr, HKV, K, s_cb, s_ch, s_ib, s_ih, 
         tl.store(cand_ptr + i_b * s_cb + i_h * s_ch + i_k, row, mask=i_k < K)
 
 
-def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots: int, block_size: int):
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots: int, block_size: int,
+                   force: int = -1):
     """Triton twin of :func:`prr.ops.candidates.reference.amortized_plan`: one launch for the bookkeeping."""
     _check_cand(cand)
+    check_force(force)
     for name, t, dt in (("step", step, torch.int64), ("scans", scans, torch.int64), ("seq_lens", seq_lens, torch.int32),
                         ("nblk_scan", nblk_scan, torch.int32)):
         if t.dtype != dt or not t.is_contiguous():
@@ -240,7 +246,7 @@ def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots
     out = [torch.empty(bsz, dtype=torch.int32, device=cand.device) for _ in range(4)]
     _plan_kernel[(bsz,)](step, seq_lens, nblk_scan, cand, scans, *out, hkv, every, new_slots, c, cand.stride(0),
                          cand.stride(1), BS=block_size, H_PAD=triton.next_power_of_2(hkv),
-                         R_PAD=triton.next_power_of_2(new_slots), num_warps=1)
+                         R_PAD=triton.next_power_of_2(new_slots), FORCE=force, num_warps=1)
     return tuple(out)
 
 
