@@ -314,3 +314,56 @@ def test_eval_cli_amortized_with_a_scan_every_step_is_the_full_scan(smollm, tmp_
     ppl = {r["method"]: r for r in res["perplexity"]}
     assert ppl["quest_m1c1"]["vs_full_scan_pct"] == 0.0 and "vs_full_scan_pct" in ppl["quest_m4c2"]
     assert "same output as the full scan" in capsys.readouterr().out
+
+
+def _tiny_engine(schedule, device="cpu", dtype=torch.float64):
+    from prr.eval.amortized import AmortizedEngine
+    from prr.model import ModelConfig
+    from prr.model.llama import Llama
+    from prr.model.weights import random_weights
+
+    cfg = ModelConfig(vocab_size=64, hidden=128, ffn=256, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=dtype, device=device))
+    eng = AmortizedEngine(model, None, every=3, factor=2.0, schedule=schedule, sparse=prr.SparseConfig(top_k=6),
+                          n_dense_layers=1)
+    eng.fill_random(2, 500, 16)
+    return eng
+
+
+def test_engine_prepares_host_scheduled_selectors_for_capture():
+    """Before capturing a graph per step kind the engine runs both kinds once per selector (compiling their
+    kernels) and puts every selector's state back; selectors whose clocks disagree are refused."""
+    eng = _tiny_engine("host")
+    sels = [m.amortized for m in eng.metas if m is not None]
+    assert len(sels) == 2
+    before = [[t.clone() for t in (s.cand, s.nblk_scan, s.step, s.scans)] for s in sels]
+    assert eng._host_scheduled_selectors() == sels
+    for s, b in zip(sels, before, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip((s.cand, s.nblk_scan, s.step, s.scans), b, strict=True))
+        assert s.host_step == 0
+    sels[0].advance()
+    with pytest.raises(RuntimeError, match="share"):
+        eng._host_scheduled_selectors()
+    assert _tiny_engine("device")._host_scheduled_selectors() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_graphs_per_step_kind_equal_eager():
+    """A whole decode step captured once per step kind (host schedule) replays what eager decoding computes,
+    across scan and re-score steps (m = 3, 7 steps), and as the device schedule's one graph does."""
+    runs = {}
+    for name, schedule, graph in (("eager", "host", False), ("host", "host", True), ("device", "device", True)):
+        eng = _tiny_engine(schedule, device="cuda", dtype=torch.bfloat16)
+        tok = torch.tensor([3, 4], device="cuda")
+        out = [eng.step(tok).clone()]  # one eager step compiles the kernels before a capture
+        if graph:
+            eng.capture_decode()
+            assert (len(eng._graph.kinds) == 2) == (schedule == "host")
+        for _ in range(7):
+            logits = eng.step(tok).clone()
+            out.append(logits)
+            tok = logits.argmax(-1)
+        runs[name] = torch.stack(out)
+    assert torch.equal(runs["eager"], runs["host"]) and torch.equal(runs["eager"], runs["device"])

@@ -15,13 +15,13 @@ Two schedules decide which steps scan, neither reading the device on the host:
   got shorter (a reused cache). The price: a re-score step still launches the gated full scorer, its top-K and
   the commit (7 launches; their idle grids cost 7 µs at b1 and 32 µs at b8 on an H200 at 512K).
 - ``schedule="host"``: the host counts steps (a Python int; the step index is known without a device read)
-  and every m-th step scans every sequence; the others run only the plan, the candidate scorer and the
-  candidate top-K (3 launches). Under CUDA graphs a step is captured twice, once per kind, sharing one memory
-  pool, and the caller replays the kind :meth:`AmortizedSelector.next_is_scan` names (``LayerStep`` does).
-  Same selections as the device schedule while at most ``new_slots`` blocks appear per period and no sequence
-  shrinks (decoding ``grow`` tokens per step; a sequence reset to fewer than K_max blocks, as a finished one,
-  selects all its blocks either way); otherwise the blocks past the slots are not candidates until the next
-  scan, and a reused cache needs :meth:`reset`.
+  and every m-th step scans every sequence; the others run only the candidate scorer, with the step's
+  bookkeeping fused in, and the candidate top-K (2 launches). Under CUDA graphs a step is captured twice, once
+  per kind, sharing one memory pool, and the caller replays the kind :meth:`AmortizedSelector.next_is_scan`
+  names (``LayerStep`` and the model engine's captured step do). Same selections as the device schedule while
+  at most ``new_slots`` blocks appear per period and no sequence shrinks (decoding ``grow`` tokens per step; a
+  sequence reset to fewer than K_max blocks, as a finished one, selects all its blocks either way); otherwise
+  the blocks past the slots are not candidates until the next scan, and a reused cache needs :meth:`reset`.
 
 :meth:`AmortizedSelector.reset` makes the next step a scan (call it after a graph capture, whose warm-up steps
 advance the counters).
@@ -126,12 +126,25 @@ class AmortizedSelector:
         finally:
             self._forced = prev
 
-    def _scores(self, q, cache, cand):
+    def warm_up(self, q: torch.Tensor, cache: KVCache) -> None:
+        """Run a step of each kind and put the state back (host schedule: compiles both kinds' kernels before
+        their graphs are captured; a capture compiles nothing)."""
+        state = [self.cand, self.nblk_scan, self.step, self.scans]
+        saved, clock = [t.clone() for t in state], self.host_step
+        for scan in (True, False):
+            with self.forced(scan):
+                self.select(q, cache)
+        for dst, src in zip(state, saved, strict=True):
+            dst.copy_(src)
+        self.host_step = clock
+
+    def _scores(self, q, cache, cand, plan=None):
         cfg, meta = self.cfg, self.meta
         if cfg.method == "quest":
-            return cops.quest_candidate_scores(q, meta.kmin, meta.kmax, cache, cand, cfg.block_size, cfg.aggregate)
+            return cops.quest_candidate_scores(q, meta.kmin, meta.kmax, cache, cand, cfg.block_size, cfg.aggregate,
+                                               plan=plan)
         return cops.infllm_candidate_scores(q, meta.ckeys, cache, cand, cfg.block_size, cfg.window, cfg.stride,
-                                            cfg.aggregate)
+                                            cfg.aggregate, plan=plan)
 
     def select(self, q: torch.Tensor, cache: KVCache, nblk: torch.Tensor | None = None) -> Selection:
         """This step's selection (``scores=None``); advances the step counters. No host sync. (``nblk`` is
@@ -143,6 +156,11 @@ class AmortizedSelector:
             force = int(self.next_is_scan() if self._forced is None else self._forced)
             if self._forced is None:
                 self.host_step += 1
+            if force == 0:  # two launches: the scorer with the bookkeeping fused in, then the top-K
+                nblk = torch.empty_like(self.nblk_scan)
+                scores = self._scores(q, cache, self.cand, plan=(self.step, self.nblk_scan, self.new_slots, nblk))
+                idx, cnt = cops.select_candidates(self.cand, scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
+                return Selection(idx, cnt, None)
         # One launch decides per sequence whether this step scans, and lists the blocks new since the scan.
         scan, g_lens, g_nblk, nblk = cops.amortized_plan(self.step, cache.seq_lens.to(torch.int32), self.nblk_scan,
                                                          self.cand, self.scans, self.every, self.new_slots,

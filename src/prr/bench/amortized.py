@@ -12,10 +12,11 @@ Per case (model shape, batch, context, method) and per (m, c) setting, each op g
 - ``selection_mMcC`` / ``dsa_step_mMcC``: m consecutive steps of the real schedule (one scan, m - 1 re-scores)
   in one graph, time / m: what a decode step costs on average (the L2 is flushed once per m steps here, not
   per step: the candidates' few rows may stay cached across the m steps, a small optimism);
-- ``..._host``: the same on the host schedule (``AmortizedSelector(schedule="host")``: a graph per step kind,
-  the re-score step without the gated full scorer, top-K and commit: 3 launches instead of 7). Its m steps
-  are captured in one graph too: the kernels of one scan-kind and m - 1 re-score-kind replays, without the
-  m - 1 extra graph launches (a model replays one whole-step graph per token either way).
+- ``..._host``: the same on the host schedule (``AmortizedSelector(schedule="host")``: a graph per step kind;
+  a re-score step is the candidate scorer with the bookkeeping fused in and the candidate top-K, 2 launches
+  instead of 7, no gated full scorer, top-K or commit). Its m steps are captured in one graph too: the
+  kernels of one scan-kind and m - 1 re-score-kind replays, without the m - 1 extra graph launches (a model
+  replays one whole-step graph per token either way).
 
 Targets (issue #12): the amortized selection >= 5x cheaper than the full scan at 512K (batch 1 and 8), and the
 DSA step at Llama-3.1-8B b8 512K <= 120 us, at some (m, c).
@@ -90,6 +91,12 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
         add(f"candidate_score_{tag}", lambda r=rescore: r._scores(q, cache, r.cand), cand_b, slots=slots)
         add(f"candidate_topk_{tag}", lambda r=rescore, s=scores: cops.select_candidates(
             r.cand, s, nblk, cfg.top_k, cfg.n_sink, cfg.n_local), slots * batch * cache.num_kv_heads * 8)
+        if q.is_cuda:  # the same kernel in one warp (its K-th-key search: 32 row reductions)
+            from ..ops.candidates import triton as ck
+
+            add(f"candidate_topk_{tag}_w1", lambda r=rescore, s=scores: ck.select_candidates(
+                r.cand, s, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, num_warps=1),
+                slots * batch * cache.num_kv_heads * 8)
         add(f"dsa_step_rescore_{tag}", dsa(lambda s=rescore: s.select(q, cache)), cand_b + att_b)
         host = AmortizedSelector(meta, cache, every=NEVER, factor=c, new_slots=2, schedule="host")
         host.select(q, cache)  # its scan: the candidates

@@ -28,15 +28,16 @@ def parse_method(method: str) -> tuple[str, int, float] | None:
 class AmortizedEngine(Engine):
     """Serialized DSA whose sparse layers select through an :class:`AmortizedSelector` each."""
 
-    def __init__(self, model, tok, *, every: int, factor: float, **kw):
-        self.every, self.factor = every, factor
+    def __init__(self, model, tok, *, every: int, factor: float, schedule: str = "device", **kw):
+        self.every, self.factor, self.schedule = every, factor, schedule
         super().__init__(model, tok, attention="dsa", **kw)
 
     def _build_sparse_state(self) -> None:
         super()._build_sparse_state()
         for i, meta in enumerate(self.metas):
             if meta is not None:  # built fresh after every prefill: the first decode step scans
-                meta.amortized = AmortizedSelector(meta, self.caches[i], self.every, self.factor)
+                meta.amortized = AmortizedSelector(meta, self.caches[i], self.every, self.factor,
+                                                   schedule=self.schedule)
 
     def scan_share(self) -> float:
         """Share of (layer, sequence) steps that ran a full scan so far."""
