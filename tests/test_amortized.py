@@ -293,7 +293,10 @@ def test_eval_names_and_agreement():
             {**base, "seed": 1, "method": "quest", "output": "7", "score": 0.0},
             {**base, "seed": 1, "method": "quest_m8c3", "output": "8", "score": 0.0}]
     assert agreement(rows) == [{"method": "quest_m8c3", "budget": 1024, "instances": 2, "same_output": 0.5,
-                                "same_score": 1.0}]
+                                "same_score": 1.0, "same_output_count": 1, "same_score_count": 2}]
+    # Per instance: the same outputs on different instances do not count.
+    swapped = [rows[0], {**rows[1], "output": "7"}, rows[2], {**rows[3], "output": "42"}]
+    assert agreement(swapped)[0]["same_output_count"] == 0
     assert relative_cost(16, 4, 32768, 125) == pytest.approx(1 / 16 + (3 + 500 + 2) / 32768)
 
 

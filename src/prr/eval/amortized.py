@@ -68,7 +68,8 @@ def agreement(rows: list[dict]) -> list[dict]:
         a[0] += 1
         a[1] += r["output"] == base["output"]
         a[2] += r["score"] == base["score"]
-    return [{"method": m, "budget": b, "instances": n, "same_output": round(s / n, 4), "same_score": round(t / n, 4)}
+    return [{"method": m, "budget": b, "instances": n, "same_output": round(s / n, 4), "same_score": round(t / n, 4),
+             "same_output_count": s, "same_score_count": t}
             for (m, b), (n, s, t) in sorted(acc.items())]
 
 
