@@ -19,7 +19,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("locality")
     ap.add_argument("ppl")
-    ap.add_argument("evals", nargs="+")
+    ap.add_argument("evals", nargs="+", help="prr eval results (an instance in several counts once)")
+    ap.add_argument("--methods", default="", help="comma list: report only these amortized methods")
     ap.add_argument("--out", required=True, help="path without extension (.csv and .json are written)")
     args = ap.parse_args()
     load = [json.load(open(p)) for p in [args.locality, args.ppl, *args.evals]]
@@ -29,6 +30,8 @@ def main() -> None:
     lengths = sorted({r["length"] for r in rows})
     per_len = {n: {a["method"]: a for a in agreement([r for r in rows if r["length"] == n])} for n in lengths}
     total = {a["method"]: a for a in agreement(rows)}
+    if args.methods:
+        total = {m: a for m, a in total.items() if m in args.methods.split(",")}
     vs_full = {r["method"]: r.get("vs_full_scan_pct") for r in ppl.get("perplexity", [])}
     out = []
     for method in sorted(total, key=lambda m: relative_cost(*parse_method(m)[1:], 32768, 125)):
@@ -40,9 +43,9 @@ def main() -> None:
                "hit_mean": hit, "hit_worst_layer": worst, "ppl_vs_full_scan_pct": vs_full.get(method),
                "same_output": a["same_output_count"], "instances": a["instances"],
                "same_output_share": a["same_output"], "same_score": a["same_score_count"]}
-        for n in lengths:
-            b = per_len[n][method]
-            row[f"same_output_{n}"] = f"{b['same_output_count']}/{b['instances']}"
+        for n in lengths:  # "-": not run at this length
+            b = per_len[n].get(method)
+            row[f"same_output_{n}"] = f"{b['same_output_count']}/{b['instances']}" if b else "-"
         row["meets_all"] = bool(hit is not None and hit >= 0.98 and row["ppl_vs_full_scan_pct"] is not None
                                 and abs(row["ppl_vs_full_scan_pct"]) <= 0.3 and a["same_output"] >= 0.95)
         out.append(row)

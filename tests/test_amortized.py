@@ -106,6 +106,14 @@ def test_rescan_when_the_list_overflows_or_the_cache_shrinks():
     assert int(am.step) == 0 and am.scans.tolist() == [0]
 
 
+def test_shipped_defaults():
+    """m = 16, c = 8 (docs/RESULTS.md: the cheapest setting meeting issue #12's targets on SmolLM2), on the
+    device schedule (the host schedule is opt-in until measured on a GPU)."""
+    cache = make_cache([100], hkv=2, d=32)
+    am = AmortizedSelector(prr.BlockMetadata(prr.SparseConfig(top_k=5), cache), cache)
+    assert (am.every, am.factor, am.scan_k, am.schedule) == (16, 8.0, 40, "device")
+
+
 def test_bad_configuration_is_refused():
     cache = make_cache([100], hkv=2, d=32)
     meta = prr.BlockMetadata(prr.SparseConfig(), cache)

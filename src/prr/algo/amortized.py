@@ -54,7 +54,8 @@ class AmortizedSelector:
         meta: the layer's block metadata (its config gives the method and budget; Quest or InfLLM-v2).
         cache: the layer's cache (batch, heads, device).
         every: m, steps per full scan (1: a scan every step, the full selection).
-        factor: c, candidates kept per scan as a multiple of K (>= 1).
+        factor: c, candidates kept per scan as a multiple of K (>= 1). Defaults m = 16, c = 8: the cheapest
+            setting measured on SmolLM2 to meet issue #12's three targets (docs/RESULTS.md).
         new_slots: list slots for blocks that appear after a scan; default ``ceil(m * grow / BS) + 1`` (at most N_max).
         grow: tokens the cache gains per step (1 when decoding a token per step).
         schedule: ``"device"`` (per-sequence flags on the device, one graph) or ``"host"`` (a host step count,
@@ -64,7 +65,7 @@ class AmortizedSelector:
     the last scan's selection), ``nblk_scan [B]`` int32, ``step, scans [B]`` int64 (steps and scans so far).
     """
 
-    def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 16, factor: float = 4.0,
+    def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 16, factor: float = 8.0,
                  new_slots: int | None = None, grow: int = 1, schedule: str = "device"):
         if not isinstance(meta, BlockMetadata):
             raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")

@@ -1,5 +1,5 @@
-"""Amortized selection (issue #12) in the evaluation: methods named ``quest_m16c4`` / ``infllm_v2_m16c4`` run
-serialized DSA whose selection scans every m = 16 steps and re-scores c·K = 4K candidates in between
+"""Amortized selection (issue #12) in the evaluation: methods named ``quest_m16c8`` / ``infllm_v2_m16c8`` run
+serialized DSA whose selection scans every m = 16 steps and re-scores c·K = 8K candidates in between
 (:class:`prr.algo.amortized.AmortizedSelector` attached to every sparse layer's metadata), and their agreement
 with the full-scan method of the same budget."""
 
