@@ -3,7 +3,8 @@
 Invariants: m = 1 is the full selection at every step; every step equals the top-K of the *full* scores
 restricted to (the last scan's top c·K ∪ forced ∪ blocks appeared since), computed independently here; scan
 steps equal the full selection; the Triton path (interpreter, fp32) equals the reference path; the runtime's
-LayerStep uses it; on a GPU one captured graph replays every step kind."""
+LayerStep uses it; the host schedule (a graph per step kind) selects what the device schedule (one graph)
+does; on a GPU the captured graphs replay every step kind."""
 
 import math
 
@@ -18,16 +19,19 @@ from prr.runtime.layer import LayerStep
 from conftest import make_cache, make_query
 
 
-def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=0, backend="auto", device="cpu"):
+def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=0, backend="auto", device="cpu",
+            schedule="device", replay=False):
     """Append a token per step with a drifting query; yield (step, amortized selection, full selection, config,
-    cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5."""
+    cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5. ``replay``: step the host
+    schedule as a two-graph replay does (the kind from the host clock, the step run forced to it, then the clock
+    advanced)."""
     start = 300 if method == "quest" else 1500
     cache = make_cache([start, start - 77][:bsz], hkv=2, d=32, capacity=start + steps + 16, dtype=dtype, seed=seed)
     cache = prr.KVCache(cache.k.to(device), cache.v.to(device), cache.page_table.to(device),
                         cache.seq_lens.to(device))
     cfg = prr.SparseConfig(method=method, block_size=16 if method == "quest" else 64, top_k=5)
     meta = prr.BlockMetadata(cfg, cache)
-    am = AmortizedSelector(meta, cache, every=every, factor=factor)
+    am = AmortizedSelector(meta, cache, every=every, factor=factor, schedule=schedule)
     gen = torch.Generator().manual_seed(seed + 7)
     q = make_query(cache, g).to(device)
     with use_backend(backend):
@@ -36,7 +40,12 @@ def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=
             cache.append(k, v)
             meta.append(cache)
             q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64).to(device, dtype)
-            got = prr.select(q, cache, meta, amortized=am)
+            if replay:
+                with am.forced(am.next_is_scan()):
+                    got = prr.select(q, cache, meta, amortized=am)
+                am.advance()
+            else:
+                got = prr.select(q, cache, meta, amortized=am)
             full = prr.select(q, cache, meta)
             yield t, got, full, cfg, cache
 
@@ -97,6 +106,14 @@ def test_rescan_when_the_list_overflows_or_the_cache_shrinks():
     assert int(am.step) == 0 and am.scans.tolist() == [0]
 
 
+def test_shipped_defaults():
+    """m = 16, c = 8 (docs/RESULTS.md: the cheapest setting meeting issue #12's targets on SmolLM2), on the
+    device schedule (the host schedule is opt-in until measured on a GPU)."""
+    cache = make_cache([100], hkv=2, d=32)
+    am = AmortizedSelector(prr.BlockMetadata(prr.SparseConfig(top_k=5), cache), cache)
+    assert (am.every, am.factor, am.scan_k, am.schedule) == (16, 8.0, 40, "device")
+
+
 def test_bad_configuration_is_refused():
     cache = make_cache([100], hkv=2, d=32)
     meta = prr.BlockMetadata(prr.SparseConfig(), cache)
@@ -112,6 +129,62 @@ def test_bad_configuration_is_refused():
     meta.amortized = AmortizedSelector(meta, cache)  # attached to the metadata: PRR would get no scores either
     with pytest.raises(ValueError, match="dsa"):
         LayerStep(cache, meta, 4, method="prr", predictor=prr.HoltPredictor(1, 1, 2, 8))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_host_schedule_selects_what_the_device_schedule_selects(method, backend):
+    """Decoding a token per step (no overflow, no shrink): the host schedule (a plain run, and a replay of one
+    graph per step kind chosen by the host clock) selects exactly what the one-graph device schedule does, at
+    every step."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    kw = dict(dtype=dtype, backend=backend)
+    dev = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, **kw)]
+    for replay in (False, True):
+        host = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, schedule="host", replay=replay,
+                                                                **kw)]
+        for t, (a, b) in enumerate(zip(dev, host, strict=True)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (replay, t)
+
+
+def test_host_schedule_rescore_steps_skip_the_full_scorer(monkeypatch):
+    """A re-score step on the host schedule runs no full scorer (the device schedule's one graph runs it gated,
+    with length 0, at every step); a scan step runs it for every sequence."""
+    cache = make_cache([300, 250], hkv=2, d=32, capacity=340)
+    meta = prr.BlockMetadata(prr.SparseConfig(top_k=4), cache)
+    calls = []
+    real = meta.scores
+    monkeypatch.setattr(meta, "scores", lambda q, c: calls.append(c.seq_lens.tolist()) or real(q, c))
+    q = make_query(cache, 2)
+    for schedule, want in (("device", [[300, 250], [0, 0], [0, 0], [300, 250], [0, 0]]),
+                           ("host", [[300, 250], [300, 250]])):
+        calls.clear()
+        am = AmortizedSelector(meta, cache, every=3, factor=2.0, schedule=schedule)
+        for _ in range(5):
+            am.select(q, cache)
+        assert calls == want and am.scans.tolist() == [2, 2] and am.host_step == (5 if schedule == "host" else 0)
+    with pytest.raises(RuntimeError, match="host schedule"):
+        AmortizedSelector(meta, cache).forced(True).__enter__()
+    with pytest.raises(ValueError, match="schedule"):
+        AmortizedSelector(meta, cache, schedule="gpu")
+
+
+def test_host_schedule_lists_only_the_slots_until_the_next_scan():
+    """The host schedule's known limit, pinned: more new blocks in a period than slots are not candidates until
+    the next scan (the device schedule rescans at once); a reset() makes the next step a scan."""
+    cache = make_cache([200], hkv=2, d=32, capacity=400)
+    meta = prr.BlockMetadata(prr.SparseConfig(top_k=3), cache)
+    am = AmortizedSelector(meta, cache, every=100, factor=1.0, new_slots=1, schedule="host")
+    q = make_query(cache, 2)
+    am.select(q, cache)
+    cache.seq_lens += 48  # three new blocks (13, 14, 15), one slot
+    meta.build(cache)
+    am.select(q, cache)
+    assert am.scans.tolist() == [1] and am.cand[0, 0, -1].item() == 13
+    am.reset()
+    got = am.select(q, cache)
+    assert am.scans.tolist() == [1] and am.host_step == 1  # reset zeroed the counters: this was a scan
+    assert torch.equal(got.indices, prr.select(q, cache, meta).indices)
 
 
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
@@ -144,17 +217,22 @@ def test_layer_step_runs_the_amortized_selection():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("schedule", ["device", "host"])
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
-def test_one_graph_serves_scan_and_rescore_steps(method):
+def test_graphs_serve_scan_and_rescore_steps(method, schedule):
+    """Device schedule: one graph for every step; host schedule: a graph per step kind, replayed by the host
+    clock. Either way the replayed selections are the eager selector's (device schedule) at every step."""
     dev = "cuda"
     base = make_cache([5000, 3001], hkv=2, d=64, capacity=5100, dtype=torch.float32)
     cache = prr.KVCache(base.k.to(dev, torch.bfloat16), base.v.to(dev, torch.bfloat16), base.page_table.to(dev),
                         base.seq_lens.to(dev))
     cfg = prr.SparseConfig.from_budget(method, 1024)
     meta = prr.BlockMetadata(cfg, cache)
-    am, twin = AmortizedSelector(meta, cache, every=4, factor=3.0), AmortizedSelector(meta, cache, every=4, factor=3.0)
+    am = AmortizedSelector(meta, cache, every=4, factor=3.0, schedule=schedule)
+    twin = AmortizedSelector(meta, cache, every=4, factor=3.0)
     step = LayerStep(cache, meta, 8, method="dsa", amortized=am)
     step.capture()
+    assert (step.kind_graphs is not None) == (schedule == "host")
     am.reset()
     gen = torch.Generator().manual_seed(0)
     for _ in range(9):  # scans at 0, 4, 8
@@ -181,12 +259,17 @@ def test_bench_select_code_runs_on_cpu_with_a_stand_in_timer():
                             dtype=torch.float32)
     ops_ = [r.op for r in rows]
     assert ops_ == ["selection", "dsa_step", "gated_scan_idle", "amortized_scan_c2", "amortized_rescore_c2",
-                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "selection_m4c2", "dsa_step_m4c2"]
+                    "candidate_score_c2", "candidate_topk_c2", "dsa_step_rescore_c2", "amortized_rescore_c2_host",
+                    "dsa_step_rescore_c2_host", "selection_m4c2", "dsa_step_m4c2", "selection_m4c2_host",
+                    "dsa_step_m4c2_host"]
     assert len(calls) == len(rows)
     assert rows[-1].median_us == 25.0  # four steps per timed call
     fake = [{**r.to_dict(), "case": "llama-3.1-8b/b8/512K/quest"} for r in rows]
+    fake[-2]["net_us"] = 10.0  # the host schedule's selection: 100 / 10, met
     targets = bench.check_targets(fake)
-    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2"]
+    assert [t["op"] for t in targets] == ["selection_m4c2", "dsa_step_m4c2", "selection_m4c2_host",
+                                          "dsa_step_m4c2_host"]
+    assert [t["met"] for t in targets[::2]] == [False, True]
 
 
 def test_locality_replay_is_the_selector_offline():
@@ -218,7 +301,10 @@ def test_eval_names_and_agreement():
             {**base, "seed": 1, "method": "quest", "output": "7", "score": 0.0},
             {**base, "seed": 1, "method": "quest_m8c3", "output": "8", "score": 0.0}]
     assert agreement(rows) == [{"method": "quest_m8c3", "budget": 1024, "instances": 2, "same_output": 0.5,
-                                "same_score": 1.0}]
+                                "same_score": 1.0, "same_output_count": 1, "same_score_count": 2}]
+    # Per instance: the same outputs on different instances do not count.
+    swapped = [rows[0], {**rows[1], "output": "7"}, rows[2], {**rows[3], "output": "42"}]
+    assert agreement(swapped)[0]["same_output_count"] == 0
     assert relative_cost(16, 4, 32768, 125) == pytest.approx(1 / 16 + (3 + 500 + 2) / 32768)
 
 
@@ -239,3 +325,56 @@ def test_eval_cli_amortized_with_a_scan_every_step_is_the_full_scan(smollm, tmp_
     ppl = {r["method"]: r for r in res["perplexity"]}
     assert ppl["quest_m1c1"]["vs_full_scan_pct"] == 0.0 and "vs_full_scan_pct" in ppl["quest_m4c2"]
     assert "same output as the full scan" in capsys.readouterr().out
+
+
+def _tiny_engine(schedule, device="cpu", dtype=torch.float64):
+    from prr.eval.amortized import AmortizedEngine
+    from prr.model import ModelConfig
+    from prr.model.llama import Llama
+    from prr.model.weights import random_weights
+
+    cfg = ModelConfig(vocab_size=64, hidden=128, ffn=256, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=dtype, device=device))
+    eng = AmortizedEngine(model, None, every=3, factor=2.0, schedule=schedule, sparse=prr.SparseConfig(top_k=6),
+                          n_dense_layers=1)
+    eng.fill_random(2, 500, 16)
+    return eng
+
+
+def test_engine_prepares_host_scheduled_selectors_for_capture():
+    """Before capturing a graph per step kind the engine runs both kinds once per selector (compiling their
+    kernels) and puts every selector's state back; selectors whose clocks disagree are refused."""
+    eng = _tiny_engine("host")
+    sels = [m.amortized for m in eng.metas if m is not None]
+    assert len(sels) == 2
+    before = [[t.clone() for t in (s.cand, s.nblk_scan, s.step, s.scans)] for s in sels]
+    assert eng._host_scheduled_selectors() == sels
+    for s, b in zip(sels, before, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip((s.cand, s.nblk_scan, s.step, s.scans), b, strict=True))
+        assert s.host_step == 0
+    sels[0].advance()
+    with pytest.raises(RuntimeError, match="share"):
+        eng._host_scheduled_selectors()
+    assert _tiny_engine("device")._host_scheduled_selectors() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_graphs_per_step_kind_equal_eager():
+    """A whole decode step captured once per step kind (host schedule) replays what eager decoding computes,
+    across scan and re-score steps (m = 3, 7 steps), and as the device schedule's one graph does."""
+    runs = {}
+    for name, schedule, graph in (("eager", "host", False), ("host", "host", True), ("device", "device", True)):
+        eng = _tiny_engine(schedule, device="cuda", dtype=torch.bfloat16)
+        tok = torch.tensor([3, 4], device="cuda")
+        out = [eng.step(tok).clone()]  # one eager step compiles the kernels before a capture
+        if graph:
+            eng.capture_decode()
+            assert (len(eng._graph.kinds) == 2) == (schedule == "host")
+        for _ in range(7):
+            logits = eng.step(tok).clone()
+            out.append(logits)
+            tok = logits.argmax(-1)
+        runs[name] = torch.stack(out)
+    assert torch.equal(runs["eager"], runs["host"]) and torch.equal(runs["eager"], runs["device"])

@@ -217,3 +217,88 @@ def test_amortized_plan_and_commit_kernels_match_reference():
     cand2 = cand2.cpu()
     assert torch.equal(cand2, ref_state[3])
     assert torch.equal(cand2[1], cand[1]) and torch.equal(cand2[0, :, :5], s_idx[0])
+
+
+@pytest.mark.parametrize("force", [1, 0], ids=["host-scan", "host-rescore"])
+def test_amortized_plan_on_the_hosts_schedule(force):
+    """The host's schedule overrides the device's flags: force = 1 scans every sequence (off the period too),
+    force = 0 none (on the period, an overflow of the slots or a shorter sequence too: the slots list the first
+    new blocks only, and a shrunk sequence lists none); the kernel equals the reference."""
+    r = 3
+    step = torch.tensor([0, 5, 7, 9], dtype=torch.int64)
+    seq_lens = torch.tensor([100, 200, 300, 90], dtype=torch.int32)  # 7, 13, 19, 6 blocks of 16
+    nblk_scan = torch.tensor([5, 12, 15, 7], dtype=torch.int32)
+    cand = torch.arange(4 * 3 * 12, dtype=torch.int32).view(4, 3, 12)
+    scans = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    state = [t.to(DEVICE) for t in (step, seq_lens, nblk_scan, cand, scans)]
+    ref_state = [t.clone() for t in (step, seq_lens, nblk_scan, cand, scans)]
+    with use_backend("triton"):
+        got = cops.amortized_plan(*state, 4, r, 16, force=force)
+    want = cops.amortized_plan(*ref_state, 4, r, 16, force=force)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)
+    for a, b in zip(state, ref_state, strict=True):
+        assert torch.equal(a.cpu(), b)
+    assert want[0].tolist() == [force] * 4 and want[3].tolist() == [7, 13, 19, 6]
+    assert ref_state[0].tolist() == [1, 6, 8, 10] and ref_state[4].tolist() == [1 + force, 2 + force, 3 + force,
+                                                                                 4 + force]
+    if force:
+        assert want[1].tolist() == [100, 200, 300, 90] and ref_state[2].tolist() == [7, 13, 19, 6]
+        assert ref_state[3][2, 1, -r:].tolist() == [-1, -1, -1]  # nothing new since this scan
+    else:
+        assert want[1].tolist() == [0] * 4 and ref_state[2].tolist() == [5, 12, 15, 7]
+        assert ref_state[3][2, 1, -r:].tolist() == [15, 16, 17]  # 4 new blocks, 3 slots: block 18 not listed
+        assert ref_state[3][3, 0, -r:].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="force"):
+        cops.amortized_plan(*ref_state, 4, r, 16, force=2)
+
+
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_candidate_scores_with_the_rescore_bookkeeping_fused(method):
+    """``plan=`` fuses a re-score step's bookkeeping into the candidate scorer's launch: the kernel's scores,
+    list (new-block slots written back, the kept slots untouched), step counters and block counts equal the
+    reference's, which equal amortized_plan(force=0) followed by the plain scorer."""
+    bs = 16 if method == "quest" else 64
+    cache = make_cache([1600, 1100], hkv=2, d=32, capacity=1700, dtype=torch.float32, seed=4)
+    cfg = prr.SparseConfig(method=method, block_size=bs, top_k=4)
+    meta = prr.BlockMetadata(cfg, cache)
+    q = make_query(cache, 4)
+    # The new-block slots straddle two programs' chunks (64 candidates each for Quest, 16 for InfLLM-v2).
+    r, c = 3, (66 if method == "quest" else 18)
+    n = prr.num_blocks(cache.seq_lens, bs)
+    gen = torch.Generator().manual_seed(1)
+    cand = torch.full((2, 2, c), 99, dtype=torch.int32)  # the last r slots: overwritten by the bookkeeping
+    for b in range(2):
+        for h in range(2):
+            kept = torch.randperm(int(n[b]) - 2, generator=gen)[:c - r].sort().values
+            cand[b, h, :c - r] = -1
+            cand[b, h, :len(kept)] = kept.to(torch.int32)
+    nblk_scan = (n - torch.tensor([2, 0], dtype=torch.int32))  # two new blocks, none
+
+    def state():
+        return [t.clone().to(DEVICE) for t in (cand, torch.tensor([5, 9]), nblk_scan)]
+
+    def scores(q_, cache_, cand_, plan):
+        if method == "quest":
+            return cops.quest_candidate_scores(q_, meta.kmin.to(q_.device), meta.kmax.to(q_.device), cache_, cand_,
+                                               bs, plan=plan)
+        return cops.infllm_candidate_scores(q_, meta.ckeys.to(q_.device), cache_, cand_, bs, plan=plan)
+
+    dcache = prr.KVCache(*(t.to(DEVICE) for t in (cache.k, cache.v, cache.page_table, cache.seq_lens)))
+    kc, ks, kn = state()
+    kout = torch.full((2,), -7, dtype=torch.int32, device=DEVICE)
+    with use_backend("triton"):
+        got = scores(q.to(DEVICE), dcache, kc, (ks, kn, r, kout))
+    rc, rs, rn = state()
+    rout = torch.full((2,), -7, dtype=torch.int32)
+    want = scores(q, cache, rc, (rs, rn, r, rout))
+    pc, ps, pn = state()
+    cops.amortized_plan(ps, cache.seq_lens, pn, pc, torch.zeros(2, dtype=torch.int64), 4, r, bs, force=0)
+    assert torch.equal(pc, rc) and torch.equal(ps, rs) and torch.equal(pn, rn)
+    torch.testing.assert_close(want, scores(q, cache, pc, None), rtol=0, atol=0)
+    assert rc[0, 1, -r:].tolist() == [int(n[0]) - 2, int(n[0]) - 1, -1] and rc[1, 0, -r:].tolist() == [-1] * r
+    assert torch.equal(rc[..., :-r], cand[..., :-r]) and rs.tolist() == [6, 10] and rout.tolist() == n.tolist()
+    assert torch.equal(kc.cpu(), rc) and torch.equal(ks.cpu(), rs) and torch.equal(kout.cpu(), rout)
+    live = want > float("-inf")
+    assert torch.equal(got.cpu() > float("-inf"), live)
+    torch.testing.assert_close(got.cpu()[live], want[live].float(), rtol=1e-5, atol=1e-4)

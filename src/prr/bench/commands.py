@@ -164,7 +164,7 @@ def register(sub) -> None:
     s.add_argument("--batches", default="1,8")
     s.add_argument("--contexts", default="32K,128K,512K")
     s.add_argument("--methods", default="quest")
-    s.add_argument("--amortized", default="8x3,16x4,32x4", help="MxC settings, comma separated")
+    s.add_argument("--amortized", default="16x4,16x8,32x4,32x6", help="MxC settings, comma separated")
     s.add_argument("--out", default="results/bench_select.json")
     s.set_defaults(func=_cmd_bench_select)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON (or the "

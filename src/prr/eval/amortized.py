@@ -1,5 +1,5 @@
-"""Amortized selection (issue #12) in the evaluation: methods named ``quest_m16c4`` / ``infllm_v2_m16c4`` run
-serialized DSA whose selection scans every m = 16 steps and re-scores c·K = 4K candidates in between
+"""Amortized selection (issue #12) in the evaluation: methods named ``quest_m16c8`` / ``infllm_v2_m16c8`` run
+serialized DSA whose selection scans every m = 16 steps and re-scores c·K = 8K candidates in between
 (:class:`prr.algo.amortized.AmortizedSelector` attached to every sparse layer's metadata), and their agreement
 with the full-scan method of the same budget."""
 
@@ -28,15 +28,16 @@ def parse_method(method: str) -> tuple[str, int, float] | None:
 class AmortizedEngine(Engine):
     """Serialized DSA whose sparse layers select through an :class:`AmortizedSelector` each."""
 
-    def __init__(self, model, tok, *, every: int, factor: float, **kw):
-        self.every, self.factor = every, factor
+    def __init__(self, model, tok, *, every: int, factor: float, schedule: str = "device", **kw):
+        self.every, self.factor, self.schedule = every, factor, schedule
         super().__init__(model, tok, attention="dsa", **kw)
 
     def _build_sparse_state(self) -> None:
         super()._build_sparse_state()
         for i, meta in enumerate(self.metas):
             if meta is not None:  # built fresh after every prefill: the first decode step scans
-                meta.amortized = AmortizedSelector(meta, self.caches[i], self.every, self.factor)
+                meta.amortized = AmortizedSelector(meta, self.caches[i], self.every, self.factor,
+                                                   schedule=self.schedule)
 
     def scan_share(self) -> float:
         """Share of (layer, sequence) steps that ran a full scan so far."""
@@ -67,7 +68,8 @@ def agreement(rows: list[dict]) -> list[dict]:
         a[0] += 1
         a[1] += r["output"] == base["output"]
         a[2] += r["score"] == base["score"]
-    return [{"method": m, "budget": b, "instances": n, "same_output": round(s / n, 4), "same_score": round(t / n, 4)}
+    return [{"method": m, "budget": b, "instances": n, "same_output": round(s / n, 4), "same_score": round(t / n, 4),
+             "same_output_count": s, "same_score_count": t}
             for (m, b), (n, s, t) in sorted(acc.items())]
 
 

@@ -70,8 +70,9 @@ def _cmd_eval(args) -> int:
     if same:
         print(f"PRR exact == Quest DSA, token for token: {sum(same)}/{len(same)} instances")
     for a in result.get("amortized_agreement", []):
-        print(f"{a['method']} budget {a['budget']}: same output as the full scan on {a['same_output']:.1%} of "
-              f"{a['instances']} instances, same score on {a['same_score']:.1%}")
+        print(f"{a['method']} budget {a['budget']}: same output as the full scan on {a['same_output_count']} of "
+              f"{a['instances']} instances ({a['same_output']:.1%}), same score on {a['same_score_count']} "
+              f"({a['same_score']:.1%})")
     if args.plot:
         print(f"wrote {run.plot(result, args.plot)}")
     print(f"saved {args.out}")

@@ -13,6 +13,7 @@ streaming, the CUDA graph of the step) is :mod:`prr.model.generation`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,21 +38,38 @@ __all__ = ["ATTENTIONS", "CacheFull", "CapturedStep", "Engine", "GenerationStats
 
 
 class CapturedStep:
-    """A function of ``tokens [B]`` captured in a CUDA graph: :meth:`run` copies the tokens in and replays."""
+    """A function of ``tokens [B]`` captured in a CUDA graph: :meth:`run` copies the tokens in and replays.
+
+    Sparse layers whose amortized selectors run on the host schedule (issue #12) get one graph per step kind
+    (scan, re-score) in one memory pool; :meth:`run` replays the kind their host clock names (no device read)."""
 
     def __init__(self, eng: Engine, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.eng = eng
         self.tokens = torch.zeros(eng.caches[0].batch, dtype=torch.long, device=eng.model.device)
+        self.selectors = eng._host_scheduled_selectors()
         torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        eng._step_stats = []
-        with torch.cuda.graph(self.graph):
-            self.out = fn(self.tokens)
-        self.stats = eng._step_stats  # the layers' StepStats, in graph memory: each replay refreshes them
+        self.kinds: dict = {}
+        pool = None
+        for kind in ((True, False) if self.selectors else (None,)):
+            with contextlib.ExitStack() as forced:
+                for sel in self.selectors:
+                    forced.enter_context(sel.forced(kind))
+                graph = torch.cuda.CUDAGraph()
+                eng._step_stats = []
+                with torch.cuda.graph(graph, pool=pool):
+                    out = fn(self.tokens)
+            pool = graph.pool() if pool is None else pool
+            # the layers' StepStats, in graph memory: each replay refreshes them
+            self.kinds[kind] = (graph, out, eng._step_stats)
+        self.graph, self.out, self.stats = next(iter(self.kinds.values()))
 
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
+        if self.selectors:
+            self.graph, self.out, self.stats = self.kinds[self.selectors[0].next_is_scan()]
         self.graph.replay()
+        for sel in self.selectors:
+            sel.advance()
         self.eng._step_stats = self.stats
         return self.out
 
@@ -304,6 +322,19 @@ class Engine:
         """Reset the cache length of finished sequences (``active [B]`` 0) to 0 in every layer, so they attend
         one token per step from now on (one op, no sync)."""
         self._lens.mul_(active)
+
+    def _host_scheduled_selectors(self) -> list:
+        """The sparse layers' amortized selectors on the host schedule, their kernels compiled for both step
+        kinds (a graph capture compiles nothing) and their clocks checked to agree."""
+        pairs = [(m.amortized, c) for m, c in zip(getattr(self, "metas", []) or [], self.caches, strict=False)
+                 if m is not None and getattr(m, "amortized", None) is not None and m.amortized.schedule == "host"]
+        if len({(s.every, s.host_step % s.every) for s, _ in pairs}) > 1:
+            raise RuntimeError("host-scheduled amortized selectors must share m and their step count")
+        q = torch.zeros(self.caches[0].batch, self.cfg.num_q_heads, self.cfg.head_dim, dtype=self.caches[0].dtype,
+                        device=self.model.device)
+        for sel, cache in pairs:
+            sel.warm_up(q, cache)
+        return [s for s, _ in pairs]
 
     def capture(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CapturedStep:
         """Capture ``fn(tokens)`` (one decode step and whatever follows it on the device) in a CUDA graph. Run

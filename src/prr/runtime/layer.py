@@ -55,6 +55,8 @@ class LayerStep:
             tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
         amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"`` only: its
             selection has no full scores to feed PRR's predictor); call its ``reset()`` after :meth:`capture`.
+            On its host schedule :meth:`capture` records one graph per step kind (scan, re-score) in one memory
+            pool and :meth:`replay` replays the one the selector's host clock names.
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
@@ -94,6 +96,7 @@ class LayerStep:
                                                        self.cfg.n_local)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tail_graph: torch.cuda.CUDAGraph | None = None
+        self.kind_graphs: dict | None = None  # host-scheduled amortized selection: {scan: (graph, out, last)}
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         # The step's selections (views into graph memory when replaying). "p_idx"/"p_cnt" are the live P buffers:
         # once a step's tail ran (without hold_prediction) they hold the *next* step's P; clone them before the
@@ -211,6 +214,8 @@ class LayerStep:
         the rest of a layer); :meth:`replay` runs both in order."""
         if self.cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the cache on a CUDA device")
+        if self.host_scheduled() is not None:
+            return self._capture_kinds()
         snap = self._snapshot()
         warm = torch.cuda.Stream(device=self.cache.device)
         warm.wait_stream(torch.cuda.current_stream())
@@ -236,6 +241,33 @@ class LayerStep:
         torch.cuda.synchronize()
         self._restore(snap)
 
+    def host_scheduled(self):
+        """The amortized selector this step uses if it runs on the host schedule, else None."""
+        am = self.amortized if self.amortized is not None else getattr(self.meta, "amortized", None)
+        return am if am is not None and am.schedule == "host" else None
+
+    def _capture_kinds(self) -> None:
+        """One graph per amortized step kind, both in the first one's memory pool (the outputs of each stay
+        referenced, so neither graph's outputs are overwritten by the other's work)."""
+        am = self.host_scheduled()
+        warm = torch.cuda.Stream(device=self.cache.device)
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            for scan in (True, False, True, False):  # compile both kinds' kernels before capturing
+                with am.forced(scan):
+                    self._step()
+        torch.cuda.current_stream().wait_stream(warm)
+        torch.cuda.synchronize()
+        self.kind_graphs, pool = {}, None
+        for scan in (True, False):
+            g = torch.cuda.CUDAGraph()
+            with am.forced(scan), torch.cuda.graph(g, pool=pool):
+                out = self._step()
+            pool = g.pool() if pool is None else pool
+            self.kind_graphs[scan] = (g, out, dict(self.last))
+        torch.cuda.synchronize()
+        self.graph, self.out, self.last = self.kind_graphs[True]
+
     def replay(self, q: torch.Tensor | None = None):
         """Replay the captured step (after copying ``q`` into the static query): ``(o, lse)``, views into
         graph memory that the next replay overwrites."""
@@ -243,6 +275,12 @@ class LayerStep:
             raise RuntimeError("call capture() first")
         if q is not None:
             self.q.copy_(q)
+        if self.kind_graphs is not None:  # the host knows the step kind: no device read
+            am = self.host_scheduled()
+            g, self.out, self.last = self.kind_graphs[am.next_is_scan()]
+            g.replay()
+            am.advance()
+            return self.out
         self.graph.replay()
         if self.tail_graph is not None:
             self.tail_graph.replay()

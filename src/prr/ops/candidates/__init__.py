@@ -5,26 +5,27 @@ from .._common import check_infllm_inputs, check_quest_inputs
 from . import reference
 
 
-def quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate="sum"):
+def quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate="sum", plan=None):
     if backend.use_triton(q):
         check_quest_inputs(q, kmin, kmax, cache, block_size)
         reference.check_aggregate(aggregate)
         reference.check_candidates(cand, cache)
         from . import triton as kernels
 
-        return kernels.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate)
-    return reference.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate)
+        return kernels.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan=plan)
+    return reference.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan)
 
 
-def infllm_candidate_scores(q, ckeys, cache, cand, block_size=64, window=32, stride=16, aggregate="sum"):
+def infllm_candidate_scores(q, ckeys, cache, cand, block_size=64, window=32, stride=16, aggregate="sum", plan=None):
     if backend.use_triton(q):
         check_infllm_inputs(q, ckeys, cache, block_size, window, stride)
         reference.check_aggregate(aggregate)
         reference.check_candidates(cand, cache)
         from . import triton as kernels
 
-        return kernels.infllm_candidate_scores(q, ckeys, cache, cand, block_size, window, stride, aggregate)
-    return reference.infllm_candidate_scores(q, ckeys, cache, cand, block_size, window, stride, aggregate)
+        return kernels.infllm_candidate_scores(q, ckeys, cache, cand, block_size, window, stride, aggregate,
+                                               plan=plan)
+    return reference.infllm_candidate_scores(q, ckeys, cache, cand, block_size, window, stride, aggregate, plan)
 
 
 def select_candidates(cand, scores, num_blocks, top_k, n_sink=1, n_local=2):
@@ -36,12 +37,12 @@ def select_candidates(cand, scores, num_blocks, top_k, n_sink=1, n_local=2):
     return reference.select_candidates(cand, scores, num_blocks, top_k, n_sink, n_local)
 
 
-def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size):
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force=-1):
     if backend.use_triton(cand):
         from . import triton as kernels
 
-        return kernels.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
-    return reference.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size)
+        return kernels.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force)
+    return reference.amortized_plan(step, seq_lens, nblk_scan, cand, scans, every, new_slots, block_size, force)
 
 
 def commit_candidates(cand, scan_idx, scan):

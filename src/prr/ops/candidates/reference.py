@@ -38,16 +38,33 @@ def _gather_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, t.shape[-1])
 
 
+def plan_rescore(cand: torch.Tensor, cache: KVCache, block_size: int, plan) -> None:
+    """A re-score step's bookkeeping, in place: what :func:`amortized_plan` does with ``force = 0``, fused into
+    the candidate scorers by their ``plan=(step, nblk_scan, new_slots, nblk_out)`` argument: ``step += 1``, the
+    last ``new_slots`` columns of ``cand`` list the blocks ``nblk_scan .. N - 1`` (-1 padded), and
+    ``nblk_out [B]`` int32 receives N (for the top-K)."""
+    step, nblk_scan, new_slots, nblk_out = plan
+    nblk = num_blocks(cache.seq_lens, block_size)
+    step.add_(1)
+    nblk_out.copy_(nblk)
+    new = nblk_scan[:, None] + torch.arange(new_slots, device=cand.device, dtype=torch.int32)
+    new = torch.where(new < nblk[:, None], new, -1)
+    cand[..., cand.shape[-1] - new_slots:] = new[:, None, :].to(cand.dtype)
+
+
 def quest_candidate_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache: KVCache,
-                           cand: torch.Tensor, block_size: int, aggregate: str = "sum") -> torch.Tensor:
+                           cand: torch.Tensor, block_size: int, aggregate: str = "sum", plan=None) -> torch.Tensor:
     """Quest's bound ``q+ . kmax + q- . kmin`` of the candidate blocks: ``[B, Hkv, C]`` float32 (float64 for
     float64 input), ``-inf`` at empty or dead slots.
 
     ``q: [B, Hq, D]``; ``kmin, kmax: [B, Hkv, N_max, D]`` from :func:`prr.quest_metadata`; ``cand [B, Hkv, C]``.
+    ``plan``: run :func:`plan_rescore` first (the Triton kernel does it in the same launch).
     """
     g = check_quest_inputs(q, kmin, kmax, cache, block_size)
     check_aggregate(aggregate)
     check_candidates(cand, cache)
+    if plan is not None:
+        plan_rescore(cand, cache, block_size, plan)
     acc = acc_dtype(q.dtype)
     live = _live(cand, num_blocks(cache.seq_lens, block_size), kmax.shape[2])
     ids = torch.where(live, cand, 0)
@@ -61,13 +78,16 @@ def quest_candidate_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 def infllm_candidate_scores(q: torch.Tensor, ckeys: torch.Tensor, cache: KVCache, cand: torch.Tensor,
                             block_size: int = 64, window: int = 32, stride: int = 16,
-                            aggregate: str = "sum") -> torch.Tensor:
+                            aggregate: str = "sum", plan=None) -> torch.Tensor:
     """InfLLM-v2's block score (the max over the complete windows inside the block of the group-aggregated
     ``q . c``) of the candidate blocks: ``[B, Hkv, C]`` float32, ``-inf`` at empty or dead slots and for a
-    block with no complete window inside. ``ckeys: [B, Hkv, C_max, D]`` from :func:`prr.infllm_metadata`."""
+    block with no complete window inside. ``ckeys: [B, Hkv, C_max, D]`` from :func:`prr.infllm_metadata`;
+    ``plan`` as :func:`quest_candidate_scores`."""
     g = check_infllm_inputs(q, ckeys, cache, block_size, window, stride)
     check_aggregate(aggregate)
     check_candidates(cand, cache)
+    if plan is not None:
+        plan_rescore(cand, cache, block_size, plan)
     acc = acc_dtype(q.dtype)
     live = _live(cand, num_blocks(cache.seq_lens, block_size), cache.max_blocks(block_size))
     per_blk = block_size // stride  # windows starting in one block
@@ -124,12 +144,20 @@ def select_candidates(cand: torch.Tensor, scores: torch.Tensor, num_blocks: torc
     return torch.where(allids == big, -1, allids).to(torch.int32), counts
 
 
+def check_force(force: int) -> None:
+    if force not in (-1, 0, 1):
+        raise ValueError(f"force must be -1 (the device decides), 0 (no scan) or 1 (every sequence scans), "
+                         f"got {force!r}")
+
+
 def amortized_plan(step: torch.Tensor, seq_lens: torch.Tensor, nblk_scan: torch.Tensor, cand: torch.Tensor,
-                   scans: torch.Tensor, every: int, new_slots: int, block_size: int):
+                   scans: torch.Tensor, every: int, new_slots: int, block_size: int, force: int = -1):
     """One amortized step's bookkeeping, in place, per sequence (no host sync):
 
-    - ``scan = step % every == 0``, or more blocks appeared since the last scan than ``new_slots``, or the
-      sequence got shorter; ``step += 1``, ``scans += scan``; a scanning sequence sets ``nblk_scan = N``;
+    - ``force = -1`` (the device decides): ``scan = step % every == 0``, or more blocks appeared since the last
+      scan than ``new_slots``, or the sequence got shorter; ``force = 1``: every sequence scans; ``force = 0``:
+      none does (the host's schedule says this step re-scores; blocks past the slots are then not listed);
+    - ``step += 1``, ``scans += scan``; a scanning sequence sets ``nblk_scan = N``;
     - the last ``new_slots`` columns of ``cand [B, Hkv, C]`` list the blocks ``nblk_scan ..  N - 1``
       (ascending, -1 padded), for every KV head.
 
@@ -137,8 +165,12 @@ def amortized_plan(step: torch.Tensor, seq_lens: torch.Tensor, nblk_scan: torch.
     int32, gated_nblk [B] int32, nblk [B] int32)``: the lengths and block counts with 0 where a sequence does
     not scan (a full scorer then reads nothing for it), and the true block counts.
     """
+    check_force(force)
     nblk = num_blocks(seq_lens, block_size)
-    scan = ((step % every) == 0) | (nblk > nblk_scan + new_slots) | (nblk < nblk_scan)
+    if force == -1:
+        scan = ((step % every) == 0) | (nblk > nblk_scan + new_slots) | (nblk < nblk_scan)
+    else:
+        scan = torch.full_like(nblk, force, dtype=torch.bool)
     step.add_(1)
     scans.add_(scan.to(scans.dtype))
     nblk_scan.copy_(torch.where(scan, nblk, nblk_scan))

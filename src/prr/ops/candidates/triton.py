@@ -19,13 +19,30 @@ from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
 from ..scoring.triton import _aggregate_rows, _quest_bound
 from ..select.triton import _order_key, _top_k_mask
+from .reference import check_force
 
 
 @triton.jit
-def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_ptr, HKV, C, NMAX,
-                            s_qb, s_qh, s_mb, s_mh, s_mn, s_cb, s_ch, s_ob, s_oh,
+def _plan_rescore(cand_ptr, step_ptr, nscan_ptr, nblk_out_ptr, i_b, i_h, i_c, m_c, nblk, C, R, s_cb, s_ch):
+    """The candidates of slots ``i_c`` after a re-score step's bookkeeping (the plan with force = 0): the last R
+    slots list the blocks new since the scan, written back for the top-K; one program per sequence counts the
+    step and stores its block count."""
+    j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c & (i_c < C - R), other=-1)
+    is_new = m_c & (i_c >= C - R)
+    new = tl.load(nscan_ptr + i_b) + (i_c - (C - R))
+    j = tl.where(is_new, tl.where(new < nblk, new, -1), j)
+    tl.store(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, j, mask=is_new)
+    if (i_h == 0) & (tl.program_id(1) == 0):
+        tl.store(step_ptr + i_b, tl.load(step_ptr + i_b) + 1)
+        tl.store(nblk_out_ptr + i_b, nblk)
+    return j
+
+
+@triton.jit
+def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_ptr, step_ptr, nscan_ptr, nblk_out_ptr,
+                            HKV, C, NMAX, R, s_qb, s_qh, s_mb, s_mh, s_mn, s_cb, s_ch, s_ob, s_oh,
                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            BLOCK_C: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
+                            BLOCK_C: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, PLAN: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -35,7 +52,10 @@ def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_pt
     m_g = i_g < G
     m_c = i_c < C
     nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
-    j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
+    if PLAN:
+        j = _plan_rescore(cand_ptr, step_ptr, nscan_ptr, nblk_out_ptr, i_b, i_h, i_c, m_c, nblk, C, R, s_cb, s_ch)
+    else:
+        j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
     m_j = m_c & (j >= 0) & (j < nblk) & (j < NMAX)
     q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
     off = i_b * s_mb + i_h * s_mh + tl.where(m_j, j, 0)[:, None].to(tl.int64) * s_mn + i_d[None, :]
@@ -46,11 +66,12 @@ def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_pt
 
 
 @triton.jit
-def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, HKV, C, NMAX, CMAX,
-                             s_qb, s_qh, s_kb, s_kh, s_kn, s_cb, s_ch, s_ob, s_oh,
+def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, step_ptr, nscan_ptr, nblk_out_ptr,
+                             HKV, C, NMAX, CMAX, R, s_qb, s_qh, s_kb, s_kh, s_kn, s_cb, s_ch, s_ob, s_oh,
                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                              WINDOW: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
-                             INSIDE: tl.constexpr, BLOCK_C: tl.constexpr, AGG_MAX: tl.constexpr):
+                             INSIDE: tl.constexpr, BLOCK_C: tl.constexpr, AGG_MAX: tl.constexpr,
+                             PLAN: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -61,7 +82,10 @@ def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, HKV, C, 
     m_c = i_c < C
     seq_len = tl.load(len_ptr + i_b)
     nblk = (seq_len + BS - 1) // BS
-    j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
+    if PLAN:
+        j = _plan_rescore(cand_ptr, step_ptr, nscan_ptr, nblk_out_ptr, i_b, i_h, i_c, m_c, nblk, C, R, s_cb, s_ch)
+    else:
+        j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
     m_j = m_c & (j >= 0) & (j < nblk) & (j < NMAX)
     # The PER windows starting in each candidate block, flattened [BLOCK_C * PER]; the first INSIDE lie in it.
     i_w = tl.arange(0, BLOCK_C * PER)
@@ -118,10 +142,27 @@ def _out(cand, out):
     return torch.empty(b, h, c, dtype=torch.float32, device=cand.device) if out is None else out
 
 
-def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int, aggregate: str = "sum", out=None):
-    """Triton twin of :func:`prr.ops.candidates.reference.quest_candidate_scores` (`out` reuses a buffer)."""
+def _plan_args(plan, cand):
+    """Kernel arguments of the fused re-score bookkeeping: (step, nblk_scan, nblk_out, R), or placeholders."""
+    if plan is None:
+        return cand, cand, cand, 0
+    step, nblk_scan, new_slots, nblk_out = plan
+    for name, t, dt in (("step", step, torch.int64), ("nblk_scan", nblk_scan, torch.int32),
+                        ("nblk_out", nblk_out, torch.int32)):
+        if t.dtype != dt or not t.is_contiguous() or t.shape != (cand.shape[0],):
+            raise ValueError(f"plan: {name} must be a contiguous [B] {dt} tensor, got {t.dtype} {tuple(t.shape)}")
+    if not 0 < new_slots <= cand.shape[-1]:
+        raise ValueError(f"plan: new_slots must lie in [1, C={cand.shape[-1]}], got {new_slots}")
+    return step, nblk_scan, nblk_out, new_slots
+
+
+def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int, aggregate: str = "sum", out=None,
+                           plan=None):
+    """Triton twin of :func:`prr.ops.candidates.reference.quest_candidate_scores` (`out` reuses a buffer;
+    `plan` fuses a re-score step's bookkeeping into the launch)."""
     check_layout(cache, q)
     _check_cand(cand)
+    step, nscan, nblk_out, r = _plan_args(plan, cand)
     if kmin.stride() != kmax.stride() or kmax.stride(-1) != 1:
         raise ValueError("kmin and kmax must share strides with a unit last stride")
     bsz, hq, d = q.shape
@@ -131,20 +172,21 @@ def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int,
     out = _out(cand, out)
     block_c = 64
     _quest_candidate_kernel[(bsz * hkv, triton.cdiv(c, block_c))](
-        q, kmin, kmax, cache.seq_lens, cand, out, hkv, c, kmax.shape[2],
+        q, kmin, kmax, cache.seq_lens, cand, out, step, nscan, nblk_out, hkv, c, kmax.shape[2], r,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), cand.stride(0), cand.stride(1),
         out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_C=block_c, PREC=_prec(q.dtype),
-        AGG_MAX=aggregate == "max", num_warps=4,
+        AGG_MAX=aggregate == "max", PLAN=plan is not None, num_warps=4,
     )
     return out
 
 
 def infllm_candidate_scores(q, ckeys, cache: KVCache, cand, block_size=64, window=32, stride=16, aggregate="sum",
-                            out=None):
+                            out=None, plan=None):
     """Triton twin of :func:`prr.ops.candidates.reference.infllm_candidate_scores`."""
     check_layout(cache, q)
     _check_cand(cand)
+    step, nscan, nblk_out, r = _plan_args(plan, cand)
     if ckeys.stride(-1) != 1:
         raise ValueError("ckeys must have a unit last stride")
     per = block_size // stride
@@ -157,19 +199,22 @@ def infllm_candidate_scores(q, ckeys, cache: KVCache, cand, block_size=64, windo
     out = _out(cand, out)
     block_c = 16
     _infllm_candidate_kernel[(bsz * hkv, triton.cdiv(c, block_c))](
-        q, ckeys, cache.seq_lens, cand, out, hkv, c, cache.max_blocks(block_size), ckeys.shape[2],
-        q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), cand.stride(0), cand.stride(1),
-        out.stride(0), out.stride(1),
+        q, ckeys, cache.seq_lens, cand, out, step, nscan, nblk_out, hkv, c, cache.max_blocks(block_size),
+        ckeys.shape[2], r, q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2),
+        cand.stride(0), cand.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride, PER=per,
-        INSIDE=(block_size - window) // stride + 1, BLOCK_C=block_c, AGG_MAX=aggregate == "max", num_warps=4,
+        INSIDE=(block_size - window) // stride + 1, BLOCK_C=block_c, AGG_MAX=aggregate == "max",
+        PLAN=plan is not None, num_warps=4,
     )
     return out
 
 
-def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None):
+def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None,
+                      num_warps: int | None = None):
     """Triton twin of :func:`prr.ops.candidates.reference.select_candidates`; the valid ids of each row must be
     ascending (the result is then sorted without a sort). Ties at the K-th score go to the lowest ids.
-    `out=(indices, counts)` reuses buffers."""
+    `out=(indices, counts)` reuses buffers; `num_warps` overrides the launch's (benchmarks: the 32 rounds of
+    the K-th-key search are row reductions, cheaper within one warp)."""
     _check_cand(cand)
     if scores.dtype != torch.float32 or scores.stride(-1) != 1:
         raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
@@ -185,7 +230,8 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
     _select_candidates_kernel[(bsz * hkv,)](
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-        C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)), num_warps=4 if c_pad <= 2048 else 8,
+        C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        num_warps=num_warps or (4 if c_pad <= 2048 else 8),
     )
     return idx, cnt
 
@@ -195,13 +241,16 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
 @triton.jit
 def _plan_kernel(step_ptr, len_ptr, nscan_ptr, cand_ptr, scans_ptr, scan_ptr, glen_ptr, gnblk_ptr, nblk_ptr,
                  HKV, EVERY, R, C, s_cb, s_ch,
-                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr):
+                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr, FORCE: tl.constexpr):
     i_b = tl.program_id(0)
     step = tl.load(step_ptr + i_b)
     seq_len = tl.load(len_ptr + i_b)
     nscan = tl.load(nscan_ptr + i_b)
     n = (seq_len + BS - 1) // BS
-    scan = ((step % EVERY) == 0) | (n > nscan + R) | (n < nscan)
+    if FORCE == -1:
+        scan = ((step % EVERY) == 0) | (n > nscan + R) | (n < nscan)
+    else:
+        scan = (n * 0 + FORCE) != 0
     tl.store(step_ptr + i_b, step + 1)
     tl.store(scans_ptr + i_b, tl.load(scans_ptr + i_b) + scan.to(tl.int64))
     nscan = tl.where(scan, n, nscan)
@@ -229,9 +278,11 @@ def _commit_kernel(cand_ptr, idx_ptr, scan_ptr, HKV, K, s_cb, s_ch, s_ib, s_ih, 
         tl.store(cand_ptr + i_b * s_cb + i_h * s_ch + i_k, row, mask=i_k < K)
 
 
-def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots: int, block_size: int):
+def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots: int, block_size: int,
+                   force: int = -1):
     """Triton twin of :func:`prr.ops.candidates.reference.amortized_plan`: one launch for the bookkeeping."""
     _check_cand(cand)
+    check_force(force)
     for name, t, dt in (("step", step, torch.int64), ("scans", scans, torch.int64), ("seq_lens", seq_lens, torch.int32),
                         ("nblk_scan", nblk_scan, torch.int32)):
         if t.dtype != dt or not t.is_contiguous():
@@ -240,7 +291,7 @@ def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots
     out = [torch.empty(bsz, dtype=torch.int32, device=cand.device) for _ in range(4)]
     _plan_kernel[(bsz,)](step, seq_lens, nblk_scan, cand, scans, *out, hkv, every, new_slots, c, cand.stride(0),
                          cand.stride(1), BS=block_size, H_PAD=triton.next_power_of_2(hkv),
-                         R_PAD=triton.next_power_of_2(new_slots), num_warps=1)
+                         R_PAD=triton.next_power_of_2(new_slots), FORCE=force, num_warps=1)
     return tuple(out)
 
 
