@@ -36,6 +36,25 @@ def smollm():
     return bundled_model()
 
 
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Outputs allocated with ``torch.empty`` start as NaN (ints as a sentinel; int8 flags nonzero), so an element
+    a kernel forgets to write fails the comparison. Kernel test modules use it for every test."""
+    real_empty = torch.empty
+
+    def empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-12345)
+        elif t.dtype == torch.int8:  # flags: nonzero means "set", so an unwritten flag would count
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 def make_cache(lens, hkv=2, d=64, *, page_size=16, capacity=None, dtype=torch.float64, shuffle=True, seed=0):
     """A paged cache of random keys/values with the given per-sequence lengths, pages scattered."""
     gen = torch.Generator().manual_seed(seed)

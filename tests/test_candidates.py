@@ -18,19 +18,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 LOWP = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty(monkeypatch):
-    real_empty = torch.empty
-
-    def empty(*args, **kw):
-        t = real_empty(*args, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(-12345)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def _cand(cache, bs, c, seed=0, ascending=True):

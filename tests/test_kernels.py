@@ -24,21 +24,7 @@ LOWP = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float1
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty(monkeypatch):
-    real_empty = torch.empty
-
-    def empty(*args, **kw):
-        t = real_empty(*args, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(-12345)
-        elif t.dtype == torch.int8:  # flags: nonzero means "set", so an unwritten flag would count
-            t.fill_(-7)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def _to(cache, dtype):

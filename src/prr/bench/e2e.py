@@ -31,6 +31,9 @@ from .timeline import graph_timeline, step_breakdown
 BF16 = 2
 
 
+TIMELINE_REPLAYS = 5  # replays averaged into the breakdown's timeline (graph_timeline adds one warm-up)
+
+
 def _time_steps(eng: Engine, steps: int) -> list[float]:
     tok = torch.zeros(eng.caches[0].batch, dtype=torch.long, device="cuda")
     out = []
@@ -106,8 +109,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     for ctx_asked in contexts:
         # "128K" is the whole window of a 128K model: leave room for the decoded tokens.
         # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
-        # (the breakdown's timeline replays the step 6 more times: each replay appends a token)
-        spare = (steps + 2 + (6 if breakdown else 0)) * (1 if tp is None else 2)
+        # (the breakdown's timeline replays the step 1 + TIMELINE_REPLAYS more times: each appends a token)
+        spare = (steps + 2 + (1 + TIMELINE_REPLAYS if breakdown else 0)) * (1 if tp is None else 2)
         ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
@@ -130,7 +133,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                        "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
                        "steps_us": [round(t, 1) for t in times]}
                 if breakdown:  # where the step's time goes: one kernel timeline of the captured step
-                    tl = graph_timeline(eng._graph.graph, replays=5)
+                    tl = graph_timeline(eng._graph.graph, replays=TIMELINE_REPLAYS)
                     row["breakdown"] = step_breakdown(tl, attention)
                     row["breakdown"]["kernels"] = len(tl)
                 if attention == "prr":

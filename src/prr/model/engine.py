@@ -280,7 +280,7 @@ class Engine:
 
     def _attend(self, i: int, q, k, v):
         cache = self.caches[i]
-        if getattr(self.model, "fuse", True):
+        if self.model.fuse:
             fused.append_kv(cache, k, v)  # one kernel on a GPU (the cache's own append: 9)
         else:  # the unfused baseline
             cache.append(k, v)

@@ -14,7 +14,8 @@ def rms_norm(x, w, eps, residual=None):
 
 
 def swiglu(gu):
-    if backend.use_triton(gu) and gu.shape[1] % 2 == 0 and gu.dim() == 2:
+    reference.check_swiglu_inputs(gu)
+    if backend.use_triton(gu):
         from . import triton as kernels
 
         return kernels.swiglu(gu)

@@ -39,11 +39,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
     return y, s
 
 
-def swiglu(gu: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` of the fused gate/up product ``gu [R, 2F]`` (g: the first F columns): ``[R, F]``."""
+def check_swiglu_inputs(gu) -> None:
     check.tensor("gu", gu, ndim=2, dtypes=check.FLOAT_DTYPES)
     if gu.shape[1] % 2:
         raise ValueError(f"gu must hold gate and up side by side (an even width), got {gu.shape[1]}")
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` of the fused gate/up product ``gu [R, 2F]`` (g: the first F columns): ``[R, F]``."""
+    check_swiglu_inputs(gu)
     g, u = gu.chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
 
