@@ -231,6 +231,69 @@ def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local):
             assert got == want, (b, h)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_topk_kernel_every_search_radix(bits, monkeypatch):
+    """The k-th key search gives the same set with 1, 2 or 4 bits a pass (binary, 4-ary, 16-ary): keys at the
+    int32 extremes (+-1e38, -0.0 and 0.0, denormals), heavy ties and -inf non-candidates."""
+    from prr.ops.select import triton as sel_triton
+
+    monkeypatch.setattr(sel_triton, "radix_bits", lambda n: bits)
+    gen = torch.Generator().manual_seed(bits)
+    n, top_k = 700, 37
+    scores = torch.randn(3, 2, n, generator=gen)
+    scores[0, 0, 100:140] = 3.0e38
+    scores[0, 0, 140:200] = -3.0e38
+    scores[0, 1, :] = torch.tensor([0.0, -0.0, 1e-45, -1e-45]).repeat(n // 4 + 1)[:n]
+    scores[1, 0, ::3] = float("-inf")
+    scores[1, 1, :] = torch.randint(0, 3, (n,), generator=gen).float()  # ties at the K-th across groups
+    nblk = torch.tensor([n, n - 50, 41], dtype=torch.int32)
+    with use_backend("triton"):
+        idx, cnt = prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), top_k, 1, 2)
+    for b in range(3):
+        m = int(nblk[b])
+        for h in range(2):
+            s = scores[b, h]
+            if m <= top_k + 3:
+                want = list(range(m))
+            else:
+                dyn = [j for j in range(1, m - 2) if s[j] > float("-inf")]
+                dyn.sort(key=lambda j: (-float(s[j]), j))
+                want = sorted({0, m - 2, m - 1} | set(dyn[:top_k]))
+            assert idx[b, h, : cnt[b, h]].cpu().tolist() == want, (bits, b, h)
+
+
+@pytest.mark.parametrize("method", ["quest", "infllm_v2"])
+def test_scoring_kernel_writes_the_topk_group_maxima(method):
+    """The scoring kernel's tail writes exactly the top-K's stage-1 group maxima (so the selection skips that
+    launch), and select() with them equals the reference selection."""
+    from prr.ops.select import triton as sel_triton
+
+    lens = [700, 37, 1500, 0] if method == "quest" else [1500, 200, 64, 0]
+    base = make_cache(lens, hkv=2, d=64, capacity=1536)
+    cache = _to(base, torch.float32)
+    q = make_query(base, 4).to(DEVICE, torch.float32)
+    cfg = prr.SparseConfig.from_budget(method, 512 if method == "quest" else 640, n_sink=2, n_local=3)
+    with use_backend("triton"):
+        meta = prr.BlockMetadata(cfg, cache)
+        scores, gmax = meta.scores(q, cache, with_groups=True)
+        nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
+        want = torch.empty_like(gmax)
+        ng = want.shape[1]
+        sel_triton._group_max_kernel[(scores.shape[0] * scores.shape[1], -(-ng // 64))](
+            scores, nblk, want, scores.shape[1], scores.shape[2], ng, cfg.n_sink, cfg.n_local,
+            scores.stride(0), scores.stride(1), GROUP=sel_triton.GROUP, BLOCK_G=64)
+        assert torch.equal(gmax, want)
+        sel = prr.select(q, cache, meta)
+    ref_meta = prr.BlockMetadata(cfg, base)
+    ref = prr.select(q.cpu().double(), prr.KVCache(base.k.double(), base.v.double(), base.page_table,
+                                                   base.seq_lens), ref_meta)
+    assert torch.equal(sel.counts.cpu(), ref.counts)
+    for b in range(len(lens)):
+        for h in range(2):
+            c = int(ref.counts[b, h])
+            assert sel.indices[b, h, :c].cpu().tolist() == ref.indices[b, h, :c].tolist(), (b, h)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # repair-combine
 # --------------------------------------------------------------------------------------------------------------

@@ -119,14 +119,19 @@ class BlockMetadata:
         elif cfg.method == "infllm_v2":
             ops.infllm_metadata_append(self.ckeys, cache, cfg.window, cfg.stride)
 
-    def scores(self, q: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Block scores ``[B, Hkv, N_max]`` float32 of the configured method."""
+    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False):
+        """Block scores ``[B, Hkv, N_max]`` float32 of the configured method; ``with_groups``: ``(scores,
+        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise)."""
         cfg = self.cfg
+        groups = (cfg.n_sink, cfg.n_local) if with_groups else None
         if cfg.method == "quest":
-            return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate)
+            return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate,
+                                    group_max_for=groups)
         if cfg.method == "infllm_v2":
-            return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate)
-        return ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
+            return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate,
+                                     group_max_for=groups)
+        s = ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
+        return (s, None) if with_groups else s
 
 
 def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None,
@@ -142,7 +147,7 @@ def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | No
     if amortized is not None and top_k in (None, meta.cfg.top_k):
         return amortized.select(q, cache, nblk)
     cfg = meta.cfg
-    scores = meta.scores(q, cache)
+    scores, gmax = meta.scores(q, cache, with_groups=True)
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk
-    idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local)
+    idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gmax)
     return Selection(idx, cnt, scores)

@@ -64,15 +64,47 @@ class StepOutput:
     predicted: Selection | None = None  # P (PRR only)
 
 
-def dsa_step(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, scale: float | None = None) -> StepOutput:
-    """Serialized DSA: select, then attend over the selection."""
+@dataclass
+class StepCounts:
+    """The block counts every sparse layer of one model step shares (their caches grow in lockstep), computed
+    once per token instead of once per layer (each is a few small kernels; at batch 1 a kernel's launch costs
+    more than its work): blocks per sequence ``nblk [B]``, the blocks forced into every selection ``forced``
+    and into both S and P ``forced_prr`` (``[B, Hkv]``), and a ``zero [B, Hkv]``; all int32."""
+
+    nblk: torch.Tensor
+    forced: torch.Tensor
+    forced_prr: torch.Tensor
+    zero: torch.Tensor
+
+    @classmethod
+    def of(cls, seq_lens: torch.Tensor, cfg, num_kv_heads: int, spec_k: int | None = None) -> StepCounts:
+        """Counts for caches holding ``seq_lens [B]`` tokens (after this step's append)."""
+        return cls.from_blocks(ops.num_blocks(seq_lens, cfg.block_size), cfg, num_kv_heads, spec_k)
+
+    @classmethod
+    def from_blocks(cls, nblk: torch.Tensor, cfg, num_kv_heads: int, spec_k: int | None = None) -> StepCounts:
+        """Counts for ``nblk [B]`` blocks per sequence."""
+        forced = forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.k_max)
+        both = forced
+        if spec_k is not None:  # P's capacity may be the smaller one when K' < K
+            both = torch.minimum(forced, forced_blocks(nblk, cfg.n_sink, cfg.n_local,
+                                                       cfg.n_sink + cfg.n_local + spec_k))
+        shape = (nblk.shape[0], num_kv_heads)
+        return cls(nblk, forced.to(torch.int32)[:, None].expand(shape), both.to(torch.int32)[:, None].expand(shape),
+                   torch.zeros(shape, dtype=torch.int32, device=nblk.device))
+
+
+def dsa_step(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, scale: float | None = None,
+             counts: StepCounts | None = None) -> StepOutput:
+    """Serialized DSA: select, then attend over the selection. ``counts``: this step's shared
+    :class:`StepCounts` (a model passes one for all its layers; default: computed here)."""
     cfg = meta.cfg if isinstance(meta, BlockMetadata) else None
-    sel = select(q, cache, meta)
+    if counts is None:
+        counts = StepCounts.of(cache.seq_lens, cfg, cache.num_kv_heads)
+    sel = select(q, cache, meta, nblk=counts.nblk)
     o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, scale)
-    zero = torch.zeros_like(sel.counts)
-    forced = forced_blocks(ops.num_blocks(cache.seq_lens, cfg.block_size), cfg.n_sink, cfg.n_local, cfg.k_max)
-    forced = forced.to(torch.int32)[:, None].expand_as(sel.counts)
-    return StepOutput(o, lse, sel, StepStats(sel.counts, zero, zero, sel.counts, zero, forced))
+    zero = counts.zero
+    return StepOutput(o, lse, sel, StepStats(sel.counts, zero, zero, sel.counts, zero, counts.forced))
 
 
 def speculative_top_k(top_k: int, ratio: float) -> int:
@@ -143,11 +175,11 @@ def prr_step(
     return StepOutput(o, lse, sel, stats, Selection(p_idx, p_cnt))
 
 
-def prr_stats(p_idx, p_cnt, sel: Selection, nblk: torch.Tensor, cfg, spec_k: int) -> StepStats:
-    """Block counts of a PRR step from its P and S (``nblk``: blocks per sequence this step)."""
+def prr_stats(p_idx, p_cnt, sel: Selection, nblk: torch.Tensor, cfg, spec_k: int,
+              forced: torch.Tensor | None = None) -> StepStats:
+    """Block counts of a PRR step from its P and S (``nblk``: blocks per sequence this step; ``forced``: the
+    blocks forced into both, ``StepCounts.forced_prr``, computed here when not given)."""
     hits = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts).sum(-1, dtype=torch.int32)
-    # Blocks forced into both S and P (P's capacity may be the smaller one when K' < K).
-    forced = torch.minimum(forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.k_max),
-                           forced_blocks(nblk, cfg.n_sink, cfg.n_local, cfg.n_sink + cfg.n_local + spec_k))
-    forced = forced.to(torch.int32)[:, None].expand_as(hits)
+    if forced is None:
+        forced = StepCounts.from_blocks(nblk, cfg, hits.shape[1], spec_k).forced_prr
     return StepStats(sel.counts, p_cnt, hits, sel.counts - hits, p_cnt - hits, forced)

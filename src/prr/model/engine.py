@@ -22,7 +22,7 @@ from .. import _checks as check
 from .. import memory, ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, SparseConfig
-from ..algo.step import dsa_step, speculative_top_k
+from ..algo.step import StepCounts, dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..ops import fused
 from ..runtime.layer import LayerStep
@@ -110,6 +110,7 @@ class Engine:
         self._calib_q: dict[int, torch.Tensor] = {}
         self._step_stats: list = []
         self._all_blocks = None
+        self._counts = self._pages = None  # per decode step: StepCounts, pages per sequence
         self._graph = None
         self._steps: dict[int, LayerStep] = {}
         self.record: dict | None = None  # layer -> [(scores [B, Hkv, N], num_blocks [B])] when set to {}
@@ -275,7 +276,9 @@ class Engine:
             self._all_blocks = (idx.expand(cache.batch, cache.num_kv_heads, -1).contiguous(),
                                 torch.empty(cache.batch, cache.num_kv_heads, dtype=torch.int32, device=cache.device))
         idx, cnt = self._all_blocks
-        cnt.copy_(ops.num_blocks(cache.seq_lens, cache.page_size)[:, None].expand_as(cnt))
+        if self._pages is None:  # the step's pages per sequence (once per token, shared by the dense layers)
+            self._pages = ops.num_blocks(cache.seq_lens, cache.page_size)
+            cnt.copy_(self._pages[:, None].expand_as(cnt))
         return ops.sparse_decode(q, cache, idx, cnt, cache.page_size)[0]
 
     def _attend(self, i: int, q, k, v):
@@ -288,12 +291,15 @@ class Engine:
             return self._dense(q, cache)
         meta = self.metas[i]
         meta.append(cache)
+        if self._counts is None:  # once per token: the caches grow in lockstep
+            self._counts = StepCounts.of(cache.seq_lens, self.sparse, cache.num_kv_heads,
+                                         speculative_top_k(self.sparse.top_k, self.ratio))
         if self.attention == "dsa":
-            out = dsa_step(q, cache, meta)
+            out = dsa_step(q, cache, meta, counts=self._counts)
             o, stats, scores = out.o, out.stats, out.selection.scores
         else:  # the runtime step: on a GPU selection and speculation overlap, the tail is deferred
             step = self._steps[i]
-            o, _ = step.run(q)
+            o, _ = step.run(q, self._counts)
             stats, scores = step.stats, step.last["scores"]
         self._step_stats.append(stats)
         if self.record is not None:  # the locality study keeps every sparse layer's true block scores
@@ -305,6 +311,7 @@ class Engine:
         """One eager decode step, one token per sequence (``tokens [B]``): logits ``[B, V]``. The sparse layers'
         :class:`prr.StepStats` are left in ``_step_stats`` (device tensors; nothing is read on the host)."""
         self._step_stats = []
+        self._counts = self._pages = None  # computed by the first layer that needs them, shared by the rest
         pos = self.caches[0].seq_lens.long()
         logits = self.model.decode(tokens, pos, self._attend)
         if self._steps:  # the last layers' deferred tails (one shared side stream)

@@ -22,7 +22,7 @@ from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, select
-from ..algo.step import STEP_MODES, prr_stats, speculative_top_k
+from ..algo.step import STEP_MODES, StepCounts, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
@@ -87,6 +87,7 @@ class LayerStep:
         self.tail, self.hold_prediction = tail, hold_prediction
         self.defer_tail, self.collect_stats = defer_tail, collect_stats
         self.stats = None
+        self.counts: StepCounts | None = None  # set by run(): the model step's shared counts
         self.grow = check.nonneg_int("grow", grow)
         self.spec_programs = spec_programs
         if method == "prr":  # P for the first step, from the predictor's current state
@@ -114,7 +115,7 @@ class LayerStep:
         """The critical path on query `q` (default: the static ``self.q`` graphs read): ``(o, lse, sel, nblk)``."""
         cfg, cache = self.cfg, self.cache
         q = self.q if q is None else q
-        nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+        nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if self.counts is None else self.counts.nblk
         if self.method == "dsa":
             sel = select(q, cache, self.meta, nblk=nblk, amortized=self.amortized)
             self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
@@ -145,8 +146,8 @@ class LayerStep:
                                         mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
-        if self.collect_stats and not (self.tail and self.side is not None):
-            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k)  # (a stream-less tail runs after)
+        if self.collect_stats and not (self.tail and self.side is not None):  # (a stream-less tail runs after)
+            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k, self._forced())
         return o, lse, sel, nblk
 
     def _tail(self, sel, nblk, fork: bool = True):
@@ -162,7 +163,7 @@ class LayerStep:
                 # The step's counts from the P it used, before the prediction below overwrites it: a dozen small
                 # kernels, off the critical path here (on the main stream after the join they cost a PRR step
                 # of Llama-3.1-8B ~1 ms per token: 720 kernels, measured with the e2e breakdown)
-                self.stats = prr_stats(self.p_idx, self.p_cnt, sel, nblk, cfg, self.spec_k)
+                self.stats = prr_stats(self.p_idx, self.p_cnt, sel, nblk, cfg, self.spec_k, self._forced())
             pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
             self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
             nblk_next = ops.num_blocks(self.cache.seq_lens + self.grow, cfg.block_size) if self.grow else nblk
@@ -172,6 +173,9 @@ class LayerStep:
                 self.p_cnt.copy_(nxt[1])
         if main is not None and not self.defer_tail:
             main.wait_stream(self.side)  # a captured graph must end with its streams joined
+
+    def _forced(self):
+        return None if self.counts is None else self.counts.forced_prr
 
     def join(self) -> None:
         """Make the current stream wait for a deferred tail (and anything else on the side stream)."""
@@ -187,10 +191,15 @@ class LayerStep:
         return o, lse
 
     # ---- eager and graph ---------------------------------------------------------------------------------
-    def run(self, q: torch.Tensor):
+    def run(self, q: torch.Tensor, counts: StepCounts | None = None):
         """Eager step on query ``q [B, Hq, D]``: ``(o, lse)``. The query is read in place (no copy into the
-        static buffer: a model capturing its whole decode step already holds q in graph memory)."""
-        self.out = self._step(q)
+        static buffer: a model capturing its whole decode step already holds q in graph memory). ``counts``:
+        the model step's :class:`prr.algo.step.StepCounts` for this cache (default: computed per layer)."""
+        self.counts = counts
+        try:
+            self.out = self._step(q)
+        finally:
+            self.counts = None
         return self.out
 
     def _state(self):

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
+from ..select.triton import GROUP, _order_key
 
 
 @triton.jit
@@ -20,6 +21,18 @@ def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
     if AGG_MAX:
         return tl.max(tl.where(m_g[:, None], s, float("-inf")), axis=0)
     return tl.sum(tl.where(m_g[:, None], s, 0.0), axis=0)
+
+
+@triton.jit
+def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """The selection's stage 1 in the scoring kernel's tail (saves its launch): the order key of the best
+    dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]``,
+    exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
+    cand = (i_n < n) & (i_n >= N_SINK) & (i_n < n - N_LOCAL) & (agg > float("-inf"))
+    key = tl.where(cand, _order_key(agg), -2147483648)
+    gmax = tl.max(tl.reshape(key, (BLOCK_N // GROUP, GROUP)), axis=1)
+    i_gr = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
+    tl.store(g_row + i_gr, gmax, mask=i_gr < NG)
 
 
 @triton.jit
@@ -39,10 +52,11 @@ def _quest_bound(q, b_hi, b_lo, m_g, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
+def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL,
                          s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
+                         BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
+                         WRITE_GMAX: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -61,16 +75,20 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, HKV, NMAX,
         agg = tl.where(m_n, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
     else:
-        tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, tl.full([BLOCK_N], float("-inf"), tl.float32),
-                 mask=i_n < NMAX)
+        agg = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 @triton.jit
-def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, HKV, NMAX, CMAX,
+def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, CMAX, NG, N_SINK, N_LOCAL,
                           s_qb, s_qh, s_cb, s_ch, s_cn, s_ob, s_oh,
                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           WINDOW: tl.constexpr, STRIDE: tl.constexpr, INSIDE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr):
+                          BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
+                          WRITE_GMAX: tl.constexpr):
     PER: tl.constexpr = BS // STRIDE  # windows starting in one block; the first INSIDE lie wholly inside
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
@@ -92,10 +110,26 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, HKV, NMAX, CMAX,
     nblk = (seq_len + BS - 1) // BS
     blk = tl.where(i_n < nblk, blk, float("-inf"))
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
-def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str = "sum", out=None):
-    """Triton twin of :func:`prr.ops.scoring.reference.quest_scores` (`out` reuses a buffer)."""
+def _group_max_buffer(q, hkv, nmax, forced):
+    """``(buffer, NG, n_sink, n_local)`` for a scoring kernel that also writes the selection's group maxima
+    (``forced = (n_sink, n_local)``), or a dummy when it does not."""
+    if forced is None:
+        return torch.empty(1, dtype=torch.int32, device=q.device), 1, 0, 0
+    ng = triton.cdiv(nmax, GROUP)
+    return torch.empty(q.shape[0] * hkv, ng, dtype=torch.int32, device=q.device), ng, *forced
+
+
+def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str = "sum", out=None,
+                 group_max_for=None):
+    """Triton twin of :func:`prr.ops.scoring.reference.quest_scores` (`out` reuses a buffer).
+
+    ``group_max_for=(n_sink, n_local)``: also return the top-K's stage-1 group maxima for that selection
+    (``(scores, group_max)``; pass it on to :func:`prr.ops.select.triton.select_blocks`)."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -105,17 +139,21 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
         raise ValueError("kmin and kmax must share strides with a unit last stride")
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = 64
+    gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
     _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, kmin, kmax, cache.seq_lens, out, hkv, nmax,
+        q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
-        PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", num_warps=4,
+        PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
+        num_warps=4,
     )
-    return out
+    return out if group_max_for is None else (out, gmax)
 
 
-def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16, aggregate="sum", out=None):
-    """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores`."""
+def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16, aggregate="sum", out=None,
+                  group_max_for=None):
+    """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores` (``group_max_for``: see
+    :func:`quest_scores`)."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -125,13 +163,15 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
         raise ValueError("ckeys must have a unit last stride")
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = 16
+    gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
     _infllm_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, ckeys, cache.seq_lens, out, hkv, nmax, ckeys.shape[2],
+        q, ckeys, cache.seq_lens, out, gmax, hkv, nmax, ckeys.shape[2], ng, n_sink, n_local,
         q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride,
-        INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", num_warps=4,
+        INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", GROUP=GROUP,
+        WRITE_GMAX=group_max_for is not None, num_warps=4,
     )
-    return out
+    return out if group_max_for is None else (out, gmax)
 
 
 __all__ = ["infllm_scores", "quest_scores"]

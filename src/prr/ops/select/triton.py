@@ -4,10 +4,11 @@ Two stages, so the per-row work is small even at 32K blocks (512K tokens of 16-t
 
 1. ``_group_max_kernel`` (many programs): the max dynamic-candidate score of every group of GROUP blocks.
 2. ``_topk_kernel`` (one program per (sequence, KV head)): the K best groups by their max are found exactly
-   (binary search over an order-preserving int32 key, 32 compare-and-count passes over the group maxima).
+   (a 16-ary search over an order-preserving int32 key: 8 passes, each counting the group maxima at or above
+   16 thresholds at once).
    Every block of the top K lies in one of those K groups (a group holding a top-K block has a max at least
    the K-th largest score, which is at least the K-th largest group max; ties go to the lowest ids), so a
-   second binary search over just those K x GROUP scores finds the K-th score, ties at it going to the
+   second search over just those K x GROUP scores finds the K-th score, ties at it going to the
    lowest block ids. The candidates are gathered in ascending id order, so a prefix sum writes the chosen
    ids already sorted, between the sink blocks and the local blocks.
 """
@@ -31,26 +32,33 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_key(key, k):
+def _kth_key(key, k, BITS: tl.constexpr = 4):
     """The k-th largest of `key` (INT32_MIN entries never count); INT32_MIN if fewer than k count.
 
-    Binary search for the largest T with #(key >= T) >= k; int64 bounds so they cannot overflow.
+    A 2^BITS-ary search for the largest T with #(key >= T) >= k: each of the 32 / BITS passes counts the keys
+    at or above 2^BITS evenly spaced thresholds at once (one [2^BITS, N] compare, one reduction) and keeps
+    the last threshold still reached by k keys; the counts fall with the threshold, so that is the number of
+    thresholds past the first reached by k. 8 dependent reductions instead of a binary search's 32: at batch 1
+    the top-K is latency, not work. The interval [lo, lo + 2^BITS * step) always holds the answer and every
+    threshold lies in int32 (it starts as the whole int32 range).
     """
-    lo = tl.full([], -2147483647, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in tl.static_range(32):
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        lo = tl.where(c >= k, mid, lo)
-        hi = tl.where(c >= k, hi, mid - 1)
+    R: tl.constexpr = 1 << BITS
+    d = tl.arange(0, R)
+    lo = tl.full([], -2147483648, tl.int64)
+    for p in tl.static_range(32 // BITS):
+        step = 1 << (32 - BITS * (p + 1))
+        thr = (lo + d.to(tl.int64) * step).to(tl.int32)  # [R]
+        c = tl.sum((key[None, :] >= thr[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
+        best = tl.maximum(tl.sum((c >= k).to(tl.int32), axis=0) - 1, 0)
+        lo = lo + best.to(tl.int64) * step
     n = tl.sum((key > -2147483648).to(tl.int32), axis=0)
     return tl.where(n >= k, lo, -2147483648).to(tl.int32)
 
 
 @triton.jit
-def _top_k_mask(key, k):
+def _top_k_mask(key, k, BITS: tl.constexpr = 4):
     """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions."""
-    thr = _kth_key(key, k)
+    thr = _kth_key(key, k, BITS)
     above = key > thr
     tie = (key == thr) & (key > -2147483648)
     rank = tl.cumsum(tie.to(tl.int32), axis=0)
@@ -83,7 +91,8 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 @triton.jit
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
                  s_sb, s_sh, s_ib, s_ih,
-                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BITS_G: tl.constexpr, BITS_C: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -98,7 +107,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
-        keep_g = _top_k_mask(gkey, TOPK)
+        keep_g = _top_k_mask(gkey, TOPK, BITS_G)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
         cg_row = cg_ptr + i_bh * TG_PAD
@@ -111,7 +120,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
-        chosen = _top_k_mask(key, TOPK)
+        chosen = _top_k_mask(key, TOPK, BITS_C)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
         # Output: sink blocks, the chosen (already ascending), local blocks; -1 padding.
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
@@ -124,8 +133,15 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         tl.store(cnt_ptr + i_bh, count)
 
 
-def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None):
-    """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers.
+def radix_bits(n: int) -> int:
+    """Bits per pass of the k-th key search over ``n`` keys: 16 thresholds a pass while the [16, n] compare
+    tile stays within 32K elements (registers), fewer above."""
+    return 4 if n <= 2048 else 2 if n <= 8192 else 1
+
+
+def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
+    """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
+    ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
 
     Ties at the K-th score go to the lowest block ids (``torch.topk``'s choice among ties is unspecified, so
     the two agree on the selected *set* whenever the K-th score is not tied).
@@ -145,18 +161,25 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
     ng = triton.cdiv(nmax, GROUP)
     tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
-    gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
     cg = torch.empty(bsz * hkv, tg_pad, dtype=torch.int32, device=dev)
-    block_g = 64
-    _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
-        scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
-        GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
-    )
+    if group_max is None:
+        gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
+        block_g = 64
+        _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
+            scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
+            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
+        )
+    else:
+        if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
+            raise ValueError(f"group_max must be contiguous int32 [{bsz * hkv}, {ng}], got {group_max.dtype} "
+                             f"{tuple(group_max.shape)}")
+        gmax = group_max
     ng_pad = max(16, triton.next_power_of_2(ng))
     _topk_kernel[(bsz * hkv,)](
         scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        BITS_G=radix_bits(ng_pad), BITS_C=radix_bits(tg_pad * GROUP),
         num_warps=4 if max(ng_pad, tg_pad * GROUP) <= 2048 else 8,
     )
     return idx, cnt
