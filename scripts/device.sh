@@ -58,6 +58,18 @@ for step in "$@"; do
       --attentions dense,dsa --out "$OUT/bench_e2e_glm_512k_b4_h200.json" 2>&1 | grep -v "it/s\]" | tail -6
       timeout 80 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --attentions dense,dsa \
       --out "$OUT/bench_e2e_glm_1m_b1_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
+    # Session 2026-11-29 (3): the selection's 16-ary top-K, group maxima in the scoring kernel, per-token block
+    # counts; A/B against the tree of 4494517 unpacked into ab_base/ (untracked), same GPU, same call.
+    sel-tests) { timeout 200 python3 -m pytest -q tests/test_kernels.py tests/test_fused.py tests/test_llama_fused.py \
+      tests/test_select.py tests/test_candidates.py 2>&1 | tail -4
+      timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
+    ab-select) { PYTHONPATH=ab_base/src timeout 120 python3 scripts/ab_select.py --label base \
+      --out "$OUT/ab_select_base.json" 2>&1 | tail -40
+      timeout 200 python3 scripts/ab_select.py --label new --sweep --out "$OUT/ab_select_new.json" 2>&1 \
+      | tail -80; } | tee -a "$OUT/run.log" ;;
+    e2e-ab) for t in base new; do p=src; [ $t = base ] && p=ab_base/src; PYTHONPATH=$p timeout 150 python3 -m prr \
+      bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200_$t.json" 2>&1 | grep -v "it/s\]" \
+      | tail -14; done | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -15,6 +15,10 @@ from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
 from ..select.triton import GROUP, _order_key
 
+# Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them).
+QUEST_BLOCK_N = 64
+QUEST_WARPS = 4
+
 
 @triton.jit
 def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
@@ -138,14 +142,14 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
     if kmin.stride() != kmax.stride() or kmax.stride(-1) != 1:
         raise ValueError("kmin and kmax must share strides with a unit last stride")
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
-    block_n = 64
+    block_n = QUEST_BLOCK_N
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
     _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
         q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
         PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
-        num_warps=4,
+        num_warps=QUEST_WARPS,
     )
     return out if group_max_for is None else (out, gmax)
 

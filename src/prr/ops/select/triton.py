@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 GROUP = 16  # blocks per group in stage 1
+TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size; module-level for a sweep)
 INT_MIN = -2147483648
 
 
@@ -139,6 +140,11 @@ def radix_bits(n: int) -> int:
     return 4 if n <= 2048 else 2 if n <= 8192 else 1
 
 
+def _topk_warps(tile: int) -> int:
+    """Warps for the top-K program whose largest compare tile holds ``tile`` elements: ~64 per thread."""
+    return max(4, min(16, triton.next_power_of_2(tile // 2048)))
+
+
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
     """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
     ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
@@ -180,6 +186,7 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         BITS_G=radix_bits(ng_pad), BITS_C=radix_bits(tg_pad * GROUP),
-        num_warps=4 if max(ng_pad, tg_pad * GROUP) <= 2048 else 8,
+        num_warps=TOPK_WARPS or _topk_warps(max(ng_pad << radix_bits(ng_pad), (tg_pad * GROUP) << radix_bits(
+            tg_pad * GROUP))),
     )
     return idx, cnt
