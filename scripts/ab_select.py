@@ -1,9 +1,9 @@
 """Selection kernels of whichever ``prr`` is on PYTHONPATH, timed on a GPU (CUDA graph per op, L2 flushed):
 score, top-K, the whole selection, the sparse attention and the DSA layer step, for the layer shapes of the
 issues' targets. Run it once per source tree in one device call for a side-by-side A/B; with
-``--sweep`` it also times the Quest scoring tile (blocks per program x warps) and the top-K's warps.
+``--sweep all`` it also times the Quest scoring tile (blocks per program x warps) and the top-K's warps.
 
-    PYTHONPATH=src python3 scripts/ab_select.py --label new --sweep --out $OUT/ab_select_new.json
+    PYTHONPATH=src python3 scripts/ab_select.py --label new --sweep topk --out $OUT/ab_select_new.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _scores_and_groups(meta, q, cache):
         return meta.scores(q, cache), None
 
 
-def bench_case(model: str, batch: int, ctx: int, label: str, sweep: bool, rows: list) -> None:
+def bench_case(model: str, batch: int, ctx: int, label: str, sweep: str, rows: list) -> None:
     lay = RandomLayer.make(model, batch, ctx, "quest")
     cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     scores, gmax = _scores_and_groups(meta, q, cache)
@@ -58,19 +58,19 @@ def bench_case(model: str, batch: int, ctx: int, label: str, sweep: bool, rows: 
     add("selection", lambda: select(q, cache, meta, nblk=nblk))
     add("sparse_decode", lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size))
     add("dsa_step", dsa)
-    if not sweep:
+    if sweep == "none":
         return
     from prr.ops.scoring import triton as sc
     from prr.ops.select import triton as st
 
     keep = (sc.QUEST_BLOCK_N, sc.QUEST_WARPS, st.TOPK_WARPS)
     try:
-        for bn in (32, 64, 128):
+        for bn in (32, 64, 128) if sweep == "all" else ():
             for w in (2, 4, 8):
                 sc.QUEST_BLOCK_N, sc.QUEST_WARPS = bn, w
                 add("score", lambda: meta.scores(q, cache, with_groups=True), block_n=bn, warps=w)
         sc.QUEST_BLOCK_N, sc.QUEST_WARPS = keep[0], keep[1]
-        for w in (4, 8, 16):
+        for w in (2, 4, 8, 16):
             st.TOPK_WARPS = w
             add("topk_given_groups", lambda: topk(group_max=gmax), warps=w)
     finally:
@@ -81,7 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", choices=("none", "topk", "all"), default="none",
+                    help="also time the top-K's warps (topk) and the Quest scoring tile (all)")
     args = ap.parse_args()
     rows: list = []
     for model, batch, ctx in CASES:

@@ -65,11 +65,19 @@ for step in "$@"; do
       timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
     ab-select) { PYTHONPATH=ab_base/src timeout 120 python3 scripts/ab_select.py --label base \
       --out "$OUT/ab_select_base.json" 2>&1 | tail -40
-      timeout 200 python3 scripts/ab_select.py --label new --sweep --out "$OUT/ab_select_new.json" 2>&1 \
+      timeout 200 python3 scripts/ab_select.py --label new --sweep all --out "$OUT/ab_select_new.json" 2>&1 \
       | tail -80; } | tee -a "$OUT/run.log" ;;
     e2e-ab) for t in base new; do p=src; [ $t = base ] && p=ab_base/src; PYTHONPATH=$p timeout 150 python3 -m prr \
       bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200_$t.json" 2>&1 | grep -v "it/s\]" \
       | tail -14; done | tee -a "$OUT/run.log" ;;
+    # After the bisection top-K: the new tree alone (the base numbers of the same GPU are in the A/B above)
+    select-new) timeout 120 python3 scripts/ab_select.py --label new --sweep topk --out "$OUT/ab_select_new.json" \
+      2>&1 | tail -50 | tee -a "$OUT/run.log" ;;
+    e2e-new) timeout 150 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
+      2>&1 | grep -v "it/s\]" | tail -14 | tee -a "$OUT/run.log" ;;
+    select-12) timeout 100 python3 -m prr bench select --batches 1,8 --contexts 512K \
+      --amortized 16x4,16x8,32x4,32x6 --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -30 \
+      | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
