@@ -198,13 +198,14 @@ def test_amortized_plan_and_commit_kernels_match_reference():
     for a, b in zip(state, ref_state, strict=True):
         assert torch.equal(a.cpu(), b)
     s_idx = -torch.arange(bsz * hkv * 5, dtype=torch.int32).view(bsz, hkv, 5)
+    planned = ref_state[3].clone()  # (on a CPU `cand` is state[3] itself, on a GPU the unplanned original)
     cand2 = ref_state[3].to(DEVICE)
     with use_backend("triton"):
         cops.commit_candidates(cand2, s_idx.to(DEVICE), want[0].to(DEVICE))
     cops.commit_candidates(ref_state[3], s_idx, want[0])
     cand2 = cand2.cpu()
     assert torch.equal(cand2, ref_state[3])
-    assert torch.equal(cand2[1], cand[1]) and torch.equal(cand2[0, :, :5], s_idx[0])
+    assert torch.equal(cand2[1], planned[1]) and torch.equal(cand2[0, :, :5], s_idx[0])
 
 
 @pytest.mark.parametrize("force", [1, 0], ids=["host-scan", "host-rescore"])
@@ -263,8 +264,8 @@ def test_candidate_scores_with_the_rescore_bookkeeping_fused(method):
             cand[b, h, :len(kept)] = kept.to(torch.int32)
     nblk_scan = (n - torch.tensor([2, 0], dtype=torch.int32))  # two new blocks, none
 
-    def state():
-        return [t.clone().to(DEVICE) for t in (cand, torch.tensor([5, 9]), nblk_scan)]
+    def state(device=DEVICE):
+        return [t.clone().to(device) for t in (cand, torch.tensor([5, 9]), nblk_scan)]
 
     def scores(q_, cache_, cand_, plan):
         if method == "quest":
@@ -277,10 +278,10 @@ def test_candidate_scores_with_the_rescore_bookkeeping_fused(method):
     kout = torch.full((2,), -7, dtype=torch.int32, device=DEVICE)
     with use_backend("triton"):
         got = scores(q.to(DEVICE), dcache, kc, (ks, kn, r, kout))
-    rc, rs, rn = state()
+    rc, rs, rn = state("cpu")  # the reference's state stays on the CPU
     rout = torch.full((2,), -7, dtype=torch.int32)
     want = scores(q, cache, rc, (rs, rn, r, rout))
-    pc, ps, pn = state()
+    pc, ps, pn = state("cpu")
     cops.amortized_plan(ps, cache.seq_lens, pn, pc, torch.zeros(2, dtype=torch.int64), 4, r, bs, force=0)
     assert torch.equal(pc, rc) and torch.equal(ps, rs) and torch.equal(pn, rn)
     torch.testing.assert_close(want, scores(q, cache, pc, None), rtol=0, atol=0)

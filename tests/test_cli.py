@@ -68,7 +68,7 @@ def test_benchmark_source_digest_names_the_code(tmp_path):
     import shutil
 
     import prr
-    from prr.bench.common import source_digest
+    from prr.provenance import source_digest
 
     pkg = os.path.dirname(prr.__file__)
     copy = tmp_path / "prr"

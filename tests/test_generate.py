@@ -102,6 +102,7 @@ def test_cli_generate_batch_from_files_with_sampling_and_json(smollm, tmp_path, 
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert len(res["sequences"]) == 3 and res["stats"]["batch"] == 3
+    assert res["env"]["torch"] == torch.__version__ and res["env"]["commit"] and res["env"]["source_sha1"]
     for s in res["sequences"]:
         assert 1 <= s["new_tokens"] <= 5 and s["finish_reason"] in ("eos", "length") and s["text"] is not None
     assert "steady state" in capsys.readouterr().err

@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import subprocess
-import time
 
 import torch
 
+from ..provenance import environment, git_commit, source_digest  # noqa: F401 (re-exported)
 from ..timing import time_op
 
 SCHEMA = "prr-bench/1"
@@ -55,54 +53,6 @@ class Row:
         d = dataclasses.asdict(self)
         d.update(net_us=round(self.net_us, 3), tbps=round(self.tbps, 4), x_floor=round(self.x_floor, 3))
         return d
-
-
-def git_commit() -> str:
-    env = os.environ.get("PRR_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def source_digest(root: str | None = None) -> str:
-    """SHA-1 over the package's .py files (relative path + bytes, sorted): names the code that ran even where
-    there is no git checkout (the GPU machine gets a copy of the tree) or the commit label was mistyped.
-    ``python -c "from prr.bench.common import source_digest; print(source_digest())"`` on a checkout gives the
-    same digest for the same sources."""
-    import hashlib
-
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the prr package
-    h = hashlib.sha1()
-    for dirpath, dirnames, files in sorted(os.walk(root)):
-        dirnames.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                path = os.path.join(dirpath, name)
-                h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
-                with open(path, "rb") as f:
-                    h.update(f.read() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def environment() -> dict:
-    import triton
-
-    dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-    return {
-        "gpu": torch.cuda.get_device_name(0) if dev else None,
-        "sms": dev.multi_processor_count if dev else None,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "source_sha1": source_digest(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from ..provenance import environment
+
 
 def _sparse_cfg(args):
     import prr
@@ -117,7 +119,7 @@ def _cmd_generate(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": st.summary(),
                        "auto": eng.auto_decision, "sequences": seqs,
-                       "tensor_parallel": getattr(model.tp, "world", None),
+                       "tensor_parallel": getattr(model.tp, "world", None), "env": environment(),
                        "tokens": seqs[0]["tokens"] if len(seqs) == 1 else [q["tokens"] for q in seqs]},
                       f, indent=1)
     return 0
