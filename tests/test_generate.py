@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import prr
 from prr.model.engine import Engine
