@@ -293,6 +293,47 @@ def test_scoring_kernel_writes_the_topk_group_maxima(method):
             assert sel.indices[b, h, :c].cpu().tolist() == ref.indices[b, h, :c].tolist(), (b, h)
 
 
+@pytest.mark.parametrize("kp,ks", [(7, 5), (40, 131), (200, 520)], ids=["tiny", "K'<K", "K'<K-wide"])
+def test_selection_overlap_kernel_matches_reference(kp, ks):
+    """PRR's per-step counts in one launch: hits, misses and false positives of P against S equal the
+    reference's, with -1 padding, counts past K_max, empty rows and duplicates in P."""
+    gen = torch.Generator().manual_seed(kp + 1)
+    b, h, n = 3, 4, 600 if kp < 100 else 1200
+    p_idx = torch.stack([torch.randperm(n // 2, generator=gen)[:kp].sort().values for _ in range(b * h)])
+    s_idx = torch.stack([torch.randperm(n // 2, generator=gen)[:ks].sort().values for _ in range(b * h)])
+    p_idx, s_idx = p_idx.view(b, h, kp).to(torch.int32), s_idx.view(b, h, ks).to(torch.int32)
+    p_cnt = torch.randint(0, kp + 1, (b, h), generator=gen, dtype=torch.int32)
+    s_cnt = torch.randint(0, ks + 1, (b, h), generator=gen, dtype=torch.int32)
+    p_cnt[0, 0], s_cnt[0, 1], s_cnt[1, 1] = 0, 0, ks + 5  # empty P, empty S, a count past K_max
+    p_idx[2, 3, 1] = p_idx[2, 3, 0]  # a duplicate: counted per slot of P, as the reference does
+    p_idx[2, 2, -1] = -1
+    with use_backend("triton"):
+        got = prr.ops.selection_overlap(*(t.to(DEVICE) for t in (p_idx, p_cnt, s_idx, s_cnt)))
+    s_cnt_ref = s_cnt.clamp(max=ks)
+    want = prr.ops.select.reference.selection_overlap(p_idx, p_cnt, s_idx, s_cnt_ref)
+    want[1] += s_cnt - s_cnt_ref  # |S| as given, like the kernel
+    assert torch.equal(got.cpu(), want)
+    assert int(want[0].sum()) > 0
+
+
+def test_select_blocks_writes_into_given_buffers():
+    """``out=`` (PRR's tail writes the next P into the live buffers): same result, no new tensors, and a
+    mis-shaped buffer is refused."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 3, 300, generator=gen)
+    nblk = torch.tensor([300, 120], dtype=torch.int32)
+    want = prr.select_blocks(scores, nblk, 20, 1, 2)
+    for backend_name in ("reference", "triton"):
+        idx = torch.full((2, 3, 23), 77, dtype=torch.int32, device=DEVICE)
+        cnt = torch.full((2, 3), 77, dtype=torch.int32, device=DEVICE)
+        with use_backend(backend_name):
+            got = prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), 20, 1, 2, out=(idx, cnt))
+            assert got[0] is idx and got[1] is cnt
+            with pytest.raises(ValueError, match="out must be contiguous int32"):
+                prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), 20, 1, 2, out=(idx[..., :5], cnt))
+        assert torch.equal(cnt.cpu(), want[1]) and torch.equal(idx.cpu(), want[0]), backend_name
+
+
 # --------------------------------------------------------------------------------------------------------------
 # repair-combine
 # --------------------------------------------------------------------------------------------------------------

@@ -75,11 +75,17 @@ class StepCounts:
     forced: torch.Tensor
     forced_prr: torch.Tensor
     zero: torch.Tensor
+    nblk_next: torch.Tensor | None = None  # blocks per sequence one token later (PRR predicts P over them)
 
     @classmethod
-    def of(cls, seq_lens: torch.Tensor, cfg, num_kv_heads: int, spec_k: int | None = None) -> StepCounts:
-        """Counts for caches holding ``seq_lens [B]`` tokens (after this step's append)."""
-        return cls.from_blocks(ops.num_blocks(seq_lens, cfg.block_size), cfg, num_kv_heads, spec_k)
+    def of(cls, seq_lens: torch.Tensor, cfg, num_kv_heads: int, spec_k: int | None = None,
+           grow: int = 0) -> StepCounts:
+        """Counts for caches holding ``seq_lens [B]`` tokens (after this step's append); ``grow``: tokens the
+        caches gain before the next step (``nblk_next`` is counted then)."""
+        counts = cls.from_blocks(ops.num_blocks(seq_lens, cfg.block_size), cfg, num_kv_heads, spec_k)
+        if grow:
+            counts.nblk_next = ops.num_blocks(seq_lens + grow, cfg.block_size)
+        return counts
 
     @classmethod
     def from_blocks(cls, nblk: torch.Tensor, cfg, num_kv_heads: int, spec_k: int | None = None) -> StepCounts:
@@ -179,7 +185,7 @@ def prr_stats(p_idx, p_cnt, sel: Selection, nblk: torch.Tensor, cfg, spec_k: int
               forced: torch.Tensor | None = None) -> StepStats:
     """Block counts of a PRR step from its P and S (``nblk``: blocks per sequence this step; ``forced``: the
     blocks forced into both, ``StepCounts.forced_prr``, computed here when not given)."""
-    hits = ops.selection_contains(p_idx, p_cnt, sel.indices, sel.counts).sum(-1, dtype=torch.int32)
+    hits, misses, false_pos = ops.selection_overlap(p_idx, p_cnt, sel.indices, sel.counts)  # one kernel on a GPU
     if forced is None:
         forced = StepCounts.from_blocks(nblk, cfg, hits.shape[1], spec_k).forced_prr
-    return StepStats(sel.counts, p_cnt, hits, sel.counts - hits, p_cnt - hits, forced)
+    return StepStats(sel.counts, p_cnt, hits, misses, false_pos, forced)

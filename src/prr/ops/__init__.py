@@ -13,7 +13,7 @@ from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
 from .repair import repair_combine
 from .scoring import infllm_scores, oracle_scores, quest_scores
-from .select import select_blocks, selection_contains, selection_difference, selection_mask
+from .select import select_blocks, selection_contains, selection_difference, selection_mask, selection_overlap
 
 __all__ = [
     "backend",
@@ -35,5 +35,6 @@ __all__ = [
     "selection_contains",
     "selection_difference",
     "selection_mask",
+    "selection_overlap",
     "sparse_decode",
 ]

@@ -166,11 +166,14 @@ class LayerStep:
                 self.stats = prr_stats(self.p_idx, self.p_cnt, sel, nblk, cfg, self.spec_k, self._forced())
             pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
             self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
-            nblk_next = ops.num_blocks(self.cache.seq_lens + self.grow, cfg.block_size) if self.grow else nblk
-            nxt = ops.select_blocks(pred, nblk_next, self.spec_k, cfg.n_sink, cfg.n_local)
-            if not self.hold_prediction:
-                self.p_idx.copy_(nxt[0])
-                self.p_cnt.copy_(nxt[1])
+            nblk_next = nblk
+            if self.grow:
+                shared = self.counts.nblk_next if self.counts is not None else None
+                nblk_next = shared if shared is not None else ops.num_blocks(self.cache.seq_lens + self.grow,
+                                                                             cfg.block_size)
+            # The next P straight into the live buffers (the stats above already read this step's P)
+            ops.select_blocks(pred, nblk_next, self.spec_k, cfg.n_sink, cfg.n_local,
+                              out=None if self.hold_prediction else (self.p_idx, self.p_cnt))
         if main is not None and not self.defer_tail:
             main.wait_stream(self.side)  # a captured graph must end with its streams joined
 

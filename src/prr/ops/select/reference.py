@@ -91,6 +91,14 @@ def selection_contains(a_idx: torch.Tensor, a_cnt: torch.Tensor, b_idx: torch.Te
     return a_ok & (a_idx >= 0) & eq.any(dim=-1)
 
 
+def selection_overlap(p_idx: torch.Tensor, p_cnt: torch.Tensor, s_idx: torch.Tensor,
+                      s_cnt: torch.Tensor) -> torch.Tensor:
+    """``[3, B, Hkv]`` int32 counts of a prediction P against a selection S: ``|P ∩ S|`` (valid slots of P
+    whose block S holds), ``|S| - |P ∩ S|`` and ``|P| - |P ∩ S|`` (PRR's hits, misses, false positives)."""
+    hits = selection_contains(p_idx, p_cnt, s_idx, s_cnt).sum(-1, dtype=torch.int32)
+    return torch.stack([hits, s_cnt.to(torch.int32) - hits, p_cnt.to(torch.int32) - hits])
+
+
 def selection_difference(a_idx: torch.Tensor, a_cnt: torch.Tensor, b_idx: torch.Tensor,
                          b_cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``A \\ B`` as a selection with A's capacity (sorted if A is sorted, -1 padded)."""

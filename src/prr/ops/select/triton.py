@@ -133,6 +133,49 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         tl.store(cnt_ptr + i_bh, count)
 
 
+@triton.jit
+def _overlap_kernel(p_ptr, pc_ptr, s_ptr, sc_ptr, out_ptr, HKV, KP, KS, BH,
+                    s_pb, s_ph, s_pcb, s_pch, s_sb, s_sh, s_scb, s_sch,
+                    KS_PAD: tl.constexpr, CH: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    p_cnt = tl.load(pc_ptr + i_b * s_pcb + i_h * s_pch)
+    s_cnt = tl.load(sc_ptr + i_b * s_scb + i_h * s_sch)
+    i_s = tl.arange(0, KS_PAD)
+    s_blk = tl.load(s_ptr + i_b * s_sb + i_h * s_sh + i_s, mask=(i_s < s_cnt) & (i_s < KS), other=-2)
+    hits = tl.zeros([CH], tl.int32)
+    for c0 in range(0, KP, CH):  # P's slots, CH at a time, each against all of S's valid slots
+        i_p = c0 + tl.arange(0, CH)
+        m_p = (i_p < p_cnt) & (i_p < KP)
+        p_blk = tl.load(p_ptr + i_b * s_pb + i_h * s_ph + i_p, mask=m_p, other=-1)
+        found = tl.max((p_blk[:, None] == s_blk[None, :]).to(tl.int32), axis=1)
+        hits += tl.where(m_p & (p_blk >= 0), found, 0)
+    n = tl.sum(hits, axis=0)
+    tl.store(out_ptr + i_bh, n)
+    tl.store(out_ptr + BH + i_bh, s_cnt - n)
+    tl.store(out_ptr + 2 * BH + i_bh, p_cnt - n)
+
+
+def selection_overlap(p_idx, p_cnt, s_idx, s_cnt):
+    """Triton twin of :func:`prr.ops.select.reference.selection_overlap`: one launch (the PyTorch version is a
+    dozen small kernels, which at batch 1 cost PRR's step more than its attention)."""
+    bsz, hkv, kp = p_idx.shape
+    ks = s_idx.shape[-1]
+    if p_idx.stride(-1) != 1 or s_idx.stride(-1) != 1:
+        raise ValueError("selection_overlap: indices need a unit last stride")
+    out = torch.empty(3, bsz, hkv, dtype=torch.int32, device=p_idx.device)
+    if bsz * hkv:
+        ks_pad = max(16, triton.next_power_of_2(ks))
+        _overlap_kernel[(bsz * hkv,)](
+            p_idx, p_cnt, s_idx, s_cnt, out, hkv, kp, ks, bsz * hkv,
+            p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
+            s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
+            KS_PAD=ks_pad, CH=max(1, min(64, 16384 // ks_pad)), num_warps=4,
+        )
+    return out
+
+
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
     """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
     ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
