@@ -8,6 +8,7 @@ own in the input dtype plus one rounding step; outputs from ``torch.empty`` are 
 import pytest
 import torch
 
+import prr
 from prr import KVCache
 from prr.model.rope import RopeScaling, Rotary
 from prr.ops import fused
@@ -161,7 +162,41 @@ def test_append_kv_kernel_never_writes_past_a_full_cache():
     ones = torch.ones(1, 1, 64, device=DEVICE)
     with use_backend("triton"):
         kernels._append_kernel[(1, 1)](
-            ones, ones, cache.k, cache.v, cache.page_table, cache.seq_lens, 32,
-            cache.k.shape[0], 64, 64, 64, 64, *cache.k.stride()[:3], *cache.v.stride()[:3],
-            cache.page_table.stride(0), D=64, PAGE=16, num_warps=1)
+            ones, ones, cache.k, cache.v, cache.page_table, cache.seq_lens, cache.k, cache.k, 32,
+            cache.k.shape[0], 0, 64, 64, 64, 64, *cache.k.stride()[:3], *cache.v.stride()[:3],
+            cache.page_table.stride(0), 0, 0, 0, D=64, PAGE=16, OFFSET=0, QUEST=False, BS=1, num_warps=1)
     assert torch.equal(cache.k, before)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_append_kv_folds_quest_metadata_with_lengths_advanced_up_front(dtype, block_size):
+    """The model step's append: the lengths already count the token (one add for all layers), the kernel
+    stores it at length - 1 and folds it into its Quest block's min/max, exactly as the cache's append
+    followed by ``quest_metadata_append`` (blocks opened and extended, pages crossed)."""
+    base = make_cache([5, 31, 16], hkv=2, d=64, page_size=16, capacity=96, dtype=torch.float32)
+
+    def fresh():
+        c = KVCache(base.k.to(DEVICE, dtype).clone(), base.v.to(DEVICE, dtype).clone(),
+                    base.page_table.to(DEVICE), base.seq_lens.to(DEVICE).clone())
+        return c, prr.quest_metadata(c, block_size)
+
+    (a, (amin, amax)), (b, (bmin, bmax)) = fresh(), fresh()
+    g = torch.Generator().manual_seed(8)
+    for _ in range(18):
+        k = torch.randn(3, 2, 64, generator=g).to(DEVICE, dtype)
+        v = torch.randn(3, 2, 64, generator=g).to(DEVICE, dtype)
+        a.seq_lens.add_(1)
+        with use_backend("triton"):
+            fused.append_kv(a, k, v, quest=(amin, amax, block_size), advanced=True)
+        b.append(k, v)
+        prr.quest_metadata_append(bmin, bmax, b, block_size)
+    assert a.seq_lens.tolist() == b.seq_lens.tolist() == [23, 49, 34]
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert torch.equal(amin, bmin) and torch.equal(amax, bmax)
+    c, (cmin, cmax) = fresh()  # the reference path of the same call
+    for _ in range(2):
+        k = torch.randn(3, 2, 64, generator=g).to(DEVICE, dtype)
+        c.seq_lens.add_(1)
+        ref.append_kv(c, k, k, quest=(cmin, cmax, block_size), advanced=True)
+    assert c.seq_lens.tolist() == [7, 33, 18]

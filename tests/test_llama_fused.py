@@ -68,3 +68,46 @@ def test_fused_decode_step_equals_the_unfused_one(backend, interleaved):
         assert torch.equal(a.seq_lens, b.seq_lens)
         torch.testing.assert_close(a.k, b.k, rtol=tol / 2, atol=tol / 2)
         torch.testing.assert_close(a.v, b.v, rtol=tol / 2, atol=tol / 2)  # (2-D vs 3-D products: another GEMM order)
+
+
+@pytest.mark.parametrize("attention,method", [("dsa", "quest"), ("prr", "quest"), ("dsa", "infllm_v2")])
+def test_fused_sparse_step_equals_the_unfused_one(attention, method):
+    """The fused step of a sparse engine (every layer's length advanced by one add up front, Quest's metadata
+    folded into the KV append, the step's block counts shared by the layers) gives the unfused step's logits,
+    caches, metadata and block statistics, past block boundaries (float32, interpreter kernels)."""
+    from prr import SparseConfig
+    from prr.model.engine import Engine
+    from prr.ops.backend import use_backend
+
+    cfg = ModelConfig(vocab_size=97, hidden=64, ffn=88, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                      max_context=256)
+    w = random_weights(cfg, seed=6, dtype=torch.float32)
+    sparse = SparseConfig.from_budget(method, 80) if method == "quest" else \
+        SparseConfig.from_budget(method, 128, block_size=32)  # 2 dynamic blocks of 16 / 1 of 32
+    prompt = torch.randint(0, cfg.vocab_size, (2, 120), generator=torch.Generator().manual_seed(2))
+    got = {}
+    for f in (False, True):
+        eng = Engine(Llama(cfg, {k: t.clone() for k, t in w.items()}, fuse=f), None, attention=attention,
+                     sparse=sparse, n_dense_layers=1, graphs=False,
+                     calibrate_window=3)  # a short calibration (the interpreter is slow)
+        with use_backend("triton" if f else "reference"):
+            eng.prefill(prompt, 24)
+            tok = eng._last_logits.argmax(-1)
+            outs, stats = [], []
+            for _ in range(10):  # 120 -> 130 tokens: a block opened
+                out = eng.step(tok)
+                outs.append(out)
+                stats.append(torch.stack([torch.stack([s.selected, s.hits, s.misses, s.forced])
+                                          for s in eng._step_stats]))
+                tok = out.argmax(-1)
+        meta = [(m.kmin, m.kmax) if method == "quest" else (m.ckeys,) for m in eng.metas if m is not None]
+        got[f] = (torch.stack(outs), eng.caches, meta, torch.stack(stats))
+    (lf, cf, mf, sf), (lu, cu, mu, su) = got[True], got[False]
+    torch.testing.assert_close(lf, lu, rtol=2e-5, atol=2e-5)
+    assert torch.equal(sf, su)
+    for a, b in zip(cf, cu, strict=True):
+        assert torch.equal(a.seq_lens, b.seq_lens) and a.seq_lens.tolist() == [130, 130]
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+    for a, b in zip(mf, mu, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

@@ -112,6 +112,11 @@ class BlockMetadata:
         else:  # the oracle reads the cache itself; only the block size needs checking
             check_block_size(cfg.block_size, cache.page_size)
 
+    def quest_fold(self):
+        """``(kmin, kmax, block_size)`` for a KV append that folds the token into Quest's metadata itself
+        (:func:`prr.ops.fused.append_kv`), or None: other methods append with :meth:`append`."""
+        return (self.kmin, self.kmax, self.cfg.block_size) if self.cfg.method == "quest" else None
+
     def append(self, cache: KVCache) -> None:
         cfg = self.cfg
         if cfg.method == "quest":

@@ -111,6 +111,7 @@ class Engine:
         self._step_stats: list = []
         self._all_blocks = None
         self._counts = self._pages = None  # per decode step: StepCounts, pages per sequence
+        self._advanced = False  # this step advanced every layer's length up front (see decode_step)
         self._graph = None
         self._steps: dict[int, LayerStep] = {}
         self.record: dict | None = None  # layer -> [(scores [B, Hkv, N], num_blocks [B])] when set to {}
@@ -283,14 +284,18 @@ class Engine:
 
     def _attend(self, i: int, q, k, v):
         cache = self.caches[i]
-        if self.model.fuse:
-            fused.append_kv(cache, k, v)  # one kernel on a GPU (the cache's own append: 9)
+        meta = self.metas[i] if self._sparse_layer(i) else None
+        folded = False
+        if self.model.fuse:  # one kernel on a GPU (the cache's own append: 9), Quest's metadata folded in
+            quest = meta.quest_fold() if meta is not None else None
+            fused.append_kv(cache, k, v, quest=quest, advanced=self._advanced)
+            folded = quest is not None
         else:  # the unfused baseline
             cache.append(k, v)
-        if not self._sparse_layer(i):
+        if meta is None:
             return self._dense(q, cache)
-        meta = self.metas[i]
-        meta.append(cache)
+        if not folded:
+            meta.append(cache)
         if self._counts is None:  # once per token: the caches grow in lockstep
             self._counts = StepCounts.of(cache.seq_lens, self.sparse, cache.num_kv_heads,
                                          speculative_top_k(self.sparse.top_k, self.ratio),
@@ -314,6 +319,14 @@ class Engine:
         self._step_stats = []
         self._counts = self._pages = None  # computed by the first layer that needs them, shared by the rest
         pos = self.caches[0].seq_lens.long()
+        # The fused step advances every layer's length in one add (the caches' lengths are rows of one tensor)
+        # and each layer's append stores at length - 1: one kernel per token instead of one per layer.
+        lens = getattr(self, "_lens", None)
+        self._advanced = self.model.fuse and lens is not None and len(lens) == len(self.caches) and all(
+            c.seq_lens.data_ptr() == lens[j].data_ptr() for j, c in enumerate(self.caches))
+        if self._advanced:
+            self.caches[0].check_lengths(extra=1)
+            self._lens.add_(1)
         logits = self.model.decode(tokens, pos, self._attend)
         if self._steps:  # the last layers' deferred tails (one shared side stream)
             next(iter(self._steps.values())).join()

@@ -31,13 +31,13 @@ def rope_qkv(qkv, cos, sin, hq, hkv, d, interleaved=False):
     return reference.rope_qkv(qkv, cos, sin, hq, hkv, d, interleaved)
 
 
-def append_kv(cache, k, v):
-    reference.check_append_inputs(cache, k, v)
+def append_kv(cache, k, v, quest=None, advanced=False):
+    reference.check_append_inputs(cache, k, v, quest)
     if backend.use_triton(k) and cache.head_dim & (cache.head_dim - 1) == 0:
         from . import triton as kernels
 
-        return kernels.append_kv(cache, k, v)
-    return reference.append_kv(cache, k, v)
+        return kernels.append_kv(cache, k, v, quest, advanced)
+    return reference.append_kv(cache, k, v, quest, advanced)
 
 
 rms_norm.__doc__ = reference.rms_norm.__doc__

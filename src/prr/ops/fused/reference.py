@@ -87,14 +87,31 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, h
     return rot(q, hq), rot(k, hkv), v.reshape(b, hkv, d).contiguous()
 
 
-def check_append_inputs(cache: KVCache, k, v) -> None:
+def check_append_inputs(cache: KVCache, k, v, quest=None) -> None:
     check.tensor("k", k, ndim=3, device=cache.device)
     check.same_dtype("k", k, cache.dtype, "the cache")
     check.shape("k", k, (cache.batch, cache.num_kv_heads, cache.head_dim))
     check.shape("v", v, tuple(k.shape))
+    if quest is not None:
+        from ..metadata.reference import check_quest_append
+
+        kmin, kmax, block_size = quest
+        check_quest_append(kmin, kmax, cache, block_size)
 
 
-def append_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+def append_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, quest=None, advanced: bool = False) -> None:
     """Store one token per sequence (``k, v [B, Hkv, D]``) at ``seq_lens`` and advance it
-    (:meth:`prr.cache.KVCache.append`)."""
+    (:meth:`prr.cache.KVCache.append`).
+
+    ``quest=(kmin, kmax, block_size)``: also fold the token into its block's Quest min/max (what
+    :func:`prr.ops.quest_metadata_append` does after the append; one kernel for both on a GPU).
+    ``advanced``: ``seq_lens`` already count this token (a model advanced every layer's length at once), so it
+    is stored at ``seq_lens - 1`` and the lengths stay as they are."""
+    if advanced:
+        cache.seq_lens.sub_(1)
     cache.append(k, v)
+    if quest is not None:
+        from ..metadata.reference import quest_metadata_append
+
+        kmin, kmax, block_size = quest
+        quest_metadata_append(kmin, kmax, cache, block_size)

@@ -118,12 +118,13 @@ def rope_qkv(qkv, cos, sin, hq, hkv, d, interleaved=False):
 
 
 @triton.jit
-def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_ptr, len_ptr, CAP, NPAGES,
-                   s_kb, s_kh, s_vb, s_vh, s_cp, s_ch, s_cs, s_vp, s_vch, s_vcs, s_ptb,
-                   D: tl.constexpr, PAGE: tl.constexpr):
+def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_ptr, len_ptr, kmin_ptr, kmax_ptr, CAP, NPAGES, QCAP,
+                   s_kb, s_kh, s_vb, s_vh, s_cp, s_ch, s_cs, s_vp, s_vch, s_vcs, s_ptb, s_mb, s_mh, s_mn,
+                   D: tl.constexpr, PAGE: tl.constexpr, OFFSET: tl.constexpr, QUEST: tl.constexpr,
+                   BS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    pos = tl.load(len_ptr + b)
+    pos = tl.load(len_ptr + b) + OFFSET  # OFFSET -1: the lengths already count this token
     ok = (pos >= 0) & (pos < CAP)  # a full cache writes nothing (never outside the pool)
     pos_c = tl.where(ok, pos, 0)
     page = tl.load(pt_ptr + b * s_ptb + pos_c // PAGE).to(tl.int64)
@@ -136,21 +137,43 @@ def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_ptr, len_ptr, CAP, NPAGES,
     vx = tl.load(v_ptr + b * s_vb + h * s_vh + j)
     tl.store(kc_ptr + page * s_cp + h * s_ch + off * s_cs + j, kx, mask=mj)
     tl.store(vc_ptr + page * s_vp + h * s_vch + off * s_vcs + j, vx, mask=mj)
+    if QUEST:  # fold the key into its block's min/max (the block opens at its first token), as the cache holds it
+        mq = mj & ((j * 0 + pos_c) < QCAP)
+        kq = kx.to(kc_ptr.dtype.element_ty).to(kmin_ptr.dtype.element_ty)
+        moff = b * s_mb + h * s_mh + (pos_c // BS) * s_mn + j
+        if pos_c % BS == 0:
+            tl.store(kmin_ptr + moff, kq, mask=mq)
+            tl.store(kmax_ptr + moff, kq, mask=mq)
+        else:
+            lo = tl.load(kmin_ptr + moff, mask=mq, other=0.0)
+            hi = tl.load(kmax_ptr + moff, mask=mq, other=0.0)
+            tl.store(kmin_ptr + moff, tl.minimum(lo, kq), mask=mq)
+            tl.store(kmax_ptr + moff, tl.maximum(hi, kq), mask=mq)
 
 
-def append_kv(cache: KVCache, k, v):
-    """Triton twin of :func:`prr.ops.fused.reference.append_kv`: one launch stores k and v, one add advances
-    ``seq_lens``."""
-    cache.check_lengths(extra=1)
+def append_kv(cache: KVCache, k, v, quest=None, advanced=False):
+    """Triton twin of :func:`prr.ops.fused.reference.append_kv`: one launch stores k and v (and folds the
+    Quest metadata), one add advances ``seq_lens`` (none when ``advanced``)."""
+    cache.check_lengths(extra=0 if advanced else 1)
     bsz, hkv, d = k.shape
     if k.stride(-1) != 1 or v.stride(-1) != 1 or cache.k.stride(-1) != 1 or cache.v.stride(-1) != 1:
         raise ValueError("append_kv: unit last strides")
     if d & (d - 1):
         raise ValueError(f"the Triton append needs a power-of-two head dim, got {d}")
+    cap = cache.page_table.shape[1] * cache.page_size
+    if quest is not None:
+        kmin, kmax, bs = quest
+        if kmin.stride() != kmax.stride() or kmax.stride(-1) != 1:
+            raise ValueError("kmin and kmax must share strides with a unit last stride")
+        qcap, ms = min(cap, kmax.shape[2] * bs), kmax.stride()[:3]
+    else:
+        kmin = kmax = cache.k
+        bs, qcap, ms = 1, 0, (0, 0, 0)
     if bsz:
         _append_kernel[(bsz, hkv)](
-            k, v, cache.k, cache.v, cache.page_table, cache.seq_lens,
-            cache.page_table.shape[1] * cache.page_size, cache.k.shape[0],
+            k, v, cache.k, cache.v, cache.page_table, cache.seq_lens, kmin, kmax, cap, cache.k.shape[0], qcap,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3],
-            cache.page_table.stride(0), D=d, PAGE=cache.page_size, num_warps=1)
-    cache.seq_lens.add_(1)
+            cache.page_table.stride(0), *ms, D=d, PAGE=cache.page_size, OFFSET=-1 if advanced else 0,
+            QUEST=quest is not None, BS=bs, num_warps=1)
+    if not advanced:
+        cache.seq_lens.add_(1)
