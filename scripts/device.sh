@@ -78,6 +78,16 @@ for step in "$@"; do
     select-12) timeout 100 python3 -m prr bench select --batches 1,8 --contexts 512K \
       --amortized 16x4,16x8,32x4,32x6 --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -30 \
       | tee -a "$OUT/run.log" ;;
+    # The session's closing A/B (baseline tree of 4494517 in ab_base/, untracked) and the #10 layer rows
+    ab-select-final) for t in base new; do p=src; [ $t = base ] && p=ab_base/src; PYTHONPATH=$p timeout 110 \
+      python3 scripts/ab_select.py --label $t --out "$OUT/ab_select_h200_$t.json" 2>&1 | tail -32; done \
+      | tee -a "$OUT/run.log" ;;
+    layer-128k) timeout 240 python3 -m prr bench layer --models llama-3.1-8b --batches 1,4 --contexts 128K \
+      --methods quest --budgets 2048,8192 --out "$OUT/bench_layer_h200_128k.json" 2>&1 | grep -v "it/s\]" \
+      | tail -40 | tee -a "$OUT/run.log" ;;
+    gpu-tests-final) { timeout 240 python3 -m pytest -q tests/test_kernels.py tests/test_fused.py \
+      tests/test_llama_fused.py tests/test_select.py tests/test_candidates.py tests/test_amortized.py 2>&1 | tail -4
+      timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
