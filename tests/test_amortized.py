@@ -25,6 +25,8 @@ def _decode(method, steps, every, factor, dtype=torch.float64, bsz=2, g=4, seed=
     cache) of each step. 19-24 blocks of 16 (Quest) or 64 (InfLLM-v2) tokens, K = 5. ``replay``: step the host
     schedule as a two-graph replay does (the kind from the host clock, the step run forced to it, then the clock
     advanced)."""
+    if backend == "triton" and torch.cuda.is_available():
+        device = "cuda"  # the kernels run natively on a GPU (Triton's interpreter only on a CPU-only machine)
     start = 300 if method == "quest" else 1500
     cache = make_cache([start, start - 77][:bsz], hkv=2, d=32, capacity=start + steps + 16, dtype=dtype, seed=seed)
     cache = prr.KVCache(cache.k.to(device), cache.v.to(device), cache.page_table.to(device),
@@ -139,10 +141,10 @@ def test_host_schedule_selects_what_the_device_schedule_selects(method, backend)
     every step."""
     dtype = torch.float64 if backend == "reference" else torch.float32
     kw = dict(dtype=dtype, backend=backend)
-    dev = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, **kw)]
+    dev = [(g.indices.cpu(), g.counts.cpu()) for _t, g, *_ in _decode(method, 13, 4, 2.0, **kw)]
     for replay in (False, True):
-        host = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 13, 4, 2.0, schedule="host", replay=replay,
-                                                                **kw)]
+        host = [(g.indices.cpu(), g.counts.cpu()) for _t, g, *_ in _decode(method, 13, 4, 2.0, schedule="host",
+                                                                            replay=replay, **kw)]
         for t, (a, b) in enumerate(zip(dev, host, strict=True)):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (replay, t)
 
@@ -190,7 +192,8 @@ def test_host_schedule_lists_only_the_slots_until_the_next_scan():
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
 def test_triton_path_equals_reference_path(method):
     ref = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32)]
-    tri = [(g.indices, g.counts) for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32, backend="triton")]
+    tri = [(g.indices.cpu(), g.counts.cpu())
+           for _t, g, *_ in _decode(method, 12, 4, 2.0, dtype=torch.float32, backend="triton")]
     for t, (a, b) in enumerate(zip(ref, tri, strict=True)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), t
 

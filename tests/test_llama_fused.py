@@ -81,10 +81,11 @@ def test_fused_sparse_step_equals_the_unfused_one(attention, method):
 
     cfg = ModelConfig(vocab_size=97, hidden=64, ffn=88, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
                       max_context=256)
-    w = random_weights(cfg, seed=6, dtype=torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # natively on a GPU, the interpreter on a CPU
+    w = {k: t.to(dev) for k, t in random_weights(cfg, seed=6, dtype=torch.float32).items()}
     sparse = SparseConfig.from_budget(method, 80) if method == "quest" else \
         SparseConfig.from_budget(method, 128, block_size=32)  # 2 dynamic blocks of 16 / 1 of 32
-    prompt = torch.randint(0, cfg.vocab_size, (2, 120), generator=torch.Generator().manual_seed(2))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 120), generator=torch.Generator().manual_seed(2)).to(dev)
     got = {}
     for f in (False, True):
         eng = Engine(Llama(cfg, {k: t.clone() for k, t in w.items()}, fuse=f), None, attention=attention,
@@ -98,16 +99,17 @@ def test_fused_sparse_step_equals_the_unfused_one(attention, method):
                 out = eng.step(tok)
                 outs.append(out)
                 stats.append(torch.stack([torch.stack([s.selected, s.hits, s.misses, s.forced])
-                                          for s in eng._step_stats]))
+                                          for s in eng._step_stats]).cpu())
                 tok = out.argmax(-1)
         meta = [(m.kmin, m.kmax) if method == "quest" else (m.ckeys,) for m in eng.metas if m is not None]
         got[f] = (torch.stack(outs), eng.caches, meta, torch.stack(stats))
     (lf, cf, mf, sf), (lu, cu, mu, su) = got[True], got[False]
-    torch.testing.assert_close(lf, lu, rtol=2e-5, atol=2e-5)
+    tol = 2e-5 if dev == "cpu" else 2e-3  # (CUDA: other GEMM and reduction orders)
+    torch.testing.assert_close(lf, lu, rtol=tol, atol=tol)
     assert torch.equal(sf, su)
     for a, b in zip(cf, cu, strict=True):
         assert torch.equal(a.seq_lens, b.seq_lens) and a.seq_lens.tolist() == [130, 130]
-        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.k, b.k, rtol=tol / 2, atol=tol / 2)
     for a, b in zip(mf, mu, strict=True):
         for x, y in zip(a, b, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x, y, rtol=tol / 2, atol=tol / 2)
