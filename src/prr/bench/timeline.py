@@ -87,44 +87,51 @@ append, the LM head (every kernel no other category claims); "gaps": no kernel r
 dependency bubbles inside the graph)."""
 
 _SELECTION = ("quest_scores", "infllm_scores", "candidate", "_plan_kernel", "_commit_kernel")
+# The model's own kernels outside attention (cuBLAS GEMVs and the fused small ops): "rest" on whatever stream a
+# graph replay runs them (after a fork-join the driver may continue the chain on the selection's stream).
+_MODEL = ("nvjet", "gemv", "gemm", "cublas", "cutlass", "splitkreduce", "_rms_norm_kernel", "_rope_qkv_kernel",
+          "_swiglu_kernel", "_append_kernel", "embedding")
+_TAIL = ("_overlap_kernel",)  # PRR's statistics, in its tail
 
 
 def kernel_categories(rows: list[dict], method: str) -> list[str]:
     """The category of each kernel of a decode-step timeline (``graph_timeline`` rows, sorted by start).
 
-    By name, with streams telling PRR's work apart: the main stream is the first kernel's; an attention kernel
-    there is attention (dense, DSA, or PRR's dense layers), elsewhere PRR's speculation; a top-K on the
-    speculation's stream is the predictor's next-P selection (the step's tail); a merge belongs to the attention
-    or repair launched just before it on the main stream; any other kernel is "rest" on the main stream and
-    belongs to its stream's work elsewhere (PRR's tail and statistics on the speculation's stream, the
-    selection on its own)."""
+    By name first: the model's GEMVs and fused small ops are "rest" wherever they run, metadata appends,
+    scoring, the predictor's update and PRR's statistics, the repair. Streams are not trusted to keep roles: a
+    replayed graph maps its nodes to the driver's streams, and after a join the main chain may continue on
+    what was the selection's stream. So the rest is told apart by what ran beside or before it: a sparse
+    attention kernel of PRR that overlaps a scoring kernel in time is the speculation (it runs beside the
+    selection), otherwise attention; a top-K (or its group pass) is the predictor's next-P selection when the
+    last tagged kernel on its stream was the predictor's (PRR's tail), otherwise the selection; a merge
+    belongs to the attention, speculation or repair launched last on its stream; any other kernel is "rest"."""
     if not rows:
         return []
-    main = rows[0]["stream"]
-    side = {r["stream"] for r in rows if "sparse_decode" in r["name"] and r["stream"] != main}
-    cats, last_main = [], "attention"
+    scoring = [(r["start_us"], r["end_us"]) for r in rows if any(k in r["name"].lower() for k in _SELECTION[:2])]
+    role: dict = {}  # stream -> "selection" | "predictor": the last scoring or tail kernel there
+    owner: dict = {}  # stream -> what a merge there belongs to
+    cats = []
     for r in rows:
         n, s = r["name"].lower(), r["stream"]
         if "append" in n and ("quest" in n or "infllm" in n):
             c = "metadata"
-        elif "holt" in n or "_known_kernel" in n:
-            c = "predictor"
-        elif "repair" in n:
-            c = "repair"
-        elif any(k in n for k in _SELECTION):
-            c = "selection"
-        elif "topk" in n or "group_max" in n:
-            c = "predictor" if method == "prr" and s in side else "selection"
-        elif "sparse_decode" in n:
-            c = "attention" if s == main else "speculation"
-        elif "merge" in n:
-            c = last_main
-        elif s == main:
+        elif any(k in n for k in _MODEL):
             c = "rest"
-        else:  # generic kernels (copies, elementwise glue) off the main stream belong to that stream's work
-            c = "predictor" if method == "prr" and s in side else "selection"
-        if s == main and c in ("attention", "repair"):
-            last_main = c
+        elif "holt" in n or "_known_kernel" in n or any(k in n for k in _TAIL):
+            c = role[s] = "predictor"
+        elif "repair" in n:
+            c = owner[s] = "repair"
+        elif any(k in n for k in _SELECTION):
+            c = role[s] = "selection"
+        elif "topk" in n or "group_max" in n:
+            c = role.get(s, "selection") if method == "prr" else "selection"
+        elif "sparse_decode" in n:
+            spec = method == "prr" and any(a < r["end_us"] and r["start_us"] < b for a, b in scoring)
+            c = owner[s] = "speculation" if spec else "attention"
+        elif "merge" in n:
+            c = owner.get(s, "attention")
+        else:
+            c = "rest"
         cats.append(c)
     return cats
 
