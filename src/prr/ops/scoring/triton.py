@@ -15,9 +15,10 @@ from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
 from ..select.triton import GROUP, _order_key
 
-# Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them).
+# Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them). 64 x 2
+# was the fastest of 32/64/128 x 2/4/8 in all five cases swept on the H200 (scripts/ab_select.py --sweep all).
 QUEST_BLOCK_N = 64
-QUEST_WARPS = 4
+QUEST_WARPS = 2
 
 
 @triton.jit
