@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -78,15 +79,30 @@ def run_tasks(model, tok, tasks, lengths, methods, budgets, seeds=(0,), ratio=1.
 @torch.inference_mode()
 def teacher_forced_nll(eng: Engine, ids: list[int], prefix: int, steps: int) -> float:
     """Mean NLL of ``ids[prefix : prefix+steps]``, each predicted after feeding the true previous token
-    through the engine's decode path (the first from the prefill's last logits)."""
+    through the engine's decode path (the first from the prefill's last logits).
+
+    The user's decode path: on a GPU (``eng.graphs``) the first step runs eagerly (it compiles the kernels),
+    then the step is captured in one CUDA graph and replayed, as generation does; the NLL is summed on the
+    device (float64, in step order: the same number as summing on the host) and read once at the end."""
     logits = eng._last_logits
-    nll = []
-    for t in range(prefix, prefix + steps):
-        # The target lives where the logits do (a CPU target beside CUDA logits fails in cross_entropy).
-        target = torch.tensor([ids[t]], device=logits.device)
-        nll.append(float(torch.nn.functional.cross_entropy(logits.float(), target)))
-        logits = eng.step(target.to(eng.model.device))
-    return sum(nll) / len(nll)
+    # The targets live where the logits do (a CPU target beside CUDA logits fails in cross_entropy).
+    targets = torch.tensor(ids[prefix:prefix + steps], device=logits.device)
+    use_graph = bool(getattr(eng, "graphs", False)) and eng.model.device.type == "cuda"
+    graph, total = None, None
+    for i in range(steps):
+        target = targets[i:i + 1]
+        ce = torch.nn.functional.cross_entropy(logits.float(), target).double()
+        total = ce if total is None else total + ce
+        tokens = target.to(eng.model.device)
+        logits = graph.run(tokens) if graph is not None else eng.step(tokens)
+        if use_graph and graph is None:
+            try:
+                graph = eng.capture(eng.decode_step)
+            except RuntimeError as e:  # keep going eagerly, and say why
+                use_graph = False
+                warnings.warn(f"perplexity: decode step not captured in a CUDA graph, stepping eagerly: {e}",
+                              stacklevel=2)
+    return float(total) / steps
 
 
 def run_perplexity(model, tok, length: int, steps: int, methods, budgets, ratio=1.0, progress=True) -> list[dict]:
