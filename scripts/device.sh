@@ -58,8 +58,9 @@ for step in "$@"; do
       --attentions dense,dsa --out "$OUT/bench_e2e_glm_512k_b4_h200.json" 2>&1 | grep -v "it/s\]" | tail -6
       timeout 80 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --attentions dense,dsa \
       --out "$OUT/bench_e2e_glm_1m_b1_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
-    # Session 2026-11-29 (3): the selection's 16-ary top-K, group maxima in the scoring kernel, per-token block
-    # counts; A/B against the tree of 4494517 unpacked into ab_base/ (untracked), same GPU, same call.
+    # Session 2026-11-29 (3): the selection's top-K, group maxima in the scoring kernel, per-token block counts;
+    # A/B against the tree of 4494517 unpacked here first (untracked; it travels with the working tree):
+    #   mkdir -p ab_base && git archive 4494517 src | tar -x -C ab_base
     sel-tests) { timeout 200 python3 -m pytest -q tests/test_kernels.py tests/test_fused.py tests/test_llama_fused.py \
       tests/test_select.py tests/test_candidates.py 2>&1 | tail -4
       timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
