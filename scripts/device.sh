@@ -68,7 +68,8 @@ for step in "$@"; do
       --out "$OUT/ab_select_base.json" 2>&1 | tail -40
       timeout 200 python3 scripts/ab_select.py --label new --sweep all --out "$OUT/ab_select_new.json" 2>&1 \
       | tail -80; } | tee -a "$OUT/run.log" ;;
-    e2e-ab) for t in base new; do p=src; [ $t = base ] && p=ab_base/src; PYTHONPATH=$p timeout 150 python3 -m prr \
+    e2e-ab) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=4494517
+      PRR_COMMIT=$c PYTHONPATH=$p timeout 150 python3 -m prr \
       bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200_$t.json" 2>&1 | grep -v "it/s\]" \
       | tail -14; done | tee -a "$OUT/run.log" ;;
     # After the bisection top-K: the new tree alone (the base numbers of the same GPU are in the A/B above)
@@ -80,7 +81,8 @@ for step in "$@"; do
       --amortized 16x4,16x8,32x4,32x6 --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -30 \
       | tee -a "$OUT/run.log" ;;
     # The session's closing A/B (baseline tree of 4494517 in ab_base/, untracked) and the #10 layer rows
-    ab-select-final) for t in base new; do p=src; [ $t = base ] && p=ab_base/src; PYTHONPATH=$p timeout 110 \
+    ab-select-final) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=4494517
+      PRR_COMMIT=$c PYTHONPATH=$p timeout 110 \
       python3 scripts/ab_select.py --label $t --out "$OUT/ab_select_h200_$t.json" 2>&1 | tail -32; done \
       | tee -a "$OUT/run.log" ;;
     layer-128k) timeout 240 python3 -m prr bench layer --models llama-3.1-8b --batches 1,4 --contexts 128K \
