@@ -86,7 +86,8 @@ CATEGORIES = ("rest", "metadata", "selection", "attention", "repair", "speculati
 append, the LM head (every kernel no other category claims); "gaps": no kernel running (launch latency and
 dependency bubbles inside the graph)."""
 
-_SELECTION = ("quest_scores", "infllm_scores", "candidate", "_plan_kernel", "_commit_kernel")
+_SCORING = ("quest_scores", "infllm_scores")
+_SELECTION = (*_SCORING, "candidate", "_plan_kernel", "_commit_kernel")
 # The model's own kernels outside attention (cuBLAS GEMVs and the fused small ops): "rest" on whatever stream a
 # graph replay runs them (after a fork-join the driver may continue the chain on the selection's stream).
 _MODEL = ("nvjet", "gemv", "gemm", "cublas", "cutlass", "splitkreduce", "_rms_norm_kernel", "_rope_qkv_kernel",
@@ -107,7 +108,7 @@ def kernel_categories(rows: list[dict], method: str) -> list[str]:
     belongs to the attention, speculation or repair launched last on its stream; any other kernel is "rest"."""
     if not rows:
         return []
-    scoring = [(r["start_us"], r["end_us"]) for r in rows if any(k in r["name"].lower() for k in _SELECTION[:2])]
+    scoring = [(r["start_us"], r["end_us"]) for r in rows if any(k in r["name"].lower() for k in _SCORING)]
     role: dict = {}  # stream -> "selection" | "predictor": the last scoring or tail kernel there
     owner: dict = {}  # stream -> what a merge there belongs to
     cats = []

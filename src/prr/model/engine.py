@@ -297,9 +297,10 @@ class Engine:
         if not folded:
             meta.append(cache)
         if self._counts is None:  # once per token: the caches grow in lockstep
+            prr = self.attention == "prr"  # PRR also needs the blocks forced into P and the next step's count
             self._counts = StepCounts.of(cache.seq_lens, self.sparse, cache.num_kv_heads,
-                                         speculative_top_k(self.sparse.top_k, self.ratio),
-                                         grow=1 if self.attention == "prr" else 0)
+                                         speculative_top_k(self.sparse.top_k, self.ratio) if prr else None,
+                                         grow=1 if prr else 0)
         if self.attention == "dsa":
             out = dsa_step(q, cache, meta, counts=self._counts)
             o, stats, scores = out.o, out.stats, out.selection.scores

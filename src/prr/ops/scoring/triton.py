@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
-from ..select.triton import GROUP, _order_key
+from ..select.triton import GROUP, _dynamic_keys
 
 # Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them). 64 x 2
 # was the fastest of 32/64/128 x 2/4/8 in all five cases swept on the H200 (scripts/ab_select.py --sweep all).
@@ -33,8 +33,7 @@ def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.conste
     """The selection's stage 1 in the scoring kernel's tail (saves its launch): the order key of the best
     dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]``,
     exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
-    cand = (i_n < n) & (i_n >= N_SINK) & (i_n < n - N_LOCAL) & (agg > float("-inf"))
-    key = tl.where(cand, _order_key(agg), -2147483648)
+    key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
     gmax = tl.max(tl.reshape(key, (BLOCK_N // GROUP, GROUP)), axis=1)
     i_gr = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
     tl.store(g_row + i_gr, gmax, mask=i_gr < NG)

@@ -8,18 +8,17 @@ from .reference import check_budget, selection_contains, selection_difference, s
 
 
 def select_blocks(scores, num_blocks, top_k, n_sink=1, n_local=2, *, group_max=None, out=None):
+    if out is not None:
+        _check_out(out, scores, top_k + n_sink + n_local)
     if backend.use_triton(scores):
         reference.check_select_inputs(scores, num_blocks, top_k, n_sink, n_local)
         from . import triton as kernels
 
-        if out is not None:
-            _check_out(out, scores, top_k + n_sink + n_local)
         return kernels.select_blocks(scores.float(), num_blocks, top_k, n_sink, n_local, group_max=group_max,
                                      out=out)
     idx, cnt = reference.select_blocks(scores, num_blocks, top_k, n_sink, n_local)
     if out is None:
         return idx, cnt
-    _check_out(out, scores, idx.shape[-1])
     out[0].copy_(idx)
     out[1].copy_(cnt)
     return out

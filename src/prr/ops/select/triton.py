@@ -67,12 +67,18 @@ def _top_k_mask(key, k):
 
 
 @triton.jit
-def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
-    """Keys of the dynamic candidates among blocks `j` (INT32_MIN elsewhere): live, not forced, finite."""
-    m = (j < n) & (j < NMAX)
-    s = tl.load(s_row + j, mask=m, other=float("-inf")).to(tl.float32)
-    cand = m & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))
+def _dynamic_keys(s, j, n, N_SINK, N_LOCAL):
+    """Order keys of the dynamic candidates among blocks `j` scored `s` (INT32_MIN elsewhere): live (`n`
+    blocks), not forced (sink or local), finite. Shared with the scoring kernel's group maxima."""
+    cand = (j < n) & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))
     return tl.where(cand, _order_key(s), -2147483648)
+
+
+@triton.jit
+def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
+    """:func:`_dynamic_keys` of blocks `j` read from a score row (`n` <= NMAX: nothing past the row is read)."""
+    s = tl.load(s_row + j, mask=(j < n) & (j < NMAX), other=float("-inf")).to(tl.float32)
+    return _dynamic_keys(s, j, n, N_SINK, N_LOCAL)
 
 
 @triton.jit
