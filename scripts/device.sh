@@ -91,6 +91,12 @@ for step in "$@"; do
     gpu-tests-final) { timeout 240 python3 -m pytest -q tests/test_kernels.py tests/test_fused.py \
       tests/test_llama_fused.py tests/test_select.py tests/test_candidates.py tests/test_amortized.py 2>&1 | tail -4
       timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -6; } | tee -a "$OUT/run.log" ;;
+    diag-ab) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=${BASE_COMMIT:-base}
+      mkdir -p "$OUT/diag_$t"; PRR_COMMIT=$c PYTHONPATH=$p timeout 200 python3 scripts/diag_prr.py --out "$OUT/diag_$t" \
+      --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:131072:quest:8192,llama-3.1-8b:1:32768:quest:8192,glm-4-9b:1:32768:quest:8192,llama-3.1-8b:4:131072:quest:8192}" \
+      2>&1 | tail -20; done | tee -a "$OUT/run.log" ;;
+    repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
+      | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

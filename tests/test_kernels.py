@@ -408,10 +408,14 @@ def _overlapping_selections(cache, bs, ks, kp, case, seed=0):
 
 
 @pytest.mark.parametrize("case", ["all_hit", "all_miss", "wide"])
-@pytest.mark.parametrize("mode", ["exact", "union"])
-def test_repair_combine_kernel_hit_patterns(case, mode):
+@pytest.mark.parametrize("mode,fold", [("exact", 4), ("exact", 0), ("exact", 1), ("exact", 8), ("union", 4)])
+def test_repair_combine_kernel_hit_patterns(case, mode, fold, monkeypatch):
     """Every hit, no hit, and wide rows (S of 40 slots, P of 70: several tiles of P in the miss search, misses
-    dealt round-robin over the splits), against attention over S (exact) or P ∪ S (union) in float64."""
+    dealt round-robin over the splits), against attention over S (exact) or P ∪ S (union) in float64; exact
+    mode with the hits' states folded one slot at a time (fold 0) and 1, 4 (default) or 8 slots per tile."""
+    from prr.ops.repair import triton as repair_kernels
+
+    monkeypatch.setattr(repair_kernels, "FOLD_SLOTS", fold)
     dtype = LOWP[-1]
     base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
     cache = _to(base, dtype)

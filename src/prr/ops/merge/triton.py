@@ -24,8 +24,10 @@ def _merge_chunked(o_ptr, lse_ptr, row, N, m_run, l_run, acc, s_row_o, s_n_o, s_
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         w = tl.exp(lse - m_safe)  # 0 for empty parts
         live = w > 0
-        o = tl.load(o_ptr + row * s_row_o + i_n[:, None] * s_n_o + i_d[None, :], mask=live[:, None],
-                    other=0.0).to(tl.float32)  # empty parts are not even read: garbage cannot leak
+        # o is loaded beside lse, not after it (one dependent round trip fewer): an empty part's o may hold
+        # garbage (NaN/inf), which the select below drops (its weight is 0), it is never multiplied in
+        o = tl.load(o_ptr + row * s_row_o + i_n[:, None] * s_n_o + i_d[None, :], mask=m_n[:, None],
+                    other=0.0).to(tl.float32)
         scale_old = tl.exp(m_run - m_safe)
         acc = acc * scale_old + tl.sum(tl.where(live[:, None], w[:, None] * o, 0.0), axis=0)
         l_run = l_run * scale_old + tl.sum(w, axis=0)
