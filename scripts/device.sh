@@ -95,6 +95,12 @@ for step in "$@"; do
       mkdir -p "$OUT/diag_$t"; PRR_COMMIT=$c PYTHONPATH=$p timeout 200 python3 scripts/diag_prr.py --out "$OUT/diag_$t" \
       --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:131072:quest:8192,llama-3.1-8b:1:32768:quest:8192,glm-4-9b:1:32768:quest:8192,llama-3.1-8b:4:131072:quest:8192}" \
       2>&1 | tail -20; done | tee -a "$OUT/run.log" ;;
+    diag-new) mkdir -p "$OUT/diag_new"; timeout 150 python3 scripts/diag_prr.py --out "$OUT/diag_new" \
+      --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,glm-4-9b:1:32768:quest:8192,llama-3.1-8b:1:131072:quest:8192}" \
+      2>&1 | tail -12 | tee -a "$OUT/run.log" ;;
+    e2e-128k-ab) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=${BASE_COMMIT:-base}
+      PRR_COMMIT=$c PYTHONPATH=$p timeout 100 python3 -m prr bench e2e --contexts 128K --batches 1 \
+      --out "$OUT/bench_e2e_128k_$t.json" 2>&1 | grep -v "it/s\]" | tail -8; done | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;

@@ -89,20 +89,20 @@ def run_case(spec: str, overhead: float, timelines: bool):
                                                   block_lse=blse))
     t("repair_union", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, spec_o=so,
                                                   spec_lse=slse, mode="union"))
-    from prr.ops.repair import triton as repair_kernels
-    from prr.ops.repair.triton import repair_launch
-
-    if hasattr(repair_kernels, "FOLD_SLOTS"):  # hits' states folded per tile (0: one slot at a time)
-        default_fold = repair_kernels.FOLD_SLOTS
-        for fold in (0, 2, 4, 8):
-            repair_kernels.FOLD_SLOTS = fold
-            t(f"repair_exact_fold{fold}", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt,
-                                                                      block_o=bo, block_lse=blse))
-        repair_kernels.FOLD_SLOTS = default_fold
     from prr.ops.attention.triton import sparse_decode_launch
+    from prr.ops.repair.triton import repair_launch
 
     (a_so, a_slse), _ = sparse_decode_launch(q, cache, s_idx, s_cnt, bs, q.shape[-1] ** -0.5)
     t("merge_of_attention_splits", lambda: ops.merge.triton.merge_partials(a_so, a_slse, out_dtype=q.dtype))
+    us["attention_splits"] = a_so.shape[2]
+    from prr.ops.merge import triton as merge_kernels
+
+    if hasattr(merge_kernels, "MERGE_BLOCK_N"):  # parts per pass of the merge (16: the old rule)
+        default_n = merge_kernels.MERGE_BLOCK_N
+        for n in (16, 32, 64, 128):
+            merge_kernels.MERGE_BLOCK_N = n
+            t(f"merge_block{n}", lambda: ops.merge.triton.merge_partials(a_so, a_slse, out_dtype=q.dtype))
+        merge_kernels.MERGE_BLOCK_N = default_n
     t("attention_splits_only", lambda: sparse_decode_launch(q, cache, s_idx, s_cnt, bs, q.shape[-1] ** -0.5))
 
     ks = s_idx.shape[-1]

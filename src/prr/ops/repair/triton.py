@@ -4,7 +4,9 @@ One program per (sequence, KV head, split); a split owns a range of S's slots (`
 :func:`slots_per_program`) and finds which are hits by comparing them with P's row, held in registers. Exact
 mode folds each hit's stored per-slot state of P in (reuse: never recomputed); the misses of the range are
 ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: no work for the hits, not even
-masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot. Union mode
+masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot, and so did
+[HF, G_PAD, D] tiles of HF hits' states with lse and o loaded together (H200, Llama b1 128K / 2048: 17.9-25.1
+against 10.0 us; docs/experiments/diag_prr_foldtile_h200.json). Union mode
 skips the hits (already inside P's merged state). One launch of the merge kernel combines the split states
 (and, in union mode, P's merged state).
 """
@@ -30,8 +32,6 @@ from ..attention.triton import (
 )
 from ..merge.triton import merge_partials
 
-FOLD_SLOTS = 4  # hits' states folded per tile (0: one slot at a time; module-level for a sweep)
-
 
 @triton.jit
 def _repair_kernel(
@@ -44,7 +44,6 @@ def _repair_kernel(
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-    HF: tl.constexpr,
 ):
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
@@ -72,7 +71,7 @@ def _repair_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if EXACT and HF == 0:  # reuse, one [G_PAD, D] state per slot (the loads wait on each slot's hit test)
+    if EXACT:  # reuse: fold in P's stored state of each hit of the range, one [G_PAD, D] tile per slot
         for f in tl.static_range(PER_PAD):
             hit_f = tl.max(((i_r == f) & hit).to(tl.int32), axis=0) > 0
             pos_f = tl.sum(tl.where(i_r == f, pos, 0), axis=0)
@@ -86,25 +85,6 @@ def _repair_kernel(
             w = tl.exp(lse_f - m_safe)
             acc = acc * alpha[:, None] + tl.where(w[:, None] > 0, w[:, None] * o_f, 0.0)
             l_i = l_i * alpha + w
-            m_i = m_new
-    if EXACT and HF > 0:  # reuse, HF slots' states per [HF, G_PAD, D] tile (lse and o loaded together)
-        s_row = s_idx_ptr + i_b * s_sib + i_h * s_sih
-        for f0 in tl.static_range(0, PER_PAD, HF):
-            i_f = f0 + tl.arange(0, HF)
-            blk_f = tl.load(s_row + start + i_f, mask=start + i_f < end, other=-2)
-            match_f = blk_f[:, None] == p_blk[None, :]  # [HF, KP_PAD]
-            hit_f = tl.max(match_f.to(tl.int32), axis=1) > 0
-            pos_f = tl.minimum(tl.sum(tl.where(match_f, i_p[None, :], 0), axis=1), KP - 1)
-            row = (i_b * HKV * G + hq[None, :]) * KP + pos_f[:, None]  # [HF, G_PAD]
-            m_row = hit_f[:, None] & m_g[None, :]
-            lse_f = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
-            o_f = tl.load(bo_ptr + row[:, :, None] * D + i_d[None, None, :], mask=m_row[:, :, None], other=0.0)
-            m_new = tl.maximum(m_i, tl.max(lse_f, axis=0))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_safe)
-            w = tl.exp(lse_f - m_safe[None, :])  # [HF, G_PAD]; 0 for non-hits
-            acc = acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * o_f, 0.0), axis=0)
-            l_i = l_i * alpha + tl.sum(w, axis=0)
             m_i = m_new
     # Repair: the misses of the range, CHUNK blocks per tile (the k-th tile takes misses ranked kC..kC+C-1).
     i_c = tl.arange(0, CHUNK)
@@ -155,7 +135,7 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
-        EXACT=exact, HF=min(FOLD_SLOTS, per_pad), num_warps=4,
+        EXACT=exact, num_warps=4,
     )
     return so, slse
 
