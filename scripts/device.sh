@@ -101,6 +101,8 @@ for step in "$@"; do
     e2e-128k-ab) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=${BASE_COMMIT:-base}
       PRR_COMMIT=$c PYTHONPATH=$p timeout 100 python3 -m prr bench e2e --contexts 128K --batches 1 \
       --out "$OUT/bench_e2e_128k_$t.json" 2>&1 | grep -v "it/s\]" | tail -8; done | tee -a "$OUT/run.log" ;;
+    select-sweep) timeout 150 python3 scripts/ab_select.py --label new --sweep topk --out "$OUT/ab_select_h200.json" \
+      2>&1 | tail -70 | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
