@@ -64,26 +64,17 @@ def bench_case(model: str, batch: int, ctx: int, label: str, sweep: str, rows: l
     from prr.ops.select import triton as st
 
     keep = (sc.QUEST_BLOCK_N, sc.QUEST_WARPS, st.TOPK_WARPS)
-    keep_single = getattr(st, "TOPK_SINGLE_MAX", None)
     try:
         for bn in (32, 64, 128) if sweep == "all" else ():
             for w in (2, 4, 8):
                 sc.QUEST_BLOCK_N, sc.QUEST_WARPS = bn, w
                 add("score", lambda: meta.scores(q, cache, with_groups=True), block_n=bn, warps=w)
         sc.QUEST_BLOCK_N, sc.QUEST_WARPS = keep[0], keep[1]
-        for single in (0, 1 << 20) if hasattr(st, "TOPK_SINGLE_MAX") else (None,):
-            if single is not None:  # 0: always the two stages; 1 << 20: one search over the whole row
-                st.TOPK_SINGLE_MAX = single
-            for w in (4, 8, 16):
-                st.TOPK_WARPS = w
-                add("topk_given_groups", lambda: topk(group_max=gmax), warps=w,
-                    **({} if single is None else {"single": bool(single)}))
-        if hasattr(st, "TOPK_SINGLE_MAX"):
-            st.TOPK_SINGLE_MAX = keep_single
+        for w in (2, 4, 8, 16):
+            st.TOPK_WARPS = w
+            add("topk_given_groups", lambda: topk(group_max=gmax), warps=w)
     finally:
         sc.QUEST_BLOCK_N, sc.QUEST_WARPS, st.TOPK_WARPS = keep
-        if keep_single is not None:
-            st.TOPK_SINGLE_MAX = keep_single
 
 
 def main() -> None:
