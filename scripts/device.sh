@@ -103,6 +103,11 @@ for step in "$@"; do
       --out "$OUT/bench_e2e_128k_$t.json" 2>&1 | grep -v "it/s\]" | tail -8; done | tee -a "$OUT/run.log" ;;
     select-sweep) timeout 150 python3 scripts/ab_select.py --label new --sweep topk --out "$OUT/ab_select_h200.json" \
       2>&1 | tail -70 | tee -a "$OUT/run.log" ;;
+    e2e-final) timeout 200 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
+      2>&1 | grep -v "it/s\]" | tail -22 | tee -a "$OUT/run.log" ;;
+    layer-128k-b1) timeout 200 python3 -m prr bench layer --models llama-3.1-8b --batches 1 --contexts 128K \
+      --methods quest --budgets 2048,8192 --out "$OUT/bench_layer_h200_128k.json" 2>&1 | grep -v "it/s\]" \
+      | tail -30 | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
