@@ -108,6 +108,8 @@ for step in "$@"; do
     layer-128k-b1) timeout 200 python3 -m prr bench layer --models llama-3.1-8b --batches 1 --contexts 128K \
       --methods quest --budgets 2048,8192 --out "$OUT/bench_layer_h200_128k.json" 2>&1 | grep -v "it/s\]" \
       | tail -30 | tee -a "$OUT/run.log" ;;
+    select-warps) timeout 170 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x8 \
+      --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -45 | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;

@@ -39,6 +39,7 @@ from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
 
 BF16 = 2
 NEVER = 1 << 62  # a scan period the bench never reaches: every step after the warm-up's scan re-scores
+CAND_WARPS = (4, 8, 16)  # the candidate top-K's warps swept on a GPU
 
 
 def _candidate_bytes(lay: RandomLayer, slots: int) -> int:
@@ -61,6 +62,11 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
         rows.append(Row("select", case, op, "triton", us, int(nbytes), nbytes / (copy_tbps * 1e12) * 1e6,
                         overhead / steps, extra))
 
+    ck = None
+    if q.is_cuda:
+        from ..ops.candidates import triton as ck
+
+        ck.CAND_TOPK_WARPS = None  # (a case that failed midway may have left its sweep's value)
     kv_tok = 2 * cache.num_kv_heads * cache.head_dim * BF16
     att_b = batch * cfg.budget_tokens * kv_tok + 2 * q.numel() * BF16
     meta_b = _metadata_bytes(cfg, batch, cache.num_kv_heads, cache.head_dim, ctx)
@@ -91,12 +97,11 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
         add(f"candidate_score_{tag}", lambda r=rescore: r._scores(q, cache, r.cand), cand_b, slots=slots)
         add(f"candidate_topk_{tag}", lambda r=rescore, s=scores: cops.select_candidates(
             r.cand, s, nblk, cfg.top_k, cfg.n_sink, cfg.n_local), slots * batch * cache.num_kv_heads * 8)
-        if q.is_cuda:  # the same kernel in one warp (its K-th-key search: 32 row reductions)
-            from ..ops.candidates import triton as ck
-
-            add(f"candidate_topk_{tag}_w1", lambda r=rescore, s=scores: ck.select_candidates(
-                r.cand, s, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, num_warps=1),
-                slots * batch * cache.num_kv_heads * 8)
+        if ck is not None:  # the same kernel at other warp counts (its time grows with the candidates per thread)
+            for w in CAND_WARPS:
+                add(f"candidate_topk_{tag}_w{w}", lambda r=rescore, s=scores, w=w: ck.select_candidates(
+                    r.cand, s, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, num_warps=w),
+                    slots * batch * cache.num_kv_heads * 8, warps=w)
         add(f"dsa_step_rescore_{tag}", dsa(lambda s=rescore: s.select(q, cache)), cand_b + att_b)
         host = AmortizedSelector(meta, cache, every=NEVER, factor=c, new_slots=2, schedule="host")
         host.select(q, cache)  # its scan: the candidates
@@ -106,8 +111,11 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
                 return h.select(q, cache)
         add(f"amortized_rescore_{tag}_host", host_rescore, cand_b, slots=slots)
         add(f"dsa_step_rescore_{tag}_host", dsa(host_rescore), cand_b + att_b)
-    for (m, c), schedule in ((mc, sch) for mc in settings for sch in ("device", "host")):
-        tag = f"m{m}c{c:g}" + ("_host" if schedule == "host" else "")
+    for (m, c), schedule, w in ((mc, sch, w) for mc in settings for sch in ("device", "host")
+                                for w in ((None,) + (CAND_WARPS if sch == "host" and ck is not None else ()))):
+        tag = f"m{m}c{c:g}" + (f"_w{w}" if w else "") + ("_host" if schedule == "host" else "")
+        if ck is not None:  # the host schedule's m steps again with the candidate top-K at w warps
+            ck.CAND_TOPK_WARPS = w
         sel = AmortizedSelector(meta, cache, every=m, factor=c, schedule=schedule)
         cand_b = _candidate_bytes(lay, sel.cand.shape[-1])
         mean_b = math.ceil(meta_b / m) + cand_b
@@ -118,9 +126,11 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
                 for _ in range(m):
                     fn()
             return run
-        extra = {"every": m, "factor": c, "schedule": schedule}
+        extra = {"every": m, "factor": c, "schedule": schedule, **({"cand_topk_warps": w} if w else {})}
         add(f"selection_{tag}", steps(lambda s=sel: s.select(q, cache)), mean_b, steps=m, **extra)
         add(f"dsa_step_{tag}", steps(dsa(lambda s=sel: s.select(q, cache))), mean_b + att_b, steps=m, **extra)
+    if ck is not None:
+        ck.CAND_TOPK_WARPS = None
     return rows
 
 

@@ -132,6 +132,12 @@ def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, 
         tl.store(cnt_ptr + i_bh, count)
 
 
+# Warps of the candidate top-K (None: 4 up to 2,048 candidates, else 8; module-level for `prr bench select`'s
+# sweep: on the H200 its time grew with the candidates per thread, 3.7 us at 4 per thread, 7.3 at 8, 13-18 in
+# one warp at 16-32)
+CAND_TOPK_WARPS: int | None = None
+
+
 def _check_cand(cand):
     if cand.dtype != torch.int32 or cand.stride(-1) != 1:
         raise ValueError(f"cand must be int32 with a unit last stride (got {cand.dtype}, strides {cand.stride()})")
@@ -231,7 +237,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        num_warps=num_warps or (4 if c_pad <= 2048 else 8),
+        num_warps=num_warps or CAND_TOPK_WARPS or (4 if c_pad <= 2048 else 8),
     )
     return idx, cnt
 
