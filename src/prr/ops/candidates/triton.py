@@ -132,9 +132,9 @@ def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, 
         tl.store(cnt_ptr + i_bh, count)
 
 
-# Warps of the candidate top-K (None: 4 up to 2,048 candidates, else 8; module-level for `prr bench select`'s
-# sweep: on the H200 its time grew with the candidates per thread, 3.7 us at 4 per thread, 7.3 at 8, 13-18 in
-# one warp at 16-32)
+# Warps of the candidate top-K (None: 4 up to 512 candidates, else 8; module-level for `prr bench select`'s
+# sweep). H200, Llama-3.1-8B 512K, 1,005 candidates (c = 8): 4 warps 7.3 us, 8 warps 5.1, 16 warps 6.3 at b1;
+# 8.6 / 6.4 / 7.6 at b8 (results/bench_select_h200_warps.json); one warp 13-18 us
 CAND_TOPK_WARPS: int | None = None
 
 
@@ -219,8 +219,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
                       num_warps: int | None = None):
     """Triton twin of :func:`prr.ops.candidates.reference.select_candidates`; the valid ids of each row must be
     ascending (the result is then sorted without a sort). Ties at the K-th score go to the lowest ids.
-    `out=(indices, counts)` reuses buffers; `num_warps` overrides the launch's (benchmarks: the 32 rounds of
-    the K-th-key search are row reductions, cheaper within one warp)."""
+    `out=(indices, counts)` reuses buffers; `num_warps` overrides the launch's (benchmarks)."""
     _check_cand(cand)
     if scores.dtype != torch.float32 or scores.stride(-1) != 1:
         raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
@@ -237,7 +236,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        num_warps=num_warps or CAND_TOPK_WARPS or (4 if c_pad <= 2048 else 8),
+        num_warps=num_warps or CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8),
     )
     return idx, cnt
 
