@@ -110,6 +110,9 @@ for step in "$@"; do
       | tail -30 | tee -a "$OUT/run.log" ;;
     select-warps) timeout 170 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x8 \
       --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -45 | tee -a "$OUT/run.log" ;;
+    e2e-small-ab) for t in base new; do p=src; c=${PRR_COMMIT:-unknown}; [ $t = base ] && p=ab_base/src && c=${BASE_COMMIT:-base}
+      PRR_COMMIT=$c PYTHONPATH=$p timeout 80 python3 -m prr bench e2e --model smollm2-135m --contexts 5K --batches 1 \
+      --budget 1024 --out "$OUT/bench_e2e_smollm2_$t.json" 2>&1 | grep -v "it/s\]" | tail -8; done | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;

@@ -212,11 +212,21 @@ def test_infllm_scores_kernel(dtype):
     torch.testing.assert_close(s.cpu().double()[~dead], s_ref[~dead], rtol=1e-5, atol=1e-4)
 
 
+@pytest.fixture(params=["single", "two-stage"])
+def topk_path(request, monkeypatch):
+    """Run a top-K test through both kernel paths: one search over the whole row (rows up to
+    ``TOPK_SINGLE_MAX`` blocks) and the two stages (group maxima, then their blocks)."""
+    from prr.ops.select import triton as sel_triton
+
+    monkeypatch.setattr(sel_triton, "TOPK_SINGLE_MAX", 1 << 20 if request.param == "single" else 0)
+    return request.param
+
+
 # "large": 6000 blocks, 300 chosen: 8192 candidates in the second stage.
 @pytest.mark.parametrize("nmax,top_k,n_sink,n_local", [(50, 7, 2, 3), (300, 40, 1, 2), (9, 20, 1, 2),
                                                        (6000, 300, 1, 2)],
                          ids=["small", "wide", "budget>=blocks", "large"])
-def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local):
+def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local, topk_path):
     gen = torch.Generator().manual_seed(nmax)
     scores = torch.randn(3, 4, nmax, generator=gen)
     scores[0, 0, 5] = float("-inf")  # never a dynamic pick
@@ -239,7 +249,7 @@ def test_topk_kernel_matches_reference_sets(nmax, top_k, n_sink, n_local):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_topk_kernel_extreme_keys_and_early_exit(seed):
+def test_topk_kernel_extreme_keys_and_early_exit(seed, topk_path):
     """The k-th key bisection (from the live keys' range, stopping at a threshold with exactly k keys above)
     gives the reference set: keys at the int32 extremes (+-3e38, -0.0 and 0.0, denormals), heavy ties, -inf
     non-candidates, fewer candidates than K."""
@@ -269,7 +279,7 @@ def test_topk_kernel_extreme_keys_and_early_exit(seed):
 
 
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
-def test_scoring_kernel_writes_the_topk_group_maxima(method):
+def test_scoring_kernel_writes_the_topk_group_maxima(method, topk_path):
     """The scoring kernel's tail writes exactly the top-K's stage-1 group maxima (so the selection skips that
     launch), and select() with them equals the reference selection."""
     from prr.ops.select import triton as sel_triton
@@ -323,7 +333,7 @@ def test_selection_overlap_kernel_matches_reference(kp, ks):
     assert int(want[0].sum()) > 0
 
 
-def test_select_blocks_writes_into_given_buffers():
+def test_select_blocks_writes_into_given_buffers(topk_path):
     """``out=`` (PRR's tail writes the next P into the live buffers): same result, no new tensors, and a
     mis-shaped buffer is refused."""
     gen = torch.Generator().manual_seed(5)
@@ -520,7 +530,7 @@ def test_gpu_default_dispatch_runs_kernels():
 
 
 @pytest.mark.parametrize("pattern", ["ascending", "descending", "quantized", "clustered"])
-def test_topk_kernel_two_stage_edge_patterns(pattern):
+def test_topk_kernel_two_stage_edge_patterns(pattern, topk_path):
     """Stage 1 keeps the K best 16-block groups: scores that pile the top-K into few groups, or tie across
     groups, must still give exactly the reference set (ties: lowest ids, as a stable sort would)."""
     n, top_k = 1000, 40

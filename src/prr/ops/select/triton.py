@@ -25,6 +25,9 @@ import triton.language as tl
 
 GROUP = 16  # blocks per group in stage 1
 TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size; module-level for a sweep)
+# Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
+# the two stages (module-level for a sweep)
+TOPK_SINGLE_MAX = 512
 INT_MIN = -2147483648
 
 
@@ -102,7 +105,8 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 @triton.jit
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
                  s_sb, s_sh, s_ib, s_ih,
-                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -113,6 +117,11 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
     if n <= KMAX:  # a short context: every live block
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
         tl.store(cnt_ptr + i_bh, n)
+    elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
+        j = tl.arange(0, NMAX_PAD)
+        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+        chosen = _top_k_mask(key, TOPK)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
@@ -131,16 +140,21 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
         chosen = _top_k_mask(key, TOPK)
-        n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
-        # Output: sink blocks, the chosen (already ascending), local blocks; -1 padding.
-        pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(out + pos, j, mask=chosen)
-        tl.store(out + k, k, mask=k < N_SINK)
-        loc = N_SINK + n_chosen + k
-        tl.store(out + loc, n - N_LOCAL + k, mask=k < N_LOCAL)
-        count = N_SINK + n_chosen + N_LOCAL
-        tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
-        tl.store(cnt_ptr + i_bh, count)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+
+
+@triton.jit
+def _write_selection(out, cnt_ptr, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K: tl.constexpr):
+    """Output row: sink blocks, the chosen blocks ``j`` (ascending), local blocks; -1 padding; the count."""
+    n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
+    pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out + pos, j, mask=chosen)
+    tl.store(out + k, k, mask=k < N_SINK)
+    loc = N_SINK + n_chosen + k
+    tl.store(out + loc, n - N_LOCAL + k, mask=k < N_LOCAL)
+    count = N_SINK + n_chosen + N_LOCAL
+    tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
+    tl.store(cnt_ptr, count)
 
 
 @triton.jit
@@ -209,7 +223,11 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     ng = triton.cdiv(nmax, GROUP)
     tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
     cg = torch.empty(bsz * hkv, tg_pad, dtype=torch.int32, device=dev)
-    if group_max is None:
+    nmax_pad = max(16, triton.next_power_of_2(nmax))
+    single = nmax_pad <= TOPK_SINGLE_MAX
+    if single:  # one search over the whole row: no group maxima needed (given ones are ignored)
+        gmax = cg
+    elif group_max is None:
         gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
         block_g = 64
         _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
@@ -226,6 +244,7 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        num_warps=TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP) <= 2048 else 8),
+        SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        num_warps=TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0) <= 2048 else 8),
     )
     return idx, cnt
