@@ -12,9 +12,9 @@ Two stages, so the per-row work is small even at 32K blocks (512K tokens of 16-t
    lowest block ids. The candidates are gathered in ascending id order, so a prefix sum writes the chosen
    ids already sorted, between the sink blocks and the local blocks.
 
-One search over a whole row instead (no group stage) measured slower on the H200 even where the row is short:
-19.7 against 15.5 us at 8,192 blocks (Llama-3.1-8B b1 128K), 78-213 against 16 us at 32,768
-(docs/experiments/topk_single_stage_h200.log).
+One search over a whole row instead (no group stage, ``TOPK_SINGLE_MAX``) measured slower on the H200 at
+8,192 blocks and up: 19.7 against 15.5 us at 8,192 (Llama-3.1-8B b1 128K), 78-213 against 16 us at 32,768
+(docs/experiments/topk_single_stage_h200.log); it stays off until measured on short rows.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import triton.language as tl
 GROUP = 16  # blocks per group in stage 1
 TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size; module-level for a sweep)
 # Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
-# the two stages (module-level for a sweep)
-TOPK_SINGLE_MAX = 512
+# the two stages (module-level for a sweep). Off: measured slower at 8,192 blocks and up; whether it pays on
+# short rows (SmolLM2's ~320 blocks at 5K tokens) is not measured yet: `bash scripts/device.sh e2e-small-ab`
+# with 512 here is the A/B that decides
+TOPK_SINGLE_MAX = 0
 INT_MIN = -2147483648
 
 
