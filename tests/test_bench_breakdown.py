@@ -86,3 +86,23 @@ def test_breakdown_plot_from_saved_json(tmp_path):
     path.write_text(json.dumps(res))
     with pytest.raises(ValueError, match="no per-token breakdown"):
         plot_e2e_breakdown(str(path), str(tmp_path))
+
+
+def test_step_parts_plot_from_saved_diag_json(tmp_path):
+    """`prr bench plot` on a scripts/diag_prr.py JSON draws the layer step's parts; a case missing a part is an
+    error that names it."""
+    pytest.importorskip("matplotlib")
+    from prr.bench.plots import plot_step_parts
+
+    us = {"selection": 29.7, "attention_split": 11.0, "speculate": 9.2, "repair_exact": 10.0, "dsa": 40.9,
+          "prr_exact": 42.9}
+    res = {"env": {"gpu": "g", "commit": "c"}, "cases": {"m/b1/128K/quest": {"us": us},
+                                                          "m/b1/32K/quest/8192": {"us": dict(us, dsa=60.0)}}}
+    path = tmp_path / "diag.json"
+    path.write_text(json.dumps(res))
+    png = plot_step_parts(str(path), str(tmp_path))
+    assert png.endswith("diag.png") and (tmp_path / "diag.png").stat().st_size > 1000
+    del res["cases"]["m/b1/128K/quest"]["us"]["repair_exact"]
+    path.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="repair_exact"):
+        plot_step_parts(str(path), str(tmp_path))

@@ -91,12 +91,16 @@ def _cmd_bench_select(args) -> int:
 def _cmd_bench_plot(args) -> int:
     import json
 
-    from .plots import plot_e2e_breakdown, plot_heatmap, plot_layer
+    from .plots import plot_e2e_breakdown, plot_heatmap, plot_layer, plot_step_parts
 
     with open(args.file) as f:
-        if json.load(f).get("bench") == "e2e":
-            print(plot_e2e_breakdown(args.file, args.out_dir))
-            return 0
+        res = json.load(f)
+    if res.get("bench") == "e2e":
+        print(plot_e2e_breakdown(args.file, args.out_dir))
+        return 0
+    if "cases" in res:  # scripts/diag_prr.py: the parts of DSA's and PRR's layer step
+        print(plot_step_parts(args.file, args.out_dir))
+        return 0
 
     paths = plot_heatmap(args.file, args.out_dir) if args.heatmap else plot_layer(args.file, args.out_dir)
     for p in [paths] if isinstance(paths, str) else paths:

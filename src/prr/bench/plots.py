@@ -164,3 +164,55 @@ def plot_e2e_breakdown(path: str, out_dir: str, name: str | None = None) -> str:
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def plot_step_parts(path: str, out_dir: str, name: str | None = None) -> str:
+    """One panel per case of a ``scripts/diag_prr.py`` JSON: the parts of serialized DSA's and PRR's layer step
+    laid out as each step orders them (DSA: selection, then attention; PRR: selection with the speculation
+    beside it, then the repair), each part timed alone, with the whole step's measured time as a tick.
+    Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        res = json.load(f)
+    cases = res.get("cases") or {}
+    if not cases:
+        raise ValueError(f"{path} has no cases (a scripts/diag_prr.py JSON holds per-case 'us' parts)")
+    need = ("selection", "attention_split", "speculate", "repair_exact", "dsa", "prr_exact")
+    fig, axes = plt.subplots(len(cases), 1, figsize=(8, 1.9 * len(cases) + 0.6), squeeze=False)
+    for ax, (case, res_c) in zip(axes[:, 0], cases.items(), strict=True):
+        us = res_c["us"]
+        missing = [k for k in need if k not in us]
+        if missing:
+            raise ValueError(f"{path}: case {case} lacks {missing}")
+        sel, att, spec, rep = us["selection"], us["attention_split"], us["speculate"], us["repair_exact"]
+        bars = [  # (row, start, width, color, label)
+            (2, 0.0, sel, "#1f77b4", "selection"), (2, sel, att, "#2ca02c", "attention (+ merge)"),
+            (1, 0.0, sel, "#1f77b4", None), (0.55, 0.0, spec, "#ff7f0e", "speculation (beside)"),
+            (1, sel, rep, "#d62728", "repair (+ merge)"),
+        ]
+        for y, x0, w, c, lab in bars:
+            h = 0.35 if y == 0.55 else 0.6
+            ax.barh(y, w, left=x0, height=h, color=c, label=lab, edgecolor="white", linewidth=0.5)
+        for y, key in ((2, "dsa"), (1, "prr_exact")):
+            ax.plot([us[key]] * 2, [y - 0.38, y + 0.38], color="black", linewidth=2)
+            ax.text(us[key], y, f" {us[key]:.1f} us", va="center", fontsize=7)
+        ax.set_yticks([2, 1], ["serialized DSA", "PRR exact"], fontsize=8)
+        ax.set_ylim(0.2, 2.5)
+        ax.set_title(f"{case}: PRR / DSA = {us['dsa'] / us['prr_exact']:.2f}x", fontsize=9)
+        ax.set_xlim(0, max(us["dsa"], us["prr_exact"], sel + att, sel + rep) * 1.18)
+    axes[-1, 0].set_xlabel("us, net of the graph overhead (bars: each part timed alone; black tick: the whole "
+                           "step)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=4, loc="lower center", frameon=False)
+    fig.suptitle(f"Where a layer step goes ({res.get('env', {}).get('gpu', '')}, commit "
+                 f"{res.get('env', {}).get('commit', '')})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, name or os.path.splitext(os.path.basename(path))[0] + ".png")
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
