@@ -159,8 +159,15 @@ def plot_e2e_breakdown(path: str, out_dir: str, name: str | None = None) -> str:
                  f"{meta.get('budget', '')}; {res.get('env', {}).get('gpu', '')})", fontsize=9)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, ncol=8, loc="lower center", frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return _save(fig, out_dir, name or os.path.splitext(os.path.basename(path))[0] + "_breakdown.png")
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    """Write the figure as ``out_dir/name`` (130 dpi), close it, return the path."""
+    import matplotlib.pyplot as plt
+
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, name or os.path.splitext(os.path.basename(path))[0] + "_breakdown.png")
+    out = os.path.join(out_dir, name)
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
@@ -211,8 +218,4 @@ def plot_step_parts(path: str, out_dir: str, name: str | None = None) -> str:
     fig.suptitle(f"Where a layer step goes ({res.get('env', {}).get('gpu', '')}, commit "
                  f"{res.get('env', {}).get('commit', '')})", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, name or os.path.splitext(os.path.basename(path))[0] + ".png")
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(fig, out_dir, name or os.path.splitext(os.path.basename(path))[0] + ".png")
