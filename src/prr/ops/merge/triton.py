@@ -65,6 +65,10 @@ def _rows(o: torch.Tensor, lse: torch.Tensor):
     return o2, l2
 
 
+def _parts_per_pass(n: int) -> int:
+    return max(1, min(MERGE_BLOCK_N, triton.next_power_of_2(max(n, 1))))
+
+
 def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None):
     """Merge ``o [..., N, D], lse [..., N]`` (and optionally a second ``[..., N2, D]`` set) over N.
 
@@ -83,14 +87,14 @@ def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None):
     # All of a row's parts in one tile (up to MERGE_BLOCK_N, about 64 floats per thread): each pass of the loop
     # is a dependent round trip, and with 16-part passes GLM-4-9B's 128 attention splits at batch 1 took 8
     # passes, 20 us (H200), more than the attention kernel itself
-    block_n = max(1, min(MERGE_BLOCK_N, triton.next_power_of_2(a_o.shape[1])))
+    block_n = _parts_per_pass(a_o.shape[1])
     out = torch.empty(rows, d, dtype=out_dtype or o.dtype, device=o.device)
     out_lse = torch.empty(rows, dtype=torch.float32, device=o.device)
     if rows:
         _merge_kernel[(rows,)](
             a_o, a_l, a_o.shape[1], a_o.stride(0), a_o.stride(1), a_l.stride(0),
             b_o, b_l, n2, b_o.stride(0), b_o.stride(1), b_l.stride(0),
-            out, out_lse, D=d, BLOCK_N=block_n, BLOCK_N2=max(1, min(MERGE_BLOCK_N, triton.next_power_of_2(max(n2, 1)))),
+            out, out_lse, D=d, BLOCK_N=block_n, BLOCK_N2=_parts_per_pass(n2),
             num_warps=max(1, min(8, block_n * d // 1024)),
         )
     return out.view(*lead, d), out_lse.view(*lead)
