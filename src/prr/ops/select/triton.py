@@ -12,9 +12,11 @@ Two stages, so the per-row work is small even at 32K blocks (512K tokens of 16-t
    lowest block ids. The candidates are gathered in ascending id order, so a prefix sum writes the chosen
    ids already sorted, between the sink blocks and the local blocks.
 
-One search over a whole row instead (no group stage, ``TOPK_SINGLE_MAX``) measured slower on the H200 at
-8,192 blocks and up: 19.7 against 15.5 us at 8,192 (Llama-3.1-8B b1 128K), 78-213 against 16 us at 32,768
-(docs/experiments/topk_single_stage_h200.log); it stays off until measured on short rows.
+Rows of up to ``TOPK_SINGLE_MAX`` blocks take one search over the whole row instead (no group stage, one
+dependent search fewer). On the H200 that is slower at 8,192 blocks and up: 19.7 against 15.5 us at 8,192
+(Llama-3.1-8B b1 128K), 78-213 against 16 us at 32,768 (docs/experiments/topk_single_stage_h200.log); on short
+rows it pays: SmolLM2-135M shapes at 5K tokens (~320 blocks), DSA 1.531 -> 1.346 ms/token in `prr bench e2e`
+(docs/experiments/bench_e2e_smollm2_single_ab_h200/).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size;
 # the two stages (module-level for a sweep). Off: measured slower at 8,192 blocks and up; whether it pays on
 # short rows (SmolLM2's ~320 blocks at 5K tokens) is not measured yet: `bash scripts/device.sh e2e-small-ab`
 # with 512 here is the A/B that decides
-TOPK_SINGLE_MAX = 0
+TOPK_SINGLE_MAX = 512
 INT_MIN = -2147483648
 
 
