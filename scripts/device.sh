@@ -115,6 +115,15 @@ for step in "$@"; do
       --budget 1024 --out "$OUT/bench_e2e_smollm2_$t.json" 2>&1 | grep -v "it/s\]" | tail -8; done | tee -a "$OUT/run.log" ;;
     repair-tests) timeout 150 python3 -m pytest -q tests/test_kernels.py -k "repair or merge or sparse" 2>&1 | tail -4 \
       | tee -a "$OUT/run.log" ;;
+    # Session 5 (2026-11-30): the Triton GEMV at one row (prr.ops.gemv) in the decode step
+    gemv-tests) { timeout 200 python3 -m pytest -q tests/test_gemv.py tests/test_llama_fused.py tests/test_select.py 2>&1 \
+      | tail -3; timeout 120 python3 -m pytest -q -m gpu tests 2>&1 | tail -3; } | tee -a "$OUT/run.log" ;;
+    gemv-probe) timeout 200 python3 scripts/gemv_probe.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tail -30 \
+      | tee -a "$OUT/run.log" ;;
+    e2e-llama) timeout 200 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
+      2>&1 | grep -v "it/s\]" | tail -22 | tee -a "$OUT/run.log" ;;
+    e2e-smollm2) timeout 80 python3 -m prr bench e2e --model smollm2-135m --contexts 5K --batches 1 --budget 1024 \
+      --out "$OUT/bench_e2e_smollm2_h200.json" 2>&1 | grep -v "it/s\]" | tail -8 | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -5,11 +5,12 @@ y[M, N] = x[M, K] @ W[N, K]^T in bf16 (fp32 accumulation) at the decode shapes o
 M = 1 and 4. Weights rotate over enough copies (>= 256 MB) that every call reads them from HBM, as in a
 decode step; one CUDA graph runs one call per copy, and the time per call is the graph's time / copies
 (launch gaps included, as in the step). Variants: ``dot`` (x padded to 16 rows, tl.dot per K tile),
-``fma`` (M = 1 only: elementwise products accumulated in a [BN, BK] tile, one reduction at the end).
+``fma`` (M = 1 only: elementwise products accumulated in a [BN, BK] tile, one reduction at the end; the
+first run, docs/experiments/gemv_probe_h200.json), ``op`` (:func:`prr.ops.gemv.triton.linear`, the same idea
+for M rows in an [M, BN, BK] tile: op-BN-BK-STAGES-WARPS, BK 0 = its default).
 """
 
 import argparse
-import itertools
 import json
 import os
 
@@ -19,9 +20,13 @@ import triton
 import triton.language as tl
 
 from prr.bench.common import environment
+from prr.ops.gemv import triton as op
 
 SHAPES = {"llama_qkv": (6144, 4096), "llama_o": (4096, 4096), "llama_gate_up": (28672, 4096),
-          "llama_down": (4096, 14336), "glm_qkv": (4608, 4096), "glm_down": (4096, 13696)}
+          "llama_down": (4096, 14336), "glm_qkv": (4608, 4096), "glm_down": (4096, 13696),
+          "glm_gate_up": (27392, 4096), "llama_head": (128256, 4096), "smollm2_qkv": (960, 576),
+          "smollm2_o": (576, 576), "smollm2_gate_up": (3072, 576), "smollm2_down": (576, 1536),
+          "smollm2_head": (49152, 576)}
 
 
 @triton.jit
@@ -32,8 +37,8 @@ def _gemv_dot(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=rm[:, None] < M, other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=rn[:, None] < N, other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -54,7 +59,9 @@ def _gemv_fma(x_ptr, w_ptr, y_ptr, N, K, swn, BN: tl.constexpr, BK: tl.constexpr
 def gemv(x, w, y, variant, bn, bk, stages, warps):
     m, k = x.shape
     n = w.shape[0]
-    if variant == "dot":
+    if variant == "op":
+        op.linear(x, w, None, bn=bn, bk=bk or None, stages=stages, warps=warps, out=y)
+    elif variant == "dot":
         _gemv_dot[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                                          BM=16, BN=bn, BK=bk, STAGES=stages, num_warps=warps)
     else:
@@ -81,8 +88,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     bw_bytes = 4.24e12  # the H200's copy bandwidth as prr bench measures it (only for the x-floor column)
     result = {"env": environment(), "rows": []}
-    configs = [("dot", bn, bk, st, 4) for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6))]
-    configs += [("fma", bn, bk, st, w) for bn, bk, st, w in itertools.product((4, 8, 16), (256, 512), (3, 4), (4, 8))]
+    ap_cfg = {1: [("op", 8, 0, 3, 4), ("op", 8, 512, 4, 4), ("op", 4, 512, 3, 4), ("op", 16, 256, 4, 4)],
+              4: [("op", 8, 0, 3, 4), ("op", 4, 256, 3, 4), ("op", 8, 256, 3, 4), ("op", 16, 64, 4, 4),
+                  ("op", 4, 128, 4, 4), ("op", 2, 512, 3, 4), ("dot", 64, 256, 4, 4), ("dot", 32, 512, 4, 4)]}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         size = n * k * 2
@@ -96,9 +104,7 @@ def main():
             floor = size / bw_bytes * 1e6
             rows = [{"shape": name, "n": n, "k": k, "m": m, "impl": "cublas", "us": round(base, 2),
                      "x_floor": round(base / floor, 3)}]
-            for cfg in configs:
-                if cfg[0] == "fma" and m != 1:
-                    continue
+            for cfg in ap_cfg[m]:
                 try:
                     gemv(x, ws[0], ys[0], *cfg)
                     err = float((ys[0].float() - ref).norm() / ref.norm())

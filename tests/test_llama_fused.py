@@ -36,10 +36,12 @@ def test_fused_projections_equal_the_separate_ones(biases):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
-def test_fused_decode_step_equals_the_unfused_one(backend, interleaved):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_decode_step_equals_the_unfused_one(backend, interleaved, batch):
     """The fused decode (residual adds inside RMSNorm, RoPE from the fused q/k/v, SwiGLU and the KV append as
-    one op each) gives the unfused step's logits and caches, on the reference ops and on the Triton kernels
-    (interpreter, float32), over several steps of a dense engine."""
+    one op each; at batch 1 the projections and the LM head as Triton GEMVs) gives the unfused step's logits and
+    caches, on the reference ops and on the Triton kernels (interpreter, float32), over several steps of a dense
+    engine."""
     from prr.model.engine import Engine
     from prr.ops.backend import use_backend
 
@@ -49,7 +51,7 @@ def test_fused_decode_step_equals_the_unfused_one(backend, interleaved):
     dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     w = {k: t.to(dev) for k, t in random_weights(cfg, seed=5, dtype=torch.float32).items()}
     models = {f: Llama(cfg, {k: t.clone() for k, t in w.items()}, fuse=f) for f in (False, True)}
-    prompt = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1)).to(dev)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, 37), generator=torch.Generator().manual_seed(1)).to(dev)
     logits, caches = {}, {}
     for f, m in models.items():
         eng = Engine(m, None, attention="dense", graphs=False)

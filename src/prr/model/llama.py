@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..ops import fused
+from ..ops import fused, gemv
 from .config import ModelConfig
 from .rope import Rotary
 
@@ -163,7 +163,8 @@ class Llama:
         The same math as :meth:`qkv` and :meth:`mlp_residual` (and the same roundings), in fused ops
         (:mod:`prr.ops.fused`; Triton kernels on a GPU): each residual add runs inside the RMSNorm after it, RoPE
         rotates q and k straight out of the fused q/k/v product with cos/sin computed once per step for every
-        layer, SwiGLU is one kernel."""
+        layer, SwiGLU is one kernel. At one row the projections and the LM head are Triton GEMVs
+        (:mod:`prr.ops.gemv`; cuBLAS from two rows up)."""
         if not self.fuse:
             return self._decode_unfused(tokens, pos, attend)
         c, w = self.cfg, self.w
@@ -176,22 +177,22 @@ class Llama:
             h, x = fused.rms_norm(x, w[p + "attn_norm"], c.rms_eps, res)
             if i in self._qkv:
                 qkv_w, bias, _ = self._qkv[i]
-                qkv = F.linear(h, qkv_w, bias)
+                qkv = gemv.linear(h, qkv_w, bias)
             else:
-                qkv = torch.cat([F.linear(h, w[p + n], w.get(p + bn)) for n, bn in (("wq", "bq"), ("wk", "bk"),
+                qkv = torch.cat([gemv.linear(h, w[p + n], w.get(p + bn)) for n, bn in (("wq", "bq"), ("wk", "bk"),
                                                                                      ("wv", "bv"))], dim=-1)
             q, k, v = fused.rope_qkv(qkv, cos, sin, c.num_q_heads, c.num_kv_heads, c.head_dim,
                                      self.rotary.interleaved)
             o = attend(i, q, k, v)
-            a = self._reduce(F.linear(o.reshape(b, -1).to(x.dtype), w[p + "wo"]))
+            a = self._reduce(gemv.linear(o.reshape(b, -1).to(x.dtype), w[p + "wo"]))
             h, x = fused.rms_norm(x, w[p + "ffn_norm"], c.rms_eps, a)
             if i in self._gate_up:
-                gu = F.linear(h, self._gate_up[i])
+                gu = gemv.linear(h, self._gate_up[i])
             else:
-                gu = torch.cat([F.linear(h, w[p + "w_gate"]), F.linear(h, w[p + "w_up"])], dim=-1)
-            res = self._reduce(F.linear(fused.swiglu(gu), w[p + "w_down"]))
+                gu = torch.cat([gemv.linear(h, w[p + "w_gate"]), gemv.linear(h, w[p + "w_up"])], dim=-1)
+            res = self._reduce(gemv.linear(fused.swiglu(gu), w[p + "w_down"]))
         h, _ = fused.rms_norm(x, w["norm"], c.rms_eps, res)
-        out = F.linear(h, w["embed"] if c.tie_embeddings else w["lm_head"]).float()
+        out = gemv.linear(h, w["embed"] if c.tie_embeddings else w["lm_head"]).float()
         return out if self.tp is None else self.tp.gather_logits(out)
 
     def _decode_unfused(self, tokens, pos, attend):
