@@ -84,19 +84,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--m1", default="", help="one-row op configs instead of the default: BN:BK:STAGES:WARPS,...")
+    ap.add_argument("--rows", default="1,4")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw_bytes = 4.24e12  # the H200's copy bandwidth as prr bench measures it (only for the x-floor column)
     result = {"env": environment(), "rows": []}
     ap_cfg = {1: [("op", 8, 0, 3, 4), ("op", 8, 512, 4, 4), ("op", 4, 512, 3, 4), ("op", 16, 256, 4, 4)],
+              2: [("op", 8, 0, 3, 4), ("op", 4, 512, 3, 4), ("dot", 64, 256, 4, 4)],
               4: [("op", 8, 0, 3, 4), ("op", 4, 256, 3, 4), ("op", 8, 256, 3, 4), ("op", 16, 64, 4, 4),
                   ("op", 4, 128, 4, 4), ("op", 2, 512, 3, 4), ("dot", 64, 256, 4, 4), ("dot", 32, 512, 4, 4)]}
+    if args.m1:
+        ap_cfg[1] = [("op", *map(int, c.split(":"))) for c in args.m1.split(",")]
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         size = n * k * 2
         copies = max(2, min(64, -(-(256 << 20) // size)))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        for m in (1, 4):
+        for m in map(int, args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             ref = F.linear(x, ws[0]).float()

@@ -73,6 +73,12 @@ def test_linear_dispatch_and_bad_inputs(monkeypatch):
             gemv.linear(x[:1], w[:, :16])
         with pytest.raises(ValueError, match="bias"):
             gemv.linear(x[:1], w, torch.zeros(7, device=DEVICE))
+        monkeypatch.setattr(gemv, "WIDE_N", 8)
+        gemv.linear(x[:1], w)  # 8 output rows of K = 32 < NARROW_K: the shape cuBLAS wins, F.linear
+        assert len(called) == 1
+        monkeypatch.setattr(gemv, "NARROW_K", 32)
+        gemv.linear(x[:1], w)
+        assert len(called) == 2
     if not CUDA:  # CPU tensors take the reference unless the backend says triton
         torch.testing.assert_close(gemv.linear(x[:1], w), F.linear(x[:1], w), rtol=0, atol=0)
 
