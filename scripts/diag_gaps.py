@@ -9,6 +9,7 @@ one middle layer's kernels are printed as a timeline.
 import argparse
 import json
 import os
+import tempfile
 from collections import defaultdict
 
 import torch
@@ -34,6 +35,30 @@ def gaps_by_pair(rows):
         if end is None or r["end_us"] > end:
             end, prev = r["end_us"], r["name"]
     return sorted(((a, b, n, round(t, 1)) for (a, b), (n, t) in out.items()), key=lambda x: -x[3])
+
+
+def non_kernel_activities(graph, replays: int = 3) -> dict:
+    """GPU activities of a replay other than kernels (memcpy, memset, ...) by category: a gap in the kernel
+    timeline may be one of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    out = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        cat = e.get("cat", "")
+        if cat.startswith("gpu_"):
+            out[(cat, e.get("name", "")[:40])][0] += 1
+            out[(cat, e.get("name", "")[:40])][1] += e.get("dur", 0.0)
+    return {f"{c}:{n}": [k / replays, round(t / replays, 1)] for (c, n), (k, t) in out.items()}
 
 
 def main():
@@ -73,8 +98,10 @@ def main():
         for a, bb, n, t in pairs[:12]:
             print(f"   {t:8.1f} us  x{n:<4} {a} -> {bb}")
         print(format_timeline(layer, f"one layer of {spec}"), flush=True)
+        other = non_kernel_activities(eng._graph.graph)
+        print(f"   other GPU activities per replay (count, us): {other}", flush=True)
         result["cases"][spec] = {"kernels": len(tl), "gaps_us": round(total, 1), "pairs": pairs[:40],
-                                 "layer": layer}
+                                 "layer": layer, "non_kernel": other}
         del eng
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "diag_gaps.json"), "w") as f:

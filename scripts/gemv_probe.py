@@ -61,6 +61,8 @@ def gemv(x, w, y, variant, bn, bk, stages, warps):
     n = w.shape[0]
     if variant == "op":
         op.linear(x, w, None, bn=bn, bk=bk or None, stages=stages, warps=warps, out=y)
+    elif variant == "tc":
+        op.linear_dot(x, w, None, bn=bn, bk=bk, stages=stages, warps=warps, out=y)
     elif variant == "dot":
         _gemv_dot[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                                          BM=16, BN=bn, BK=bk, STAGES=stages, num_warps=warps)
@@ -91,9 +93,11 @@ def main():
     bw_bytes = 4.24e12  # the H200's copy bandwidth as prr bench measures it (only for the x-floor column)
     result = {"env": environment(), "rows": []}
     ap_cfg = {1: [("op", 8, 0, 3, 4), ("op", 8, 512, 4, 4), ("op", 4, 512, 3, 4), ("op", 16, 256, 4, 4)],
-              2: [("op", 8, 0, 3, 4), ("op", 4, 512, 3, 4), ("dot", 64, 256, 4, 4)],
+              2: [("op", 8, 0, 3, 4), ("op", 4, 512, 3, 4), ("tc", 32, 512, 4, 4), ("tc", 64, 256, 4, 4)],
+              8: [("op", 8, 0, 3, 4), ("op", 2, 512, 3, 4), ("tc", 32, 512, 4, 4), ("tc", 64, 256, 4, 4),
+                  ("tc", 64, 128, 4, 4)],
               4: [("op", 8, 0, 3, 4), ("op", 4, 256, 3, 4), ("op", 8, 256, 3, 4), ("op", 16, 64, 4, 4),
-                  ("op", 4, 128, 4, 4), ("op", 2, 512, 3, 4), ("dot", 64, 256, 4, 4), ("dot", 32, 512, 4, 4)]}
+                  ("op", 4, 128, 4, 4), ("op", 2, 512, 3, 4), ("tc", 64, 256, 4, 4), ("tc", 32, 512, 4, 4)]}
     if args.m1:
         ap_cfg[1] = [("op", *map(int, c.split(":"))) for c in args.m1.split(",")]
     for name in args.shapes.split(","):

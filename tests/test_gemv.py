@@ -89,3 +89,27 @@ def test_linear_empty_and_zero_k():
         b = torch.arange(3.0, device=DEVICE)
         y = kernels.linear(torch.zeros(2, 0, device=DEVICE), torch.zeros(3, 0, device=DEVICE), b)
     torch.testing.assert_close(y, b.expand(2, 3))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+@pytest.mark.parametrize("n,k,bn,bk", [(37, 100, 32, 64), (64, 576, 32, 512), (96, 1536, 64, 256)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_linear_dot_kernel(m, n, k, bn, bk, with_bias):
+    """The tensor-core variant for a few rows (fp16 here; bf16 on a GPU)."""
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x = _rand((m, k), dtype, 8)
+    x[-1, k // 2:] *= 30
+    w = _rand((n, k), dtype, 9, scale=0.05)
+    b = _rand((n,), dtype, 10) if with_bias else None
+    with use_backend("triton"):
+        y = kernels.linear_dot(x, w, b, bn=bn, bk=bk)
+    _check(y, x, w, b, dtype)
+
+
+def test_linear_dot_refuses():
+    with pytest.raises(TypeError, match="bf16/fp16"):
+        kernels.linear_dot(torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="16 rows"):
+        kernels.linear_dot(torch.zeros(17, 8, device=DEVICE, dtype=torch.float16),
+                           torch.zeros(4, 8, device=DEVICE, dtype=torch.float16))

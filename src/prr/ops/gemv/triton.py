@@ -49,6 +49,46 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _linear_dot_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
+                       HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """A few rows on the tensor cores: x's rows padded to 16 (the smallest tl.dot), one product per K tile."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, 16)
+    n_ok = rn < N
+    m_ok = rm < M
+    acc = tl.zeros([16, BN], tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * s_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def linear_dot(x, w, bias=None, *, bn: int = 32, bk: int = 512, stages: int = 4, warps: int = 4, out=None):
+    """:func:`linear` on the tensor cores for 2 to 16 rows (bf16/fp16; float32 inputs would be rounded to
+    TF32, so they are refused)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"linear_dot takes bf16/fp16 rows, got {x.dtype}")
+    if not 0 < m <= 16 or k == 0 or x.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("linear_dot: 1 to 16 rows, K > 0, unit last strides")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if n:
+        _linear_dot_kernel[(triton.cdiv(n, bn),)](
+            x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps,
+        )
+    return y
+
+
 def tile_k(m_pad: int, k: int, bn: int = BN, tile: int = TILE) -> int:
     """The K tile: the accumulator holds ``tile`` floats, at least 16 and at most K (padded) wide."""
     return max(16, min(triton.next_power_of_2(k), tile // (m_pad * bn)))
