@@ -48,7 +48,7 @@ def test_linear_kernel(dtype, m, n, k, with_bias):
     _check(y, x, w, b, dtype)
 
 
-@pytest.mark.parametrize("bn,bk", [(4, 16), (8, 64), (16, 128)])
+@pytest.mark.parametrize("bn,bk", [(4, 16), (8, 64), (16, 128), (None, None)])
 def test_linear_kernel_tiles(bn, bk):
     """Other tiles than the default (the sweep's): K spans several tiles and ends inside one."""
     x, w = _rand((2, 200), torch.float32, 4), _rand((45, 200), torch.float32, 5)
@@ -57,13 +57,25 @@ def test_linear_kernel_tiles(bn, bk):
     _check(y, x, w, None, torch.float32)
 
 
+def test_plan_follows_the_measured_shape_classes():
+    bf = torch.bfloat16
+    assert gemv.plan(1, 4096, 4096, bf) == ("fma", 0, 0)
+    assert gemv.plan(1, 49152, 576, bf) is None  # SmolLM2's tied head: cuBLAS
+    assert gemv.plan(1, 128256, 4096, bf) == ("fma", 0, 0)  # Llama's head: the kernel
+    assert gemv.plan(4, 4096, 4096, bf) == ("tc", 32, 512)
+    assert gemv.plan(2, 6144, 4096, torch.float16) == ("tc", 64, 256)
+    assert gemv.plan(4, 6144, 4096, torch.float32) is None  # tensor cores would round to TF32
+    assert gemv.plan(4, 28672, 4096, bf) is None  # gate/up: cuBLAS
+    assert gemv.plan(2, 960, 576, bf) == gemv.plan(4, 576, 1536, bf) == ("fma", 0, 0)
+    assert gemv.plan(8, 960, 576, bf) is None and gemv.plan(9, 64, 4096, bf) is None
+
+
 def test_linear_dispatch_and_bad_inputs(monkeypatch):
-    x, w = _rand((3, 32), torch.float32, 6), _rand((8, 32), torch.float32, 7)
-    monkeypatch.setattr(gemv, "MAX_ROWS", 1)
+    x, w = _rand((9, 32), torch.float32, 6), _rand((8, 32), torch.float32, 7)
     called = []
     monkeypatch.setattr(kernels, "linear", lambda *a, **k: called.append(a) or F.linear(*a))
     with use_backend("triton"):
-        gemv.linear(x, w)  # three rows: F.linear
+        gemv.linear(x, w)  # nine rows: F.linear
         assert not called
         gemv.linear(x[:1], w)  # one row: the kernel
         assert len(called) == 1
@@ -76,9 +88,6 @@ def test_linear_dispatch_and_bad_inputs(monkeypatch):
         monkeypatch.setattr(gemv, "WIDE_N", 8)
         gemv.linear(x[:1], w)  # 8 output rows of K = 32 < NARROW_K: the shape cuBLAS wins, F.linear
         assert len(called) == 1
-        monkeypatch.setattr(gemv, "NARROW_K", 32)
-        gemv.linear(x[:1], w)
-        assert len(called) == 2
     if not CUDA:  # CPU tensors take the reference unless the backend says triton
         torch.testing.assert_close(gemv.linear(x[:1], w), F.linear(x[:1], w), rtol=0, atol=0)
 

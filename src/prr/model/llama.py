@@ -163,8 +163,8 @@ class Llama:
         The same math as :meth:`qkv` and :meth:`mlp_residual` (and the same roundings), in fused ops
         (:mod:`prr.ops.fused`; Triton kernels on a GPU): each residual add runs inside the RMSNorm after it, RoPE
         rotates q and k straight out of the fused q/k/v product with cos/sin computed once per step for every
-        layer, SwiGLU is one kernel. At one row the projections and the LM head are Triton GEMVs
-        (:mod:`prr.ops.gemv`; cuBLAS from two rows up)."""
+        layer, SwiGLU is one kernel. The projections and the LM head take Triton GEMVs where they measured
+        faster than cuBLAS (:func:`prr.ops.gemv.plan`)."""
         if not self.fuse:
             return self._decode_unfused(tokens, pos, attend)
         c, w = self.cfg, self.w

@@ -1,12 +1,14 @@
 """The decode step's projections in Triton (twin: ``reference.linear``): a GEMV for one to a few rows.
 
-At batch 1 a projection is a matrix-vector product bound by reading the weight once. Each program owns
-``BN`` output columns and walks K in ``BK``-wide tiles, accumulating the products elementwise in a float32
-``[M, BN, BK]`` tile and reducing it once at the end (no per-tile reduction, no tensor cores: at one row they
-would idle). No split over K, so no second kernel: cuBLAS picks split-K GEMVs with a separate reduce kernel
-for these shapes. H200, bf16, weights read from HBM, one row (scripts/gemv_probe.py,
-docs/experiments/gemv_probe_h200.json): 4096x4096 11.7 us against cuBLAS's 14.5, 28672x4096 60.6 against
-63.2, 4096x14336 32.8 against 35.5, 6144x4096 16.2 against 16.9.
+At batch 1 a projection is a matrix-vector product bound by reading the weight once. Each program of
+:func:`linear` owns ``BN`` output columns and walks K in ``BK``-wide tiles, accumulating the products
+elementwise in a float32 ``[M, BN, BK]`` tile and reducing it once at the end (no per-tile reduction, no
+tensor cores: at one row they would idle). No split over K, so no second kernel: cuBLAS picks split-K GEMVs
+with a separate reduce kernel for these shapes. H200, bf16, weights read from HBM, one row
+(scripts/gemv_probe.py, docs/experiments/gemv_probe_h200.json): 4096x4096 11.7 us against cuBLAS's 14.5,
+28672x4096 60.6 against 63.2, 4096x14336 32.8 against 35.5, 6144x4096 16.2 against 16.9. :func:`linear_dot`
+puts 2 to 16 rows (padded to 16) on the tensor cores instead, which wins from two rows up where K is long
+(4096x4096 at four rows: 12.9 against cuBLAS's 14.6; results/gemv_probe_h200.json).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-BN = 8  # output columns per program
-TILE = 4096  # M_PAD x BN x BK: the float32 accumulator's size per program (BK follows)
+TILE = 4096  # M_PAD x BN x BK: the float32 accumulator's size per program
 STAGES = 3
 WARPS = 4
 
@@ -89,15 +90,17 @@ def linear_dot(x, w, bias=None, *, bn: int = 32, bk: int = 512, stages: int = 4,
     return y
 
 
-def tile_k(m_pad: int, k: int, bn: int = BN, tile: int = TILE) -> int:
-    """The K tile: the accumulator holds ``tile`` floats, at least 16 and at most K (padded) wide."""
-    return max(16, min(triton.next_power_of_2(k), tile // (m_pad * bn)))
+def tiles(m_pad: int, k: int, tile: int = TILE) -> tuple[int, int]:
+    """``(BN, BK)`` of :func:`linear`: K tiles of 512 (fewer when K is shorter), and as many output columns as
+    the ``tile``-float accumulator holds (8 at one row, 4 at two, 2 at four: the fastest on the H200)."""
+    bk = max(16, min(512, triton.next_power_of_2(k)))
+    return max(1, tile // (m_pad * bk)), bk
 
 
-def linear(x, w, bias=None, *, bn: int = BN, bk: int | None = None, stages: int = STAGES, warps: int = WARPS,
-           out=None):
+def linear(x, w, bias=None, *, bn: int | None = None, bk: int | None = None, stages: int = STAGES,
+           warps: int = WARPS, out=None):
     """Triton twin of :func:`prr.ops.gemv.reference.linear` (``bn``/``bk``/``stages``/``warps``: tiles, for
-    sweeps; ``bk`` by :func:`tile_k` when None; ``out``: a contiguous ``[M, N]`` buffer to write)."""
+    sweeps; by :func:`tiles` when None; ``out``: a contiguous ``[M, N]`` buffer to write)."""
     m, k = x.shape
     n = w.shape[0]
     if x.stride(-1) != 1 or w.stride(-1) != 1:
@@ -108,7 +111,8 @@ def linear(x, w, bias=None, *, bn: int = BN, bk: int | None = None, stages: int 
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     mp = triton.next_power_of_2(m)
-    bk = bk or tile_k(mp, k, bn)
+    bn_t, bk_t = tiles(mp, k)
+    bn, bk = bn or bn_t, bk or bk_t
     _linear_kernel[(triton.cdiv(n, bn),)](
         x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, MP=mp, BN=bn, BK=bk, EVEN_K=k % bk == 0, STAGES=stages, num_warps=warps,
