@@ -23,8 +23,9 @@
 #   long-run-forced bf16 with graphs, teacher-forced: both engines take DSA's token, every flip of PRR's greedy
 #                token is recorded with DSA's top-2 margin in bf16 spacings (passes when all are near-ties)
 #   hit-rates    prr locality on the GPU at the layer benchmark's Quest K (125 blocks): real-model hit rates
-#   generate     prr generate with SmolLM2 on a ~5K-token pydoc prompt, 200 new tokens: dense, DSA, PRR
-#                (steady-state ms/token, warm-up apart; JSON per attention)
+#   generate     prr generate with SmolLM2 on a ~5K-token pydoc prompt, 200 new tokens: dense, DSA, PRR (ratio
+#                auto: the budget profiler decides) and PRR at ratio 1.5 (speculation forced on)
+#                (steady-state ms/token, warm-up apart; JSON per attention and ratio)
 #   layer-real   prr bench layer (llama-3.1-8b, quest, b1, 32K/128K) with the PRR rows at the hit rates of
 #                hit-rates (K'/K = 1 and 1.5) instead of the CPU-trace defaults; reads $LOCALITY (default
 #                $OUT/locality_k125.json; results/real_model_h200/locality_k125.json holds the H200's)
@@ -109,9 +110,10 @@ EOF
         ;;
       generate) python3 -c "from pydoc_data.topics import topics; print(' '.join(topics.values())[:20000])" \
           > "$OUT/pydoc_prompt.txt"
-        for a in dense dsa prr; do timeout 100 python3 -m prr generate --model smollm2 --prompt-file \
-          "$OUT/pydoc_prompt.txt" --no-chat --attention $a --max-new-tokens 200 --ignore-eos \
-          --json "$OUT/gen_smollm2_$a.json" 2>&1 | grep -v "it/s\]" | tail -4; done ;;
+        for a in dense dsa prr prr:1.5; do r=${a#*:}; [ "$r" = "$a" ] && r=auto; a=${a%%:*}
+          timeout 100 python3 -m prr generate --model smollm2 --prompt-file "$OUT/pydoc_prompt.txt" --no-chat \
+          --attention $a --ratio $r --max-new-tokens 200 --ignore-eos --json "$OUT/gen_smollm2_${a}_r$r.json" 2>&1 \
+          | grep -v "it/s\]" | tail -5; done ;;
       *) echo "unknown step $step"; exit 2 ;;
     esac
     rc=$?

@@ -85,6 +85,36 @@ def test_auto_attention_is_dense_below_the_crossover_and_sparse_above():
         Engine(model, None, attention="auto", auto_sparse="dense")
 
 
+def test_auto_ratio_follows_the_budget_profiler(monkeypatch):
+    """ratio="auto": on a CPU the fixed ratio; where the profiler says speculation does not pay, PRR decodes as
+    serialized DSA (the same tokens) and says why; where it pays, K' is the profiler's; a new prefill decides
+    again."""
+    from prr.runtime import BudgetDecision
+
+    model = _model()
+    sparse = prr.SparseConfig(top_k=4)
+    prompt = torch.randint(0, 64, (1, 90), generator=torch.Generator().manual_seed(3))
+    toks = {}
+    for name, attention, ratio in (("dsa", "dsa", 1.5), ("fixed", "prr", 1.5), ("auto", "prr", "auto")):
+        eng = Engine(model, None, attention=attention, sparse=sparse, ratio=ratio, calibrate_window=3)
+        toks[name], _ = eng.generate(prompt[0], 6)
+        if name == "auto":  # a CPU: not profiled, the fixed ratio
+            assert eng.ratio == prr.model.engine.AUTO_CPU_RATIO and eng.attention == "prr"
+            assert eng.spec_decision["speculation"] == "on" and "not profiled" in eng.spec_decision["reason"]
+    assert toks["fixed"] == toks["auto"] == toks["dsa"]
+
+    decisions = iter([BudgetDecision(None, 10.0, 10.5, -0.05, "off: gain -5.0% < 2%"),
+                      BudgetDecision(3, 10.0, 9.0, 0.1, "on: gain +10.0%")])
+    monkeypatch.setattr(Engine, "_profile_speculation", lambda self, layer: next(decisions))
+    eng = Engine(model, None, attention="prr", sparse=sparse, ratio="auto", calibrate_window=3)
+    out, _ = eng.generate(prompt[0], 6)
+    assert eng.attention == "dsa" and eng.requested == "prr" and out == toks["dsa"]
+    assert eng.spec_decision["speculation"] == "off" and eng.spec_decision["gain"] == -0.05
+    out, _ = eng.generate(prompt[0], 6)  # a new prefill: the profiler again, now K' = 3
+    assert eng.attention == "prr" and eng.spec_decision["speculation"] == "on" and out == toks["dsa"]
+    assert prr.algo.step.speculative_top_k(sparse.top_k, eng.ratio) == 3
+
+
 def test_ragged_random_fill_decodes_and_prr_matches_dsa():
     """Caches filled directly at different lengths (the GPU benchmark's path): PRR exact gives DSA's tokens,
     greedy and sampled, and every sequence runs to max_new_tokens (no tokenizer, no EOS)."""

@@ -29,3 +29,16 @@ def parse_amortized(text: str) -> list[tuple[int, float]]:
         if not sep or out[-1][0] < 1 or out[-1][1] < 1:
             raise ValueError(f"amortized setting {part!r}: need MxC with m >= 1 and c >= 1")
     return out
+
+
+def parse_ratio(text: str):
+    """PRR's speculation ratio: ``"auto"`` (the budget profiler decides on a GPU) or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        r = float(text)
+    except ValueError:
+        raise ValueError(f"ratio {text!r}: need a positive number or 'auto'") from None
+    if not r > 0 or r != r or r == float("inf"):
+        raise ValueError(f"ratio {text!r}: need a positive number or 'auto'")
+    return r

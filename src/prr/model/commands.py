@@ -79,6 +79,23 @@ def _timing_line(st) -> str:
     return line
 
 
+def _ratio_arg(text: str):
+    from ..cli_args import parse_ratio
+
+    try:
+        return parse_ratio(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _speculation_line(d: dict) -> str:
+    """What ``ratio="auto"`` chose: K'/K and the modelled gain, or speculation off and why."""
+    if d["speculation"] == "off":
+        return f"PRR speculation off at {d['context']} tokens (PRR decodes as DSA, its exact twin): {d['reason']}"
+    gain = f", modelled gain {d['gain']:+.1%}" if "gain" in d else ""
+    return f"PRR speculation on at {d['context']} tokens, ratio {d['ratio']:.3g}{gain}: {d['reason']}"
+
+
 def _cmd_generate(args) -> int:
     from .engine import Engine
     from .generation import GenerationConfig
@@ -113,12 +130,14 @@ def _cmd_generate(args) -> int:
     if eng.auto_decision:
         d = eng.auto_decision
         print(f"auto: {d['attention']} at {d['context']} tokens (crossover {d['crossover']})", file=sys.stderr)
+    if eng.spec_decision:
+        print(_speculation_line(eng.spec_decision), file=sys.stderr)
     print(f"[{st.attention}] {_timing_line(st)}", file=sys.stderr)
     if args.json and getattr(model.tp, "rank", 0) == 0:  # tensor parallel: rank 0 writes
         seqs = [q.summary() for q in gen.sequences]
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "stats": st.summary(),
-                       "auto": eng.auto_decision, "sequences": seqs,
+                       "auto": eng.auto_decision, "speculation": eng.spec_decision, "sequences": seqs,
                        "tensor_parallel": getattr(model.tp, "world", None), "env": environment(),
                        "tokens": seqs[0]["tokens"] if len(seqs) == 1 else [q["tokens"] for q in seqs]},
                       f, indent=1)
@@ -154,6 +173,8 @@ def _cmd_demo(args) -> int:
         if pre:
             pre.close()
         results[name] = (tok.decode(out).strip(), st)
+        if name == "prr" and eng.spec_decision:
+            tqdm.write(_speculation_line(eng.spec_decision))
     print()
     for name, (text, st) in results.items():
         extra = f", hit rate {st.hit_rate:.3f}" if st.hit_rate is not None else ""
@@ -190,12 +211,17 @@ def tp_args(s) -> None:
 
 
 def register(sub) -> None:
+    from .engine import AUTO_CPU_RATIO
+
     def model_args(s, budget):
         s.add_argument("--model", default="smollm2", help="smollm2 (bundled), a .gguf file, a Hugging Face "
                                                            "checkpoint directory, or a preset (random weights)")
         s.add_argument("--method", default="quest", choices=["quest", "infllm_v2", "oracle"])
         s.add_argument("--budget", type=int, default=budget, help="DSA tokens per step, forced blocks included")
-        s.add_argument("--ratio", type=float, default=1.5, help="PRR speculation ratio (K' = ceil(r K))")
+        s.add_argument("--ratio", type=_ratio_arg, default="auto",
+                       help="PRR speculation ratio (K' = ceil(r K)), or auto (default): on a GPU the speculation "
+                            "budget profiler picks K' at the prompt's context, or turns speculation off where it "
+                            f"does not pay (PRR then decodes as DSA); {AUTO_CPU_RATIO} on a CPU")
         s.add_argument("--mode", default="exact", choices=["exact", "union"])
         s.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
         s.add_argument("--max-new-tokens", type=int, default=32)

@@ -34,7 +34,10 @@ from .tokenizer import Tokenizer
 
 ATTENTIONS = ("dense", "dsa", "prr")
 
-__all__ = ["ATTENTIONS", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
+AUTO_CPU_RATIO = 1.5
+"""PRR's speculation ratio for ``ratio="auto"`` where the budget profiler cannot run (it times CUDA graphs)."""
+
+__all__ = ["ATTENTIONS", "AUTO_CPU_RATIO", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
 
 
 class CapturedStep:
@@ -81,11 +84,16 @@ class Engine:
         attention: ``"dense"``, ``"dsa"``, ``"prr"`` or ``"auto"`` (dense below the crossover context, else
             `auto_sparse`; the crossover is `auto_crossover` if given, else profiled on a GPU and cached, else
             :data:`prr.model.auto.CPU_CROSSOVER` on a CPU).
+        ratio: PRR's speculation ratio (K' = ceil(r K)), or ``"auto"``: on a GPU the speculation budget profiler
+            (:func:`prr.runtime.profile_budget`, cached per GPU, shapes and context bucket) times one layer at
+            the prompt's context after the prefill and picks K', or switches speculation off where it does not
+            pay (then PRR decodes as serialized DSA, its exact twin; ``spec_decision`` says why); on a CPU
+            :data:`AUTO_CPU_RATIO`.
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, *, attention: str = "dense",
-                 sparse: SparseConfig | None = None, ratio: float = 1.5, mode: str = "exact",
+                 sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
                  auto_sparse: str = "dsa", auto_crossover: int | None = None):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
@@ -100,8 +108,10 @@ class Engine:
         self.auto_decision: dict | None = None
         self.graphs = graphs
         self.sparse = sparse or SparseConfig.from_budget("quest", 1024)
-        self.ratio, self.mode = ratio, mode
-        speculative_top_k(self.sparse.top_k, ratio)  # validates the ratio
+        self.ratio_requested, self.mode = ratio, mode
+        self.ratio = AUTO_CPU_RATIO if ratio == "auto" else ratio
+        speculative_top_k(self.sparse.top_k, self.ratio)  # validates the ratio
+        self.spec_decision: dict | None = None  # ratio="auto": what the profiler chose, and why
         self.n_dense_layers = check.nonneg_int("n_dense_layers", n_dense_layers)
         self.calibrate_window = calibrate_window
         self.caches: list[KVCache] = []
@@ -220,12 +230,47 @@ class Engine:
         self.attention = auto.resolve(ctx, cross, self.auto_sparse)
         self.auto_decision = {"context": ctx, "crossover": cross, "attention": self.attention}
 
+    def _profile_speculation(self, layer: int):
+        """The speculation budget profiler's decision (:class:`prr.runtime.BudgetDecision`) for one layer at
+        the current context, on its last calibration query; None where it cannot run (a CPU, no query)."""
+        if self.model.device.type != "cuda" or layer not in self._calib_q:
+            return None
+        from ..runtime import profile_budget
+
+        return profile_budget(self.caches[layer], self.metas[layer], self._calib_q[layer][-1], mode=self.mode)
+
+    def _resolve_speculation(self) -> None:
+        """``ratio="auto"``: K' from the profiler, or speculation off (PRR decodes as serialized DSA)."""
+        if self.ratio_requested != "auto" or self.attention != "prr":
+            return
+        layer = next((i for i in range(self.cfg.num_layers) if self._sparse_layer(i)), None)
+        ctx = int(self.caches[0].seq_lens.max())
+        dec = self._profile_speculation(layer) if layer is not None else None
+        if dec is None:
+            self.ratio = AUTO_CPU_RATIO
+            self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio,
+                                  "reason": "not profiled (a CPU, or no calibration query): the fixed ratio"}
+            return
+        top_k = self.sparse.top_k
+        if dec.enabled:
+            self.ratio = dec.spec_k / top_k
+            if speculative_top_k(top_k, self.ratio) != dec.spec_k:  # (float rounding of K'/K)
+                self.ratio = (dec.spec_k - 0.5) / top_k
+        else:
+            self.attention = "dsa"
+        self.spec_decision = {"context": ctx, "speculation": "on" if dec.enabled else "off",
+                              "ratio": self.ratio if dec.enabled else None, "gain": round(dec.gain, 4),
+                              "reason": dec.reason}
+
     def _build_sparse_state(self) -> None:
         self._graph = None  # a captured step belongs to the caches it was captured on
+        if self.requested == "prr":
+            self.attention = "prr"  # a new prefill: speculation is decided again at its context
         self._resolve_auto()
         c, cfg = self.cfg, self.sparse
         self.metas = [BlockMetadata(cfg, self.caches[i]) if self._sparse_layer(i) else None
                       for i in range(c.num_layers)]
+        self._resolve_speculation()
         self._step_stats = []
         self._steps = {}
         if self.attention != "prr":
