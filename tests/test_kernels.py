@@ -310,59 +310,6 @@ def test_scoring_kernel_writes_the_topk_group_maxima(method, topk_path):
             assert sel.indices[b, h, :c].cpu().tolist() == ref.indices[b, h, :c].tolist(), (b, h)
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=str)
-@pytest.mark.parametrize("g,aggregate", [(4, "sum"), (1, "max"), (3, "max")])
-def test_fused_quest_select_equals_scores_then_topk(dtype, g, aggregate):
-    """Short rows: Quest's scores and the one-search top-K in one launch give the two launches' floats and
-    selection exactly (same tiles, same search), for empty, short (every block) and long rows, a capacity that
-    is no multiple of the scoring tile, and tied scores."""
-    from prr.ops.scoring import triton as sc_triton
-    from prr.ops.select import triton as sel_triton
-
-    lens = [700, 37, 1500, 0, 1100]
-    base = make_cache(lens, hkv=2, d=64, capacity=1560, seed=g)  # 98 blocks: two tiles of 64, the last short
-    cache = _to(base, dtype)
-    q = make_query(base, g).to(DEVICE, dtype)
-    cfg = prr.SparseConfig.from_budget("quest", 400, n_sink=2, n_local=3, aggregate=aggregate)
-    with use_backend("triton"):
-        meta = prr.BlockMetadata(cfg, cache)
-        meta.kmax[4, 1, 10:30] = meta.kmax[4, 1, 40]  # ties at the K-th score
-        meta.kmin[4, 1, 10:30] = meta.kmin[4, 1, 40]
-        nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
-        assert sc_triton.fused_select_fits(meta.kmax.shape[2])
-        scores, idx, cnt = prr.ops.quest_select(q, meta.kmin, meta.kmax, cache, cfg.block_size, aggregate, nblk,
-                                                cfg.top_k, cfg.n_sink, cfg.n_local)
-        s2, gmax = prr.quest_scores(q, meta.kmin, meta.kmax, cache, cfg.block_size, aggregate,
-                                    group_max_for=(cfg.n_sink, cfg.n_local))
-        idx2, cnt2 = sel_triton.select_blocks(s2, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gmax)
-    assert torch.equal(scores, s2)
-    assert torch.equal(cnt, cnt2) and torch.equal(idx, idx2)
-    assert int(cnt[3, 0]) == 0 and int(cnt[1, 0]) == 3  # the empty row; a short row takes every block
-
-
-def test_fused_quest_select_refuses_long_rows_and_bad_counts():
-    from prr.ops.scoring import triton as sc_triton
-
-    base = make_cache([100], hkv=1, d=32, capacity=16 * 600)
-    q = make_query(base, 2).to(DEVICE, torch.float32)
-    cache = _to(base, torch.float32)
-    cfg = prr.SparseConfig.from_budget("quest", 128)
-    with use_backend("triton"):
-        meta = prr.BlockMetadata(cfg, cache)
-        nblk = prr.num_blocks(cache.seq_lens, cfg.block_size)
-        with pytest.raises(ValueError, match="too long"):  # 600 blocks pad to 1024 > TOPK_SINGLE_MAX
-            sc_triton.quest_select(q, meta.kmin, meta.kmax, cache, 16, "sum", nblk, cfg.top_k, 1, 2)
-        sel = prr.select(q, cache, meta)  # the dispatcher takes the two launches there
-        assert int(sel.counts[0, 0]) == 7
-    if not CUDA:  # value checks run on CPU tensors: a count past the metadata's blocks, on the one-launch path
-        small = _to(make_cache([100], hkv=1, d=32, capacity=16 * 40), torch.float32)
-        with use_backend("triton"):
-            m2 = prr.BlockMetadata(cfg, small)
-            with pytest.raises(ValueError, match="num_blocks"):
-                prr.ops.quest_select(q, m2.kmin, m2.kmax, small, 16, "sum", torch.tensor([41], dtype=torch.int32),
-                                     cfg.top_k, 1, 2)
-
-
 @pytest.mark.parametrize("kp,ks", [(7, 5), (40, 131), (200, 520)], ids=["tiny", "K'<K", "K'<K-wide"])
 def test_selection_overlap_kernel_matches_reference(kp, ks):
     """PRR's per-step counts in one launch: hits, misses and false positives of P against S equal the

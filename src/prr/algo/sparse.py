@@ -152,11 +152,7 @@ def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | No
     if amortized is not None and top_k in (None, meta.cfg.top_k):
         return amortized.select(q, cache, nblk)
     cfg = meta.cfg
-    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk
-    if cfg.method == "quest":  # scores and top-K in one launch where the rows are short (Triton)
-        scores, idx, cnt = ops.quest_select(q, meta.kmin, meta.kmax, cache, cfg.block_size, cfg.aggregate, nblk,
-                                            top_k or cfg.top_k, cfg.n_sink, cfg.n_local)
-        return Selection(idx, cnt, scores)
     scores, gmax = meta.scores(q, cache, with_groups=True)
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk
     idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gmax)
     return Selection(idx, cnt, scores)

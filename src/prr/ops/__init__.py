@@ -12,7 +12,7 @@ from .holt import holt_update_
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
 from .repair import repair_combine
-from .scoring import infllm_scores, oracle_scores, quest_scores, quest_select
+from .scoring import infllm_scores, oracle_scores, quest_scores
 from .select import select_blocks, selection_contains, selection_difference, selection_mask, selection_overlap
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "quest_metadata",
     "quest_metadata_append",
     "quest_scores",
-    "quest_select",
     "repair_combine",
     "select_blocks",
     "selection_contains",

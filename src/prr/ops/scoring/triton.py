@@ -13,8 +13,7 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
-from ..select import triton as select_triton
-from ..select.triton import GROUP, _candidate_keys, _dynamic_keys, _top_k_mask, _write_selection
+from ..select.triton import GROUP, _dynamic_keys
 
 # Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them). 64 x 2
 # was the fastest of 32/64/128 x 2/4/8 in all five cases swept on the H200 (scripts/ab_select.py --sweep all).
@@ -179,84 +178,4 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
     return out if group_max_for is None else (out, gmax)
 
 
-@triton.jit
-def _quest_select_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, nblk_ptr, out_ptr, idx_ptr, cnt_ptr,
-                         HKV, NMAX, TOPK, N_SINK, N_LOCAL, KMAX,
-                         s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh, s_ib, s_ih,
-                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr,
-                         NMAX_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per (sequence, KV head): the row's Quest scores, BLOCK_N blocks at a time (the tiles and
-    math of ``_quest_scores_kernel``, so the same floats), then the one-search top-K over the row (the
-    ``SINGLE`` path of ``select.triton._topk_kernel``) on the scores read back: one launch for a short row's
-    selection instead of two."""
-    i_bh = tl.program_id(0)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
-    i_g = tl.arange(0, G_PAD)
-    i_d = tl.arange(0, D)
-    m_g = i_g < G
-    nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
-    q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
-    s_row = out_ptr + i_b * s_ob + i_h * s_oh
-    for c0 in range(0, NMAX, BLOCK_N):
-        i_n = c0 + tl.arange(0, BLOCK_N)
-        m_n = (i_n < nblk) & (i_n < NMAX)  # blocks past the sequence read nothing (and score -inf)
-        off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
-        b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
-        b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
-        agg = tl.where(m_n, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))
-        tl.store(s_row + i_n, agg, mask=i_n < NMAX)
-    tl.debug_barrier()  # the row's scores are read back by other threads of this program
-    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
-    out = idx_ptr + i_b * s_ib + i_h * s_ih
-    k = tl.arange(0, BLOCK_K)
-    if n <= KMAX:  # a short context: every live block
-        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
-        tl.store(cnt_ptr + i_bh, n)
-    else:
-        j = tl.arange(0, NMAX_PAD)
-        chosen = _top_k_mask(_candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL), TOPK)
-        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-
-
-def fused_select_fits(nmax: int) -> bool:
-    """Rows short enough for :func:`quest_select`'s one launch: the top-K's one-search rows
-    (``select.triton.TOPK_SINGLE_MAX``, read at call time so a sweep of it moves both)."""
-    return max(16, triton.next_power_of_2(nmax)) <= select_triton.TOPK_SINGLE_MAX
-
-
-def quest_select(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str, num_blocks, top_k: int,
-                 n_sink: int, n_local: int, out=None):
-    """Quest's scores and the top-K selection of short rows in one launch: ``(scores, indices, counts)``, the
-    same as :func:`quest_scores` followed by :func:`prr.ops.select.triton.select_blocks` (rows of up to
-    :func:`fused_select_fits` blocks; `out=(indices, counts)` reuses buffers)."""
-    check_layout(cache, q)
-    bsz, hq, d = q.shape
-    hkv = cache.num_kv_heads
-    nmax = kmax.shape[2]
-    if not fused_select_fits(nmax):
-        raise ValueError(f"quest_select: rows of {nmax} blocks are too long for one program")
-    if kmin.stride() != kmax.stride() or kmax.stride(-1) != 1:
-        raise ValueError("kmin and kmax must share strides with a unit last stride")
-    kmax_sel = n_sink + n_local + top_k
-    scores = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device)
-    if out is None:
-        idx = torch.empty(bsz, hkv, kmax_sel, dtype=torch.int32, device=q.device)
-        cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=q.device)
-    else:
-        idx, cnt = out
-    nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
-    nmax_pad = max(16, triton.next_power_of_2(nmax))
-    _quest_select_kernel[(bsz * hkv,)](
-        q, kmin, kmax, cache.seq_lens, nb, scores, idx, cnt, hkv, nmax, top_k, n_sink, n_local, kmax_sel,
-        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), scores.stride(0),
-        scores.stride(1), idx.stride(0), idx.stride(1),
-        G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BS=block_size, BLOCK_N=QUEST_BLOCK_N,
-        PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", NMAX_PAD=nmax_pad,
-        BLOCK_K=max(16, triton.next_power_of_2(kmax_sel)), num_warps=4,
-    )
-    return scores, idx, cnt
-
-
-__all__ = ["fused_select_fits", "infllm_scores", "quest_scores", "quest_select"]
+__all__ = ["infllm_scores", "quest_scores"]
