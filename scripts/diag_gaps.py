@@ -9,14 +9,13 @@ one middle layer's kernels are printed as a timeline.
 import argparse
 import json
 import os
-import tempfile
 from collections import defaultdict
 
 import torch
 
 from prr.algo.sparse import SparseConfig
 from prr.bench.common import environment
-from prr.bench.timeline import format_timeline, graph_timeline
+from prr.bench.timeline import format_timeline, graph_timeline, replay_trace
 from prr.model.engine import Engine
 from prr.model.weights import load_model
 
@@ -40,18 +39,7 @@ def gaps_by_pair(rows):
 def non_kernel_activities(graph, replays: int = 3) -> dict:
     """GPU activities of a replay other than kernels (memcpy, memset, ...) by category: a gap in the kernel
     timeline may be one of them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+    events = replay_trace(graph, replays, flush_l2=False)
     out = defaultdict(lambda: [0, 0.0])
     for e in events:
         cat = e.get("cat", "")

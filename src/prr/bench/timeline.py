@@ -22,23 +22,30 @@ def _short(name: str) -> str:
     return name.removeprefix("void ").strip()[:40]
 
 
-def graph_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict]:
-    """Mean per-kernel timeline of one replay of ``graph``: ``[{name, stream, start_us, end_us, dur_us}]``
-    sorted by start, times relative to the first kernel's start (launch overhead before it excluded)."""
+def replay_trace(graph: torch.cuda.CUDAGraph, replays: int, flush_l2: bool = True) -> list[dict]:
+    """The profiler's trace events (Chrome trace format) of ``replays`` replays of ``graph`` after one
+    unprofiled replay, the L2 flushed before each (``flush_l2``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            flush.zero_()
+            if flush is not None:
+                flush.zero_()
             graph.replay()
         torch.cuda.synchronize()
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def graph_timeline(graph: torch.cuda.CUDAGraph, replays: int = 20) -> list[dict]:
+    """Mean per-kernel timeline of one replay of ``graph``: ``[{name, stream, start_us, end_us, dur_us}]``
+    sorted by start, times relative to the first kernel's start (launch overhead before it excluded)."""
+    events = replay_trace(graph, replays)
     launches = {e["args"]["correlation"] for e in events
                 if e.get("name") == "cudaGraphLaunch" and "correlation" in e.get("args", {})}
     per_launch = defaultdict(list)
