@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from prr.cli import main
 
 
@@ -76,3 +78,21 @@ def test_benchmark_source_digest_names_the_code(tmp_path):
     assert source_digest(str(copy)) == source_digest()
     (copy / "ops" / "__init__.py").write_text((copy / "ops" / "__init__.py").read_text() + "\n")
     assert source_digest(str(copy)) != source_digest()
+
+
+def test_ratio_argument_takes_auto_or_a_positive_number(capsys):
+    from prr.cli_args import parse_ratio
+    from prr.model.commands import _speculation_line
+
+    assert parse_ratio("auto") == parse_ratio(" AUTO ") == "auto"
+    assert parse_ratio("1.25") == 1.25
+    for bad in ("0", "-1", "nan", "inf", "fast"):
+        with pytest.raises(ValueError, match="positive number or 'auto'"):
+            parse_ratio(bad)
+    with pytest.raises(SystemExit):
+        main(["generate", "--ratio", "-2", "--prompt", "x"])
+    assert "--ratio" in capsys.readouterr().err
+    off = {"context": 4650, "speculation": "off", "ratio": None, "gain": -0.075, "reason": "off: gain -7.5% < 2%"}
+    assert _speculation_line(off).startswith("PRR speculation off at 4650 tokens (PRR decodes as DSA")
+    on = {"context": 9000, "speculation": "on", "ratio": 1.25, "gain": 0.08, "reason": "on: gain +8.0%"}
+    assert "ratio 1.25, modelled gain +8.0%" in _speculation_line(on)

@@ -158,7 +158,7 @@ def _cmd_demo(args) -> int:
           f"DSA = {cfg.method}, {cfg.budget_tokens}-token budget ({cfg.k_max} blocks of {cfg.block_size}); "
           f"PRR ratio {args.ratio}, {args.mode} mode; first {args.dense_layers} layers dense")
     dense = Engine(model, tok, attention="dense", sparse=cfg, n_dense_layers=args.dense_layers)
-    results = {}
+    results, spec = {}, None
     for name in ("dense", "dsa", "prr"):
         eng = dense if name == "dense" else Engine(model, tok, attention=name, sparse=cfg, ratio=args.ratio,
                                                    mode=args.mode, n_dense_layers=args.dense_layers)
@@ -174,7 +174,8 @@ def _cmd_demo(args) -> int:
             pre.close()
         results[name] = (tok.decode(out).strip(), st)
         if name == "prr" and eng.spec_decision:
-            tqdm.write(_speculation_line(eng.spec_decision))
+            spec = eng.spec_decision
+            tqdm.write(_speculation_line(spec))
     print()
     for name, (text, st) in results.items():
         extra = f", hit rate {st.hit_rate:.3f}" if st.hit_rate is not None else ""
@@ -197,7 +198,7 @@ def _cmd_demo(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"key": key, "prompt_tokens": len(ids), "answers": {n: r[0] for n, r in results.items()},
                        "stats": {n: r[1].summary() for n, r in results.items()}, "dsa_equals_prr": same,
-                       "auto": {"attention": auto_pick, "crossover": cross}}, f,
+                       "auto": {"attention": auto_pick, "crossover": cross}, "speculation": spec}, f,
                       indent=1)
     return 0 if (same or args.mode == "union") else 1
 
