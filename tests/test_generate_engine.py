@@ -115,6 +115,16 @@ def test_auto_ratio_follows_the_budget_profiler(monkeypatch):
     assert prr.algo.step.speculative_top_k(sparse.top_k, eng.ratio) == 3
 
 
+def test_auto_ratio_is_not_profiled_under_tensor_parallelism():
+    """Each rank would time its own slice and might decide otherwise: tensor parallel keeps the fixed ratio."""
+    from types import SimpleNamespace
+
+    eng = Engine(_model(), None, attention="prr", sparse=prr.SparseConfig(top_k=4), ratio="auto")
+    eng._calib_q = {2: torch.zeros(1, 1, 4, 8)}
+    eng.model = SimpleNamespace(device=torch.device("cuda"), tp=SimpleNamespace(world=2))
+    assert eng._profile_speculation(2) is None
+
+
 def test_ragged_random_fill_decodes_and_prr_matches_dsa():
     """Caches filled directly at different lengths (the GPU benchmark's path): PRR exact gives DSA's tokens,
     greedy and sampled, and every sequence runs to max_new_tokens (no tokenizer, no EOS)."""

@@ -232,8 +232,10 @@ class Engine:
 
     def _profile_speculation(self, layer: int):
         """The speculation budget profiler's decision (:class:`prr.runtime.BudgetDecision`) for one layer at
-        the current context, on its last calibration query; None where it cannot run (a CPU, no query)."""
-        if self.model.device.type != "cuda" or layer not in self._calib_q:
+        the current context, on its last calibration query; None where it does not run: a CPU, no query, or
+        tensor parallelism (each rank would time its own slice and might decide differently)."""
+        tp = getattr(self.model, "tp", None)
+        if self.model.device.type != "cuda" or layer not in self._calib_q or (tp is not None and tp.world > 1):
             return None
         from ..runtime import profile_budget
 
@@ -249,7 +251,8 @@ class Engine:
         if dec is None:
             self.ratio = AUTO_CPU_RATIO
             self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio,
-                                  "reason": "not profiled (a CPU, or no calibration query): the fixed ratio"}
+                                  "reason": "not profiled (a CPU, tensor parallel, or no calibration query): the fixed "
+                                            "ratio"}
             return
         top_k = self.sparse.top_k
         if dec.enabled:
