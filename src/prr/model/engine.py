@@ -87,8 +87,8 @@ class Engine:
         ratio: PRR's speculation ratio (K' = ceil(r K)), or ``"auto"``: on a GPU the speculation budget profiler
             (:func:`prr.runtime.profile_budget`, cached per GPU, shapes and context bucket) times one layer at
             the prompt's context after the prefill and picks K', or switches speculation off where it does not
-            pay (then PRR decodes as serialized DSA, its exact twin; ``spec_decision`` says why); on a CPU
-            :data:`AUTO_CPU_RATIO`.
+            pay (then PRR decodes as serialized DSA, its exact twin; ``spec_decision`` says why); on a CPU and
+            under tensor parallelism :data:`AUTO_CPU_RATIO`.
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
