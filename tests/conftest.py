@@ -84,3 +84,13 @@ def all_blocks(cache, block_size):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def assert_low_precision_rule(out, exact, own, dtype):
+    """A kernel's low-precision output against float64 `exact`: no NaN, and its error at most twice PyTorch's
+    own (`own`, the same op in the input dtype) plus one rounding step of `dtype`."""
+    err = (out.double().cpu() - exact).abs().max().item()
+    own_err = (own.double().cpu() - exact).abs().max().item()
+    step = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * own_err + step, f"kernel error {err:.3g} > 2 x PyTorch's {own_err:.3g} + {step:.3g}"

@@ -15,7 +15,7 @@ from prr.ops import fused
 from prr.ops.backend import use_backend
 from prr.ops.fused import reference as ref
 
-from conftest import make_cache
+from conftest import assert_low_precision_rule, make_cache
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -23,14 +23,6 @@ LOWP = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float1
 
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
-
-
-def _assert_rule(out, exact, own, dtype):
-    err = (out.double().cpu() - exact).abs().max().item()
-    own_err = (own.double().cpu() - exact).abs().max().item()
-    step = torch.finfo(dtype).eps * exact.abs().max().item()
-    assert not torch.isnan(out).any()
-    assert err <= 2 * own_err + step, f"kernel error {err:.3g} > 2 x PyTorch's {own_err:.3g} + {step:.3g}"
 
 
 def _rows(r, h, dtype, seed, scale=1.0):
@@ -53,7 +45,7 @@ def test_rms_norm_kernel(dtype, r, h, with_res):
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)  # the residual sum is one rounding either way
     sd = s_ref.double().cpu()
     exact = sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double().cpu()
-    _assert_rule(y, exact, y_ref, dtype)
+    assert_low_precision_rule(y, exact, y_ref, dtype)
 
 
 def test_rms_norm_zero_row_and_bad_inputs():
@@ -78,7 +70,7 @@ def test_swiglu_kernel(dtype, r, f):
     g, u = gu.double().cpu().chunk(2, dim=-1)
     exact = g * torch.sigmoid(g) * u
     assert out.shape == (r, f) and out.dtype == dtype
-    _assert_rule(out, exact, own, dtype)
+    assert_low_precision_rule(out, exact, own, dtype)
     with pytest.raises(ValueError, match="even width"):
         fused.swiglu(gu[:, :-1])
 
@@ -117,7 +109,7 @@ def test_rope_qkv_kernel_matches_the_models_rotary(dtype, hq, hkv, d, interleave
             a, bb = xd[..., : d // 2], xd[..., d // 2:]
             exact = torch.cat([a * c - bb * s, a * s + bb * c], -1)
         assert out.dtype == dtype and out.is_contiguous()
-        _assert_rule(out, exact, own, dtype)
+        assert_low_precision_rule(out, exact, own, dtype)
 
 
 def test_rope_qkv_bad_shapes():

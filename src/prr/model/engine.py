@@ -256,9 +256,7 @@ class Engine:
             return
         top_k = self.sparse.top_k
         if dec.enabled:
-            self.ratio = dec.spec_k / top_k
-            if speculative_top_k(top_k, self.ratio) != dec.spec_k:  # (float rounding of K'/K)
-                self.ratio = (dec.spec_k - 0.5) / top_k
+            self.ratio = dec.spec_k / top_k  # speculative_top_k gives K' back (its ceil allows for rounding)
         else:
             self.attention = "dsa"
         self.spec_decision = {"context": ctx, "speculation": "on" if dec.enabled else "off",

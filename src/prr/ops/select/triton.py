@@ -28,9 +28,7 @@ import triton.language as tl
 GROUP = 16  # blocks per group in stage 1
 TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size; module-level for a sweep)
 # Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
-# the two stages (module-level for a sweep). Off: measured slower at 8,192 blocks and up; whether it pays on
-# short rows (SmolLM2's ~320 blocks at 5K tokens) is not measured yet: `bash scripts/device.sh e2e-small-ab`
-# with 512 here is the A/B that decides
+# the two stages (module-level for a sweep): faster on SmolLM2's ~320-block rows, slower at 8,192 and up
 TOPK_SINGLE_MAX = 512
 INT_MIN = -2147483648
 
