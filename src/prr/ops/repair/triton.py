@@ -31,6 +31,7 @@ from ..attention.triton import (
     chunk_slots,
 )
 from ..merge.triton import merge_partials
+from ..select.triton import _select_row, topk_plan
 
 
 @triton.jit
@@ -158,3 +159,124 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
     if exact:
         return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
+
+
+# ---- PRR's top-K with the repair in the same program --------------------------------------------------------
+@triton.jit
+def _select_repair_kernel(
+    s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
+    s_sb, s_sh, s_ib, s_ih,
+    q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, p_idx_ptr, p_cnt_ptr, bo_ptr, blse_ptr, o_ptr, lse_ptr, ws_ptr,
+    scale, HKV, KP, CAP, NPAGES,
+    s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_pib, s_pih, s_pcb, s_pch,
+    GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
+    CHUNK: tl.constexpr, KP_CH: tl.constexpr, HF: tl.constexpr, PREC: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    # Everything that does not depend on S first, so its loads overlap the search below.
+    i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
+    i_d = tl.arange(0, D)
+    seq_len = tl.load(len_ptr + i_b)
+    pt_row = pt_ptr + i_b * s_ptb
+    p_cnt = tl.minimum(tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch), KP)
+    p_row = p_idx_ptr + i_b * s_pib + i_h * s_pih
+    # The selection of this row (written out for the predictor and the statistics, as the top-K kernel does).
+    s_cnt = _select_row(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, i_bh, HKV, NMAX, NG, TOPK, N_SINK,
+                        N_LOCAL, KMAX, s_sb, s_sh, s_ib, s_ih, GROUP, NG_PAD, TG_PAD, BLOCK_K, SINGLE, NMAX_PAD)
+    s_cnt = tl.minimum(s_cnt, KMAX)
+    tl.debug_barrier()  # the row just written is read back by other threads of this program
+    i_s = tl.arange(0, BLOCK_K)
+    valid = i_s < s_cnt
+    s_blk = tl.load(idx_ptr + i_b * s_ib + i_h * s_ih + i_s, mask=valid, other=-2)
+    # Hits (and their slot in P) by comparing S with P's row, KP_CH slots of P at a time.
+    hit = tl.zeros([BLOCK_K], tl.int32)
+    pos = tl.zeros([BLOCK_K], tl.int32)
+    for c0 in range(0, p_cnt, KP_CH):
+        i_p = c0 + tl.arange(0, KP_CH)
+        p_blk = tl.load(p_row + i_p, mask=i_p < p_cnt, other=-1)
+        match = s_blk[:, None] == p_blk[None, :]
+        hit = tl.maximum(hit, tl.max(match.to(tl.int32), axis=1))
+        pos += tl.sum(tl.where(match, i_p[None, :], 0), axis=1)
+    hit = (hit > 0) & valid
+    miss = valid & ~hit
+    # Compact the hits' P slots and the misses' blocks into this row's scratch (read back as tiles).
+    ws = ws_ptr + i_bh * (2 * BLOCK_K)
+    h_rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1
+    m_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+    n_hit = tl.sum(hit.to(tl.int32), axis=0)
+    n_miss = tl.sum(miss.to(tl.int32), axis=0)
+    tl.store(ws + h_rank, tl.minimum(pos, KP - 1), mask=hit)
+    tl.store(ws + BLOCK_K + m_rank, s_blk, mask=miss)
+    tl.debug_barrier()
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    # Reuse: fold in the hits' stored states, HF at a time ([HF, G_PAD, D] tiles; padded heads load nothing).
+    i_f = tl.arange(0, HF)
+    head_row = (i_b * HKV * G + hq) * KP  # [G_PAD]
+    for h0 in range(0, n_hit, HF):
+        m_f = h0 + i_f < n_hit
+        slot = tl.load(ws + h0 + i_f, mask=m_f, other=0)
+        row = head_row[None, :] + slot[:, None]  # [HF, G_PAD]
+        m_row = m_f[:, None] & m_g[None, :]
+        lse_f = tl.load(blse_ptr + row, mask=m_row, other=float("-inf"))
+        o_f = tl.load(bo_ptr + row[:, :, None] * D + i_d[None, None, :], mask=m_row[:, :, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse_f, axis=0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.exp(lse_f - m_safe[None, :])  # 0 for empty states and padding
+        acc = acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * o_f, 0.0), axis=0)
+        l_i = l_i * alpha + tl.sum(w, axis=0)
+        m_i = m_new
+    # Repair: attend the misses, CHUNK blocks per tile.
+    i_c = tl.arange(0, CHUNK)
+    for r0 in range(0, n_miss, CHUNK):
+        m_c = r0 + i_c < n_miss
+        blk = tl.load(ws + BLOCK_K + r0 + i_c, mask=m_c, other=0)
+        _, phys, off, m_t = _block_tokens(blk, m_c, seq_len, pt_row, CAP, NPAGES, CHUNK, BS, PAGE)
+        s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
+                               D, PREC)
+        m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
+    # The output: no split states, no merge kernel.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_row = i_b * HKV * G + hq
+    tl.store(o_ptr + out_row[:, None] * D + i_d[None, :], o.to(o_ptr.dtype.element_ty), mask=m_g[:, None])
+    tl.store(lse_ptr + out_row, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=m_g)
+
+
+def select_repair(scores, num_blocks, top_k, n_sink, n_local, q, cache: KVCache, block_size, p_idx, p_cnt,
+                  block_o, block_lse, *, scale=None, group_max=None, out=None):
+    """Triton twin of :func:`prr.ops.repair.reference.select_repair`: one program per (sequence, KV head)
+    selects its row (the top-K kernel's code) and, in the same program, folds in the hits' stored states and
+    attends the misses, writing the final output (no launch between selection and repair, no merge kernel)."""
+    check_layout(cache, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bsz, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    kp = p_idx.shape[-1]
+    want = (bsz, hq, kp)
+    for name, t, shape in (("block_o", block_o, (*want, d)), ("block_lse", block_lse, want)):
+        if t is None or not t.is_contiguous() or t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor of P's per-slot "
+                             "states (ops.block_states)")
+    idx, cnt, args, meta, warps = topk_plan(scores, num_blocks, top_k, n_sink, n_local, out, group_max)
+    o = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
+    ws = torch.empty(bsz * hkv, 2 * meta["BLOCK_K"], dtype=torch.int32, device=q.device)
+    lens = cache.seq_lens if cache.seq_lens.dtype == torch.int32 else cache.seq_lens.to(torch.int32)
+    pt = cache.page_table if cache.page_table.dtype == torch.int32 else cache.page_table.to(torch.int32)
+    g_pad = max(16, triton.next_power_of_2(g))
+    _select_repair_kernel[(bsz * hkv,)](
+        *args[:6], *args[7:],
+        q, cache.k, cache.v, pt, lens, p_idx, p_cnt, block_o, block_lse, o, lse, ws,
+        scale, hkv, kp, pt.shape[1] * cache.page_size, cache.k.shape[0],
+        q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], pt.stride(0),
+        p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
+        **meta, G=g, G_PAD=g_pad, D=d, BS=block_size, PAGE=cache.page_size, CHUNK=chunk_slots(block_size),
+        KP_CH=32, HF=max(1, 64 // g_pad), PREC=_prec(q.dtype), num_warps=warps,
+    )
+    return idx, cnt, o, lse
