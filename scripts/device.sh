@@ -9,12 +9,6 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    # Session 6: PRR's fused top-K + repair (ops.select_repair) against the split repair and DSA
-    fused-repair) { timeout 200 python3 -m pytest -q tests/test_kernels.py -k "select_repair or repair or select" \
-      2>&1 | tail -3; timeout 100 python3 -m pytest -q tests/test_runtime.py 2>&1 | tail -3
-      mkdir -p "$OUT/diag"; timeout 280 python3 scripts/diag_prr.py --out "$OUT/diag" --timelines 1 --cases \
-      ${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:2048,llama-3.1-8b:1:524288:quest:2048,llama-3.1-8b:4:131072:quest:2048,llama-3.1-8b:8:32768:quest:2048,llama-3.1-8b:1:32768:quest:8192,glm-4-9b:1:32768:quest:8192} \
-      2>&1 | grep -v "it/s\]" | tail -80; } | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;

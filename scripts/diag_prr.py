@@ -83,10 +83,6 @@ def run_case(spec: str, overhead: float, timelines: bool):
     sc = meta.scores(q, cache)
     t("topk", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local))
     t("selection", lambda: select(q, cache, meta))
-    sc_g, gm = meta.scores(q, cache, with_groups=True)
-    t("topk_after_groups", lambda: ops.select_blocks(sc_g, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
-    t("select_repair", lambda: ops.select_repair(sc_g, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, q, cache, bs,
-                                                 p_idx, p_cnt, bo, blse, group_max=gm))
     t("attention_split", lambda: ops.sparse_decode(q, cache, s_idx, s_cnt, bs))
     t("speculate", lambda: ops.block_states(q, cache, p_idx, p_cnt, bs))
     t("repair_exact", lambda: ops.repair_combine(q, cache, bs, p_idx, p_cnt, s_idx, s_cnt, block_o=bo,
@@ -118,27 +114,16 @@ def run_case(spec: str, overhead: float, timelines: bool):
     dsa = LayerStep(cache, meta, hq, method="dsa")
     dsa.q.copy_(q)
     tg("dsa", dsa)
-    for name, mode, repair in (("exact", "exact", "split"), ("union", "union", "split"), ("fused", "exact", "fused")):
+    for mode in ("exact", "union"):
         step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0, mode=mode,
-                         tail=False, hold_prediction=True, repair=repair)
+                         tail=False, hold_prediction=True)
         step.q.copy_(q)
-        tg(f"prr_{name}", step)
-        if name == "fused":  # PRR exact's output either way, and S as DSA's
-            o_f = step.out[0].clone()
-            step_s = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0,
-                               tail=False, hold_prediction=True)
-            o_s, _ = step_s.run(q)
-            o_d, _ = dsa.run(q)
-            res["fused_vs_split_rel"] = rel(o_f, o_s)
-            res["fused_vs_dsa_rel"] = rel(o_f, o_d)
-    best_dsa = us["dsa"]
-    res["speedup_exact"] = round(best_dsa / us["prr_exact"], 3)
-    res["speedup_fused"] = round(best_dsa / us["prr_fused"], 3)
+        tg(f"prr_{mode}", step)
+    best_dsa, best_prr = us["dsa"], us["prr_exact"]
+    res["speedup_exact"] = round(best_dsa / best_prr, 3)
     print(lay.case, flush=True)
     print("  " + "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
-    print(f"  DSA {best_dsa}  PRR exact split {us['prr_exact']} ({res['speedup_exact']}x)  fused "
-          f"{us['prr_fused']} ({res['speedup_fused']}x)  fused vs split {res['fused_vs_split_rel']:.2e} vs DSA "
-          f"{res['fused_vs_dsa_rel']:.2e}", flush=True)
+    print(f"  best DSA {best_dsa}  best PRR exact {best_prr}  -> {res['speedup_exact']}x", flush=True)
     return lay.case, res
 
 

@@ -460,69 +460,6 @@ def test_repair_combine_kernel_hit_patterns(case, mode):
     torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
 
 
-def _perturbed(s_idx, s_cnt, nblk, kp, miss_frac, seed):
-    """P: S's blocks with about ``miss_frac`` of its slots swapped for other live blocks (so S \\ P holds that
-    share), sorted, up to ``kp`` slots."""
-    gen = torch.Generator().manual_seed(seed)
-    b, h, _ = s_idx.shape
-    p_idx = torch.full((b, h, kp), -1, dtype=torch.int32)
-    p_cnt = torch.zeros(b, h, dtype=torch.int32)
-    for i in range(b):
-        n = int(nblk[i])
-        for j in range(h):
-            row = s_idx[i, j, : int(s_cnt[i, j])].tolist()
-            keep = [x for x in row if torch.rand(1, generator=gen).item() >= miss_frac]
-            others = [x for x in torch.randperm(n, generator=gen).tolist() if x not in row]
-            p = sorted(set(keep + others[: max(0, min(kp, n) - len(keep))]))[:kp]
-            p_idx[i, j, : len(p)] = torch.tensor(p, dtype=torch.int32)
-            p_cnt[i, j] = len(p)
-    return p_idx, p_cnt
-
-
-@pytest.mark.parametrize("case", ["single", "two_stage", "short", "all_miss"])
-def test_select_repair_kernel(case):
-    """PRR's fused top-K + repair == the top-K kernel's S, and attention over S in float64 (the hits' values are
-    corrupted in the cache after speculating: they must come from the stored states)."""
-    dtype = LOWP[-1]
-    lens, topk, kp, miss = {"single": ([3000, 1700], 24, 40, 0.25), "two_stage": ([9000, 8400], 40, 60, 0.2),
-                            "short": ([300, 90], 24, 40, 0.3), "all_miss": ([2000, 1200], 16, 20, 1.0)}[case]
-    base = make_cache(lens, hkv=2, d=64, capacity=max(lens))
-    cache = _to(base, dtype)
-    q = make_query(base, 4).to(DEVICE, dtype)
-    nblk = prr.num_blocks(base.seq_lens, 16)
-    gen = torch.Generator().manual_seed(3)
-    nmax = cache.max_blocks(16)
-    scores = torch.randn(2, 2, nmax, generator=gen)
-    scores[0, 1, 5:9] = 2.5  # ties at the top
-    s_want, c_want = prr.select_blocks(scores, nblk, topk, 1, 2)
-    p_idx, p_cnt = _perturbed(s_want, c_want, nblk, kp, miss, seed=4)
-    p_idx, p_cnt = p_idx.to(DEVICE), p_cnt.to(DEVICE)
-    with use_backend("triton"):
-        bo, blse = prr.ops.block_states(q, cache, p_idx, p_cnt, 16)
-        s_tri, c_tri = prr.select_blocks(scores.to(DEVICE), nblk.to(DEVICE), topk, 1, 2)
-        hit = prr.ops.selection_contains(s_tri, c_tri, p_idx, p_cnt)
-        if case != "short":
-            assert (hit.sum() > 0) == (case != "all_miss") and (~hit & (s_tri >= 0)).sum() > 0
-        for b, h, j in zip(*torch.nonzero(hit, as_tuple=True), strict=True):
-            cache.v[cache.page_table[b, s_tri[b, h, j]], h] = 1000.0
-        s_idx, s_cnt, o, lse = prr.ops.select_repair(scores.to(DEVICE), nblk.to(DEVICE), topk, 1, 2, q, cache, 16,
-                                                     p_idx, p_cnt, bo, blse)
-    assert torch.equal(s_idx.cpu(), s_tri.cpu()) and torch.equal(s_cnt.cpu(), c_tri.cpu())
-    ref64 = prr.KVCache(base.k.double(), base.v.double(), base.page_table, base.seq_lens)
-    lowp = prr.KVCache(base.k.to(dtype), base.v.to(dtype), base.page_table, base.seq_lens)
-    o_ref, lse_ref = prr.sparse_decode(q.cpu().double(), ref64, s_idx.cpu(), s_cnt.cpu(), 16)
-    _assert_rule(o.cpu(), o_ref, _lowp_attention(q.cpu(), lowp, s_idx.cpu(), s_cnt.cpu(), 16), dtype)
-    torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
-    # The PyTorch twin (float64 states) gives the same selection and attention over S
-    q64 = q.cpu().double()
-    bo64, blse64 = prr.ops.block_states(q64, ref64, p_idx.cpu(), p_cnt.cpu(), 16)
-    r_idx, r_cnt, r_o, r_lse = prr.ops.select_repair(scores, nblk, topk, 1, 2, q64, ref64, 16, p_idx.cpu(),
-                                                     p_cnt.cpu(), bo64, blse64)
-    assert torch.equal(r_idx, s_idx.cpu()) and torch.equal(r_cnt, s_cnt.cpu())
-    torch.testing.assert_close(r_o, o_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(r_lse, lse_ref, rtol=1e-12, atol=1e-12)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # metadata append
 # --------------------------------------------------------------------------------------------------------------

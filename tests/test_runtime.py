@@ -20,11 +20,11 @@ def _decode_setup(method, device="cpu", dtype=torch.float64, b=2, hkv=2, g=4, se
     return cache, cfg, meta, prr.HoltPredictor(1, b, hkv, nmax, alpha=0.5, device=device)
 
 
-@pytest.mark.parametrize("mode,repair", [("exact", "split"), ("union", "split"), ("exact", "fused")])
-def test_layer_step_eager_equals_prr_step(mode, repair):
+@pytest.mark.parametrize("mode", ["exact", "union"])
+def test_layer_step_eager_equals_prr_step(mode):
     cache, _cfg, meta, pred = _decode_setup("quest")
     twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
-    step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.5, mode=mode, repair=repair)
+    step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.5, mode=mode)
     q = make_query(cache, 4, scale=2.0)
     for _ in range(4):
         q = q + 0.3 * torch.randn_like(q)
@@ -69,34 +69,6 @@ def test_layer_step_decoding_with_appends_equals_prr_step(mode):
     assert crossed >= 2
 
 
-def test_fused_repair_step_equals_split_step_in_the_kernels():
-    """The Triton path (interpreter on the CPU, float32): a PRR exact step with the fused top-K + repair gives the
-    split path's selection, output and predictor state, step for step, with a token appended before each."""
-    from prr.ops.backend import use_backend
-
-    runs = []
-    for repair in ("split", "fused"):
-        cache, _cfg, meta, pred = _decode_setup("quest", dtype=torch.float32)
-        runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.25,
-                                                   grow=1, repair=repair)))
-    gen = torch.Generator().manual_seed(5)
-    q = make_query(runs[0][0], 4, scale=2.0).float()
-    with use_backend("triton"):
-        for _ in range(3):
-            kv = torch.randn(2, 2, 2, 64, generator=gen)
-            q = q + 0.3 * torch.randn(q.shape, generator=gen)
-            outs = []
-            for cache, meta, _pred, step in runs:
-                cache.append(kv[0], kv[1])
-                meta.append(cache)
-                o, lse = step.run(q)
-                outs.append((o, lse, step.last["s_idx"].clone(), step.last["s_cnt"].clone()))
-            assert torch.equal(outs[0][2], outs[1][2]) and torch.equal(outs[0][3], outs[1][3])
-            torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
-            assert torch.equal(runs[0][2].level, runs[1][2].level)
-
-
 def test_layer_step_rejects_bad_setup():
     cache, _, meta, pred = _decode_setup("quest")
     with pytest.raises(TypeError, match="needs a HoltPredictor"):
@@ -138,11 +110,9 @@ def test_budget_cache_roundtrip(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("method,mode,split,repair", [("dsa", "exact", False, "split"),
-                                                      ("prr", "exact", False, "split"),
-                                                      ("prr", "union", False, "split"), ("prr", "exact", True, "split"),
-                                                      ("prr", "exact", False, "fused")])
-def test_graph_replay_equals_eager_over_decode_steps(method, mode, split, repair):
+@pytest.mark.parametrize("method,mode,split", [("dsa", "exact", False), ("prr", "exact", False),
+                                               ("prr", "union", False), ("prr", "exact", True)])
+def test_graph_replay_equals_eager_over_decode_steps(method, mode, split):
     """Two identical states; one steps eagerly, the other replays one captured graph (or the critical path and
     the predictor tail as two graphs). Over 6 decode steps with appends, outputs and predictor states agree bit
     for bit, and PRR exact matches serialized DSA."""
@@ -150,7 +120,7 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode, split, repair
     for _ in range(2):
         cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
         runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=pred, ratio=1.5,
-                                                   mode=mode, repair=repair)))
+                                                   mode=mode)))
     runs[1][3].capture(split_tail=split)
     assert (runs[1][3].tail_graph is not None) == split
     gen = torch.Generator(device="cuda").manual_seed(0)

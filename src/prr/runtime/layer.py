@@ -21,12 +21,11 @@ import torch
 from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
-from ..algo.sparse import BlockMetadata, Selection, select
+from ..algo.sparse import BlockMetadata, select
 from ..algo.step import STEP_MODES, StepCounts, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
-REPAIRS = ("split", "fused")
 
 
 class LayerStep:
@@ -54,10 +53,6 @@ class LayerStep:
         spec_programs: cap the exact-mode speculation's grid at this many programs (None: the attention's own
             split rule), so it leaves SMs to the selection's kernels, whose CTAs otherwise queue behind its
             tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
-        repair: exact mode's repair: ``"split"`` (the top-K kernel, then the split repair kernel and the merge)
-            or ``"fused"`` (:func:`prr.ops.select_repair`: each top-K program repairs its own row and writes
-            the output: no launch after the selection, no merge; one program per (sequence, KV head), so it
-            pays where rows are many and the misses few).
         amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"`` only: its
             selection has no full scores to feed PRR's predictor); call its ``reset()`` after :meth:`capture`.
             On its host schedule :meth:`capture` records one graph per step kind (scan, re-score) in one memory
@@ -70,9 +65,8 @@ class LayerStep:
                  tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
                  sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
                  collect_stats: bool = False, grow: int = 0, spec_programs: int | None = None,
-                 amortized=None, repair: str = "split"):
+                 amortized=None):
         check.choice("method", method, METHODS)
-        self.repair = check.choice("repair", repair, REPAIRS)
         if (amortized is not None or getattr(meta, "amortized", None) is not None) and method != "dsa":
             raise ValueError("amortized selection runs with method='dsa' only (PRR's predictor needs full scores)")
         self.amortized = amortized
@@ -132,12 +126,8 @@ class LayerStep:
         if main is not None:  # fork: the selection first (high priority), then the speculation
             self.sel_stream.wait_stream(main)
             self.side.wait_stream(main)
-        fused = self.repair == "fused" and self.mode == "exact"
         with self._sel():
-            if fused:  # scores only: the top-K runs with the repair, after the join
-                scores, gmax = self.meta.scores(q, cache, with_groups=True)
-            else:
-                sel = select(q, cache, self.meta, nblk=nblk)
+            sel = select(q, cache, self.meta, nblk=nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
@@ -151,11 +141,6 @@ class LayerStep:
             main.wait_stream(self.side)
         if self.mode == "predicted":
             o, lse = spec["spec_o"], spec["spec_lse"]
-        elif fused:
-            s_idx, s_cnt, o, lse = ops.select_repair(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, q, cache,
-                                                     cfg.block_size, p_idx, p_cnt, spec["block_o"],
-                                                     spec["block_lse"], scale=self.scale, group_max=gmax)
-            sel = Selection(s_idx, s_cnt, scores)
         else:
             o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
                                         mode=self.mode, scale=self.scale, **spec)

@@ -12,7 +12,7 @@ from ... import _checks as check
 from .._common import check_decode_inputs
 from ..attention.reference import sparse_decode
 from ..merge.reference import merge_states, merge_two
-from ..select.reference import select_blocks, selection_contains, selection_difference
+from ..select.reference import selection_contains, selection_difference
 
 MODES = ("exact", "union")
 
@@ -74,25 +74,3 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
     else:
         o, lse = merge_two(spec_o, spec_lse, o_m, lse_m)
     return o, lse
-
-
-def select_repair(scores, num_blocks, top_k, n_sink, n_local, q, cache, block_size, p_idx, p_cnt, block_o,
-                  block_lse, *, scale=None, group_max=None, out=None):
-    """The top-K selection and PRR's exact-mode repair in one op (the Triton twin runs both in one program per
-    (sequence, KV head), so the repair starts without a launch after the selection and needs no merge kernel).
-
-    Same as ``s = select_blocks(scores, num_blocks, top_k, n_sink, n_local)`` followed by
-    ``repair_combine(q, cache, block_size, p_idx, p_cnt, *s, block_o=block_o, block_lse=block_lse)``.
-    ``group_max`` (the Triton top-K's stage-1 maxima) is ignored here; ``out=(indices, counts)`` receives S.
-
-    Returns:
-        ``(s_idx [B, Hkv, K_max] int32, s_cnt [B, Hkv] int32, o [B, Hq, D] q.dtype, lse [B, Hq] float32)``.
-    """
-    s_idx, s_cnt = select_blocks(scores, num_blocks, top_k, n_sink, n_local)
-    if out is not None:
-        out[0].copy_(s_idx)
-        out[1].copy_(s_cnt)
-        s_idx, s_cnt = out
-    o, lse = repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o=block_o,
-                            block_lse=block_lse, mode="exact", scale=scale)
-    return s_idx, s_cnt, o, lse

@@ -105,12 +105,11 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 
 
 @triton.jit
-def _select_row(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, i_bh, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
-                s_sb, s_sh, s_ib, s_ih,
-                GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
-    """Select row ``i_bh`` = (sequence, KV head) and write it (sink, chosen ascending, local; -1 padding) with
-    its count; returns the count. Shared by the top-K kernel and PRR's fused top-K + repair."""
+def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
+                 s_sb, s_sh, s_ib, s_ih,
+                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
+    i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
     n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
@@ -120,12 +119,11 @@ def _select_row(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, i_bh, HKV, NMA
     if n <= KMAX:  # a short context: every live block
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
         tl.store(cnt_ptr + i_bh, n)
-        count = n
     elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
         j = tl.arange(0, NMAX_PAD)
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         chosen = _top_k_mask(key, TOPK)
-        count = _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
@@ -144,17 +142,7 @@ def _select_row(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, i_bh, HKV, NMA
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
         chosen = _top_k_mask(key, TOPK)
-        count = _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-    return count
-
-
-@triton.jit
-def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
-                 s_sb, s_sh, s_ib, s_ih,
-                 GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
-    _select_row(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tl.program_id(0), HKV, NMAX, NG, TOPK, N_SINK,
-                N_LOCAL, KMAX, s_sb, s_sh, s_ib, s_ih, GROUP, NG_PAD, TG_PAD, BLOCK_K, SINGLE, NMAX_PAD)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
 
 
 @triton.jit
@@ -169,7 +157,6 @@ def _write_selection(out, cnt_ptr, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK
     count = N_SINK + n_chosen + N_LOCAL
     tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
     tl.store(cnt_ptr, count)
-    return count
 
 
 @triton.jit
@@ -215,10 +202,13 @@ def selection_overlap(p_idx, p_cnt, s_idx, s_cnt):
     return out
 
 
-def topk_plan(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
-    """Buffers and arguments of one top-K launch (shared with PRR's fused top-K + repair):
-    ``(idx, cnt, args, meta)``, where ``args`` are :func:`_select_row`'s runtime arguments after its ``i_bh``
-    and ``meta`` its compile-time ones (with the warps the row sizes call for)."""
+def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
+    """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
+    ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
+
+    Ties at the K-th score go to the lowest block ids (``torch.topk``'s choice among ties is unspecified, so
+    the two agree on the selected *set* whenever the K-th score is not tied).
+    """
     bsz, hkv, nmax = scores.shape
     if scores.stride(-1) != 1:
         raise ValueError("scores must have a unit last stride")
@@ -252,21 +242,11 @@ def topk_plan(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2,
                              f"{tuple(group_max.shape)}")
         gmax = group_max
     ng_pad = max(16, triton.next_power_of_2(ng))
-    args = (scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
-            scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1))
-    meta = dict(GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-                SINGLE=single, NMAX_PAD=nmax_pad if single else 16)
-    warps = TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0) <= 2048 else 8)
-    return idx, cnt, args, meta, warps
-
-
-def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
-    """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
-    ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
-
-    Ties at the K-th score go to the lowest block ids (``torch.topk``'s choice among ties is unspecified, so
-    the two agree on the selected *set* whenever the K-th score is not tied).
-    """
-    idx, cnt, args, meta, warps = topk_plan(scores, num_blocks, top_k, n_sink, n_local, out, group_max)
-    _topk_kernel[(scores.shape[0] * scores.shape[1],)](*args, **meta, num_warps=warps)
+    _topk_kernel[(bsz * hkv,)](
+        scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
+        scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        num_warps=TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0) <= 2048 else 8),
+    )
     return idx, cnt
