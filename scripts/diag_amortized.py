@@ -1,0 +1,76 @@
+"""Where an amortized selection step goes (issue #12): kernel timelines of the host schedule's two step kinds.
+
+Run on the GPU machine: PYTHONPATH=src python3 scripts/diag_amortized.py --out DIR [--batches 1,8] [--setting 16x8]
+Per batch (Llama-3.1-8B Quest, budget 2048, 512K, bf16): net microseconds of the full selection, of a scan
+step and a re-score step of ``AmortizedSelector(schedule="host")`` (each captured in its own graph, as
+``LayerStep`` captures them), of the scan's parts (full scores with and without the fused group maxima, the
+top c·K with and without them), and the kernel timelines of both step kinds.
+"""
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from prr import ops
+from prr.algo.amortized import AmortizedSelector
+from prr.algo.sparse import select
+from prr.bench.common import environment, graph_overhead_us
+from prr.bench.kernels import RandomLayer
+from prr.bench.timeline import format_timeline, graph_timeline
+from prr.runtime import LayerStep
+from prr.timing import time_graph, time_op
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--context", type=int, default=524288)
+    ap.add_argument("--setting", default="16x8", help="m x c")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    m, c = args.setting.split("x")
+    overhead = graph_overhead_us()
+    res = {"env": environment(), "overhead_us": overhead, "setting": args.setting, "cases": {}}
+    for b in map(int, args.batches.split(",")):
+        res["cases"][f"b{b}"] = run_case(b, args.context, int(m), float(c), overhead)
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "diag_amortized.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def run_case(b: int, context: int, m: int, c: float, overhead: float) -> dict:
+    lay = RandomLayer.make("llama-3.1-8b", b, context, "quest")
+    cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
+    us, tls = {}, {}
+
+    def t(name, fn):
+        us[name] = round(time_op(fn) - overhead, 2)
+
+    scan_k = math.ceil(c * cfg.top_k)
+    t("selection", lambda: select(q, cache, meta))
+    t("score", lambda: meta.scores(q, cache))
+    t("score_groups", lambda: meta.scores(q, cache, with_groups=True))
+    sc, gm = meta.scores(q, cache, with_groups=True)
+    t("topk_K", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
+    t("topk_cK", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local))
+    t("topk_cK_groups", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local, group_max=gm))
+    sel = AmortizedSelector(meta, cache, every=m, factor=c, schedule="host")
+    step = LayerStep(cache, meta, q.shape[1], method="dsa", amortized=sel)
+    step.q.copy_(q)
+    step.capture()
+    sel.reset()
+    for kind, (g, _out, _last) in step.kind_graphs.items():
+        name = "scan_step" if kind else "rescore_step"
+        us[name] = round(time_graph(g) - overhead, 2)
+        tls[name] = graph_timeline(g)
+        print(format_timeline(tls[name], f"b{b} {name} (DSA step with attention): net {us[name]:.1f} us"),
+              flush=True)
+    print(f"b{b}", "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
+    return {"us": us, "timelines": tls}
+
+if __name__ == "__main__":
+    main()
