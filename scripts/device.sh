@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    diag-amortized) timeout 200 python3 scripts/diag_amortized.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tail -60 \
+    diag-amortized) timeout 450 python3 scripts/diag_amortized.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -150 \
       | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \

@@ -20,6 +20,7 @@ from prr.algo.sparse import select
 from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.timeline import format_timeline, graph_timeline
+from prr.ops.select import triton as sk
 from prr.runtime import LayerStep
 from prr.timing import time_graph, time_op
 
@@ -30,19 +31,27 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--context", type=int, default=524288)
     ap.add_argument("--setting", default="16x8", help="m x c")
+    ap.add_argument("--radix", default="0", help="top-K searches to compare: 0 = bisection, 4/8 = radix bits")
+    ap.add_argument("--parts-contexts", default="", help="extra contexts (tokens) timed for the top-K parts only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     m, c = args.setting.split("x")
     overhead = graph_overhead_us()
     res = {"env": environment(), "overhead_us": overhead, "setting": args.setting, "cases": {}}
+    radix = [int(x) for x in args.radix.split(",")]
     for b in map(int, args.batches.split(",")):
-        res["cases"][f"b{b}"] = run_case(b, args.context, int(m), float(c), overhead)
-        torch.cuda.empty_cache()
-        with open(os.path.join(args.out, "diag_amortized.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        for ctx in [args.context] + [int(x) for x in args.parts_contexts.split(",") if x]:
+            for bits in radix:
+                sk.RADIX_BITS = bits
+                res["cases"][f"b{b}/{ctx // 1024}K/radix{bits}"] = run_case(b, ctx, int(m), float(c), overhead,
+                                                                             steps=ctx == args.context)
+                torch.cuda.empty_cache()
+                with open(os.path.join(args.out, "diag_amortized.json"), "w") as f:
+                    json.dump(res, f, indent=1)
+    sk.RADIX_BITS = 0
 
 
-def run_case(b: int, context: int, m: int, c: float, overhead: float) -> dict:
+def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: bool = True) -> dict:
     lay = RandomLayer.make("llama-3.1-8b", b, context, "quest")
     cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     us, tls = {}, {}
@@ -58,6 +67,10 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float) -> dict:
     t("topk_K", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
     t("topk_cK", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local))
     t("topk_cK_groups", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local, group_max=gm))
+    tag = f"b{b} {context // 1024}K radix {sk.RADIX_BITS}"
+    if not steps:
+        print(tag, "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
+        return {"us": us}
     sel = AmortizedSelector(meta, cache, every=m, factor=c, schedule="host")
     step = LayerStep(cache, meta, q.shape[1], method="dsa", amortized=sel)
     step.q.copy_(q)
@@ -67,9 +80,15 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float) -> dict:
         name = "scan_step" if kind else "rescore_step"
         us[name] = round(time_graph(g) - overhead, 2)
         tls[name] = graph_timeline(g)
-        print(format_timeline(tls[name], f"b{b} {name} (DSA step with attention): net {us[name]:.1f} us"),
-              flush=True)
-    print(f"b{b}", "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
+        if sk.RADIX_BITS in (0, 8):
+            print(format_timeline(tls[name], f"{tag} {name} (DSA step with attention): net {us[name]:.1f} us"),
+                  flush=True)
+    # The mean selection step of the host schedule (one scan, m - 1 re-scores), attention excluded
+    att = us["attention"] = round(time_op(lambda: ops.sparse_decode(q, cache, *select(q, cache, meta)[:2],
+                                                                    cfg.block_size)) - overhead, 2)
+    us["mean_selection_host"] = round((us["scan_step"] + (m - 1) * us["rescore_step"]) / m - att, 2)
+    us["x_cheaper"] = round(us["selection"] / us["mean_selection_host"], 2)
+    print(tag, "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
     return {"us": us, "timelines": tls}
 
 if __name__ == "__main__":

@@ -98,3 +98,41 @@ def test_selector_holds_forced_blocks_and_respects_budget(method):
             assert s == sorted(set(s)) and all(0 <= j < n for j in s)
             assert 0 in s and n - 1 in s and n - 2 in s
             assert len(s) == min(n, cfg.k_max)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_radix_kth_search_selects_what_bisection_selects(bits, monkeypatch):
+    """The top-K kernels' radix search for the k-th key (``RADIX_BITS``) picks exactly the bisection's blocks:
+    one-search rows and two-stage rows, ties, -inf blocks, negative and huge scores, K over the row, and the
+    candidate top-K of amortized selection. On a GPU natively, else in Triton's interpreter."""
+    from prr.ops.backend import use_backend
+    from prr.ops.candidates import select_candidates
+    from prr.ops.select import triton as sk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    for trial, n in enumerate([40, 300, 2000, 5000]):
+        scores = torch.randn(2, 3, n, generator=gen) * 10.0 ** (trial - 1)
+        if trial % 2 == 0:
+            scores = scores.round()  # ties
+        scores[0, 1, ::7] = float("-inf")
+        scores[1, 2] = -scores[1, 2].abs() * 1e30
+        nblk = torch.tensor([n, max(1, n // 3)], dtype=torch.int32)
+        cand = torch.stack([torch.randperm(n, generator=gen)[: min(n, 600)].sort().values for _ in range(6)])
+        cand = cand.view(2, 3, -1).to(torch.int32)
+        c_scores = torch.gather(scores, 2, cand.long()).contiguous()
+        for k in (5, 100, 700):
+            got = []
+            for radix in (0, bits):
+                monkeypatch.setattr(sk, "RADIX_BITS", radix)
+                with use_backend("triton"):
+                    s = prr.select_blocks(scores.to(dev), nblk.to(dev), k, 1, 2)
+                    c = select_candidates(cand.to(dev), c_scores.to(dev), nblk.to(dev), k, 1, 2)
+                got.append([t.cpu() for t in (*s, *c)])
+            for a, b in zip(*got, strict=True):
+                assert torch.equal(a, b), (n, k)
+    if dev == "cpu":  # and the bisection agrees with the reference on the selected sets
+        ref = prr.select_blocks(scores, nblk, 100, 1, 2)
+        with use_backend("triton"):
+            tri = prr.select_blocks(scores, nblk, 100, 1, 2)
+        assert _sets(*ref) == _sets(*tri)
