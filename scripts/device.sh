@@ -11,6 +11,8 @@ for step in "$@"; do
   case "$step" in
     diag-amortized) timeout 450 python3 scripts/diag_amortized.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -150 \
       | tee -a "$OUT/run.log" ;;
+    radix-tests) timeout 200 python3 -m pytest -q tests/test_select.py tests/test_candidates.py tests/test_amortized.py \
+      2>&1 | tail -3 | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;
