@@ -84,7 +84,8 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: boo
             print(format_timeline(tls[name], f"{tag} {name} (DSA step with attention): net {us[name]:.1f} us"),
                   flush=True)
     # The mean selection step of the host schedule (one scan, m - 1 re-scores), attention excluded
-    att = us["attention"] = round(time_op(lambda: ops.sparse_decode(q, cache, *select(q, cache, meta)[:2],
+    s = select(q, cache, meta)
+    att = us["attention"] = round(time_op(lambda: ops.sparse_decode(q, cache, s.indices, s.counts,
                                                                     cfg.block_size)) - overhead, 2)
     us["mean_selection_host"] = round((us["scan_step"] + (m - 1) * us["rescore_step"]) / m - att, 2)
     us["x_cheaper"] = round(us["selection"] / us["mean_selection_host"], 2)
