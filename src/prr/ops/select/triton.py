@@ -83,7 +83,7 @@ def _kth_key_radix(key, k, BITS: tl.constexpr):
     need = k
     prefix = tl.zeros([], tl.int64)
     for i in tl.static_range(32 // BITS):
-        shift: tl.constexpr = 32 - BITS * (i + 1)
+        shift = 32 - BITS * (i + 1)
         d = ((u >> shift) & (R - 1)).to(tl.int32)
         h = tl.where(in_range, tl.histogram(tl.where(match, d, R), 2 * R), 0)
         ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # keys on the prefix with digit >= b
