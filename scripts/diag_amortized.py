@@ -20,7 +20,6 @@ from prr.algo.sparse import select
 from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.timeline import format_timeline, graph_timeline
-from prr.ops.select import triton as sk
 from prr.runtime import LayerStep
 from prr.timing import time_graph, time_op
 
@@ -31,24 +30,19 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--context", type=int, default=524288)
     ap.add_argument("--setting", default="16x8", help="m x c")
-    ap.add_argument("--radix", default="0", help="top-K searches to compare: 0 = bisection, 4/8 = radix bits")
     ap.add_argument("--parts-contexts", default="", help="extra contexts (tokens) timed for the top-K parts only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     m, c = args.setting.split("x")
     overhead = graph_overhead_us()
     res = {"env": environment(), "overhead_us": overhead, "setting": args.setting, "cases": {}}
-    radix = [int(x) for x in args.radix.split(",")]
     for b in map(int, args.batches.split(",")):
         for ctx in [args.context] + [int(x) for x in args.parts_contexts.split(",") if x]:
-            for bits in radix:
-                sk.RADIX_BITS = bits
-                res["cases"][f"b{b}/{ctx // 1024}K/radix{bits}"] = run_case(b, ctx, int(m), float(c), overhead,
-                                                                             steps=ctx == args.context)
-                torch.cuda.empty_cache()
-                with open(os.path.join(args.out, "diag_amortized.json"), "w") as f:
-                    json.dump(res, f, indent=1)
-    sk.RADIX_BITS = 0
+            res["cases"][f"b{b}/{ctx // 1024}K"] = run_case(b, ctx, int(m), float(c), overhead,
+                                                            steps=ctx == args.context)
+            torch.cuda.empty_cache()
+            with open(os.path.join(args.out, "diag_amortized.json"), "w") as f:
+                json.dump(res, f, indent=1)
 
 
 def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: bool = True) -> dict:
@@ -67,7 +61,7 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: boo
     t("topk_K", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
     t("topk_cK", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local))
     t("topk_cK_groups", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local, group_max=gm))
-    tag = f"b{b} {context // 1024}K radix {sk.RADIX_BITS}"
+    tag = f"b{b} {context // 1024}K"
     if not steps:
         print(tag, "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
         return {"us": us}
@@ -80,9 +74,8 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: boo
         name = "scan_step" if kind else "rescore_step"
         us[name] = round(time_graph(g) - overhead, 2)
         tls[name] = graph_timeline(g)
-        if sk.RADIX_BITS in (0, 8):
-            print(format_timeline(tls[name], f"{tag} {name} (DSA step with attention): net {us[name]:.1f} us"),
-                  flush=True)
+        print(format_timeline(tls[name], f"{tag} {name} (DSA step with attention): net {us[name]:.1f} us"),
+              flush=True)
     # The mean selection step of the host schedule (one scan, m - 1 re-scores), attention excluded
     s = select(q, cache, meta)
     att = us["attention"] = round(time_op(lambda: ops.sparse_decode(q, cache, s.indices, s.counts,

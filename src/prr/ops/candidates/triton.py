@@ -18,7 +18,6 @@ import triton.language as tl
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
 from ..scoring.triton import _aggregate_rows, _quest_bound
-from ..select import triton as select_kernels
 from ..select.triton import _order_key, _top_k_mask
 from .reference import check_force
 
@@ -105,8 +104,7 @@ def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, step_ptr
 
 @triton.jit
 def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, C, TOPK, N_SINK, N_LOCAL, KMAX,
-                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                              RADIX: tl.constexpr):
+                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -122,7 +120,7 @@ def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, 
         j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
         s = tl.load(s_ptr + i_b * s_sb + i_h * s_sh + i_c, mask=m_c, other=float("-inf")).to(tl.float32)
         dyn = m_c & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))  # NaN fails the compare
-        chosen = _top_k_mask(tl.where(dyn, _order_key(s), -2147483648), TOPK, RADIX)
+        chosen = _top_k_mask(tl.where(dyn, _order_key(s), -2147483648), TOPK)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
         # Output: sink blocks, the chosen (ascending, as listed), local blocks; -1 padding.
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
@@ -237,7 +235,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
     _select_candidates_kernel[(bsz * hkv,)](
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-        C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)), RADIX=select_kernels.RADIX_BITS,
+        C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         num_warps=num_warps or CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8),
     )
     return idx, cnt

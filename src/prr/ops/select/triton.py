@@ -30,8 +30,6 @@ TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size;
 # Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
 # the two stages (module-level for a sweep): faster on SmolLM2's ~320-block rows, slower at 8,192 and up
 TOPK_SINGLE_MAX = 512
-# Bits per digit of the radix search for the k-th key (0: bisection). Module-level for a sweep.
-RADIX_BITS = 0
 INT_MIN = -2147483648
 
 
@@ -68,40 +66,9 @@ def _kth_key(key, k):
 
 
 @triton.jit
-def _kth_key_radix(key, k, BITS: tl.constexpr):
-    """:func:`_kth_key` by radix selection: the k-th largest key exactly (INT32_MIN if fewer than k live), found
-    digit by digit from the top, BITS bits at a time: one histogram of the keys still matching the prefix per
-    digit (32 / BITS dependent passes, whatever the spread of the keys; bisection needs ~log2 of it, up to 32).
-    """
-    R: tl.constexpr = 1 << BITS
-    live = key > -2147483648
-    n = tl.sum(live.to(tl.int32), axis=0)
-    u = key.to(tl.int64) + 2147483648  # unsigned order: 0 .. 2^32 - 1
-    bins = tl.arange(0, 2 * R)  # digits 0 .. R-1; keys off the prefix counted in bin R (never chosen)
-    in_range = bins < R
-    match = live
-    need = k
-    prefix = tl.zeros([], tl.int64)
-    for i in tl.static_range(32 // BITS):
-        shift = 32 - BITS * (i + 1)
-        d = ((u >> shift) & (R - 1)).to(tl.int32)
-        h = tl.where(in_range, tl.histogram(tl.where(match, d, R), 2 * R), 0)
-        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # keys on the prefix with digit >= b
-        dig = tl.max(tl.where(in_range & (ge >= need), bins, 0), axis=0)
-        need = need - tl.sum(tl.where(bins > dig, h, 0), axis=0)
-        prefix = prefix | (dig.to(tl.int64) << shift)
-        match = match & (d == dig)
-    return tl.where(n >= k, (prefix - 2147483648).to(tl.int32), -2147483648)
-
-
-@triton.jit
-def _top_k_mask(key, k, RADIX: tl.constexpr = 0):
-    """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions. ``RADIX``:
-    bits per digit of a radix search for the k-th key (0: bisection)."""
-    if RADIX > 0:
-        thr = _kth_key_radix(key, k, RADIX)
-    else:
-        thr = _kth_key(key, k)
+def _top_k_mask(key, k):
+    """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions."""
+    thr = _kth_key(key, k)
     above = key > thr
     tie = (key == thr) & (key > -2147483648)
     rank = tl.cumsum(tie.to(tl.int32), axis=0)
@@ -141,7 +108,7 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
                  s_sb, s_sh, s_ib, s_ih,
                  GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, RADIX: tl.constexpr):
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -155,13 +122,13 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
     elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
         j = tl.arange(0, NMAX_PAD)
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
-        chosen = _top_k_mask(key, TOPK, RADIX)
+        chosen = _top_k_mask(key, TOPK)
         _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
-        keep_g = _top_k_mask(gkey, TOPK, RADIX)
+        keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
         cg_row = cg_ptr + i_bh * TG_PAD
@@ -174,7 +141,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
-        chosen = _top_k_mask(key, TOPK, RADIX)
+        chosen = _top_k_mask(key, TOPK)
         _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
 
 
@@ -279,7 +246,7 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        SINGLE=single, NMAX_PAD=nmax_pad if single else 16, RADIX=RADIX_BITS,
+        SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
         num_warps=TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0) <= 2048 else 8),
     )
     return idx, cnt
