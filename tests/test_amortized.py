@@ -156,7 +156,7 @@ def test_host_schedule_rescore_steps_skip_the_full_scorer(monkeypatch):
     meta = prr.BlockMetadata(prr.SparseConfig(top_k=4), cache)
     calls = []
     real = meta.scores
-    monkeypatch.setattr(meta, "scores", lambda q, c, **kw: calls.append(c.seq_lens.tolist()) or real(q, c, **kw))
+    monkeypatch.setattr(meta, "scores", lambda q, c: calls.append(c.seq_lens.tolist()) or real(q, c))
     q = make_query(cache, 2)
     for schedule, want in (("device", [[300, 250], [0, 0], [0, 0], [300, 250], [0, 0]]),
                            ("host", [[300, 250], [300, 250]])):

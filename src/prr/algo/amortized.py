@@ -15,9 +15,8 @@ Two schedules decide which steps scan, neither reading the device on the host:
   got shorter (a reused cache). The price: a re-score step still launches the gated full scorer, its top-K and
   the commit (7 launches; their idle grids cost 7 µs at b1 and 32 µs at b8 on an H200 at 512K).
 - ``schedule="host"``: the host counts steps (a Python int; the step index is known without a device read)
-  and every m-th step scans every sequence (its S is the full selection's top-K of the full scores, beside the
-  top c·K kept as candidates: no re-score on a scan step); the others run only the candidate scorer, with the
-  step's bookkeeping fused in, and the candidate top-K (2 launches). Under CUDA graphs a step is captured twice, once
+  and every m-th step scans every sequence; the others run only the candidate scorer, with the step's
+  bookkeeping fused in, and the candidate top-K (2 launches). Under CUDA graphs a step is captured twice, once
   per kind, sharing one memory pool, and the caller replays the kind :meth:`AmortizedSelector.next_is_scan`
   names (``LayerStep`` and the model engine's captured step do). Same selections as the device schedule while
   at most ``new_slots`` blocks appear per period and no sequence shrinks (decoding ``grow`` tokens per step; a
@@ -172,13 +171,9 @@ class AmortizedSelector:
             full = self.meta.scores(q, gated)  # all -inf (nothing read) for a sequence that does not scan
             s_idx, _ = ops.select_blocks(full, g_nblk, self.scan_k, cfg.n_sink, cfg.n_local)
             cops.commit_candidates(self.cand, s_idx, scan)  # the scan's sorted selection heads the list
-        elif force == 1:  # every sequence scans: nothing to gate, and S is the full selection itself
-            full, gmax = self.meta.scores(q, cache, with_groups=True)
-            s_idx, _ = ops.select_blocks(full, nblk, self.scan_k, cfg.n_sink, cfg.n_local, group_max=gmax)
+        elif force == 1:  # every sequence scans: nothing to gate
+            s_idx, _ = ops.select_blocks(self.meta.scores(q, cache), nblk, self.scan_k, cfg.n_sink, cfg.n_local)
             self.cand[..., :s_idx.shape[-1]] = s_idx
-            # The top K straight from the full scores (the scan's top c·K holds it): no candidate re-score
-            idx, cnt = ops.select_blocks(full, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gmax)
-            return Selection(idx, cnt, None)
         scores = self._scores(q, cache, self.cand)
         idx, cnt = cops.select_candidates(self.cand, scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
         return Selection(idx, cnt, None)
