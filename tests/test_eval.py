@@ -1,8 +1,11 @@
 """The offline evaluation: task generators and scoring, and the locality metrics on hand-made selections."""
 
+import warnings
+
 import pytest
 import torch
 
+import prr
 from prr.eval import locality
 from prr.eval.tasks import TASKS, make_task
 
@@ -119,3 +122,30 @@ def test_teacher_forced_nll_keeps_the_target_on_the_logits_device(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
     assert run.teacher_forced_nll(eng, [1, 2, 3, 4], 1, 3) == 2.0
     assert seen.count(("meta", "meta")) == 3 and seen.count(("step", "meta")) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["dense", "dsa", "prr"])
+def test_teacher_forced_nll_graph_path_equals_eager_on_gpu(attention):
+    """Perplexity's decode path on a GPU (first step eager, then the captured step replayed) gives the eager
+    path's NLL, on a small random model (the bundled one is not needed for the graph mechanics)."""
+    from prr.eval import run
+    from prr.model import ModelConfig
+    from prr.model.engine import Engine
+    from prr.model.llama import Llama
+    from prr.model.weights import random_weights
+
+    cfg = ModelConfig(vocab_size=64, hidden=128, ffn=96, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=torch.bfloat16, device="cuda"))
+    ids = torch.randint(0, 64, (700,), generator=torch.Generator().manual_seed(1)).tolist()
+    nll = []
+    for graphs in (False, True):
+        eng = Engine(model, None, attention=attention, sparse=prr.SparseConfig(top_k=6), n_dense_layers=1,
+                     graphs=graphs, ratio=1.5)
+        eng.fill_random(1, 600, 12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to eager stepping would warn
+            nll.append(run.teacher_forced_nll(eng, ids, 600, 8))
+    assert nll[0] == pytest.approx(nll[1], rel=1e-6, abs=1e-6)
