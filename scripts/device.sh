@@ -21,6 +21,9 @@ for step in "$@"; do
     layer-infllm) timeout 560 python3 -m prr bench layer --quick --models llama-3.1-8b,glm-4-9b --batches 1,4 \
       --contexts 32K,128K --budgets 4096,8192 --methods infllm_v2 --out "$OUT/bench_layer_h200_infllm.json" 2>&1 \
       | grep -v "it/s\]" | tail -60 | tee -a "$OUT/run.log" ;;
+    warps-eval) { timeout 150 python3 -m pytest -q tests/test_eval.py -k graph_path 2>&1 | tail -2
+      timeout 200 python3 scripts/diag_amortized.py --out "$OUT" --batches 1,8 --parts-contexts 131072 2>&1 \
+      | grep -v "it/s\]" | grep -v "^  s0" | tail -20; } | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;

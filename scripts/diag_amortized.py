@@ -20,6 +20,7 @@ from prr.algo.sparse import select
 from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.timeline import format_timeline, graph_timeline
+from prr.ops.select import triton as sk
 from prr.runtime import LayerStep
 from prr.timing import time_graph, time_op
 
@@ -61,6 +62,12 @@ def run_case(b: int, context: int, m: int, c: float, overhead: float, steps: boo
     t("topk_K", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
     t("topk_cK", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local))
     t("topk_cK_groups", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local, group_max=gm))
+    for w in (4, 16, 32):  # the top-K program's warps (default: 4 up to 2048 keys a search, else 8)
+        sk.TOPK_WARPS = w
+        t(f"topk_K_w{w}", lambda: ops.select_blocks(sc, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gm))
+        t(f"topk_cK_groups_w{w}", lambda: ops.select_blocks(sc, nblk, scan_k, cfg.n_sink, cfg.n_local,
+                                                            group_max=gm))
+    sk.TOPK_WARPS = None
     tag = f"b{b} {context // 1024}K"
     if not steps:
         print(tag, "  ".join(f"{k}={v}" for k, v in us.items()), flush=True)
