@@ -202,6 +202,14 @@ def selection_overlap(p_idx, p_cnt, s_idx, s_cnt):
     return out
 
 
+def topk_warps(keys: int) -> int:
+    """Warps of the top-K program by the longest search it runs (keys, padded): measured on the H200
+    (docs/experiments/topk_warps_h200/): up to 2,048 keys 4 (12.5 us at Llama b1 512K, K = 128; 16 warps 13.3),
+    up to 8,192 keys 8 (the top 1,024 at 128K: 20.1 us, 16 warps 21.7), more 16 (the top 1,024 at 512K, a
+    16,384-key second stage: 49.3 -> 35.7 us at b1, 44.6 -> 36.8 at b8; 32 warps 44.0)."""
+    return 4 if keys <= 2048 else 8 if keys <= 8192 else 16
+
+
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
     """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
     ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
@@ -247,6 +255,6 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
-        num_warps=TOPK_WARPS or (4 if max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0) <= 2048 else 8),
+        num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0)),
     )
     return idx, cnt
