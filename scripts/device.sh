@@ -24,6 +24,11 @@ for step in "$@"; do
     warps-eval) { timeout 150 python3 -m pytest -q tests/test_eval.py -k graph_path 2>&1 | tail -2
       timeout 200 python3 scripts/diag_amortized.py --out "$OUT" --batches 1,8 --parts-contexts 131072 2>&1 \
       | grep -v "it/s\]" | grep -v "^  s0" | tail -20; } | tee -a "$OUT/run.log" ;;
+    select-final) { timeout 150 python3 -m pytest -q tests/test_select.py tests/test_candidates.py tests/test_amortized.py \
+      tests/test_runtime.py 2>&1 | tail -2; timeout 100 python3 -m pytest -q tests/test_kernels.py -k "select or topk" \
+      2>&1 | tail -2; timeout 200 python3 -m prr bench select --batches 1,8 --contexts 512K \
+      --amortized 16x4,16x8,32x4,32x6 --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -12; } \
+      | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;
