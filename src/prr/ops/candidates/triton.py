@@ -133,8 +133,8 @@ def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, 
 
 
 # Warps of the candidate top-K (None: 4 up to 512 candidates, else 8; module-level for `prr bench select`'s
-# sweep). H200, Llama-3.1-8B 512K, 1,005 candidates (c = 8): 4 warps 7.3 us, 8 warps 5.1, 16 warps 6.3 at b1;
-# 8.6 / 6.4 / 7.6 at b8 (results/bench_select_h200_warps.json); one warp 13-18 us
+# sweep). H200, Llama-3.1-8B 512K, 1,005 candidates (c = 8): 4 warps 7.9 us, 8 warps 5.5, 16 warps 6.6 at b1;
+# 7.6 / 5.0 / 6.0 at b8 (results/bench_select_h200.json, commit 05f882f); one warp 13-18 us
 CAND_TOPK_WARPS: int | None = None
 
 
