@@ -29,6 +29,11 @@ for step in "$@"; do
       2>&1 | tail -2; timeout 200 python3 -m prr bench select --batches 1,8 --contexts 512K \
       --amortized 16x4,16x8,32x4,32x6 --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -12; } \
       | tee -a "$OUT/run.log" ;;
+    e2e-amortized) { timeout 200 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 \
+      --attentions dsa --amortized 16x8,32x4 --steps 16 --out "$OUT/bench_e2e_glm_1m_amortized_h200.json" 2>&1 \
+      | grep -v "it/s\]" | tail -8
+      timeout 150 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa --amortized 16x8 --steps 16 \
+      --out "$OUT/bench_e2e_amortized_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;

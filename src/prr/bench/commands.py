@@ -60,7 +60,7 @@ def _cmd_bench_layer(args) -> int:
 def _cmd_bench_e2e(args) -> int:
     if _no_cuda("e2e"):
         return 2
-    from ..cli_args import parse_contexts
+    from ..cli_args import parse_amortized, parse_contexts
     from ..model.tp import setup
     from . import e2e
 
@@ -72,7 +72,7 @@ def _cmd_bench_e2e(args) -> int:
     e2e.run(args.model, parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
             method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
             ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","),
-            breakdown=not args.no_breakdown)
+            breakdown=not args.no_breakdown, amortized=parse_amortized(args.amortized) if args.amortized else ())
     print(f"saved {args.out}")
     return 0
 
@@ -156,6 +156,8 @@ def register(sub) -> None:
     s.add_argument("--dense-layers", type=int, default=2)
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,prr", help="which of dense, dsa, prr to time")
+    s.add_argument("--amortized", default="", help="amortized DSA settings MxC (host schedule), e.g. 16x8: a "
+                   "dsa_mMcC row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
     s.add_argument("--no-breakdown", action="store_true", help="skip the per-token breakdown (a kernel timeline of "
                    "one replay per configuration: selection, speculation, repair, attention vs the rest)")

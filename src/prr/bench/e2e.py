@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..algo.sparse import SparseConfig
+from ..eval.amortized import AmortizedEngine
 from ..model.engine import Engine
 from ..model.tp import TensorParallel, is_main, load_model_tp
 from ..model.weights import load_model
@@ -91,7 +92,11 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
-        fuse: bool = True, attentions=("dense", "dsa", "prr"), breakdown: bool = True) -> dict:
+        fuse: bool = True, attentions=("dense", "dsa", "prr"), breakdown: bool = True, amortized=()) -> dict:
+    """Whole-model decode: per context and batch, one engine per attention (``amortized``: ``[(m, c)]``, each
+    adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
+    :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
+    re-score step's graph)."""
     import gc
     import json
     import os
@@ -111,31 +116,47 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
         # (the breakdown's timeline replays the step 1 + TIMELINE_REPLAYS more times: each appends a token)
         spare = (steps + 2 + (1 + TIMELINE_REPLAYS if breakdown else 0)) * (1 if tp is None else 2)
+        spare += 2 * max([m for m, _ in amortized], default=0)  # whole periods, started at a scan
         ctx = min(ctx_asked, c.max_context - spare)
         for b in batches:
             res = {}
-            for attention in tqdm(attentions, desc=f"e2e {_label(ctx)} b{b}", leave=False):
-                eng = Engine(model, None, attention=attention, sparse=cfg, ratio=ratio,
-                             n_dense_layers=n_dense_layers)
+            configs = [(a, None) for a in attentions] + [(f"dsa_m{m}c{f:g}", (m, f)) for m, f in amortized]
+            for attention, setting in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
+                n_steps = steps
+                if setting is None:
+                    eng = Engine(model, None, attention=attention, sparse=cfg, ratio=ratio,
+                                 n_dense_layers=n_dense_layers)
+                else:  # whole periods: every timed window holds its share of scans
+                    eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
+                                          sparse=cfg, n_dense_layers=n_dense_layers)
+                    n_steps = setting[0] * -(-steps // setting[0])
                 eng.fill_random(b, ctx, spare)
                 eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
                 eng.capture_decode()
-                times = _time_steps(eng, steps)
+                if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
+                    while not eng._graph.selectors[0].next_is_scan():
+                        eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
+                times = _time_steps(eng, n_steps)
                 sparse_layers = 0 if attention == "dense" else c.num_layers - n_dense_layers
                 kv_tok = 2 * c.num_kv_heads * c.head_dim * BF16
                 att_b = (c.num_layers - sparse_layers) * b * ctx * kv_tok + sparse_layers * (
                     _metadata_bytes(cfg, b, c.num_kv_heads, c.head_dim, ctx) + b * cfg.budget_tokens * kv_tok)
                 floor_us = (weights_b + att_b) / (copy * 1e12) * 1e6
-                med = statistics.median(times)
+                # amortized: the mean over whole periods (a scan and m - 1 re-scores), not the re-score's median
+                med = statistics.median(times) if setting is None else statistics.fmean(times)
                 row = {"model": model_name, "context": ctx, "batch": b, "attention": attention,
                        "median_us": round(med, 1), "ms_per_token": round(med / 1e3, 3),
                        "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
                        "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
                        "steps_us": [round(t, 1) for t in times]}
                 if breakdown:  # where the step's time goes: one kernel timeline of the captured step
-                    tl = graph_timeline(eng._graph.graph, replays=TIMELINE_REPLAYS)
-                    row["breakdown"] = step_breakdown(tl, attention)
+                    graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
+                    tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
+                    row["breakdown"] = step_breakdown(tl, attention if setting is None else "dsa")
                     row["breakdown"]["kernels"] = len(tl)
+                if setting is not None:
+                    row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
+                               rescore_median_us=round(statistics.median(times[1:]), 1))
                 if attention == "prr":
                     row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
                 if tp is not None:
