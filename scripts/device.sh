@@ -34,6 +34,9 @@ for step in "$@"; do
       | grep -v "it/s\]" | tail -8
       timeout 150 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa --amortized 16x8 --steps 16 \
       --out "$OUT/bench_e2e_amortized_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
+    gaps-amortized) timeout 200 python3 scripts/diag_gaps.py --out "$OUT" \
+      --cases llama-3.1-8b:32768:1:dsa,llama-3.1-8b:32768:1:dsa_m16c8 2>&1 | grep -v "it/s\]" | tail -70 \
+      | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;

@@ -1,6 +1,7 @@
 """Where a whole-model decode step's idle time (no kernel running) sits: gaps by the kernel pair around them.
 
 Run on the GPU machine: PYTHONPATH=src python3 scripts/diag_gaps.py --out DIR [--cases model:ctx:b:attention,...]
+(attention: dense, dsa, prr, or dsa_mMcC: amortized DSA on the host schedule, its re-score step's graph)
 For each case the captured step of ``prr bench e2e`` (random weights, bf16) is replayed under the profiler; the
 gap before every kernel (its start minus the latest end before it) is summed by (previous kernel, kernel), and
 one middle layer's kernels are printed as a timeline.
@@ -16,6 +17,7 @@ import torch
 from prr.algo.sparse import SparseConfig
 from prr.bench.common import environment
 from prr.bench.timeline import format_timeline, graph_timeline, replay_trace
+from prr.eval.amortized import AmortizedEngine, parse_method
 from prr.model.engine import Engine
 from prr.model.weights import load_model
 
@@ -65,13 +67,19 @@ def main():
             torch.cuda.empty_cache()
             models[name] = load_model(name, dtype=torch.bfloat16, device="cuda", fuse=True)[0]
         model = models[name]
-        eng = Engine(model, None, attention=attention, sparse=SparseConfig.from_budget("quest", args.budget),
-                     n_dense_layers=2)
+        sparse = SparseConfig.from_budget("quest", args.budget)
+        am = parse_method(attention.replace("dsa_", "quest_")) if attention.startswith("dsa_m") else None
+        if am is None:
+            eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=2)
+        else:  # amortized DSA (host schedule): the re-score step's graph
+            eng = AmortizedEngine(model, None, every=am[1], factor=am[2], schedule="host", sparse=sparse,
+                                  n_dense_layers=2)
         ctx = min(int(ctx), model.cfg.max_context - 16)
         eng.fill_random(int(b), ctx, 12)
         eng.step(torch.zeros(int(b), dtype=torch.long, device="cuda"))
         eng.capture_decode()
-        tl = graph_timeline(eng._graph.graph, replays=5)
+        graph = eng._graph.graph if am is None else eng._graph.kinds[False][0]
+        tl = graph_timeline(graph, replays=5)
         pairs = gaps_by_pair(tl)
         total = sum(p[3] for p in pairs)
         norms = [i for i, r in enumerate(tl) if "rms_norm" in r["name"]]
@@ -86,7 +94,7 @@ def main():
         for a, bb, n, t in pairs[:12]:
             print(f"   {t:8.1f} us  x{n:<4} {a} -> {bb}")
         print(format_timeline(layer, f"one layer of {spec}"), flush=True)
-        other = non_kernel_activities(eng._graph.graph)
+        other = non_kernel_activities(graph)
         print(f"   other GPU activities per replay (count, us): {other}", flush=True)
         result["cases"][spec] = {"kernels": len(tl), "gaps_us": round(total, 1), "pairs": pairs[:40],
                                  "layer": layer, "non_kernel": other}
