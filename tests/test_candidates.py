@@ -291,3 +291,47 @@ def test_candidate_scores_with_the_rescore_bookkeeping_fused(method):
     live = want > float("-inf")
     assert torch.equal(got.cpu() > float("-inf"), live)
     torch.testing.assert_close(got.cpu()[live], want[live].float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,top_k", [(66, 9), (300, 40), (40, 60)], ids=["2-programs", "5-programs", "K-over-list"])
+def test_quest_rescore_with_the_top_k_in_the_same_launch(c, top_k):
+    """``quest_candidate_select``: one launch scores the candidates (bookkeeping fused) and the last program of
+    each row to finish selects it. Same selection, scores, list and counters as the two-launch path (scorer with
+    ``plan``, then ``select_candidates``), and as the float64 reference; the tick buffer is left at zero, so the
+    next step (and a replayed graph) starts clean. Three steps in a row, one of them with a short sequence."""
+    bs, r = 16, 3
+    cache = make_cache([4000, 1500], hkv=2, d=32, capacity=4100, dtype=torch.float32, seed=6)
+    meta = prr.BlockMetadata(prr.SparseConfig(block_size=bs, top_k=top_k), cache)
+    n = prr.num_blocks(cache.seq_lens, bs)
+    cand = _cand(cache, bs, c, seed=2)
+    cand[..., -r:] = 99  # new-block slots, overwritten by the bookkeeping
+    nblk_scan = n - torch.tensor([2, 0], dtype=torch.int32)
+    dcache = prr.KVCache(*(t.to(DEVICE) for t in (cache.k, cache.v, cache.page_table, cache.seq_lens)))
+    kmin, kmax = meta.kmin.to(DEVICE), meta.kmax.to(DEVICE)
+    fused = [t.clone().to(DEVICE) for t in (cand, torch.tensor([5, 9]), nblk_scan)]
+    split = [t.clone().to(DEVICE) for t in (cand, torch.tensor([5, 9]), nblk_scan)]
+    ref = [t.clone() for t in (cand, torch.tensor([5, 9]), nblk_scan)]
+    tick = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    for step in range(3):
+        q = make_query(cache, 4, seed=step)
+        out_f, out_s, out_r = (torch.zeros(2, dtype=torch.int32, device=d) for d in (DEVICE, DEVICE, "cpu"))
+        with use_backend("triton"):
+            idx, cnt, sc = cops.quest_candidate_select(q.to(DEVICE), kmin, kmax, dcache, fused[0], bs, "sum",
+                                                       (fused[1], fused[2], r, out_f), top_k, 1, 2, tick)
+            s2 = cops.quest_candidate_scores(q.to(DEVICE), kmin, kmax, dcache, split[0], bs,
+                                             plan=(split[1], split[2], r, out_s))
+            idx2, cnt2 = cops.select_candidates(split[0], s2, out_s, top_k, 1, 2)
+        r_idx, r_cnt, r_sc = cops.quest_candidate_select(q.double(), meta.kmin.double(), meta.kmax.double(),
+                                                         prr.KVCache(cache.k.double(), cache.v.double(),
+                                                                     cache.page_table, cache.seq_lens),
+                                                         ref[0], bs, "sum", (ref[1], ref[2], r, out_r), top_k, 1,
+                                                         2, torch.zeros(4, dtype=torch.int32))
+        assert torch.equal(idx, idx2) and torch.equal(cnt, cnt2) and torch.equal(sc, s2)
+        assert torch.equal(idx.cpu(), r_idx) and torch.equal(cnt.cpu(), r_cnt)
+        assert torch.equal(fused[0], split[0]) and torch.equal(fused[1], split[1]) and torch.equal(out_f, out_s)
+        assert torch.equal(tick.cpu(), torch.zeros(4, dtype=torch.int32))
+        live = r_sc > float("-inf")
+        torch.testing.assert_close(sc.cpu()[live], r_sc[live].float(), rtol=1e-5, atol=1e-4)
+        if step == 1:  # a sequence shorter than the budget: every live block
+            for c_ in (cache, dcache):
+                c_.seq_lens[1] = 40

@@ -16,7 +16,8 @@ Two schedules decide which steps scan, neither reading the device on the host:
   the commit (7 launches; their idle grids cost 7 µs at b1 and 32 µs at b8 on an H200 at 512K).
 - ``schedule="host"``: the host counts steps (a Python int; the step index is known without a device read)
   and every m-th step scans every sequence; the others run only the candidate scorer, with the step's
-  bookkeeping fused in, and the candidate top-K (2 launches). Under CUDA graphs a step is captured twice, once
+  bookkeeping fused in, and the candidate top-K (for Quest in the same launch: the last scoring program of a
+  row selects it; InfLLM-v2: 2 launches). Under CUDA graphs a step is captured twice, once
   per kind, sharing one memory pool, and the caller replays the kind :meth:`AmortizedSelector.next_is_scan`
   names (``LayerStep`` and the model engine's captured step do). Same selections as the device schedule while
   at most ``new_slots`` blocks appear per period and no sequence shrinks (decoding ``grow`` tokens per step; a
@@ -92,6 +93,8 @@ class AmortizedSelector:
         self.nblk_scan = torch.zeros(cache.batch, dtype=torch.int32, device=dev)
         self.step = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # per sequence: no race in the plan
         self.scans = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # scans done (for reports)
+        # Arrivals per (sequence, KV head) of the fused Quest re-score's programs (the last one selects the row)
+        self.tick = torch.zeros(cache.batch * cache.num_kv_heads, dtype=torch.int32, device=dev)
 
     @property
     def capacity(self) -> int:
@@ -105,6 +108,7 @@ class AmortizedSelector:
         self.nblk_scan.zero_()
         self.cand.fill_(-1)
         self.scans.zero_()
+        self.tick.zero_()
 
     def next_is_scan(self) -> bool:
         """Whether the next :meth:`select` scans, on the host schedule (on the device schedule: whether the
@@ -157,9 +161,15 @@ class AmortizedSelector:
             force = int(self.next_is_scan() if self._forced is None else self._forced)
             if self._forced is None:
                 self.host_step += 1
-            if force == 0:  # two launches: the scorer with the bookkeeping fused in, then the top-K
+            if force == 0:  # the scorer with the bookkeeping fused in, then the top-K (Quest: in the same launch)
                 nblk = torch.empty_like(self.nblk_scan)
-                scores = self._scores(q, cache, self.cand, plan=(self.step, self.nblk_scan, self.new_slots, nblk))
+                plan = (self.step, self.nblk_scan, self.new_slots, nblk)
+                if cfg.method == "quest":
+                    idx, cnt, _ = cops.quest_candidate_select(q, self.meta.kmin, self.meta.kmax, cache, self.cand,
+                                                              cfg.block_size, cfg.aggregate, plan, cfg.top_k,
+                                                              cfg.n_sink, cfg.n_local, self.tick)
+                    return Selection(idx, cnt, None)
+                scores = self._scores(q, cache, self.cand, plan=plan)
                 idx, cnt = cops.select_candidates(self.cand, scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
                 return Selection(idx, cnt, None)
         # One launch decides per sequence whether this step scans, and lists the blocks new since the scan.

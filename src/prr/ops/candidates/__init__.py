@@ -1,7 +1,7 @@
 """Scoring and top-K over candidate-block lists (amortized selection). Dispatch: see :mod:`prr.ops.backend`."""
 
 from .. import backend
-from .._common import check_infllm_inputs, check_quest_inputs
+from .._common import check_infllm_inputs, check_quest_inputs, num_blocks
 from . import reference
 
 
@@ -14,6 +14,24 @@ def quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate="su
 
         return kernels.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan=plan)
     return reference.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan)
+
+
+def quest_candidate_select(q, kmin, kmax, cache, cand, block_size, aggregate, plan, top_k, n_sink, n_local, tick):
+    """A re-score step of amortized Quest selection in one op: :func:`quest_candidate_scores` (with its `plan`)
+    then :func:`select_candidates` over the plan's block counts. The Triton path is one launch: the last
+    program of each (sequence, KV head) to finish scoring selects the row, counted on `tick` (``[B * Hkv]``
+    int32 zeros, left at zero). Returns ``(indices, counts, scores)``."""
+    if backend.use_triton(q):
+        check_quest_inputs(q, kmin, kmax, cache, block_size)
+        reference.check_aggregate(aggregate)
+        reference.check_candidates(cand, cache)
+        from . import triton as kernels
+
+        return kernels.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan=plan,
+                                              select=(top_k, n_sink, n_local, tick))
+    scores = reference.quest_candidate_scores(q, kmin, kmax, cache, cand, block_size, aggregate, plan)
+    nblk = plan[3] if plan is not None else num_blocks(cache.seq_lens, block_size)
+    return (*reference.select_candidates(cand, scores, nblk, top_k, n_sink, n_local), scores)
 
 
 def infllm_candidate_scores(q, ckeys, cache, cand, block_size=64, window=32, stride=16, aggregate="sum", plan=None):
@@ -60,4 +78,4 @@ infllm_candidate_scores.__doc__ = reference.infllm_candidate_scores.__doc__
 select_candidates.__doc__ = reference.select_candidates.__doc__
 
 __all__ = ["amortized_plan", "commit_candidates", "infllm_candidate_scores", "quest_candidate_scores",
-           "select_candidates"]
+           "quest_candidate_select", "select_candidates"]

@@ -41,8 +41,10 @@ def _plan_rescore(cand_ptr, step_ptr, nscan_ptr, nblk_out_ptr, i_b, i_h, i_c, m_
 @triton.jit
 def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_ptr, step_ptr, nscan_ptr, nblk_out_ptr,
                             HKV, C, NMAX, R, s_qb, s_qh, s_mb, s_mh, s_mn, s_cb, s_ch, s_ob, s_oh,
+                            tick_ptr, idx_ptr, cnt_ptr, TOPK, N_SINK, N_LOCAL, KMAX, s_ib, s_ih,
                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            BLOCK_C: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, PLAN: tl.constexpr):
+                            BLOCK_C: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, PLAN: tl.constexpr,
+                            FUSE: tl.constexpr = False, C_PAD: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -63,6 +65,14 @@ def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_pt
     b_lo = tl.load(kmin_ptr + off, mask=m_j[:, None], other=0.0)
     agg = tl.where(m_j, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))  # [BLOCK_C]
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_c, agg, mask=m_c)
+    if FUSE:  # the row's last program to finish selects it (no second launch); it resets the ticket
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tick_ptr + i_bh, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            tl.atomic_xchg(tick_ptr + i_bh, 0)
+            _select_candidates_row(cand_ptr + i_b * s_cb + i_h * s_ch, out_ptr + i_b * s_ob + i_h * s_oh, nblk,
+                                   idx_ptr + i_b * s_ib + i_h * s_ih, cnt_ptr + i_bh, C, TOPK, N_SINK, N_LOCAL,
+                                   KMAX, C_PAD, BLOCK_K, True)
 
 
 @triton.jit
@@ -103,33 +113,44 @@ def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, step_ptr
 
 
 @triton.jit
-def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, C, TOPK, N_SINK, N_LOCAL, KMAX,
-                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    i_bh = tl.program_id(0)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
-    n = tl.load(nblk_ptr + i_b)
-    out = idx_ptr + i_b * s_ib + i_h * s_ih
+def _select_candidates_row(cand_row, s_row, n, out, cnt_at, C, TOPK, N_SINK, N_LOCAL, KMAX,
+                           C_PAD: tl.constexpr, BLOCK_K: tl.constexpr, CG: tl.constexpr):
+    """Top-K of one candidate row (sink blocks, the chosen ascending as listed, local blocks; -1 padding) and its
+    count. ``CG``: load the row past L1 (it was written by other programs of the same launch)."""
     k = tl.arange(0, BLOCK_K)
     if n <= KMAX:  # a short context: every live block
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
-        tl.store(cnt_ptr + i_bh, n)
+        tl.store(cnt_at, n)
     else:
         i_c = tl.arange(0, C_PAD)
         m_c = i_c < C
-        j = tl.load(cand_ptr + i_b * s_cb + i_h * s_ch + i_c, mask=m_c, other=-1)
-        s = tl.load(s_ptr + i_b * s_sb + i_h * s_sh + i_c, mask=m_c, other=float("-inf")).to(tl.float32)
+        if CG:
+            j = tl.load(cand_row + i_c, mask=m_c, other=-1, cache_modifier=".cg")
+            s = tl.load(s_row + i_c, mask=m_c, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+        else:
+            j = tl.load(cand_row + i_c, mask=m_c, other=-1)
+            s = tl.load(s_row + i_c, mask=m_c, other=float("-inf")).to(tl.float32)
         dyn = m_c & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))  # NaN fails the compare
         chosen = _top_k_mask(tl.where(dyn, _order_key(s), -2147483648), TOPK)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
-        # Output: sink blocks, the chosen (ascending, as listed), local blocks; -1 padding.
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.store(out + pos, j, mask=chosen)
         tl.store(out + k, k, mask=k < N_SINK)
         tl.store(out + N_SINK + n_chosen + k, n - N_LOCAL + k, mask=k < N_LOCAL)
         count = N_SINK + n_chosen + N_LOCAL
         tl.store(out + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= count) & (k < KMAX))
-        tl.store(cnt_ptr + i_bh, count)
+        tl.store(cnt_at, count)
+
+
+@triton.jit
+def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, C, TOPK, N_SINK, N_LOCAL, KMAX,
+                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    _select_candidates_row(cand_ptr + i_b * s_cb + i_h * s_ch, s_ptr + i_b * s_sb + i_h * s_sh,
+                           tl.load(nblk_ptr + i_b), idx_ptr + i_b * s_ib + i_h * s_ih, cnt_ptr + i_bh, C, TOPK,
+                           N_SINK, N_LOCAL, KMAX, C_PAD, BLOCK_K, False)
 
 
 # Warps of the candidate top-K (None: 4 up to 512 candidates, else 8; module-level for `prr bench select`'s
@@ -163,9 +184,11 @@ def _plan_args(plan, cand):
 
 
 def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int, aggregate: str = "sum", out=None,
-                           plan=None):
+                           plan=None, select=None):
     """Triton twin of :func:`prr.ops.candidates.reference.quest_candidate_scores` (`out` reuses a buffer;
-    `plan` fuses a re-score step's bookkeeping into the launch)."""
+    `plan` fuses a re-score step's bookkeeping into the launch; ``select=(top_k, n_sink, n_local, tick)``
+    fuses the candidate top-K too: the last program of each row to finish, counted on ``tick`` (``[B * Hkv]``
+    int32, zero between launches), selects it; returns ``(indices, counts, scores)``)."""
     check_layout(cache, q)
     _check_cand(cand)
     step, nscan, nblk_out, r = _plan_args(plan, cand)
@@ -177,14 +200,24 @@ def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int,
     c = cand.shape[2]
     out = _out(cand, out)
     block_c = 64
+    c_pad = max(16, triton.next_power_of_2(c))
+    top_k, n_sink, n_local, tick = select if select is not None else (0, 0, 0, cand)
+    kmax_sel = n_sink + n_local + top_k
+    idx = torch.empty(bsz, hkv, max(kmax_sel, 1), dtype=torch.int32, device=q.device)
+    cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=q.device)
+    if select is not None and (tick.dtype != torch.int32 or tick.numel() != bsz * hkv or not tick.is_contiguous()):
+        raise ValueError(f"select: tick must be a contiguous int32 tensor of {bsz * hkv} zeros")
     _quest_candidate_kernel[(bsz * hkv, triton.cdiv(c, block_c))](
         q, kmin, kmax, cache.seq_lens, cand, out, step, nscan, nblk_out, hkv, c, kmax.shape[2], r,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), cand.stride(0), cand.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), tick, idx, cnt, top_k, n_sink, n_local, kmax_sel, idx.stride(0),
+        idx.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_C=block_c, PREC=_prec(q.dtype),
-        AGG_MAX=aggregate == "max", PLAN=plan is not None, num_warps=4,
+        AGG_MAX=aggregate == "max", PLAN=plan is not None, FUSE=select is not None, C_PAD=c_pad,
+        BLOCK_K=max(16, triton.next_power_of_2(kmax_sel)),
+        num_warps=(CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8)) if select is not None else 4,
     )
-    return out
+    return (idx, cnt, out) if select is not None else out
 
 
 def infllm_candidate_scores(q, ckeys, cache: KVCache, cand, block_size=64, window=32, stride=16, aggregate="sum",
