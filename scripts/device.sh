@@ -37,6 +37,9 @@ for step in "$@"; do
     gaps-amortized) timeout 200 python3 scripts/diag_gaps.py --out "$OUT" \
       --cases llama-3.1-8b:32768:1:dsa,llama-3.1-8b:32768:1:dsa_m16c8 2>&1 | grep -v "it/s\]" | tail -70 \
       | tee -a "$OUT/run.log" ;;
+    select-fused) { timeout 100 python3 -m pytest -q tests/test_candidates.py tests/test_amortized.py 2>&1 | tail -2
+      timeout 150 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x4,16x8,32x4,32x6 \
+      --out "$OUT/bench_select_h200.json" 2>&1 | grep -v "it/s\]" | tail -8; } | tee -a "$OUT/run.log" ;;
     tests) timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 480 python3 -m prr bench kernels --out "$OUT/bench_kernels.json" 2>&1 \
       | tee "$OUT/bench_kernels.log" | grep -v "it/s\]" | tail -120 ;;
