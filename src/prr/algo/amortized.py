@@ -46,6 +46,11 @@ from ..ops import candidates as cops
 from .sparse import BlockMetadata, Selection
 
 SCHEDULES = ("device", "host")
+# The host schedule's Quest re-score runs as one launch (the last scoring program of a row selects it) for up to
+# this many (sequence, KV head) rows, else as two (scorer, then top-K). H200, Llama-3.1-8B 512K, re-score step:
+# 8 rows (b1) 9.6 / 10.0 us one launch against 11.1 / 11.2 two (c 6 / c 8); 64 rows (b8) 23.9 / 29.4 against
+# 19.0 / 22.8 (results/bench_select_h200.json at 1c05119 and 05f882f). Between 8 and 64: not measured.
+FUSED_RESCORE_MAX_ROWS = 8
 
 
 class AmortizedSelector:
@@ -55,8 +60,10 @@ class AmortizedSelector:
         meta: the layer's block metadata (its config gives the method and budget; Quest or InfLLM-v2).
         cache: the layer's cache (batch, heads, device).
         every: m, steps per full scan (1: a scan every step, the full selection).
-        factor: c, candidates kept per scan as a multiple of K (>= 1). Defaults m = 16, c = 8: the cheapest
-            setting measured on SmolLM2 to meet issue #12's three targets (docs/RESULTS.md).
+        factor: c, candidates kept per scan as a multiple of K (>= 1). Defaults m = 32, c = 6 on the host
+            schedule: the setting that met issue #12's targets (README, "Amortized selection"): on SmolLM2 the
+            same answers as the full scan on 40 of 42 instances, hit 0.998, perplexity +0.000%; on the H200 at
+            512K 5.0x cheaper than the full scan at batch 1 and 11.9x at batch 8.
         new_slots: list slots for blocks that appear after a scan; default ``ceil(m * grow / BS) + 1`` (at most N_max).
         grow: tokens the cache gains per step (1 when decoding a token per step).
         schedule: ``"device"`` (per-sequence flags on the device, one graph) or ``"host"`` (a host step count,
@@ -66,8 +73,8 @@ class AmortizedSelector:
     the last scan's selection), ``nblk_scan [B]`` int32, ``step, scans [B]`` int64 (steps and scans so far).
     """
 
-    def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 16, factor: float = 8.0,
-                 new_slots: int | None = None, grow: int = 1, schedule: str = "device"):
+    def __init__(self, meta: BlockMetadata, cache: KVCache, every: int = 32, factor: float = 6.0,
+                 new_slots: int | None = None, grow: int = 1, schedule: str = "host"):
         if not isinstance(meta, BlockMetadata):
             raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
         cfg = meta.cfg
@@ -95,6 +102,7 @@ class AmortizedSelector:
         self.scans = torch.zeros(cache.batch, dtype=torch.int64, device=dev)  # scans done (for reports)
         # Arrivals per (sequence, KV head) of the fused Quest re-score's programs (the last one selects the row)
         self.tick = torch.zeros(cache.batch * cache.num_kv_heads, dtype=torch.int32, device=dev)
+        self.fused_rescore = cfg.method == "quest" and cache.batch * cache.num_kv_heads <= FUSED_RESCORE_MAX_ROWS
 
     @property
     def capacity(self) -> int:
@@ -164,7 +172,7 @@ class AmortizedSelector:
             if force == 0:  # the scorer with the bookkeeping fused in, then the top-K (Quest: in the same launch)
                 nblk = torch.empty_like(self.nblk_scan)
                 plan = (self.step, self.nblk_scan, self.new_slots, nblk)
-                if cfg.method == "quest":
+                if self.fused_rescore:
                     idx, cnt, _ = cops.quest_candidate_select(q, self.meta.kmin, self.meta.kmax, cache, self.cand,
                                                               cfg.block_size, cfg.aggregate, plan, cfg.top_k,
                                                               cfg.n_sink, cfg.n_local, self.tick)

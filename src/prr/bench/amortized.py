@@ -86,8 +86,8 @@ def bench_case(model: str, batch: int, ctx: int, method: str, settings, copy_tbp
         0)
     nblk = lay.nblk
     for c in sorted({c for _, c in settings}):
-        scan = AmortizedSelector(meta, cache, every=1, factor=c, new_slots=2)
-        rescore = AmortizedSelector(meta, cache, every=NEVER, factor=c, new_slots=2)  # as m = 16
+        scan = AmortizedSelector(meta, cache, every=1, factor=c, new_slots=2, schedule="device")
+        rescore = AmortizedSelector(meta, cache, every=NEVER, factor=c, new_slots=2, schedule="device")  # as m = 16
         slots = rescore.cand.shape[-1]
         cand_b = _candidate_bytes(lay, slots)
         tag = f"c{c:g}"
