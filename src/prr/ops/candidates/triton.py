@@ -203,10 +203,12 @@ def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int,
     c_pad = max(16, triton.next_power_of_2(c))
     top_k, n_sink, n_local, tick = select if select is not None else (0, 0, 0, cand)
     kmax_sel = n_sink + n_local + top_k
-    idx = torch.empty(bsz, hkv, max(kmax_sel, 1), dtype=torch.int32, device=q.device)
-    cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=q.device)
-    if select is not None and (tick.dtype != torch.int32 or tick.numel() != bsz * hkv or not tick.is_contiguous()):
-        raise ValueError(f"select: tick must be a contiguous int32 tensor of {bsz * hkv} zeros")
+    idx = cnt = cand  # placeholders: the launch writes them only when it selects
+    if select is not None:
+        if tick.dtype != torch.int32 or tick.numel() != bsz * hkv or not tick.is_contiguous():
+            raise ValueError(f"select: tick must be a contiguous int32 tensor of {bsz * hkv} zeros")
+        idx = torch.empty(bsz, hkv, kmax_sel, dtype=torch.int32, device=q.device)
+        cnt = torch.empty(bsz, hkv, dtype=torch.int32, device=q.device)
     _quest_candidate_kernel[(bsz * hkv, triton.cdiv(c, block_c))](
         q, kmin, kmax, cache.seq_lens, cand, out, step, nscan, nblk_out, hkv, c, kmax.shape[2], r,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), cand.stride(0), cand.stride(1),
