@@ -8,21 +8,22 @@ step the list holds the scan's top c·K ⊇ its top K, so the result is the full
 
 Two schedules decide which steps scan, neither reading the device on the host:
 
-- ``schedule="device"`` (default): a step counter tensor decides per sequence whether this step scans, and a
+- ``schedule="device"``: a step counter tensor decides per sequence whether this step scans, and a
   sequence that does not scan is handed to the full scorer with length 0 (a scorer reads no metadata for dead
   blocks and the top-K finishes at once), so the same kernels run at every step and one captured CUDA graph
   serves every step. A sequence also rescans when more blocks appeared than the list has room for, or when it
   got shorter (a reused cache). The price: a re-score step still launches the gated full scorer, its top-K and
   the commit (7 launches; their idle grids cost 7 µs at b1 and 32 µs at b8 on an H200 at 512K).
-- ``schedule="host"``: the host counts steps (a Python int; the step index is known without a device read)
-  and every m-th step scans every sequence; the others run only the candidate scorer, with the step's
-  bookkeeping fused in, and the candidate top-K (for Quest in the same launch: the last scoring program of a
-  row selects it; InfLLM-v2: 2 launches). Under CUDA graphs a step is captured twice, once
-  per kind, sharing one memory pool, and the caller replays the kind :meth:`AmortizedSelector.next_is_scan`
-  names (``LayerStep`` and the model engine's captured step do). Same selections as the device schedule while
-  at most ``new_slots`` blocks appear per period and no sequence shrinks (decoding ``grow`` tokens per step; a
-  sequence reset to fewer than K_max blocks, as a finished one, selects all its blocks either way); otherwise
-  the blocks past the slots are not candidates until the next scan, and a reused cache needs :meth:`reset`.
+- ``schedule="host"`` (default): the host counts steps (a Python int; the step index is known without a device
+  read) and every m-th step scans every sequence; the others run only the candidate scorer, with the step's
+  bookkeeping fused in, and the candidate top-K (for Quest at up to ``FUSED_RESCORE_MAX_ROWS`` (sequence, KV head)
+  rows in the same launch: the last scoring program of a row selects it; otherwise 2 launches). Under CUDA graphs
+  a step is captured twice, once per kind, sharing one memory pool, and the caller replays the kind
+  :meth:`AmortizedSelector.next_is_scan` names (``LayerStep`` and the model engine's captured step do). Same
+  selections as the device schedule while at most ``new_slots`` blocks appear per period and no sequence shrinks
+  (decoding ``grow`` tokens per step; a sequence reset to fewer than K_max blocks, as a finished one, selects all
+  its blocks either way); otherwise the blocks past the slots are not candidates until the next scan, and a reused
+  cache needs :meth:`reset`.
 
 :meth:`AmortizedSelector.reset` makes the next step a scan (call it after a graph capture, whose warm-up steps
 advance the counters).

@@ -6,6 +6,8 @@ metadata rows by id (the only metadata read) and packs the group's query heads i
 as the full scorers do. Top-K: one program per (sequence, KV head) holds the whole list (a few hundred slots)
 and finds the K-th key by the same order-preserving binary search as :mod:`prr.ops.select.triton`; the valid
 ids are ascending, so a prefix sum writes the chosen ones already sorted between the sink and local blocks.
+The Quest scorer can run that top-K itself (``select=``): the last of a row's scoring programs to finish,
+counted on a per-row ticket, selects the row, so a re-score step is one launch.
 Nothing reads device values on the host: the launches can be captured in a CUDA graph.
 """
 
@@ -159,6 +161,10 @@ def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, 
 CAND_TOPK_WARPS: int | None = None
 
 
+def _cand_topk_warps(c_pad: int) -> int:
+    return CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8)
+
+
 def _check_cand(cand):
     if cand.dtype != torch.int32 or cand.stride(-1) != 1:
         raise ValueError(f"cand must be int32 with a unit last stride (got {cand.dtype}, strides {cand.stride()})")
@@ -217,7 +223,7 @@ def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_C=block_c, PREC=_prec(q.dtype),
         AGG_MAX=aggregate == "max", PLAN=plan is not None, FUSE=select is not None, C_PAD=c_pad,
         BLOCK_K=max(16, triton.next_power_of_2(kmax_sel)),
-        num_warps=(CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8)) if select is not None else 4,
+        num_warps=_cand_topk_warps(c_pad) if select is not None else 4,
     )
     return (idx, cnt, out) if select is not None else out
 
@@ -271,7 +277,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        num_warps=num_warps or CAND_TOPK_WARPS or (4 if c_pad <= 512 else 8),
+        num_warps=num_warps or _cand_topk_warps(c_pad),
     )
     return idx, cnt
 
