@@ -9,9 +9,6 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    select-spec) { timeout 200 python3 -m pytest -q tests/test_select_spec.py tests/test_select.py tests/test_attention.py \
-      2>&1 | tail -2; timeout 380 python3 scripts/diag_select_spec.py --out "$OUT" --timelines 2 --sweep \
-      ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -200; } | tee -a "$OUT/run.log" ;;
     diag-amortized) timeout 450 python3 scripts/diag_amortized.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -150 \
       | tee -a "$OUT/run.log" ;;
     radix-tests) timeout 200 python3 -m pytest -q tests/test_select.py tests/test_candidates.py tests/test_amortized.py \

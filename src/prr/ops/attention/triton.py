@@ -98,13 +98,7 @@ def _group_queries(q_ptr, s_qb, s_qh, HKV, G: tl.constexpr, G_PAD: tl.constexpr,
     """This program's (sequence, KV head) and the G query heads of the group packed as rows ``[G_PAD, D]``.
 
     Returns (i_b, i_h, hq [G_PAD] query-head ids, m_g [G_PAD] valid rows, q)."""
-    return _group_queries_at(q_ptr, tl.program_id(0), s_qb, s_qh, HKV, G, G_PAD, D, PREC)
-
-
-@triton.jit
-def _group_queries_at(q_ptr, i_bh, s_qb, s_qh, HKV, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                      PREC: tl.constexpr):
-    """:func:`_group_queries` of row ``i_bh`` (sequence x KV head) given explicitly."""
+    i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
     i_g = tl.arange(0, G_PAD)
@@ -126,22 +120,8 @@ def _sparse_decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
 ):
-    _attend_split(q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, idx_ptr, cnt_ptr, so_ptr, slse_ptr, bo_ptr, blse_ptr,
-                  tl.program_id(0), tl.program_id(1), scale, HKV, K, SLOTS_PER_SPLIT, NSPLIT, CAP, NPAGES,
-                  s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_ib, s_ih, s_cb, s_ch,
-                  G, G_PAD, D, BS, PAGE, CHUNK, PREC, WRITE_SPLITS, WRITE_BLOCKS)
-
-
-@triton.jit
-def _attend_split(
-    q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, idx_ptr, cnt_ptr, so_ptr, slse_ptr, bo_ptr, blse_ptr,
-    i_bh, i_split, scale, HKV, K, SLOTS_PER_SPLIT, NSPLIT, CAP, NPAGES,
-    s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_ib, s_ih, s_cb, s_ch,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-    CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
-):
-    """Split ``i_split`` of row ``i_bh``: one program's work (also a role of :mod:`prr.ops.select_spec`)."""
-    i_b, i_h, hq, m_g, q = _group_queries_at(q_ptr, i_bh, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
+    i_split = tl.program_id(1)
+    i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
     i_d = tl.arange(0, D)
     seq_len = tl.load(len_ptr + i_b)
     cnt = tl.load(cnt_ptr + i_b * s_cb + i_h * s_ch)

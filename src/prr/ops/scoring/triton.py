@@ -29,14 +29,13 @@ def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                     i_chunk):
+def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """The selection's stage 1 in the scoring kernel's tail (saves its launch): the order key of the best
     dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]``,
     exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
     key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
     gmax = tl.max(tl.reshape(key, (BLOCK_N // GROUP, GROUP)), axis=1)
-    i_gr = i_chunk * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
+    i_gr = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
     tl.store(g_row + i_gr, gmax, mask=i_gr < NG)
 
 
@@ -62,28 +61,16 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, 
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
                          WRITE_GMAX: tl.constexpr):
-    _quest_score_chunk(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, tl.program_id(0), tl.program_id(1),
-                       HKV, NMAX, NG, N_SINK, N_LOCAL, s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
-                       G, G_PAD, D, BS, BLOCK_N, PREC, AGG_MAX, GROUP, WRITE_GMAX)
-
-
-@triton.jit
-def _quest_score_chunk(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, i_bh, i_chunk, HKV, NMAX, NG,
-                       N_SINK, N_LOCAL, s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
-                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                       WRITE_GMAX: tl.constexpr):
-    """Quest scores (and group maxima) of BLOCK_N blocks, chunk ``i_chunk`` of row ``i_bh`` (one program's
-    work; also a role of :mod:`prr.ops.select_spec`'s one-launch kernel)."""
+    i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
-    i_n = i_chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     i_g = tl.arange(0, G_PAD)
     i_d = tl.arange(0, D)
     m_g = i_g < G
     nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
     m_n = (i_n < nblk) & (i_n < NMAX)  # a length past the capacity reads no metadata outside it
-    if i_chunk * BLOCK_N < nblk:  # a chunk past the sequence reads no metadata and multiplies nothing
+    if tl.program_id(1) * BLOCK_N < nblk:  # a chunk past the sequence reads no metadata and multiplies nothing
         q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None],
                     other=0.0)
         off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
@@ -96,7 +83,7 @@ def _quest_score_chunk(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, i_
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
     if WRITE_GMAX:
         _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
-                         GROUP, i_chunk)
+                         GROUP)
 
 
 @triton.jit
@@ -129,7 +116,7 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, 
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
     if WRITE_GMAX:
         _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
-                         GROUP, tl.program_id(1))
+                         GROUP)
 
 
 def _group_max_buffer(q, hkv, nmax, forced):

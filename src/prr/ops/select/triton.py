@@ -84,14 +84,10 @@ def _dynamic_keys(s, j, n, N_SINK, N_LOCAL):
 
 
 @triton.jit
-def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL, CG: tl.constexpr = False):
-    """:func:`_dynamic_keys` of blocks `j` read from a score row (`n` <= NMAX: nothing past the row is read).
-    ``CG``: load past L1 (the row was written by other programs of the same launch)."""
-    if CG:
-        s = tl.load(s_row + j, mask=(j < n) & (j < NMAX), other=float("-inf"), cache_modifier=".cg")
-    else:
-        s = tl.load(s_row + j, mask=(j < n) & (j < NMAX), other=float("-inf"))
-    return _dynamic_keys(s.to(tl.float32), j, n, N_SINK, N_LOCAL)
+def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
+    """:func:`_dynamic_keys` of blocks `j` read from a score row (`n` <= NMAX: nothing past the row is read)."""
+    s = tl.load(s_row + j, mask=(j < n) & (j < NMAX), other=float("-inf")).to(tl.float32)
+    return _dynamic_keys(s, j, n, N_SINK, N_LOCAL)
 
 
 @triton.jit
@@ -117,37 +113,25 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
     i_b = i_bh // HKV
     i_h = i_bh % HKV
     n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
-    _topk_row(s_ptr + i_b * s_sb + i_h * s_sh, n, g_ptr + i_bh * NG, cg_ptr + i_bh * TG_PAD,
-              idx_ptr + i_b * s_ib + i_h * s_ih, cnt_ptr + i_bh, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
-              GROUP, NG_PAD, TG_PAD, BLOCK_K, SINGLE, NMAX_PAD, False)
-
-
-@triton.jit
-def _topk_row(s_row, n, g_row, cg_row, out, cnt_at, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
-              GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-              SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, CG: tl.constexpr):
-    """One row's selection (``n`` live blocks, already clamped to NMAX): the top-K program's body, also run by
-    the last scoring program of a row in :mod:`prr.ops.select_spec` (``CG``: scores and group maxima written by
-    other programs of that launch are loaded past L1)."""
+    s_row = s_ptr + i_b * s_sb + i_h * s_sh
+    out = idx_ptr + i_b * s_ib + i_h * s_ih
     k = tl.arange(0, BLOCK_K)
     if n <= KMAX:  # a short context: every live block
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
-        tl.store(cnt_at, n)
+        tl.store(cnt_ptr + i_bh, n)
     elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
         j = tl.arange(0, NMAX_PAD)
-        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL, CG)
+        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         chosen = _top_k_mask(key, TOPK)
-        _write_selection(out, cnt_at, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
-        if CG:
-            gkey = tl.load(g_row + i_g, mask=i_g < NG, other=-2147483648, cache_modifier=".cg")
-        else:
-            gkey = tl.load(g_row + i_g, mask=i_g < NG, other=-2147483648)
+        gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
         keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
+        cg_row = cg_ptr + i_bh * TG_PAD
         tl.store(cg_row + pos_g, i_g, mask=keep_g)
         tl.debug_barrier()  # the scratch row is read back by other threads of this program
         # Stage 2: the K-th score among the candidate groups' blocks (in ascending block order).
@@ -155,10 +139,10 @@ def _topk_row(s_row, n, g_row, cg_row, out, cnt_at, NMAX, NG, TOPK, N_SINK, N_LO
         slot = i_c // GROUP
         grp = tl.load(cg_row + slot, mask=slot < n_groups, other=0)
         j = grp * GROUP + i_c % GROUP
-        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL, CG)
+        key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
         chosen = _top_k_mask(key, TOPK)
-        _write_selection(out, cnt_at, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
 
 
 @triton.jit
