@@ -9,6 +9,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
+    layer-sweep-b*) b=${step#layer-sweep-b}; timeout 560 python3 -m prr bench layer --quick --models llama-3.1-8b,glm-4-9b \
+      --batches "$b" --contexts 32K,128K,512K --budgets 2048,4096,8192 --methods quest \
+      --out "$OUT/bench_layer_h200_b$b.json" 2>&1 | grep -v "it/s\]" | tail -45 | tee -a "$OUT/run.log" ;;
     diag-amortized) timeout 450 python3 scripts/diag_amortized.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -150 \
       | tee -a "$OUT/run.log" ;;
     radix-tests) timeout 200 python3 -m pytest -q tests/test_select.py tests/test_candidates.py tests/test_amortized.py \

@@ -37,6 +37,29 @@ def test_layer_step_eager_equals_prr_step(mode):
     torch.testing.assert_close(dsa.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)
 
 
+def test_layer_step_with_fixed_counts_equals_counting_itself():
+    """A step given the model's block counts (a benchmark of one layer as a model runs it) gives the outputs
+    and selections of a step that counts them itself; counts given to run() still take precedence."""
+    from prr.algo.step import StepCounts
+
+    cache, cfg, meta, pred = _decode_setup("quest")
+    twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
+    counts = StepCounts.of(cache.seq_lens, cfg, 2)
+    q = make_query(cache, 4, scale=2.0)
+    for method, p1, p2 in (("dsa", None, None), ("prr", pred, twin)):
+        fixed = LayerStep(cache, meta, 8, method=method, predictor=p1, ratio=1.5, counts=counts)
+        own = LayerStep(cache, meta, 8, method=method, predictor=p2, ratio=1.5)
+        for _ in range(3):
+            q = q + 0.3 * torch.randn_like(q)
+            assert torch.equal(fixed.run(q)[0], own.run(q)[0])
+            assert torch.equal(fixed.last["s_idx"], own.last["s_idx"])
+        assert fixed.counts is counts
+    wrong = StepCounts.of(cache.seq_lens - 200, cfg, 2)  # fewer blocks: run()'s own counts win over the step's
+    step = LayerStep(cache, meta, 8, method="dsa", counts=counts)
+    assert not torch.equal(step.run(q, wrong)[0], step.run(q)[0])
+    assert step.counts is counts
+
+
 @pytest.mark.parametrize("mode", ["exact", "union", "predicted"])
 def test_layer_step_decoding_with_appends_equals_prr_step(mode):
     """The engine's path: one token appended before every step (``grow=1``), across block boundaries, with the

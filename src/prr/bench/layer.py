@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import SparseConfig, select
-from ..algo.step import speculative_top_k
+from ..algo.step import StepCounts, speculative_top_k
 from ..runtime import BudgetCache, LayerStep, choose_budget, profile_budget, trace_hit_rate
 from ..timing import time_graph, time_op
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table
@@ -74,7 +74,7 @@ def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.8
     sigma, calibrated = calibrate_drift(cache, meta, q0, target)
     pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, cache.max_blocks(meta.cfg.block_size),
                          alpha=0.5, device=q0.device)
-    step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode="exact")
+    step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode="exact", counts=dsa.fixed_counts)
     step.q.copy_(q0)
     step.capture(split_tail=True)
     gen = torch.Generator(device=q0.device).manual_seed(1)
@@ -144,11 +144,14 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
         q[:, :, None], k, v, enable_gqa=True)), batch * ctx * 2 * hkv * d * BF16)
     del kd, vd
 
-    dsa = LayerStep(cache, meta, hq, method="dsa")
+    # The block counts, once, as a model counts them once per token for all its layers (a step counting
+    # itself adds three small kernels, ~5 us at batch 1, to DSA and PRR alike)
+    counts = StepCounts.of(cache.seq_lens, cfg, hkv)
+    dsa = LayerStep(cache, meta, hq, method="dsa", counts=counts)
     dsa.q.copy_(q)
     dsa.capture()
     t_dsa = add("dsa", "graph", time_graph(dsa.graph))
-    t_sel = add("selection", "graph", time_op(lambda: select(q, cache, meta)))
+    t_sel = add("selection", "graph", time_op(lambda: select(q, cache, meta, nblk=counts.nblk)))
     t_att = add("attention", "graph", time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts,
                                                                           cfg.block_size)))
 
@@ -158,7 +161,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
         spec_k = speculative_top_k(cfg.top_k, ratio)
         impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, spec_k, hit)
         step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=ratio, mode=mode,
-                         tail=tail, hold_prediction=True, spec_programs=spec_programs)
+                         tail=tail, hold_prediction=True, spec_programs=spec_programs, counts=counts)
         step.q.copy_(q)
         step.capture()
         step.replay()

@@ -107,6 +107,7 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
     repair; no tail), each a :class:`prr.runtime.LayerStep`: ``(t_dsa, t_prr)`` from ``timer(step)`` (default:
     capture a CUDA graph and time its replay)."""
     from ..algo.predictor import HoltPredictor
+    from ..algo.step import StepCounts
     from .layer import LayerStep
 
     cfg = meta.cfg
@@ -117,11 +118,12 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
             step.capture()
             return time_graph(step.graph)
 
-    dsa = LayerStep(cache, meta, q.shape[1], method="dsa")
+    counts = StepCounts.of(cache.seq_lens, cfg, cache.num_kv_heads)  # counted once per token in a model
+    dsa = LayerStep(cache, meta, q.shape[1], method="dsa", counts=counts)
     nmax = cache.max_blocks(cfg.block_size)
     pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, nmax, device=q.device)
     prr = LayerStep(cache, meta, q.shape[1], method="prr", predictor=pred, ratio=spec_k / cfg.top_k, mode=mode,
-                    tail=False, hold_prediction=True)
+                    tail=False, hold_prediction=True, counts=counts)
     if prr.spec_k != spec_k or tuple(prr.p_idx.shape) != tuple(p_idx.shape):
         raise ValueError(f"the step's K' ({prr.spec_k}, P {tuple(prr.p_idx.shape)}) does not match the "
                          f"prediction's ({spec_k}, {tuple(p_idx.shape)})")
