@@ -9,6 +9,12 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
+    e2e-refresh) { timeout 200 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
+      2>&1 | grep -v "it/s\]" | tail -16
+      timeout 170 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --attentions dsa \
+      --amortized 16x8,32x6 --steps 16 --out "$OUT/bench_e2e_glm_1m_amortized_h200.json" 2>&1 | grep -v "it/s\]" | tail -8
+      timeout 120 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa --amortized 32x6 --steps 16 \
+      --out "$OUT/bench_e2e_amortized_h200.json" 2>&1 | grep -v "it/s\]" | tail -6; } | tee -a "$OUT/run.log" ;;
     layer-sweep-b*) b=${step#layer-sweep-b}; timeout 560 python3 -m prr bench layer --quick --models llama-3.1-8b,glm-4-9b \
       --batches "$b" --contexts 32K,128K,512K --budgets 2048,4096,8192 --methods quest \
       --out "$OUT/bench_layer_h200_b$b.json" 2>&1 | grep -v "it/s\]" | tail -45 | tee -a "$OUT/run.log" ;;
