@@ -106,3 +106,27 @@ def test_step_parts_plot_from_saved_diag_json(tmp_path):
     path.write_text(json.dumps(res))
     with pytest.raises(ValueError, match="repair_exact"):
         plot_step_parts(str(path), str(tmp_path))
+
+
+def test_timeline_plot_from_saved_diag_json(tmp_path):
+    """`prr bench plot --timelines`: one lane per (step, stream), the chosen steps only; a JSON without recorded
+    timelines is an error that says how to record them."""
+    pytest.importorskip("matplotlib")
+    from prr.bench.plots import plot_timelines
+
+    def k(name, stream, a, b):
+        return {"name": name, "stream": stream, "start_us": a, "end_us": b, "dur_us": b - a}
+
+    tls = {"dsa": [k("_quest_scores_kernel", 7, 0, 15), k("_topk_kernel", 7, 15.5, 25), k("_merge_kernel", 7, 26, 28)],
+           "prr_exact": [k("_quest_scores_kernel", 7, 0, 15), k("_sparse_decode_kernel", 9, 10, 30),
+                         k("_repair_kernel", 7, 31, 37)],
+           "other": [k("x", 7, 0, 1)]}
+    res = {"env": {"gpu": "g"}, "cases": {"m/b1/128K/quest": {"us": {}, "timelines": tls}}}
+    path = tmp_path / "diag.json"
+    path.write_text(json.dumps(res))
+    png = plot_timelines(str(path), str(tmp_path), steps=("dsa", "prr_exact"))
+    assert png.endswith("diag_timelines.png") and (tmp_path / "diag_timelines.png").stat().st_size > 1000
+    del res["cases"]["m/b1/128K/quest"]["timelines"]
+    path.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="--timelines"):
+        plot_timelines(str(path), str(tmp_path))

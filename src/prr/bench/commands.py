@@ -91,15 +91,17 @@ def _cmd_bench_select(args) -> int:
 def _cmd_bench_plot(args) -> int:
     import json
 
-    from .plots import plot_e2e_breakdown, plot_heatmap, plot_layer, plot_step_parts
+    from .plots import plot_e2e_breakdown, plot_heatmap, plot_layer, plot_step_parts, plot_timelines
 
     with open(args.file) as f:
         res = json.load(f)
     if res.get("bench") == "e2e":
         print(plot_e2e_breakdown(args.file, args.out_dir))
         return 0
-    if "cases" in res:  # scripts/diag_prr.py: the parts of DSA's and PRR's layer step
-        print(plot_step_parts(args.file, args.out_dir))
+    if "cases" in res:  # scripts/diag_prr.py: the parts of DSA's and PRR's layer step, or its kernel timelines
+        steps = tuple(args.steps.split(",")) if args.steps else None
+        print(plot_timelines(args.file, args.out_dir, steps) if args.timelines else
+              plot_step_parts(args.file, args.out_dir))
         return 0
 
     paths = plot_heatmap(args.file, args.out_dir) if args.heatmap else plot_layer(args.file, args.out_dir)
@@ -177,6 +179,9 @@ def register(sub) -> None:
                                      "per-token breakdown from a `bench e2e` JSON)")
     s.add_argument("file")
     s.add_argument("--heatmap", action="store_true", help="PRR / DSA over (context, budget), a panel per batch")
+    s.add_argument("--timelines", action="store_true",
+                   help="kernel timelines from a diagnostic JSON with recorded timelines (scripts/diag_prr.py)")
+    s.add_argument("--steps", default="", help="with --timelines: the steps to draw, comma separated")
     s.add_argument("--out-dir", default="results")
     s.set_defaults(func=_cmd_bench_plot)
     s = bsub.add_parser("show", help="print a saved benchmark result")

@@ -219,3 +219,60 @@ def plot_step_parts(path: str, out_dir: str, name: str | None = None) -> str:
                  f"{res.get('env', {}).get('commit', '')})", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return _save(fig, out_dir, name or os.path.splitext(os.path.basename(path))[0] + ".png")
+
+
+def _kernel_color(name: str) -> str:
+    table = (("score", "#1f77b4"), ("topk", "#9467bd"), ("select_spec", "#17becf"), ("repair", "#d62728"),
+             ("merge", "#8c564b"), ("sparse_decode", "#2ca02c"), ("elementwise", "#7f7f7f"))
+    return next((c for key, c in table if key in name), "#bcbd22")
+
+
+def plot_timelines(path: str, out_dir: str, steps: tuple[str, ...] | None = None, name: str | None = None) -> str:
+    """Kernel timelines (``prr.bench.timeline.graph_timeline`` rows) of the layer steps a diagnostic JSON recorded
+    (``cases[case]["timelines"][step]``: ``scripts/diag_prr.py --timelines N`` and the like): one panel per case,
+    one lane per (step, stream), a bar per kernel from its mean start to its mean end (µs from the step's first
+    kernel). Shows what runs beside what: a side stream's speculation under the selection, or not.
+    ``steps``: which steps to draw (default: all recorded). Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        res = json.load(f)
+    cases = {c: r["timelines"] for c, r in (res.get("cases") or {}).items() if r.get("timelines")}
+    if not cases:
+        raise ValueError(f"{path} records no kernel timelines (run its script with --timelines N)")
+    lanes_of = {}
+    for case, tls in cases.items():
+        lanes = []
+        for step, rows in tls.items():
+            if steps is not None and step not in steps:
+                continue
+            streams = sorted({r["stream"] for r in rows}, key=lambda s: min(r["start_us"] for r in rows
+                                                                              if r["stream"] == s))
+            for i, s in enumerate(streams):
+                lanes.append((step if i == 0 else f"{step} (side stream)", [r for r in rows if r["stream"] == s]))
+        lanes_of[case] = lanes
+    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 0.55 * sum(len(v) for v in lanes_of.values()) + 1.2),
+                             squeeze=False, gridspec_kw={"height_ratios": [len(v) for v in lanes_of.values()]})
+    seen = {}
+    for ax, (case, lanes) in zip(axes[:, 0], lanes_of.items(), strict=True):
+        for y, (_, rows) in enumerate(reversed(lanes)):
+            for r in rows:
+                short = r["name"].lstrip("_").replace("_kernel", "").replace("at::native::", "")
+                c = _kernel_color(short)
+                bar = ax.barh(y, r["end_us"] - r["start_us"], left=r["start_us"], height=0.7, color=c,
+                              edgecolor="white", linewidth=0.5)
+                seen.setdefault(short[:28], bar)
+            end = max(r["end_us"] for r in rows)
+            ax.text(end, y, f" {end:.1f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(lanes)), [lab for lab, _ in reversed(lanes)], fontsize=7)
+        ax.set_title(case, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("µs from the step's first kernel (mean over replays)", fontsize=8)
+    fig.legend(list(seen.values()), list(seen), fontsize=7, ncol=4, loc="lower center", frameon=False)
+    env = res.get("env", {})
+    fig.suptitle(f"Kernel timelines of one layer step ({env.get('gpu', '')})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07 + 0.01 * (len(seen) // 4), 1, 0.97))
+    return _save(fig, out_dir, name or os.path.splitext(os.path.basename(path))[0] + "_timelines.png")
