@@ -9,9 +9,6 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    repair-one) { timeout 120 python3 -m pytest -q tests/test_kernels.py -k repair 2>&1 | tail -2
-      timeout 330 python3 scripts/diag_repair_one.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -20; } \
-      | tee -a "$OUT/run.log" ;;
     e2e-refresh) { timeout 200 python3 -m prr bench e2e --contexts 4K,128K --batches 1,4 --out "$OUT/bench_e2e_h200.json" \
       2>&1 | grep -v "it/s\]" | tail -16
       timeout 170 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --attentions dsa \

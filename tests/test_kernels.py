@@ -354,13 +354,9 @@ def test_select_blocks_writes_into_given_buffers(topk_path):
 # --------------------------------------------------------------------------------------------------------------
 # repair-combine
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("one", ["never", "always"], ids=["splits+merge", "one-program"])
 @pytest.mark.parametrize("mode", ["exact", "union"])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_repair_combine_kernel(mode, dtype, one, monkeypatch):
-    from prr.ops.repair import triton as repair_kernels
-
-    monkeypatch.setattr(repair_kernels, "REPAIR_ONE_PROGRAM", one)
+def test_repair_combine_kernel(mode, dtype):
     base = make_cache([400, 150, 333], hkv=2, d=64, capacity=400)
     cache = _to(base, dtype)
     q = make_query(base, 4).to(DEVICE, dtype)
@@ -428,16 +424,11 @@ def _overlapping_selections(cache, bs, ks, kp, case, seed=0):
     return s_idx.to(DEVICE), s_cnt.to(DEVICE), p_idx.to(DEVICE), p_cnt.to(DEVICE)
 
 
-@pytest.mark.parametrize("one", ["never", "always"], ids=["splits+merge", "one-program"])
 @pytest.mark.parametrize("case", ["all_hit", "all_miss", "wide"])
 @pytest.mark.parametrize("mode", ["exact", "union"])
-def test_repair_combine_kernel_hit_patterns(case, mode, one, monkeypatch):
+def test_repair_combine_kernel_hit_patterns(case, mode):
     """Every hit, no hit, and wide rows (S of 40 slots, P of 70: several tiles of P in the miss search, misses
-    dealt round-robin over the splits), against attention over S (exact) or P ∪ S (union) in float64; with
-    one program per row (all of S's ranges in turn, the output written without a merge launch) too."""
-    from prr.ops.repair import triton as repair_kernels
-
-    monkeypatch.setattr(repair_kernels, "REPAIR_ONE_PROGRAM", one)
+    dealt round-robin over the splits), against attention over S (exact) or P ∪ S (union) in float64."""
     dtype = LOWP[-1]
     base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
     cache = _to(base, dtype)

@@ -38,68 +38,23 @@ def _repair_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr,
     p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
     bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
-    so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT] (FINAL: the output [B, Hq, D], [B, Hq])
-    sp_o_ptr, sp_lse_ptr,  # FINAL union mode: P's merged state [B, Hq, D], [B, Hq]
+    so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
     scale, HKV, KP, KS, PER, NSPLIT, CAP, NPAGES,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-    FINAL: tl.constexpr = False,
 ):
+    i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
+    i_g = tl.arange(0, G_PAD)
+    i_d = tl.arange(0, D)
     seq_len = tl.load(len_ptr + i_b)
     pt_row = pt_ptr + i_b * s_ptb
     p_cnt = tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch)
     i_p = tl.arange(0, KP_PAD)
     p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=(i_p < p_cnt) & (i_p < KP), other=-1)
     s_cnt = tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    rows = i_b * HKV * G + hq
-    if FINAL:  # one program per row walks all of S's ranges and writes the output: no merge launch
-        for i_split in range(0, NSPLIT):
-            m_i, l_i, acc = _repair_range(q, k_ptr, v_ptr, pt_row, seq_len, p_blk, s_idx_ptr, s_cnt, bo_ptr,
-                                          blse_ptr, m_i, l_i, acc, i_split, i_b, i_h, hq, m_g, scale, HKV, KP,
-                                          KS, PER, CAP, NPAGES, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_sib, s_sih,
-                                          G, G_PAD, D, BS, PAGE, CHUNK, KP_PAD, PER_PAD, PREC, EXACT)
-        if not EXACT:  # union: fold in P's merged state
-            i_d = tl.arange(0, D)
-            lse_s = tl.load(sp_lse_ptr + rows, mask=m_g, other=float("-inf")).to(tl.float32)
-            o_s = tl.load(sp_o_ptr + rows[:, None] * D + i_d[None, :], mask=m_g[:, None], other=0.0).to(tl.float32)
-            m_new = tl.maximum(m_i, lse_s)
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_safe)
-            w = tl.exp(lse_s - m_safe)
-            acc = acc * alpha[:, None] + tl.where(w[:, None] > 0, w[:, None] * o_s, 0.0)
-            l_i = l_i * alpha + w
-            m_i = m_new
-        i_d = tl.arange(0, D)
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(so_ptr + rows[:, None] * D + i_d[None, :], o.to(so_ptr.dtype.element_ty), mask=m_g[:, None])
-        tl.store(slse_ptr + rows, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=m_g)
-    else:
-        i_split = tl.program_id(1)
-        m_i, l_i, acc = _repair_range(q, k_ptr, v_ptr, pt_row, seq_len, p_blk, s_idx_ptr, s_cnt, bo_ptr, blse_ptr,
-                                      m_i, l_i, acc, i_split, i_b, i_h, hq, m_g, scale, HKV, KP, KS, PER, CAP,
-                                      NPAGES, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_sib, s_sih,
-                                      G, G_PAD, D, BS, PAGE, CHUNK, KP_PAD, PER_PAD, PREC, EXACT)
-        _store_state(so_ptr, slse_ptr, rows * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
-
-
-@triton.jit
-def _repair_range(q, k_ptr, v_ptr, pt_row, seq_len, p_blk, s_idx_ptr, s_cnt, bo_ptr, blse_ptr, m_i, l_i, acc,
-                  i_split, i_b, i_h, hq, m_g, scale, HKV, KP, KS, PER, CAP, NPAGES,
-                  s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_sib, s_sih,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-                  CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr,
-                  EXACT: tl.constexpr):
-    """Range ``i_split`` of S's slots folded into the running state: the hits' stored states (exact mode), then
-    the misses attended CHUNK blocks per tile."""
-    i_g = tl.arange(0, G_PAD)
-    i_d = tl.arange(0, D)
-    i_p = tl.arange(0, KP_PAD)
     start = i_split * PER
     end = tl.minimum(tl.minimum(start + PER, s_cnt), KS)  # counts past K_max read no other row
     i_r = tl.arange(0, PER_PAD)
@@ -113,6 +68,9 @@ def _repair_range(q, k_ptr, v_ptr, pt_row, seq_len, p_blk, s_idx_ptr, s_cnt, bo_
     rank = tl.cumsum(miss, axis=0) - 1
     n_miss = tl.sum(miss, axis=0)
 
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
     if EXACT:  # reuse: fold in P's stored state of each hit of the range, one [G_PAD, D] tile per slot
         for f in tl.static_range(PER_PAD):
             hit_f = tl.max(((i_r == f) & hit).to(tl.int32), axis=0) > 0
@@ -137,7 +95,7 @@ def _repair_range(q, k_ptr, v_ptr, pt_row, seq_len, p_blk, s_idx_ptr, s_cnt, bo_
         s, b_v = _chunk_scores(q, k_ptr, v_ptr, phys, off, m_t, i_h, scale, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs,
                                D, PREC)
         m_i, l_i, acc = _online_update(m_i, l_i, acc, s, b_v, PREC)
-    return m_i, l_i, acc
+    _store_state(so_ptr, slse_ptr, (i_b * HKV * G + hq) * NSPLIT + i_split, m_i, l_i, acc, m_g, D)
 
 
 def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, sms: int | None = None) -> int:
@@ -153,54 +111,31 @@ def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, s
     return max(4, chunk * tiles)
 
 
-# One program per (sequence, KV head) walking all of S and writing the output itself (no merge launch), instead of
-# one per range of S plus the merge kernel: "never" (default), "union" (union mode only: its misses are few at
-# K' > K and it folds no per-slot states) or "always". Module-level for a sweep (scripts/diag_prr.py).
-REPAIR_ONE_PROGRAM = "never"
-
-
-def _one_program(exact: bool) -> bool:
-    return REPAIR_ONE_PROGRAM == "always" or (REPAIR_ONE_PROGRAM == "union" and not exact)
-
-
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                  splits=None, final=None):
-    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``, or with
-    ``final=(spec_o, spec_lse)`` (union; ``(None, None)`` in exact mode) one program per row and the output
-    ``([B, Hq, D] q.dtype, [B, Hq] float32)``."""
+                  splits=None):
+    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
     chunk = chunk_slots(block_size)
-    if final is not None:
-        per = max(4, min(32, triton.next_power_of_2(ks)))  # the row's ranges, one after the other
-    else:
-        per = slots_per_program(bsz * hkv, ks, chunk, q.device) if not splits else \
-            chunk * -(-max(ks, 1) // (chunk * splits))
+    per = slots_per_program(bsz * hkv, ks, chunk, q.device) if not splits else \
+        chunk * -(-max(ks, 1) // (chunk * splits))
     nsplit = -(-max(ks, 1) // per)
-    if final is not None:
-        so = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
-        slse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
-        sp_o, sp_lse = final if final[0] is not None else (so, slse)
-        grid = (bsz * hkv, 1)
-    else:
-        so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
-        slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
-        sp_o, sp_lse = so, slse
-        grid = (bsz * hkv, nsplit)
+    so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
+    slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
     per_pad = triton.next_power_of_2(per)
-    _repair_kernel[grid](
+    _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
-        block_o if exact else so, block_lse if exact else slse, so, slse, sp_o, sp_lse,
+        block_o if exact else so, block_lse if exact else slse, so, slse,
         scale, hkv, kp, ks, per, nsplit, cache.page_table.shape[1] * cache.page_size, cache.k.shape[0],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
-        EXACT=exact, FINAL=final is not None, num_warps=4,
+        EXACT=exact, num_warps=4,
     )
     return so, slse
 
@@ -219,12 +154,6 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                                  "states (ops.block_states)")
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
-    if _one_program(exact):
-        if not exact and (spec_o.stride(-1) != 1 or spec_lse.stride(-1) != 1 or not spec_o.is_contiguous()
-                          or not spec_lse.is_contiguous()):
-            spec_o, spec_lse = spec_o.contiguous(), spec_lse.contiguous()
-        return repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                             final=(None, None) if exact else (spec_o, spec_lse))
     so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
     if exact:
         return merge_partials(so, slse, out_dtype=q.dtype)
