@@ -59,7 +59,8 @@ class LayerStep:
             pool and :meth:`replay` replays the one the selector's host clock names.
         counts: block counts (:class:`prr.algo.step.StepCounts`) every step uses unless :meth:`run` is given its
             own: a benchmark of one layer as a model runs it (the model counts once per token for all layers;
-            without counts the step counts itself: three small kernels, ~5 us at batch 1 on an H200).
+            without counts the step counts itself: three small kernels, ~5 us at batch 1 on an H200). They are
+            fixed: for a cache that grows between steps pass each step's counts to :meth:`run` instead.
     """
 
     def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
