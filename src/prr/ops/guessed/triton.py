@@ -1,0 +1,247 @@
+"""The guessed top-K in Triton (twin: ``reference.select_blocks_guessed``): one program per (sequence, KV head).
+
+Guess, verify, refine, on the two-stage layout of :mod:`prr.ops.select.triton`:
+
+1. *Verify*: the groups (of GROUP blocks) whose max reaches the guessed threshold ``τ`` hold every candidate
+   of ``C(τ)``; they are gathered in ascending order (a compare and a prefix sum over the group maxima the
+   scoring kernel wrote, where the full search runs a bisection over them) and ``|C(τ)|`` counted.
+2. *Refine*: if ``|C(τ)| >= K`` the K-th key is searched among ``C(τ)`` alone, between its smallest and
+   largest key (a range far narrower than the row's), by interpolation steps safeguarded by bisection.
+3. Otherwise (the guess was too high, or so low that more groups qualify than the program gathers) the full
+   two-stage search runs in the same program: no host sync, graph-safe.
+
+Rows of up to ``TOPK_SINGLE_MAX`` blocks use the whole row as the tile instead of gathered groups, as the
+full top-K does. The same program writes the next step's guess and predicted set (see the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..select.triton import (
+    GROUP,
+    TOPK_SINGLE_MAX,
+    _candidate_keys,
+    _group_max_kernel,
+    _order_key,
+    _top_k_mask,
+    _write_selection,
+    topk_warps,
+)
+from .reference import guess_capacity
+
+TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as the full top-K; for sweeps)
+
+
+@triton.jit
+def _search(key, k, P_CAP, INTERP: tl.constexpr):
+    """The k-th key of ``key`` (INT32_MIN: not a candidate), or a threshold with exactly k keys at or above it;
+    INT32_MIN if fewer than k count. Also the visited threshold holding the most keys within ``P_CAP`` and that
+    count, and the smallest candidate key with the candidates' count. See ``reference.search``."""
+    live = key > -2147483648
+    n = tl.sum(live.to(tl.int32), axis=0).to(tl.int64)
+    lo = tl.min(tl.where(live, key, 2147483647), axis=0).to(tl.int64)
+    lo0 = lo
+    hi = tl.max(key, axis=0).to(tl.int64)
+    hi = tl.where(n >= k, hi, lo)  # fewer than k candidates: no search
+    c_lo = n
+    c_hi = n * 0
+    first = (n <= P_CAP) & (n >= k)
+    t_p = tl.where(first, lo, 0)
+    c_p = tl.where(first, n, 0)
+    bis = n * 0
+    while lo < hi:
+        width = hi - lo
+        mid = lo + (width + 1) // 2
+        if INTERP:
+            num = (2 * (c_lo - k) + 1) * (width + 1)
+            den = tl.maximum(2 * (c_lo - c_hi), 1)
+            step = tl.minimum(tl.maximum(num // den, 1), width)
+            mid = tl.where(bis != 0, mid, lo + step)
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0).to(tl.int64)
+        upd = (c <= P_CAP) & (c > c_p)
+        t_p = tl.where(upd, mid, t_p)
+        c_p = tl.where(upd, c, c_p)
+        new_lo = tl.where(c >= k, mid, lo)
+        new_hi = tl.where(c == k, mid, tl.where(c > k, hi, mid - 1))
+        c_lo = tl.where(c >= k, c, c_lo)
+        c_hi = tl.where(c < k, c, c_hi)
+        if INTERP:
+            bis = tl.where((bis == 0) & ((new_hi - new_lo) * 2 > width), 1, 0).to(tl.int64)
+        lo = new_lo
+        hi = new_hi
+    thr = tl.where(n >= k, lo, -2147483648)
+    return thr, t_p, c_p, lo0, n
+
+
+@triton.jit
+def _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """Keys and ids of the blocks of the kept groups (at most CAP_G), in ascending block order."""
+    n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
+    tl.debug_barrier()  # an earlier gather's reads of the scratch row are done
+    tl.store(cg_row + pos, i_g, mask=keep_g)
+    tl.debug_barrier()  # the scratch row is read back by other threads of this program
+    i_c = tl.arange(0, CAP_G * GROUP)
+    slot = i_c // GROUP
+    grp = tl.load(cg_row + slot, mask=slot < n_keep, other=0)
+    j = grp * GROUP + i_c % GROUP
+    key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+    return tl.where(slot < n_keep, key, -2147483648), j
+
+
+@triton.jit
+def _key_to_float(t):
+    u = t.to(tl.int32)
+    return tl.where(u >= 0, u, u ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, next_ptr,
+                         p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K, PMAX,
+                         GUESS_K, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph,
+                         GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE: tl.constexpr,
+                         NMAX_PAD: tl.constexpr, INTERP: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
+    n_next = tl.minimum(tl.maximum(tl.load(nnext_ptr + i_b), 0), NMAX)
+    s_row = s_ptr + i_b * s_sb + i_h * s_sh
+    out = idx_ptr + i_b * s_ib + i_h * s_ih
+    p_out = p_ptr + i_b * s_pb + i_h * s_ph
+    k = tl.arange(0, BLOCK_K)
+    kp = tl.arange(0, BLOCK_P)
+    tau = tl.load(guess_ptr + i_bh)
+    tk = _order_key(tl.where(tau == tau, tau, float("-inf")))
+    if n <= KMAX:  # a short context: every live block; its dynamic part is the next P
+        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
+        tl.store(cnt_ptr + i_bh, n)
+        tl.store(next_ptr + i_bh, float("-inf"))
+        tl.store(st_ptr + i_bh, n)
+        tl.store(st_ptr + BH + i_bh, 3)  # SHORT
+        dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)
+        _write_p(p_out, pc_ptr + i_bh, dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+    else:
+        too_low = n < 0  # (a scalar False)
+        if SINGLE:  # the whole row is the tile
+            j = tl.arange(0, NMAX_PAD)
+            key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+            c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
+            held = c_tau >= TOPK
+        else:
+            i_g = tl.arange(0, NG_PAD)
+            gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
+            cand_g = (gkey >= tk) & (gkey > -2147483648)
+            too_low = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            keep_g = cand_g
+            if too_low:  # more candidate groups than gathered: the full search's stage 1
+                keep_g = _top_k_mask(gkey, TOPK)
+            cg_row = cg_ptr + i_bh * CAP_G
+            key, j = _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
+            c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
+            held = (c_tau >= TOPK) & (too_low == 0)
+            if (c_tau < TOPK) & (too_low == 0):  # the guess was too high: the full search's stage 1
+                key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
+                                        CAP_G, GROUP)
+        tile = tl.where(held & (key < tk), -2147483648, key)
+        thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, SPEC_K, INTERP)
+        above = tile > thr
+        tie = (tile == thr) & (tile > -2147483648)
+        rank = tl.cumsum(tie.to(tl.int32), axis=0)
+        chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+        # the next guess: the line through (lo0, c0) and (thr, K), read at GUESS_K
+        searchable = c0 >= TOPK
+        spread = tl.maximum(thr - lo0, 0)
+        d = c0 - TOPK
+        lin = thr - spread * (GUESS_K - TOPK) // tl.maximum(d, 1)
+        nxt = tl.where(d > 0, lin, lo0 - spread - 1)
+        nxt = tl.minimum(tl.maximum(nxt, -2139095041), 2139095040)  # the keys of -inf and +inf
+        tl.store(next_ptr + i_bh, tl.where(searchable, _key_to_float(nxt), float("-inf")))
+        tl.store(st_ptr + i_bh, tl.where(too_low, -1, c_tau))
+        tl.store(st_ptr + BH + i_bh, tl.where(too_low, 2, tl.where(held, 0, 1)))  # TOO_LOW, HELD, TOO_HIGH
+        use_tp = searchable & ((c_p >= TOPK) | ((SPEC_K < TOPK) & (c_p > 0)))
+        use_s = (use_tp == 0) & (SPEC_K >= TOPK)
+        dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
+        _write_p(p_out, pc_ptr + i_bh, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+
+
+@triton.jit
+def _write_p(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P: tl.constexpr):
+    """The next step's P: every live block of a short next row, else its sink, ``dyn`` blocks, local."""
+    dyn = dyn != 0  # (a scalar flag folded in may widen the mask's type)
+    if n_next <= PMAX:
+        tl.store(p_out + kp, tl.where(kp < n_next, kp, -1), mask=kp < PMAX)
+        tl.store(pc_at, n_next)
+    else:
+        _write_selection(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+
+
+def _alloc(out, i, shape, dtype, dev):
+    t = out[i] if out is not None and out[i] is not None else None
+    return torch.empty(shape, dtype=dtype, device=dev) if t is None else t
+
+
+def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, guess,
+                          guess_k: int, spec_k: int, num_blocks_next=None, group_max=None, out=None,
+                          interp: bool = True):
+    """Triton twin of :func:`prr.ops.guessed.reference.select_blocks_guessed` (float32 scores with a unit last
+    stride; ``group_max`` as for :func:`prr.ops.select.triton.select_blocks`; ``out``: buffers for the six
+    results, None entries allocated)."""
+    bsz, hkv, nmax = scores.shape
+    if scores.stride(-1) != 1 or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
+    if guess.dtype != torch.float32 or not guess.is_contiguous():
+        raise ValueError("guess must be a contiguous float32 [B, Hkv] tensor")
+    dev = scores.device
+    kmax = n_sink + n_local + top_k
+    pmax = n_sink + n_local + spec_k
+    idx = _alloc(out, 0, (bsz, hkv, kmax), torch.int32, dev)
+    cnt = _alloc(out, 1, (bsz, hkv), torch.int32, dev)
+    nxt = _alloc(out, 2, (bsz, hkv), torch.float32, dev)
+    p_idx = _alloc(out, 3, (bsz, hkv, pmax), torch.int32, dev)
+    p_cnt = _alloc(out, 4, (bsz, hkv), torch.int32, dev)
+    stats = _alloc(out, 5, (2, bsz, hkv), torch.int32, dev)
+    for name, t in (("indices", idx), ("next P", p_idx)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} buffer needs a unit last stride")
+    for name, t in (("counts", cnt), ("next guess", nxt), ("P counts", p_cnt), ("stats", stats)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} buffer must be contiguous")
+    nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
+    nn = nb if num_blocks_next is None else num_blocks_next.to(torch.int32)
+    ng = triton.cdiv(nmax, GROUP)
+    cap_g = guess_capacity(top_k, guess_k, ng)
+    nmax_pad = max(16, triton.next_power_of_2(nmax))
+    single = nmax_pad <= TOPK_SINGLE_MAX
+    cg = torch.empty(bsz * hkv, cap_g, dtype=torch.int32, device=dev)
+    if single:
+        gmax = cg
+    elif group_max is None:
+        gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
+        block_g = 64
+        _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
+            scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
+            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
+        )
+    else:
+        if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
+            raise ValueError(f"group_max must be contiguous int32 [{bsz * hkv}, {ng}], got {group_max.dtype} "
+                             f"{tuple(group_max.shape)}")
+        gmax = group_max
+    ng_pad = max(16, triton.next_power_of_2(ng))
+    tile = nmax_pad if single else max(ng_pad, cap_g * GROUP)
+    _guessed_topk_kernel[(bsz * hkv,)](
+        scores, nb, nn, guess, gmax, cg, idx, cnt, nxt, p_idx, p_cnt, stats, hkv, bsz * hkv, nmax, ng, top_k,
+        n_sink, n_local, kmax, spec_k, pmax, guess_k, scores.stride(0), scores.stride(1), idx.stride(0),
+        idx.stride(1), p_idx.stride(0), p_idx.stride(1),
+        GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        BLOCK_P=max(16, triton.next_power_of_2(pmax)), SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        INTERP=interp, num_warps=TOPK_WARPS or topk_warps(tile),
+    )
+    return idx, cnt, nxt, p_idx, p_cnt, stats
