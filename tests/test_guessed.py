@@ -6,7 +6,7 @@ import torch
 
 import prr
 from prr.ops import backend
-from prr.ops.guessed import HELD, SHORT, TOO_HIGH, TOO_LOW, reference, select_blocks_guessed
+from prr.ops.guessed import HELD, NARROWED, SHORT, TOO_HIGH, TOO_LOW, reference, select_blocks_guessed
 from prr.ops.select import triton as select_triton
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -22,7 +22,7 @@ def _both(scores, nblk, top_k, guess, n_sink=1, n_local=2, **kw):
     """Reference and Triton results (asserted equal), and the full Triton top-K's selection."""
     ref = reference.select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=guess, **kw)
     with backend.use_backend("triton"):
-        tri = select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=guess.clone(), **kw)
+        tri = select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=None if guess is None else guess.clone(), **kw)
     for name, a, b in zip(NAMES, ref, tri, strict=True):
         assert torch.equal(_bits(a), _bits(b)), name
     full = select_triton.select_blocks(scores.float(), nblk.to(torch.int32), top_k, n_sink, n_local)
@@ -40,9 +40,9 @@ def test_any_guess_gives_the_full_selection(nmax, interp):
     paths = set()
     for guess in (kth, kth - 0.3, kth + 0.5, kth - 3.0, torch.full_like(kth, float("-inf")),
                   torch.full_like(kth, float("nan")), torch.full_like(kth, float("inf"))):
-        out = _both(scores, nblk, 25, guess, interp=interp)
+        out = _both(scores, nblk, 25, guess, interp=interp, guess_k=25)  # 64 groups gathered of 125
         paths |= set(out[5][1].flatten().tolist())
-    want = {HELD, TOO_HIGH, SHORT} | ({TOO_LOW} if nmax > 512 else set())
+    want = {HELD, TOO_HIGH, SHORT} | ({NARROWED} if nmax > 512 else set())
     assert paths == want
 
 
@@ -117,7 +117,11 @@ def test_stats_count_candidates_and_paths():
     assert out[5].flatten().tolist() == [98, HELD]
     out = _both(scores, nblk, 10, torch.tensor([[990.0]]))
     assert out[5].flatten().tolist() == [8, TOO_HIGH]
-    out = _both(scores, nblk, 10, torch.tensor([[0.0]]))
+    out = _both(scores, nblk, 10, torch.tensor([[0.0]]), guess_k=10)  # 32 of 63 groups gathered: narrowed
+    count, path = out[5].flatten().tolist()
+    assert path == NARROWED and 10 <= count <= 32 * 16
+    ties = torch.zeros(1, 1, 1000)  # every group ties at its max: no threshold narrows, the full search runs
+    out = _both(ties, nblk, 10, torch.tensor([[-1.0]]), guess_k=10)
     assert out[5].flatten().tolist() == [-1, TOO_LOW]
 
 
@@ -128,5 +132,31 @@ def test_bad_inputs():
         select_blocks_guessed(scores, nblk, 10, guess=torch.zeros(2, 1))
     with pytest.raises(TypeError, match="guess"):
         select_blocks_guessed(scores, nblk, 10, guess=torch.zeros(1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="exactly one"):
+        select_blocks_guessed(scores, nblk, 10)
     with pytest.raises(ValueError, match="guess_k"):
         select_blocks_guessed(scores, nblk, 10, guess=torch.zeros(1, 2), guess_k=5)
+
+
+@pytest.mark.parametrize("nmax", [300, 3000], ids=["one-search-row", "two-stage-row"])
+def test_previous_selection_bounds_the_guess(nmax):
+    """With the previous step's selection as ``prev`` the guess holds by construction (its K dynamic blocks
+    all score at or above the threshold), also read in place from the output buffers."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 2, nmax, generator=gen)
+    nblk = torch.tensor([nmax, nmax - 100], dtype=torch.int32)
+    prev = prr.select_blocks(base, nblk, 30)
+    paths = []
+    for _ in range(4):
+        scores = base + 0.3 * torch.randn(base.shape, generator=gen)
+        out = _both(scores, nblk, 30, None, prev=prev, spec_k=45)
+        paths += out[5][1].flatten().tolist()
+        with backend.use_backend("triton"):  # in place: the previous selection is the output buffer
+            bufs = (prev[0].clone(), prev[1].clone(), None, None, None, None)
+            inplace = select_blocks_guessed(scores, nblk, 30, prev=(bufs[0], bufs[1]), spec_k=45, out=bufs)
+        for name, a, b in zip(NAMES, out, inplace, strict=True):
+            assert torch.equal(_bits(a), _bits(b)), name
+        prev, base = (out[0], out[1]), scores
+    assert set(paths) <= {HELD, NARROWED}
+    garbage = (torch.full_like(prev[0], -5), torch.full_like(prev[1], 3))  # no valid block: -inf, as a guess
+    _both(base, nblk, 30, None, prev=garbage)

@@ -31,10 +31,11 @@ import torch
 from ... import _checks as check
 from ..select.reference import _mask_to_selection, check_select_inputs
 
-HELD, TOO_HIGH, TOO_LOW, SHORT = 0, 1, 2, 3
-"""Paths of a row: the guess held; it was too high (``|C(τ)| < K``: full search); too low (more candidate groups
-than the kernel gathers: full search); a short row (every block selected, no search)."""
-PATHS = ("held", "too_high", "too_low", "short")
+HELD, TOO_HIGH, TOO_LOW, SHORT, NARROWED = 0, 1, 2, 3, 4
+"""Paths of a row: the guess held; it was too high (``|C(τ)| < K``: full search); too low even after narrowing
+(full search); a short row (every block selected, no search); held after narrowing (more candidate groups than
+the kernel gathers qualified, so the threshold was first raised over the group maxima)."""
+PATHS = ("held", "too_high", "too_low", "short", "narrowed")
 
 GROUP = 16  # blocks per group (the top-K's stage 1), as in the kernel
 SINGLE_MAX = 512  # rows of up to this many blocks (padded to a power of two) search the whole row, as the kernel
@@ -44,9 +45,12 @@ KEY_POS_INF = 2139095040  # order key of +inf
 
 
 def guess_capacity(top_k: int, guess_k: int, num_groups: int) -> int:
-    """Candidate groups the kernel gathers (a power of two >= 16, at most the row's groups padded): more means a
-    guess that was too low."""
-    return max(16, 1 << max(0, math.ceil(math.log2(max(1, min(max(guess_k, top_k), num_groups))))))
+    """Candidate groups the kernel gathers: a power of two >= 16 covering ``2 * guess_k`` groups (or all of the
+    row's, if fewer; never fewer than the full search's ``top_k`` groups). More qualifying groups means a guess
+    that was too low. (A larger tile costs the search little: its passes are bound by the reductions'
+    latency, not by the few more keys each thread compares.)"""
+    want = min(2 * max(guess_k, top_k), num_groups)
+    return max(16, 1 << max(0, math.ceil(math.log2(max(1, want)))))
 
 
 def order_key(x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +65,21 @@ def key_to_float(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k >= 0, k, k ^ 0x7FFFFFFF).contiguous().view(torch.float32)
 
 
-def check_guess_inputs(scores, num_blocks, top_k, n_sink, n_local, guess, guess_k, spec_k, num_blocks_next):
+def check_guess_inputs(scores, num_blocks, top_k, n_sink, n_local, guess, prev, guess_k, spec_k, num_blocks_next):
     kmax = check_select_inputs(scores, num_blocks, top_k, n_sink, n_local)
-    check.tensor("guess", guess, ndim=2, dtypes=(torch.float32,), device=scores.device)
-    check.shape("guess", guess, tuple(scores.shape[:2]))
+    if (guess is None) == (prev is None):
+        raise ValueError("give exactly one of guess (a threshold per row) and prev (a selection whose blocks "
+                         "bound the threshold)")
+    if guess is not None:
+        check.tensor("guess", guess, ndim=2, dtypes=(torch.float32,), device=scores.device)
+        check.shape("guess", guess, tuple(scores.shape[:2]))
+    else:
+        if not (isinstance(prev, (tuple, list)) and len(prev) == 2):
+            raise TypeError("prev must be a selection (indices [B, Hkv, K'], counts [B, Hkv])")
+        check.tensor("prev indices", prev[0], ndim=3, dtypes=(torch.int32,), device=scores.device)
+        check.shape("prev indices", prev[0], (*scores.shape[:2], None))
+        check.tensor("prev counts", prev[1], ndim=2, dtypes=check.INDEX_DTYPES, device=scores.device)
+        check.shape("prev counts", prev[1], tuple(scores.shape[:2]))
     check.positive_int("guess_k", guess_k)
     if guess_k < top_k:
         raise ValueError(f"guess_k ({guess_k}) must be at least top_k ({top_k})")
@@ -87,22 +102,25 @@ def _count(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (keys >= t[:, None]).sum(-1)
 
 
-def search(keys: torch.Tensor, k: int, p_cap: int, interp: bool):
-    """The kernel's search for the k-th key, row by row: ``keys [R, M]`` int64 (INT_MIN: not a candidate), each
-    row holding at least k candidates. Returns int64 ``[R]``: the threshold ``T`` (``#(keys >= T) == k``, or the
-    k-th key itself when ties leave no such threshold), and the visited threshold ``T_P`` holding the most keys
-    but at most ``p_cap``, with that count ``c_P`` (0 when none).
+def search(keys: torch.Tensor, k_lo: int, k_hi: int, p_cap: int, interp: bool):
+    """The kernel's search, row by row: ``keys [R, M]`` int64 (INT_MIN: not a candidate), each row holding at
+    least ``k_lo`` candidates. Returns int64 ``[R]``: a threshold ``T`` with ``k_lo <= #(keys >= T) <= k_hi``
+    (for ``k_lo == k_hi == k``: the k-th key, or a threshold with exactly k keys at or above it; where ties
+    leave no threshold in the window, the largest T counting at least k_lo), and the visited threshold
+    ``T_P`` holding the most keys but at most ``p_cap``, with that count ``c_P`` (0 when none).
 
-    Bisection between the smallest and largest candidate key, stopping at an exact count; with ``interp`` a
-    step aims at count ``k - 1/2`` by linear interpolation of the two known counts, followed by a bisection step
-    whenever it did not halve the interval (so at least every other step halves it)."""
+    Between the smallest and largest candidate key, each step counts the keys at or above a midpoint: by
+    linear interpolation of the two known counts, aiming at the window's middle, followed by a bisection step
+    whenever it did not halve the interval (so at least every other step halves it); ``interp=False``:
+    bisection only. It stops as soon as a count lands in the window."""
     live = keys > INT_MIN
     n = live.sum(-1)
     lo = torch.where(live, keys, 2 ** 31 - 1).min(-1).values
-    hi = keys.max(-1).values
+    hi = torch.where(n > k_hi, keys.max(-1).values, lo)
     c_lo, c_hi = n.clone(), torch.zeros_like(n)
-    t_p = torch.where(n <= p_cap, lo, 0)
-    c_p = torch.where(n <= p_cap, n, 0)
+    first = n <= p_cap
+    t_p = torch.where(first, lo, 0)
+    c_p = torch.where(first, n, 0)
     bisect = torch.zeros_like(n, dtype=torch.bool)
     while True:
         act = lo < hi
@@ -111,7 +129,7 @@ def search(keys: torch.Tensor, k: int, p_cap: int, interp: bool):
         width = hi - lo
         half = lo + (width + 1) // 2
         if interp:
-            num = (2 * (c_lo - k) + 1) * (width + 1)
+            num = (2 * c_lo - (k_lo + k_hi - 1)) * (width + 1)
             den = (2 * (c_lo - c_hi)).clamp(min=1)
             mid = torch.where(bisect, half, lo + torch.clamp(num // den, min=1).minimum(width))
         else:
@@ -119,11 +137,11 @@ def search(keys: torch.Tensor, k: int, p_cap: int, interp: bool):
         c = _count(keys, mid)
         upd = act & (c <= p_cap) & (c > c_p)
         t_p, c_p = torch.where(upd, mid, t_p), torch.where(upd, c, c_p)
-        up = act & (c >= k)
+        up = act & (c >= k_lo)
         new_lo = torch.where(up, mid, lo)
-        new_hi = torch.where(act, torch.where(c == k, mid, torch.where(c > k, hi, mid - 1)), hi)
+        new_hi = torch.where(act, torch.where(c > k_hi, hi, torch.where(c >= k_lo, mid, mid - 1)), hi)
         c_lo = torch.where(up, c, c_lo)
-        c_hi = torch.where(act & (c < k), c, c_hi)
+        c_hi = torch.where(act & (c < k_lo), c, c_hi)
         if interp:
             bisect = torch.where(act, ~bisect & ((new_hi - new_lo) * 2 > width), bisect)
         lo, hi = new_lo, new_hi
@@ -140,8 +158,23 @@ def next_guess_key(lo0: torch.Tensor, c0: torch.Tensor, t_k: torch.Tensor, k: in
     return t.clamp(KEY_NEG_INF, KEY_POS_INF)
 
 
+def prev_threshold_key(keys: torch.Tensor, prev_idx: torch.Tensor, prev_cnt: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv]`` int64: the smallest key among the dynamic candidates a selection holds (``keys`` as
+    :func:`_dynamic_keys` gives them), the key of -inf when it holds none. At least as many blocks as it holds
+    dynamic candidates score at or above it."""
+    n_max = keys.shape[-1]
+    slot = torch.arange(prev_idx.shape[-1], device=keys.device) < prev_cnt[..., None].long()
+    ids = prev_idx.long()
+    ok = slot & (ids >= 0) & (ids < n_max)
+    got = torch.gather(keys, -1, torch.where(ok, ids, 0))
+    got = torch.where(ok & (got > INT_MIN), got, 2 ** 31 - 1)
+    low = got.min(-1).values
+    return torch.where(low == 2 ** 31 - 1, KEY_NEG_INF, low)
+
+
 def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_sink: int = 1,
-                          n_local: int = 2, *, guess: torch.Tensor, guess_k: int | None = None,
+                          n_local: int = 2, *, guess: torch.Tensor | None = None,
+                          prev: tuple[torch.Tensor, torch.Tensor] | None = None, guess_k: int | None = None,
                           spec_k: int | None = None, num_blocks_next: torch.Tensor | None = None,
                           interp: bool = True):
     """DSA's selection ``sink ∪ local ∪ topK(rest)`` found from a guessed threshold, plus the next step's guess
@@ -152,6 +185,10 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
             the lowest block ids).
         guess: ``[B, Hkv]`` float32 threshold per row (any value is safe: a wrong guess costs time, never the
             result; -inf means every block is a candidate, NaN is read as -inf).
+        prev: instead of ``guess``, a selection ``(indices [B, Hkv, K'], counts [B, Hkv])`` over these blocks
+            (e.g. the previous step's S): the threshold is the smallest current score among its dynamic blocks,
+            so at least as many blocks as it holds score above it: with K of them the guess holds by
+            construction (on real text its ``|C(τ)|`` was ~1.7K, against ~2.5K for a threshold carried over).
         guess_k: the count the next guess aims at (default ``2 * top_k``): more blocks above it is a safer
             guess, fewer a shorter search.
         spec_k: dynamic blocks of the next predicted set P (default ``top_k``).
@@ -166,29 +203,40 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
     """
     guess_k = 2 * top_k if guess_k is None else guess_k
     spec_k = top_k if spec_k is None else spec_k
-    kmax = check_guess_inputs(scores, num_blocks, top_k, n_sink, n_local, guess, guess_k, spec_k, num_blocks_next)
+    kmax = check_guess_inputs(scores, num_blocks, top_k, n_sink, n_local, guess, prev, guess_k, spec_k,
+                              num_blocks_next)
     bsz, hkv, n_max = scores.shape
     dev = scores.device
     n = num_blocks.long().clamp(0, n_max)[:, None, None]  # [B, 1, 1]
     keys = _dynamic_keys(scores, n, n_sink, n_local)  # [B, Hkv, N]
     indices, counts = _stable_select(scores, n, top_k, n_sink, n_local, kmax)
 
-    g = torch.where(torch.isnan(guess), float("-inf"), guess.float())
-    tk = order_key(g).long()  # [B, Hkv]
+    if prev is None:
+        tk = order_key(torch.where(torch.isnan(guess), float("-inf"), guess.float())).long()  # [B, Hkv]
+    else:
+        tk = prev_threshold_key(keys, prev[0], prev[1])
     rows = keys.reshape(bsz * hkv, n_max)
     tk_r = tk.reshape(-1)
     n_pad = max(16, 1 << max(0, math.ceil(math.log2(max(1, n_max)))))
     single = n_pad <= SINGLE_MAX
     ng = -(-n_max // GROUP)
     cap_g = guess_capacity(top_k, guess_k, ng)
-    c_tau = (rows >= tk_r[:, None]).sum(-1)
+    narrowed = torch.zeros(bsz * hkv, dtype=torch.bool, device=dev)
     if single:
+        c_tau = (rows >= tk_r[:, None]).sum(-1)
         held = c_tau >= top_k
         too_low = torch.zeros_like(held)
     else:
         gkeys = torch.nn.functional.pad(rows, (0, ng * GROUP - n_max), value=INT_MIN).view(-1, ng, GROUP).amax(-1)
-        n_groups = ((gkeys >= tk_r[:, None]) & (gkeys > INT_MIN)).sum(-1)
-        too_low = n_groups > cap_g
+        cand_g = (gkeys >= tk_r[:, None]) & (gkeys > INT_MIN)
+        narrowed = cand_g.sum(-1) > cap_g
+        if bool(narrowed.any()):  # raise a guess too low to gather over the group maxima
+            t_n = search(torch.where(cand_g, gkeys, INT_MIN)[narrowed], top_k, cap_g, 0, interp)[0]
+            tk_r = tk_r.clone()
+            tk_r[narrowed] = t_n
+            cand_g = (gkeys >= tk_r[:, None]) & (gkeys > INT_MIN)
+        c_tau = (rows >= tk_r[:, None]).sum(-1)
+        too_low = cand_g.sum(-1) > cap_g
         held = ~too_low & (c_tau >= top_k)
     # The search's tile: C(τ) when the guess held, else the full search's (the whole row, or the blocks of the
     # top_k best groups by their max, lowest group ids first among ties).
@@ -200,7 +248,7 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
     t_p = torch.zeros_like(tk_r)
     c_p = torch.zeros_like(tk_r)
     if bool(searchable.any()):
-        a, b, c = search(tile[searchable], top_k, spec_k, interp)
+        a, b, c = search(tile[searchable], top_k, top_k, spec_k, interp)
         t_k[searchable], t_p[searchable], c_p[searchable] = a, b, c
     live = tile > INT_MIN
     lo0 = torch.where(live, tile, 2 ** 31 - 1).min(-1).values
@@ -214,7 +262,8 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
     p_dyn = ((use_tp[:, None] & live & (tile >= t_p[:, None])) | (use_s[:, None] & s_dyn)).view(bsz, hkv, n_max)
     nn = (num_blocks if num_blocks_next is None else num_blocks_next).long().clamp(0, n_max)
     p_idx, p_cnt = _p_selection(p_dyn, nn, n_sink, n_local, n_sink + n_local + spec_k)
-    path = torch.where(short, SHORT, torch.where(too_low, TOO_LOW, torch.where(held, HELD, TOO_HIGH)))
+    path = torch.where(short, SHORT, torch.where(too_low, TOO_LOW, torch.where(
+        held, torch.where(narrowed, NARROWED, HELD), TOO_HIGH)))
     c_stat = torch.where(short, n.reshape(bsz, 1).expand(bsz, hkv).reshape(-1),
                          torch.where(too_low, -1, c_tau))
     stats = torch.stack([c_stat, path]).to(torch.int32).view(2, bsz, hkv)

@@ -36,19 +36,20 @@ TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as th
 
 
 @triton.jit
-def _search(key, k, P_CAP, INTERP: tl.constexpr):
-    """The k-th key of ``key`` (INT32_MIN: not a candidate), or a threshold with exactly k keys at or above it;
-    INT32_MIN if fewer than k count. Also the visited threshold holding the most keys within ``P_CAP`` and that
-    count, and the smallest candidate key with the candidates' count. See ``reference.search``."""
+def _search(key, K_LO, K_HI, P_CAP, INTERP: tl.constexpr):
+    """A threshold with ``K_LO <= #(key >= T) <= K_HI`` (INT32_MIN keys never count): for ``K_LO == K_HI == k``
+    the k-th key, or a threshold with exactly k keys at or above it; INT32_MIN if fewer than K_LO count. Also
+    the visited threshold holding the most keys within ``P_CAP`` with that count, and the smallest candidate
+    key with the candidates' count. See ``reference.search``."""
     live = key > -2147483648
     n = tl.sum(live.to(tl.int32), axis=0).to(tl.int64)
     lo = tl.min(tl.where(live, key, 2147483647), axis=0).to(tl.int64)
     lo0 = lo
     hi = tl.max(key, axis=0).to(tl.int64)
-    hi = tl.where(n >= k, hi, lo)  # fewer than k candidates: no search
+    hi = tl.where((n >= K_LO) & (n > K_HI), hi, lo)  # too few candidates, or the window holds already
     c_lo = n
     c_hi = n * 0
-    first = (n <= P_CAP) & (n >= k)
+    first = (n <= P_CAP) & (n >= K_LO)
     t_p = tl.where(first, lo, 0)
     c_p = tl.where(first, n, 0)
     bis = n * 0
@@ -56,7 +57,7 @@ def _search(key, k, P_CAP, INTERP: tl.constexpr):
         width = hi - lo
         mid = lo + (width + 1) // 2
         if INTERP:
-            num = (2 * (c_lo - k) + 1) * (width + 1)
+            num = (2 * c_lo - (K_LO + K_HI - 1)) * (width + 1)
             den = tl.maximum(2 * (c_lo - c_hi), 1)
             step = tl.minimum(tl.maximum(num // den, 1), width)
             mid = tl.where(bis != 0, mid, lo + step)
@@ -64,15 +65,15 @@ def _search(key, k, P_CAP, INTERP: tl.constexpr):
         upd = (c <= P_CAP) & (c > c_p)
         t_p = tl.where(upd, mid, t_p)
         c_p = tl.where(upd, c, c_p)
-        new_lo = tl.where(c >= k, mid, lo)
-        new_hi = tl.where(c == k, mid, tl.where(c > k, hi, mid - 1))
-        c_lo = tl.where(c >= k, c, c_lo)
-        c_hi = tl.where(c < k, c, c_hi)
+        new_lo = tl.where(c >= K_LO, mid, lo)
+        new_hi = tl.where(c > K_HI, hi, tl.where(c >= K_LO, mid, mid - 1))
+        c_lo = tl.where(c >= K_LO, c, c_lo)
+        c_hi = tl.where(c < K_LO, c, c_hi)
         if INTERP:
             bis = tl.where((bis == 0) & ((new_hi - new_lo) * 2 > width), 1, 0).to(tl.int64)
         lo = new_lo
         hi = new_hi
-    thr = tl.where(n >= k, lo, -2147483648)
+    thr = tl.where(n >= K_LO, lo, -2147483648)
     return thr, t_p, c_p, lo0, n
 
 
@@ -100,12 +101,13 @@ def _key_to_float(t):
 
 
 @triton.jit
-def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, next_ptr,
-                         p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K, PMAX,
-                         GUESS_K, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph,
+def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr,
+                         next_ptr, p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K,
+                         PMAX, GUESS_K, QMAX, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph, s_qb, s_qh, s_qcb, s_qch,
                          GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE: tl.constexpr,
-                         NMAX_PAD: tl.constexpr, INTERP: tl.constexpr):
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         FROM_PREV: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
+                         INTERP: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -116,8 +118,17 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, i
     p_out = p_ptr + i_b * s_pb + i_h * s_ph
     k = tl.arange(0, BLOCK_K)
     kp = tl.arange(0, BLOCK_P)
-    tau = tl.load(guess_ptr + i_bh)
-    tk = _order_key(tl.where(tau == tau, tau, float("-inf")))
+    if FROM_PREV:  # the smallest current key among the previous selection's dynamic blocks
+        i_q = tl.arange(0, BLOCK_Q)
+        q_cnt = tl.load(qc_ptr + i_b * s_qcb + i_h * s_qch)
+        q_id = tl.load(q_ptr + i_b * s_qb + i_h * s_qh + i_q, mask=(i_q < q_cnt) & (i_q < QMAX), other=-1)
+        q_key = _candidate_keys(s_row, tl.where(q_id >= 0, q_id, NMAX), n, NMAX, N_SINK, N_LOCAL)
+        low = tl.min(tl.where(q_key > -2147483648, q_key, 2147483647), axis=0)
+        tk = tl.where(low == 2147483647, -2139095041, low)  # none: the key of -inf
+        tl.debug_barrier()  # every read of the previous selection is done (it may be this launch's output)
+    else:
+        tau = tl.load(guess_ptr + i_bh)
+        tk = _order_key(tl.where(tau == tau, tau, float("-inf")))
     if n <= KMAX:  # a short context: every live block; its dynamic part is the next P
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
         tl.store(cnt_ptr + i_bh, n)
@@ -127,7 +138,8 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, i
         dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)
         _write_p(p_out, pc_ptr + i_bh, dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
     else:
-        too_low = n < 0  # (a scalar False)
+        too_low = n < 0  # (scalar False flags)
+        narrowed = n < 0
         if SINGLE:  # the whole row is the tile
             j = tl.arange(0, NMAX_PAD)
             key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
@@ -137,9 +149,14 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, i
             i_g = tl.arange(0, NG_PAD)
             gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
             cand_g = (gkey >= tk) & (gkey > -2147483648)
+            narrowed = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            if narrowed:  # a guess too low to gather: raise it over the group maxima (at least K groups stay)
+                t_n, _t, _c, _l, _n = _search(tl.where(cand_g, gkey, -2147483648), TOPK, CAP_G, 0, INTERP)
+                tk = t_n.to(tl.int32)
+                cand_g = (gkey >= tk) & (gkey > -2147483648)
             too_low = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
             keep_g = cand_g
-            if too_low:  # more candidate groups than gathered: the full search's stage 1
+            if too_low:  # no threshold narrows it (ties): the full search's stage 1
                 keep_g = _top_k_mask(gkey, TOPK)
             cg_row = cg_ptr + i_bh * CAP_G
             key, j = _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
@@ -149,7 +166,7 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, i
                 key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
                                         CAP_G, GROUP)
         tile = tl.where(held & (key < tk), -2147483648, key)
-        thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, SPEC_K, INTERP)
+        thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, TOPK, SPEC_K, INTERP)
         above = tile > thr
         tie = (tile == thr) & (tile > -2147483648)
         rank = tl.cumsum(tie.to(tl.int32), axis=0)
@@ -164,7 +181,8 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, g_ptr, cg_ptr, i
         nxt = tl.minimum(tl.maximum(nxt, -2139095041), 2139095040)  # the keys of -inf and +inf
         tl.store(next_ptr + i_bh, tl.where(searchable, _key_to_float(nxt), float("-inf")))
         tl.store(st_ptr + i_bh, tl.where(too_low, -1, c_tau))
-        tl.store(st_ptr + BH + i_bh, tl.where(too_low, 2, tl.where(held, 0, 1)))  # TOO_LOW, HELD, TOO_HIGH
+        path = tl.where(too_low, 2, tl.where(held, tl.where(narrowed, 4, 0), 1))  # TOO_LOW, NARROWED, HELD, TOO_HIGH
+        tl.store(st_ptr + BH + i_bh, path)
         use_tp = searchable & ((c_p >= TOPK) | ((SPEC_K < TOPK) & (c_p > 0)))
         use_s = (use_tp == 0) & (SPEC_K >= TOPK)
         dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
@@ -187,8 +205,8 @@ def _alloc(out, i, shape, dtype, dev):
     return torch.empty(shape, dtype=dtype, device=dev) if t is None else t
 
 
-def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, guess,
-                          guess_k: int, spec_k: int, num_blocks_next=None, group_max=None, out=None,
+def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, guess=None,
+                          prev=None, guess_k: int, spec_k: int, num_blocks_next=None, group_max=None, out=None,
                           interp: bool = True):
     """Triton twin of :func:`prr.ops.guessed.reference.select_blocks_guessed` (float32 scores with a unit last
     stride; ``group_max`` as for :func:`prr.ops.select.triton.select_blocks`; ``out``: buffers for the six
@@ -196,8 +214,10 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
     bsz, hkv, nmax = scores.shape
     if scores.stride(-1) != 1 or scores.dtype != torch.float32:
         raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
-    if guess.dtype != torch.float32 or not guess.is_contiguous():
+    if guess is not None and (guess.dtype != torch.float32 or not guess.is_contiguous()):
         raise ValueError("guess must be a contiguous float32 [B, Hkv] tensor")
+    if prev is not None and (prev[0].dtype != torch.int32 or prev[0].stride(-1) != 1):
+        raise ValueError("prev indices must be int32 with a unit last stride")
     dev = scores.device
     kmax = n_sink + n_local + top_k
     pmax = n_sink + n_local + spec_k
@@ -236,12 +256,15 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         gmax = group_max
     ng_pad = max(16, triton.next_power_of_2(ng))
     tile = nmax_pad if single else max(ng_pad, cap_g * GROUP)
+    q_idx, q_cnt = prev if prev is not None else (idx, cnt)  # (placeholders when the guess is given)
     _guessed_topk_kernel[(bsz * hkv,)](
-        scores, nb, nn, guess, gmax, cg, idx, cnt, nxt, p_idx, p_cnt, stats, hkv, bsz * hkv, nmax, ng, top_k,
-        n_sink, n_local, kmax, spec_k, pmax, guess_k, scores.stride(0), scores.stride(1), idx.stride(0),
-        idx.stride(1), p_idx.stride(0), p_idx.stride(1),
+        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, idx, cnt, nxt, p_idx, p_cnt, stats,
+        hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax, guess_k, q_idx.shape[-1],
+        scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), p_idx.stride(0), p_idx.stride(1),
+        q_idx.stride(0), q_idx.stride(1), q_cnt.stride(0), q_cnt.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        BLOCK_P=max(16, triton.next_power_of_2(pmax)), SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
+        FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
         INTERP=interp, num_warps=TOPK_WARPS or topk_warps(tile),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats
