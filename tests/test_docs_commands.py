@@ -72,3 +72,16 @@ def test_shown_command_exists(page, cmd, capsys):
         build_parser().parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{page}: `{cmd}` does not parse: {capsys.readouterr().err.strip()} (exit {e.code})")
+
+
+@pytest.mark.parametrize("page", ["README.md", "results/README.md", "scripts/README.md"])
+def test_relative_links_of_the_pages_outside_the_docs_site_resolve(page):
+    """The docs site's links are checked by `mkdocs build --strict`; these pages are read on the repository."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    missing = []
+    for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        if not os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)):
+            missing.append(target)
+    assert not missing, f"{page} links to missing files: {missing}"
