@@ -4,7 +4,7 @@ Run on the GPU machine: PYTHONPATH=src python3 scripts/diag_prr.py --out DIR [--
 Per case (bf16, one layer): net microseconds (graph replay minus the one-kernel graph overhead) of scoring,
 top-K, selection, attention, speculation, the repair at a hit rate of 0.8 (exact and union), serialized DSA
 and PRR's critical path (exact, union); with ``--timelines`` the kernel timelines of the DSA and PRR graphs.
-(results/diag_prr_onelaunch_h200.json is this script's output at commit 6e0f22e, whose one-launch repair with
+(docs/experiments/diag_prr_onelaunch_h200.json is this script's output at commit 6e0f22e, whose one-launch repair with
 the merge by the last split measured 2-4x slower than the split kernel + merge kernel and was reverted.)
 """
 

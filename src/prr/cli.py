@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"prr {args.command}: error: {e}", file=sys.stderr)
+        name = " ".join(filter(None, (args.command, getattr(args, "bench_command", None))))
+        print(f"prr {name}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -16,51 +16,92 @@ def _no_cuda(name: str, why: str = "") -> bool:
     return True
 
 
+def _ints(flag: str, text: str) -> list[int]:
+    """``"1,4,8"`` -> ``[1, 4, 8]``: positive integers, comma separated (`flag` names the option in errors)."""
+    try:
+        out = [int(b) for b in filter(None, (p.strip() for p in text.split(",")))]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if not out or any(b <= 0 for b in out):
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return out
+
+
+def _choices(flag: str, text: str, allowed) -> list[str]:
+    """A comma-separated list whose every item is one of `allowed`."""
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in allowed]
+    if not out or bad:
+        raise ValueError(f"{flag}: unknown {', '.join(map(repr, bad)) or '(nothing given)'}; expected some of "
+                         f"{', '.join(allowed)}")
+    return out
+
+
+def _models(flag: str, text: str) -> list[str]:
+    from ..model.config import MODEL_PRESETS
+
+    return _choices(flag, text, list(MODEL_PRESETS))
+
+
 def _shapes(args) -> tuple[list[str], list[int], list[int], list[str]]:
-    """Models, batches, contexts and methods of the shape-sweeping benchmarks."""
+    """Models, batches, contexts and methods of the shape-sweeping benchmarks, checked (no GPU needed)."""
+    return (_models("--models", args.models), _ints("--batches", args.batches), _contexts(args.contexts),
+            _choices("--methods", args.methods, ("quest", "infllm_v2")))
+
+
+def _contexts(text: str) -> list[int]:
     from ..cli_args import parse_contexts
 
-    return (args.models.split(","), [int(b) for b in args.batches.split(",")], parse_contexts(args.contexts),
-            args.methods.split(","))
+    out = parse_contexts(text)
+    if any(c <= 0 for c in out):
+        raise ValueError(f"--contexts must be positive lengths, got {text!r}")
+    return out
 
 
 def _budgets(args) -> list[int] | None:
     """``--budgets`` (tokens, comma separated; None: each method's default)."""
-    if not args.budgets:
-        return None
-    try:
-        out = [int(b) for b in args.budgets.split(",")]
-    except ValueError:
-        raise SystemExit(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
-    if any(b <= 0 for b in out):
-        raise SystemExit(f"--budgets must be positive, got {args.budgets!r}")
-    return out
+    return _ints("--budgets", args.budgets) if args.budgets else None
 
 
 def _cmd_bench_kernels(args) -> int:
+    shapes, budgets = _shapes(args), _budgets(args)  # bad arguments are named before the GPU is looked for
     if _no_cuda("kernels", " (the kernels' CPU path is Triton's interpreter, not timed)"):
         return 2
     from . import kernels
 
-    kernels.run(*_shapes(args), args.out, torch_path=not args.no_torch, budgets=_budgets(args))
+    kernels.run(*shapes, args.out, torch_path=not args.no_torch, budgets=budgets)
     print(f"saved {args.out}")
     return 0
 
 
 def _cmd_bench_layer(args) -> int:
+    shapes, budgets = _shapes(args), _budgets(args)
     if _no_cuda("layer"):
         return 2
     from . import layer
 
-    layer.run(*_shapes(args), args.out, budgets=_budgets(args), sweep=not args.quick)
+    layer.run(*shapes, args.out, budgets=budgets, sweep=not args.quick)
     print(f"saved {args.out}")
     return 0
 
 
 def _cmd_bench_e2e(args) -> int:
+    from ..cli_args import parse_amortized
+    from ..model.commands import check_model_name
+
+    check_model_name(args.model)
+    contexts, batches = _contexts(args.contexts), _ints("--batches", args.batches)
+    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "prr"))
+    amortized = parse_amortized(args.amortized) if args.amortized else ()
+    for flag, v in (("--budget", args.budget), ("--steps", args.steps)):
+        if v <= 0:
+            raise ValueError(f"{flag} must be positive, got {v}")
+    if args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if not args.ratio > 0:
+        raise ValueError(f"--ratio must be positive, got {args.ratio}")
     if _no_cuda("e2e"):
         return 2
-    from ..cli_args import parse_amortized, parse_contexts
     from ..model.tp import setup
     from . import e2e
 
@@ -69,21 +110,24 @@ def _cmd_bench_e2e(args) -> int:
     if tp is not None and tp.world > 1 and tp.backend != "nccl":
         raise ValueError("bench e2e under tensor parallelism captures the step in a CUDA graph: use the nccl "
                          "backend (one GPU per rank)")
-    e2e.run(args.model, parse_contexts(args.contexts), [int(b) for b in args.batches.split(",")], args.out,
-            method=args.method, budget=args.budget, steps=args.steps, n_dense_layers=args.dense_layers,
-            ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=args.attentions.split(","),
-            breakdown=not args.no_breakdown, amortized=parse_amortized(args.amortized) if args.amortized else ())
+    e2e.run(args.model, contexts, batches, args.out, method=args.method, budget=args.budget, steps=args.steps,
+            n_dense_layers=args.dense_layers, ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=attentions,
+            breakdown=not args.no_breakdown, amortized=amortized)
     print(f"saved {args.out}")
     return 0
 
 
 def _cmd_bench_select(args) -> int:
+    from ..cli_args import parse_amortized
+
+    shapes, settings = _shapes(args), parse_amortized(args.amortized)
+    if not settings:
+        raise ValueError("--amortized needs at least one MxC setting (e.g. 32x6)")
     if _no_cuda("select"):
         return 2
-    from ..cli_args import parse_amortized
     from . import amortized
 
-    amortized.run(*_shapes(args), parse_amortized(args.amortized), args.out)
+    amortized.run(*shapes, settings, args.out)
     print(f"saved {args.out}")
     return 0
 

@@ -24,6 +24,17 @@ def _load(args):
     return load_model(args.model, dtype=dtype, device=dev)
 
 
+def _check_common(args) -> None:
+    from ..model.commands import check_model_name
+
+    check_model_name(args.model)
+
+
+def _positive(flag: str, v, zero_ok: bool = False) -> None:
+    if v < 0 or (v == 0 and not zero_ok):
+        raise ValueError(f"{flag} must be {'>= 0' if zero_ok else 'positive'}, got {v}")
+
+
 def _with_amortized(methods: list[str], settings) -> list[str]:
     """The methods plus, for each full-scan selector among them, its amortized variants."""
     from .amortized import method_name
@@ -33,16 +44,34 @@ def _with_amortized(methods: list[str], settings) -> list[str]:
 
 
 def _cmd_eval(args) -> int:
+    from ..algo.sparse import SparseConfig
     from . import run
     from .amortized import agreement, parse_method
     from .tasks import TASKS
 
-    model, tok = _load(args)
+    # Every argument is checked before the model loads.
+    _check_common(args)
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     methods = list(run.METHODS) if args.methods == "all" else args.methods.split(",")
+    for flag, bad, known in (("--tasks", [t for t in tasks if t not in TASKS], TASKS),
+                             ("--methods", [m for m in methods if m not in run.METHODS and not parse_method(m)],
+                              run.METHODS)):
+        if bad:
+            raise ValueError(f"{flag}: unknown {', '.join(map(repr, bad))}; expected all or some of {', '.join(known)}")
     methods = _with_amortized(methods, parse_amortized(args.amortized))
-    budgets = [int(b) for b in args.budgets.split(",")]
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets takes comma-separated token counts, got {args.budgets!r}") from None
+    for b in budgets:  # each selector's own block size decides how small a budget may be
+        for sel in {"infllm_v2" if m.startswith("infllm_v2") else "quest" for m in methods}:
+            SparseConfig.from_budget(sel, b)
     lengths = parse_contexts(args.lengths)
+    for flag, v, zero_ok in (("--seeds", args.seeds, False), ("--ratio", args.ratio, False),
+                             ("--ppl-length", args.ppl_length, False), ("--ppl-steps", args.ppl_steps, True),
+                             *(("--lengths", n, False) for n in lengths)):
+        _positive(flag, v, zero_ok)
+    model, tok = _load(args)
     result = {"args": {k: v for k, v in vars(args).items() if k != "func"}}
     rows = run.run_tasks(model, tok, tasks, lengths, methods, budgets, seeds=range(args.seeds), ratio=args.ratio)
     result.update(tasks=rows, summary=run.summarize(rows))
@@ -83,10 +112,14 @@ def _cmd_locality(args) -> int:
     from ..algo.sparse import SparseConfig
     from . import locality
 
-    model, tok = _load(args)
+    _check_common(args)
     cfg = SparseConfig(method=args.method, block_size=16 if args.method == "quest" else 64, top_k=args.k)
+    settings = parse_amortized(args.amortized)
+    for flag, v in (("--length", args.length), ("--steps", args.steps)):
+        _positive(flag, v)
+    model, tok = _load(args)
     hist = locality.record_scores(model, tok, args.length, args.steps, cfg)
-    res = locality.study(hist, cfg.top_k, cfg.n_sink, cfg.n_local, amortized=parse_amortized(args.amortized))
+    res = locality.study(hist, cfg.top_k, cfg.n_sink, cfg.n_local, amortized=settings)
     res["args"] = {k: v for k, v in vars(args).items() if k != "func"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -31,6 +31,16 @@ CPU_CROSSOVER = 16384
 NEVER = 1 << 62  # a crossover no context reaches: stay dense
 
 
+def describe_crossover(crossover: int, batch: int | None = None) -> str:
+    """The crossover in words, as the CLI prints it: ``"crossover 16384 tokens on this device"``, or, for
+    :data:`NEVER` (no probed context up to the model's window where DSA beat dense), that sparse attention never
+    pays on this device (at this batch, when `batch` is given)."""
+    if crossover >= NEVER:
+        at = f" at batch {batch}" if batch is not None else ""
+        return f"sparse attention never pays on this device{at}: dense up to the model's window"
+    return f"crossover {crossover} tokens on this device"
+
+
 def resolve(context: int, crossover: int, sparse: str = "dsa") -> str:
     """The attention for a decode that starts at `context` tokens."""
     return "dense" if context < crossover else sparse

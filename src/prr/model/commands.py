@@ -17,6 +17,35 @@ def _sparse_cfg(args):
     return prr.SparseConfig.from_budget(args.method, args.budget)
 
 
+def check_model_name(name: str) -> str:
+    """`name` as ``--model`` takes it (checked without loading anything): the bundled model, a ``.gguf`` path,
+    a checkpoint directory or a preset; anything else fails with the loader's own message."""
+    import os
+
+    from .config import MODEL_PRESETS
+    from .weights import BUNDLED
+
+    if name in BUNDLED or name.endswith(".gguf") or os.path.isdir(name) or name in MODEL_PRESETS:
+        return name
+    raise ValueError(f"unknown model {name!r}: expected smollm2, a .gguf file, a checkpoint directory, or "
+                     f"one of {', '.join(MODEL_PRESETS)} (random weights)")
+
+
+def check_args(args) -> None:
+    """Every setting of ``prr generate`` / ``prr demo`` that can be judged without the model, checked before it
+    loads (a typo costs no model load): the model name, the DSA budget, the dense layers, the token counts."""
+    check_model_name(args.model)
+    _sparse_cfg(args)
+    if args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "tokens", 1) < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if not 0 <= getattr(args, "depth", 0) <= 1:
+        raise ValueError(f"--depth must lie in [0, 1], got {args.depth}")
+
+
 def _load(args):
     from .tp import load_model_tp, setup, world_size_from_env
     from .weights import load_model
@@ -97,11 +126,13 @@ def _speculation_line(d: dict) -> str:
 
 
 def _cmd_generate(args) -> int:
+    from .auto import describe_crossover
     from .engine import Engine
     from .generation import GenerationConfig
     from .sampling import SamplingConfig
 
     # Settings first: a bad one fails before the model loads.
+    check_args(args)
     sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
     gcfg = GenerationConfig(args.max_new_tokens, sampling, tuple(args.stop or ()), not args.ignore_eos)
     texts = _read_prompts(args)
@@ -129,7 +160,8 @@ def _cmd_generate(args) -> int:
     st = gen.stats
     if eng.auto_decision:
         d = eng.auto_decision
-        print(f"auto: {d['attention']} at {d['context']} tokens (crossover {d['crossover']})", file=sys.stderr)
+        print(f"auto: {d['attention']} at {d['context']} tokens ({describe_crossover(d['crossover'])})",
+              file=sys.stderr)
     if eng.spec_decision:
         print(_speculation_line(eng.spec_decision), file=sys.stderr)
     print(f"[{st.attention}] {_timing_line(st)}", file=sys.stderr)
@@ -151,6 +183,7 @@ def _cmd_demo(args) -> int:
     from .engine import Engine
     from .prompts import passkey_prompt
 
+    check_args(args)
     model, tok = _load(args)
     ids, key = passkey_prompt(tok, args.tokens, args.depth, seed=args.seed)
     cfg = _sparse_cfg(args)
@@ -183,11 +216,11 @@ def _cmd_demo(args) -> int:
                                                          else "")
         print(f"{name:5s} {st.ms_per_token:7.1f} ms/token ({warm}){extra}: {text!r}")
     # What attention="auto" (the default of `prr generate` on a GPU) picks at this context.
-    from .auto import resolve
+    from .auto import describe_crossover, resolve
 
     cross = dense.crossover(1)
     auto_pick = resolve(len(ids), cross, dense.auto_sparse)
-    print(f"auto would use {auto_pick} here ({len(ids)} tokens; crossover {cross} tokens on this device)")
+    print(f"auto would use {auto_pick} here ({len(ids)} tokens; {describe_crossover(cross, 1)})")
     same = results["dsa"][0] == results["prr"][0]
     print(f"\nDSA and PRR ({args.mode}) answers identical: {same}; dense agrees with DSA: "
           f"{results['dense'][0] == results['dsa'][0]}; pass key found by dense/DSA/PRR: "
