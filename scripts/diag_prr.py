@@ -21,7 +21,7 @@ from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
 from prr.bench.layer import impose_hit_rate
 from prr.bench.timeline import format_timeline, graph_timeline
-from prr.runtime import LayerStep
+from prr.runtime import LayerStep, StepProbe
 from prr.timing import time_graph, time_op
 
 CASES = ("llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192,llama-3.1-8b:1:131072:quest:8192,"
@@ -115,8 +115,8 @@ def run_case(spec: str, overhead: float, timelines: bool):
     dsa.q.copy_(q)
     tg("dsa", dsa)
     for mode in ("exact", "union"):
-        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=1.0, mode=mode,
-                         tail=False, hold_prediction=True)
+        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, ratio=1.0, mode=mode, topk="full",
+                         probe=StepProbe(update_layer=1, tail=False, hold_prediction=True))
         step.q.copy_(q)
         tg(f"prr_{mode}", step)
     best_dsa, best_prr = us["dsa"], us["prr_exact"]

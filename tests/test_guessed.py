@@ -22,7 +22,8 @@ def _both(scores, nblk, top_k, guess, n_sink=1, n_local=2, **kw):
     """Reference and Triton results (asserted equal), and the full Triton top-K's selection."""
     ref = reference.select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=guess, **kw)
     with backend.use_backend("triton"):
-        tri = select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=None if guess is None else guess.clone(), **kw)
+        g = None if guess is None else guess.clone()
+        tri = select_blocks_guessed(scores, nblk, top_k, n_sink, n_local, guess=g, **kw)
     for name, a, b in zip(NAMES, ref, tri, strict=True):
         assert torch.equal(_bits(a), _bits(b)), name
     full = select_triton.select_blocks(scores.float(), nblk.to(torch.int32), top_k, n_sink, n_local)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prr
-from prr.runtime import BudgetCache, BudgetDecision, LayerStep, choose_budget
+from prr.runtime import BudgetCache, BudgetDecision, LayerStep, StepStreams, choose_budget
 
 from conftest import make_cache, make_query
 
@@ -69,7 +69,7 @@ def test_layer_step_decoding_with_appends_equals_prr_step(mode):
     meta2 = prr.BlockMetadata(cfg, cache2)
     twin = prr.HoltPredictor(1, 2, 2, pred.level.shape[-1], alpha=0.5)
     step = LayerStep(cache, meta, 8, method="prr", predictor=pred, ratio=1.25, mode=mode, grow=1,
-                     defer_tail=True, collect_stats=True)
+                     streams=StepStreams(defer_tail=True), collect_stats=True)
     gen = torch.Generator().manual_seed(3)
     q = make_query(cache, 4, scale=2.0)
     crossed = 0

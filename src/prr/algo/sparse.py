@@ -139,6 +139,59 @@ class BlockMetadata:
         return (s, None) if with_groups else s
 
 
+class GuessedTopK:
+    """One layer's guessed top-K (:func:`prr.ops.select_blocks_guessed`) with its state, fixed buffers updated
+    in place: the previous selection ``s_idx``/``s_cnt`` (its blocks bound this step's threshold; the new
+    selection replaces it), the next predicted set ``p_idx``/``p_cnt`` (``spec_k`` dynamic blocks, for PRR's
+    speculation), the unused carried threshold ``guess`` and the rows' ``stats [2, B, Hkv]`` (``|C(τ)|`` and
+    the path). Before its first step (or after :meth:`reset`) it holds no selection: the first guess admits
+    every block, which narrows or falls back, exactly. ``hold``: the previous selection stays as seeded (its own
+    buffers; benchmarks replaying one step)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, cfg: SparseConfig, spec_k: int | None = None, device="cpu",
+                 hold: bool = False):
+        self.cfg = cfg
+        self.spec_k = cfg.top_k if spec_k is None else check.positive_int("spec_k", spec_k)
+        shape = (batch, num_kv_heads)
+        self.s_idx = torch.full((*shape, cfg.k_max), -1, dtype=torch.int32, device=device)
+        self.s_cnt = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.guess = torch.full(shape, float("-inf"), device=device)
+        self.p_idx = torch.full((*shape, cfg.n_sink + cfg.n_local + self.spec_k), -1, dtype=torch.int32,
+                                device=device)
+        self.p_cnt = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.stats = torch.zeros(2, *shape, dtype=torch.int32, device=device)
+        self.prev = (self.s_idx.clone(), self.s_cnt.clone()) if hold else (self.s_idx, self.s_cnt)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The op's six outputs, in its order."""
+        return [self.s_idx, self.s_cnt, self.guess, self.p_idx, self.p_cnt, self.stats]
+
+    def reset(self) -> None:
+        for idx, cnt in self._selections():
+            idx.fill_(-1)
+            cnt.zero_()
+
+    def seed(self, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Start from a known selection (e.g. the last prompt position's)."""
+        for idx, cnt in self._selections():
+            idx.copy_(indices)
+            cnt.copy_(counts)
+
+    def _selections(self):
+        return [(self.s_idx, self.s_cnt)] + ([self.prev] if self.prev[0] is not self.s_idx else [])
+
+    def select(self, q: torch.Tensor, cache: KVCache, meta: BlockMetadata, nblk: torch.Tensor,
+               nblk_next: torch.Tensor | None = None) -> Selection:
+        """This step's selection (the same S as :func:`select`), found from the previous one; also writes the
+        next P (over ``nblk_next`` blocks) and the stats."""
+        cfg = self.cfg
+        scores, gmax = meta.scores(q, cache, with_groups=True)
+        ops.select_blocks_guessed(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, prev=self.prev,
+                                  spec_k=self.spec_k, num_blocks_next=nblk_next, group_max=gmax,
+                                  out=self.buffers())
+        return Selection(self.s_idx, self.s_cnt, scores)
+
+
 def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None,
            nblk: torch.Tensor | None = None, amortized=None) -> Selection:
     """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K. ``nblk`` (blocks per

@@ -38,6 +38,8 @@ class StepStats:
     misses: torch.Tensor  # |S \ P|, attended after the selection
     false_positives: torch.Tensor  # |P \ S|
     forced: torch.Tensor  # blocks in every selection
+    # the guessed top-K's rows, [2, B, Hkv] int32: |C(τ)| (-1: not counted) and the path (prr.ops.guessed.PATHS)
+    guess: torch.Tensor | None = None
 
     def hit_rate(self) -> float:
         """Dynamic hit rate ``sum(hits - forced) / sum(selected - forced)`` (1.0 when nothing is dynamic)."""

@@ -23,7 +23,7 @@ from ..algo.sparse import BlockMetadata
 from ..algo.step import speculative_top_k
 from ..cache import KVCache
 from ..model.config import hf_sliding_window
-from ..runtime.layer import LayerStep
+from ..runtime.layer import LayerStep, StepStreams
 from .settings import PrrSettings
 
 # GLM-4 (glm, glm4) rotates half of each head: transformers applies that RoPE, prr only attends.
@@ -113,8 +113,8 @@ class PrrLayer(CacheLayerMixin):
         self._calibrate(pred, query[:, :, -s.calibrate_window:].permute(2, 0, 1, 3).contiguous())
         side, sel = self.owner.streams(self.kv.device)
         self.step = LayerStep(self.kv, self.meta, query.shape[1], method="prr", predictor=pred, layer=self.index,
-                              ratio=s.ratio, mode=s.mode, scale=scale, side_stream=side, sel_stream=sel,
-                              defer_tail=True, collect_stats=s.collect_stats, grow=1)
+                              ratio=s.ratio, mode=s.mode, scale=scale, streams=StepStreams(side, sel, defer_tail=True),
+                              collect_stats=s.collect_stats, grow=1)
 
     def _calibrate(self, pred: HoltPredictor, qs: torch.Tensor) -> None:
         """Fit the layer's predictor to the selections of the last W prompt positions (``qs [W, B, Hq, D]``),

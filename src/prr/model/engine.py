@@ -25,7 +25,7 @@ from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import StepCounts, dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..ops import fused
-from ..runtime.layer import LayerStep
+from ..runtime.layer import LayerStep, StepSettings, StepStreams
 from . import auto
 from .generation import CacheFull, Generation, GenerationConfig, GenerationStats, SequenceResult
 from .llama import Llama
@@ -35,7 +35,9 @@ from .tokenizer import Tokenizer
 ATTENTIONS = ("dense", "dsa", "prr")
 
 AUTO_CPU_RATIO = 1.5
-"""PRR's speculation ratio for ``ratio="auto"`` where the budget profiler cannot run (it times CUDA graphs)."""
+"""PRR's speculation ratio for ``ratio="auto"`` under tensor parallelism on GPUs (the budget profiler times one
+rank's slice; each rank could decide differently)."""
+PREDICTORS = ("selection", "holt")
 
 __all__ = ["ATTENTIONS", "AUTO_CPU_RATIO", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
 
@@ -87,16 +89,24 @@ class Engine:
         ratio: PRR's speculation ratio (K' = ceil(r K)), or ``"auto"``: on a GPU the speculation budget profiler
             (:func:`prr.runtime.profile_budget`, cached per GPU, shapes and context bucket) times one layer at
             the prompt's context after the prefill and picks K', or switches speculation off where it does not
-            pay (then PRR decodes as serialized DSA, its exact twin; ``spec_decision`` says why); on a CPU and
-            under tensor parallelism :data:`AUTO_CPU_RATIO`.
+            pay (then PRR decodes as DSA with the guessed top-K, or the full one where that does not pay
+            either: the same selection; ``spec_decision`` says why); on a CPU no speculation and the full
+            top-K (nothing runs beside the selection there, and the full search is the cheaper one); under
+            tensor parallelism :data:`AUTO_CPU_RATIO`.
+        predictor: where PRR's predicted set P comes from: ``"selection"`` (the guessed top-K writes it beside
+            S, from the same search: no predictor state or kernel) or ``"holt"`` (Holt's smoothing of the
+            scores, calibrated on the prompt, updated by a tail kernel per layer).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, *, attention: str = "dense",
                  sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
-                 auto_sparse: str = "dsa", auto_crossover: int | None = None):
+                 auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection"):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
+        check.choice("predictor", predictor, PREDICTORS)
+        self.predictor_kind = predictor
+        self.speculate = True  # False: PRR's steps decode as DSA with the guessed top-K (ratio="auto" decides)
         check.choice("auto_sparse", auto_sparse, ("dsa", "prr"))
         if auto_crossover is not None:
             check.positive_int("auto_crossover", auto_crossover)
@@ -239,7 +249,9 @@ class Engine:
             return None
         from ..runtime import profile_budget
 
-        return profile_budget(self.caches[layer], self.metas[layer], self._calib_q[layer][-1], mode=self.mode)
+        qs = self._calib_q[layer]
+        return profile_budget(self.caches[layer], self.metas[layer], qs[-1], q_prev=qs[-2] if len(qs) > 1 else None,
+                              mode=self.mode)
 
     def _resolve_speculation(self) -> None:
         """``ratio="auto"``: K' from the profiler, or speculation off (PRR decodes as serialized DSA)."""
@@ -247,21 +259,30 @@ class Engine:
             return
         layer = next((i for i in range(self.cfg.num_layers) if self._sparse_layer(i)), None)
         ctx = int(self.caches[0].seq_lens.max())
+        self.speculate = True
+        if self.model.device.type != "cuda":  # nothing runs beside the selection; the full top-K is cheaper
+            self.attention = "dsa"
+            self.spec_decision = {"context": ctx, "speculation": "off", "ratio": None, "topk": "full",
+                                  "reason": "a CPU: no second stream to hide the speculation in, and the full "
+                                            "top-K is the cheaper search there (PRR decodes as serialized DSA)"}
+            return
         dec = self._profile_speculation(layer) if layer is not None else None
         if dec is None:
             self.ratio = AUTO_CPU_RATIO
-            self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio,
-                                  "reason": "not profiled (a CPU, tensor parallel, or no calibration query): the fixed "
+            self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio, "topk": "guessed",
+                                  "reason": "not profiled (tensor parallel, or no calibration query): the fixed "
                                             "ratio"}
             return
         top_k = self.sparse.top_k
         if dec.enabled:
             self.ratio = dec.spec_k / top_k  # speculative_top_k gives K' back (its ceil allows for rounding)
+        elif dec.topk == "guessed":
+            self.speculate = False
         else:
             self.attention = "dsa"
         self.spec_decision = {"context": ctx, "speculation": "on" if dec.enabled else "off",
-                              "ratio": self.ratio if dec.enabled else None, "gain": round(dec.gain, 4),
-                              "reason": dec.reason}
+                              "ratio": self.ratio if dec.enabled else None, "topk": dec.topk,
+                              "gain": round(dec.gain, 4), "reason": dec.reason}
 
     def _build_sparse_state(self) -> None:
         self._graph = None  # a captured step belongs to the caches it was captured on
@@ -277,34 +298,46 @@ class Engine:
         if self.attention != "prr":
             return
         cache0 = self.caches[0]
-        nmax = cache0.max_blocks(cfg.block_size)
-        self.predictor = HoltPredictor(c.num_layers, cache0.batch, c.num_kv_heads, nmax, device=cache0.device)
         spec_k = speculative_top_k(cfg.top_k, self.ratio)
-        for i in range(self.n_dense_layers, c.num_layers):
-            if i not in self._calib_q:
-                continue
-            cache, qs = self.caches[i], self._calib_q[i]
-            w = qs.shape[0]
-            scores, nblk = [], []
-            for j in range(w):  # the last W prompt positions of each sequence as if they were decode steps
-                view = KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens - (w - j - 1))
-                scores.append(self.metas[i].scores(qs[j], view))
-                nblk.append(ops.num_blocks(view.seq_lens, cfg.block_size))
-            if w >= 2:
-                self.predictor.calibrate(i, torch.stack(scores), torch.stack(nblk), cfg.top_k, cfg.n_sink,
-                                         cfg.n_local, spec_k=spec_k)
-        # One runtime step per sparse layer (built after calibration: each predicts its first P now). On a GPU
-        # the layers share two streams: the selection's (high priority) and the side stream that runs the
-        # speculation and each layer's deferred tail (predictor update + next P) beside the next layer's
-        # projections; the token's step joins it once at the end.
+        holt = self.predictor_kind == "holt" and self.speculate
+        self.predictor = None
+        if holt:
+            nmax = cache0.max_blocks(cfg.block_size)
+            self.predictor = HoltPredictor(c.num_layers, cache0.batch, c.num_kv_heads, nmax, device=cache0.device)
+        # One runtime step per sparse layer. On a GPU the layers share two streams: the selection's (high
+        # priority) and the side stream that runs the speculation and each layer's deferred tail (the next P
+        # into place) beside the next layer's projections; the token's step joins it once at the end.
         cuda = cache0.device.type == "cuda"
-        side = torch.cuda.Stream(device=cache0.device) if cuda else None
-        sel = torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None
+        streams = StepStreams(torch.cuda.Stream(device=cache0.device) if cuda else None,
+                              torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None,
+                              defer_tail=True)
+        settings = StepSettings("prr" if self.speculate else "dsa", topk="guessed", ratio=self.ratio,
+                                mode=self.mode, grow=1)
         for i in range(self.n_dense_layers, c.num_layers):
-            self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, method="prr",
-                                       predictor=self.predictor, layer=i, ratio=self.ratio, mode=self.mode,
-                                       side_stream=side, sel_stream=sel, defer_tail=True, collect_stats=True,
-                                       grow=1)
+            seed = self._calibrate_layer(i, spec_k) if i in self._calib_q else None
+            self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, settings,
+                                       predictor=self.predictor, layer=i, streams=streams, collect_stats=True)
+            if seed is not None:  # the first decode step's guess and P from the last prompt position
+                self._steps[i].seed(*seed)
+
+    def _calibrate_layer(self, i: int, spec_k: int):
+        """Fit layer i's Holt predictor (if any) to the last W prompt positions, scored as if they were decode
+        steps; return the last position's selection and its top-K' over the next step's blocks ``(S, P)``."""
+        cfg, cache, qs = self.sparse, self.caches[i], self._calib_q[i]
+        w = qs.shape[0]
+        first = 0 if self.predictor is not None else w - 1
+        scores, nblk = [], []
+        for j in range(first, w):  # the last W prompt positions of each sequence as if they were decode steps
+            view = KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens - (w - j - 1))
+            scores.append(self.metas[i].scores(qs[j], view))
+            nblk.append(ops.num_blocks(view.seq_lens, cfg.block_size))
+        if self.predictor is not None and w >= 2:
+            self.predictor.calibrate(i, torch.stack(scores), torch.stack(nblk), cfg.top_k, cfg.n_sink, cfg.n_local,
+                                     spec_k=spec_k)
+        s = ops.select_blocks(scores[-1], nblk[-1], cfg.top_k, cfg.n_sink, cfg.n_local)
+        p = ops.select_blocks(scores[-1], ops.num_blocks(cache.seq_lens + 1, cfg.block_size), spec_k, cfg.n_sink,
+                              cfg.n_local)
+        return s, p
 
     def _require_caches(self, batch: int, capacity: int) -> None:
         c = self.cfg

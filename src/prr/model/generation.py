@@ -90,6 +90,7 @@ class GenerationStats:
     steady_tokens: int = 0  # tokens produced by the steady-state steps (active sequences only)
     cuda_graph: bool = False
     graph_error: str | None = None  # why the step could not be captured (then it ran eagerly)
+    guess: dict | None = None  # the guessed top-K's rows (DeviceStats.guess_summary)
     hit_rates: list[float] = field(default_factory=list)  # PRR: per decode step, over sparse layers
     blocks_per_step: list[float] = field(default_factory=list)  # |S| per (sequence, KV head), mean
     misses_per_step: list[float] = field(default_factory=list)
@@ -143,6 +144,10 @@ class DeviceStats:
         self.per_step = torch.zeros(max(steps, 1), 5, dtype=torch.int64, device=device)
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
         self.layer_heads = 0  # sparse layers x KV heads, known after the first step
+        # the guessed top-K's rows: how many took each path (prr.ops.guessed.PATHS), and the sum of |C(τ)| where
+        # the guess held
+        self.guess = torch.zeros(6, dtype=torch.int64, device=device)
+        self.guessed = False
 
     def add(self, step_stats: list, active: torch.Tensor) -> None:
         """Fold one step's per-layer :class:`prr.StepStats` in (rows of finished sequences count 0)."""
@@ -156,6 +161,29 @@ class DeviceStats:
         tot = torch.cat([x.sum(1), active.sum(dtype=torch.int64)[None]])
         self.per_step.index_add_(0, self.step, tot[None])
         self.step.add_(1)
+        if step_stats[0].guess is not None:
+            self.guessed = True
+            g = torch.stack([s.guess for s in step_stats])  # [L, 2, B, Hkv]
+            on = (active != 0)[None, :, None]
+            path, cand = g[:, 1], g[:, 0]
+            held = ((path == 0) | (path == 4)) & on
+            self.guess.add_(torch.stack([((path == p) & on).sum() for p in range(5)]
+                                        + [(cand.long() * held).sum()]))
+
+    def guess_summary(self, top_k: int) -> dict | None:
+        """The guessed top-K's rows over the run (host copy): their number, the share whose guess held
+        (narrowed included), was narrowed, too high or too low, and the mean ``|C(τ)| / K`` where it held."""
+        if not self.guessed:
+            return None
+        held, too_high, too_low, _short, narrowed, cand = self.guess.cpu().tolist()
+        rows = held + too_high + too_low + narrowed  # short rows select every block: no guess
+        ok = held + narrowed
+
+        def share(x):
+            return round(x / rows, 5) if rows else None
+
+        return {"rows": rows, "held": share(ok), "narrowed": share(narrowed), "too_high": share(too_high),
+                "too_low": share(too_low), "candidates_over_k": round(cand / ok / top_k, 3) if ok else None}
 
     def read(self, prr: bool) -> tuple[list[tuple[int, float | None]], dict[str, list[float]]]:
         """Host copies, once at the end: per sequence ``(sum of |S|, hit rate)`` and the per-step lists."""
@@ -285,9 +313,11 @@ class Generation:
             ids = graph.run(ids) if graph is not None else state.body(ids)
             n_steps += 1
         st.new_tokens = sum(len(s.tokens) for s in self.sequences)
-        per_seq, hist = state.stats.read(eng.attention == "prr")
+        per_seq, hist = state.stats.read(eng.attention == "prr" and getattr(eng, "speculate", True))
         for k, v in hist.items():
             setattr(st, k, v)
+        sparse = getattr(eng, "sparse", None)
+        st.guess = state.stats.guess_summary(sparse.top_k) if sparse is not None else None
         for s, (sel, hit) in zip(self.sequences, per_seq, strict=True):
             steps = len(s.tokens) - 1  # the first token came from the prefill
             if state.stats.layer_heads and steps > 0:

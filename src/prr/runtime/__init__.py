@@ -2,6 +2,7 @@
 captured in a CUDA graph; and the speculation budget."""
 
 from .budget import BudgetCache, BudgetDecision, choose_budget, profile_budget, trace_hit_rate
-from .layer import LayerStep
+from .layer import LayerStep, StepProbe, StepSettings, StepStreams
 
-__all__ = ["BudgetCache", "BudgetDecision", "LayerStep", "choose_budget", "profile_budget", "trace_hit_rate"]
+__all__ = ["BudgetCache", "BudgetDecision", "LayerStep", "StepProbe", "StepSettings", "StepStreams", "choose_budget",
+           "profile_budget", "trace_hit_rate"]

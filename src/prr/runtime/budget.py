@@ -1,6 +1,9 @@
 """The speculation budget: how many blocks to speculate, or whether to speculate at all, on this GPU.
 
-PRR's step costs ``max(t_sel, t_spec(K')) + t_repair + t_rest`` against serialized DSA's ``t_sel + t_att``.
+First the top-K: the guessed top-K (:func:`prr.ops.select_blocks_guessed`, its previous selection from the
+step before) is timed against the full one; the cheaper is the selection PRR's steps use (the same S either
+way). Then, with that selection's time as ``t_sel``, PRR's step costs
+``max(t_sel, t_spec(K')) + t_repair + t_rest`` against DSA's ``t_sel + t_att``.
 From times measured on the GPU in use, :func:`choose_budget` takes the largest K' whose speculation hides
 under the selection (if none does, the cheapest), models the step at the measured hit rate, and switches
 speculation off when the modelled gain is under ``min_gain`` (2%). The model ignores that speculation and
@@ -21,11 +24,13 @@ from ..jsoncache import JsonCache
 
 @dataclasses.dataclass
 class BudgetDecision:
-    spec_k: int | None  # dynamic blocks to speculate; None = serialized DSA
-    t_dsa_us: float
+    spec_k: int | None  # dynamic blocks to speculate; None = serialized DSA (with `topk`'s search)
+    t_dsa_us: float  # DSA with `topk`'s search
     t_prr_us: float  # modelled (or measured) PRR step at that K'
     gain: float  # 1 - t_prr / t_dsa
     reason: str
+    topk: str = "full"  # "guessed" or "full": the top-K search that measured cheaper
+    t_full_us: float | None = None  # serialized DSA with the full top-K (the paper's baseline)
 
     @property
     def enabled(self) -> bool:
@@ -102,13 +107,14 @@ def confirm_best(decision: BudgetDecision, t_sel: float, t_att: float, t_spec: d
     return confirm_budget(picked, t_d, t_p, min_gain=min_gain)
 
 
-def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None):
-    """Serialized DSA and PRR's critical path (speculation over the given P beside the selection, then the
-    repair; no tail), each a :class:`prr.runtime.LayerStep`: ``(t_dsa, t_prr)`` from ``timer(step)`` (default:
-    capture a CUDA graph and time its replay)."""
-    from ..algo.predictor import HoltPredictor
+def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None, prev=None):
+    """DSA and PRR's critical path (speculation over the given P beside the selection, then the repair; no tail),
+    each a :class:`prr.runtime.LayerStep` with the guessed top-K started from ``prev`` (a selection; default:
+    this query's own, an optimistic guess): ``(t_dsa, t_prr)`` from ``timer(step)`` (default: capture a CUDA
+    graph and time its replay)."""
+    from ..algo.sparse import select
     from ..algo.step import StepCounts
-    from .layer import LayerStep
+    from .layer import LayerStep, StepProbe
 
     cfg = meta.cfg
     if timer is None:
@@ -118,18 +124,19 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
             step.capture()
             return time_graph(step.graph)
 
+    if prev is None:
+        s = select(q, cache, meta)
+        prev = (s.indices, s.counts)
     counts = StepCounts.of(cache.seq_lens, cfg, cache.num_kv_heads)  # counted once per token in a model
-    dsa = LayerStep(cache, meta, q.shape[1], method="dsa", counts=counts)
-    nmax = cache.max_blocks(cfg.block_size)
-    pred = HoltPredictor(1, cache.batch, cache.num_kv_heads, nmax, device=q.device)
-    prr = LayerStep(cache, meta, q.shape[1], method="prr", predictor=pred, ratio=spec_k / cfg.top_k, mode=mode,
-                    tail=False, hold_prediction=True, counts=counts)
+    hold = StepProbe(tail=False, hold_prediction=True)
+    dsa = LayerStep(cache, meta, q.shape[1], method="dsa", topk="guessed", counts=counts, probe=hold)
+    prr = LayerStep(cache, meta, q.shape[1], method="prr", ratio=spec_k / cfg.top_k, mode=mode, counts=counts,
+                    probe=hold)
     if prr.spec_k != spec_k or tuple(prr.p_idx.shape) != tuple(p_idx.shape):
         raise ValueError(f"the step's K' ({prr.spec_k}, P {tuple(prr.p_idx.shape)}) does not match the "
                          f"prediction's ({spec_k}, {tuple(p_idx.shape)})")
-    prr.p_idx.copy_(p_idx)
-    prr.p_cnt.copy_(p_cnt)
     for step in (dsa, prr):
+        step.seed(prev, (p_idx, p_cnt))
         step.q.copy_(q)
     return timer(dsa), timer(prr)
 
@@ -140,19 +147,22 @@ def trace_hit_rate(ratio: float) -> float:
     return float(min(1.0, max(0.0, 0.80 + (ratio - 1.0) * (0.94 - 0.80) / 0.5)))
 
 
-def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_rate=trace_hit_rate,
+def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_rate=trace_hit_rate,
                    mode: str = "exact", min_gain: float = 0.02, budget_cache: BudgetCache | None = None,
                    refresh: bool = False, gpu_name: str | None = None) -> BudgetDecision:
-    """Time selection, attention, speculation and repair over a sweep of K' on the GPU in use, choose K'
-    (:func:`choose_budget`) and cache the decision per (GPU, shapes, context bucket).
+    """Time the full and the guessed top-K, then selection, attention, speculation and repair over a sweep of K'
+    on the GPU in use, choose K' (:func:`choose_budget`) and cache the decision per (GPU, shapes, context
+    bucket).
 
-    `hit_rate(ratio)` gives the hit rate to model for each K'/K (default: the real-trace rates); the repair is
-    timed with a prediction that hits exactly that share of the true selection.
+    ``q_prev``: the step before's query (its selection starts the guessed top-K, as in decoding; default:
+    ``q`` itself, which flatters the guess). `hit_rate(ratio)` gives the hit rate to model for each K'/K
+    (default: the real-trace rates); the repair is timed with a prediction that hits exactly that share of
+    the true selection.
     """
     import torch
 
     from .. import ops
-    from ..algo.sparse import select
+    from ..algo.sparse import GuessedTopK, select
     from ..algo.step import speculative_top_k
     from ..timing import time_op
 
@@ -165,9 +175,21 @@ def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_ra
     if not refresh and (hit := store.get(key)) is not None:
         return hit
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
-    sel = select(q, cache, meta)
-    t_sel = time_op(lambda: select(q, cache, meta))
+    sel = select(q, cache, meta, nblk=nblk)
+    before = select(q if q_prev is None else q_prev, cache, meta, nblk=nblk)
+    prev = (before.indices.clone(), before.counts.clone())
+    guessed = GuessedTopK(bsz, cache.num_kv_heads, cfg, device=q.device, hold=True)
+    guessed.seed(*prev)
+    t_full = time_op(lambda: select(q, cache, meta, nblk=nblk))
+    t_guess = time_op(lambda: guessed.select(q, cache, meta, nblk))
     t_att = time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size))
+    if t_guess >= t_full:
+        dec = BudgetDecision(None, t_full + t_att, t_full + t_att, 0.0,
+                             f"off: the guessed top-K does not pay here (selection {t_guess:.1f} vs {t_full:.1f} "
+                             "us with the full one): serialized DSA", topk="full", t_full_us=t_full + t_att)
+        store.put(key, dec)
+        return dec
+    t_sel = t_guess
     t_spec, t_rep = {}, {}
     for r in ratios:
         k = speculative_top_k(cfg.top_k, r)
@@ -183,10 +205,12 @@ def profile_budget(cache, meta, q, *, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_ra
 
     def measure(k):
         p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, hit_rate(k / cfg.top_k))
-        return measure_steps(cache, meta, q, p_idx, p_cnt, k, mode)
+        return measure_steps(cache, meta, q, p_idx, p_cnt, k, mode, prev=prev)
 
     # the model ignores contention between the branches: time the overlapped step itself
     dec = confirm_best(dec, t_sel, t_att, t_spec, t_rep, measure, min_gain=min_gain)
+    dec = dataclasses.replace(dec, topk="guessed", t_full_us=t_full + t_att,
+                              reason=f"{dec.reason}; guessed top-K: selection {t_guess:.1f} vs {t_full:.1f} us")
     store.put(key, dec)
     return dec
 
@@ -219,7 +243,7 @@ class BudgetCache(JsonCache):
     @staticmethod
     def key(gpu: str, batch: int, hq: int, hkv: int, d: int, method: str, budget: int, tokens: int,
             mode: str = "exact") -> str:
-        return f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{method}|{budget}|{mode}|ctx{context_bucket(tokens)}"
+        return f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{method}|{budget}|{mode}|ctx{context_bucket(tokens)}|guessed"
 
     def get(self, key: str) -> BudgetDecision | None:
         d = self.get_entry(key)

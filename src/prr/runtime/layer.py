@@ -1,31 +1,91 @@
 """One layer's decode-attention step on fixed buffers: serialized DSA or PRR, eager or as a CUDA graph.
 
-PRR on CUDA forks two streams: a high-priority one scores every block and selects S, while a side stream runs
-the speculative attention over P in the SMs the selection leaves free (the selection is the longer branch:
-it must not wait behind the speculation's tiles); the main stream joins both and runs the repair (the misses
-alone) and the merge that reuses P's partial states: the output is ready.
-Then the *tail*, on the side stream: fold S's scores into the predictor and predict the next step's P (its
-top-K'), so that prediction is off the next step's critical path (in a model it runs beside the rest of the
-layer; the graph still ends by joining it). Every buffer has a fixed shape (batch, heads, K, K', cache
-capacity) and nothing reads device values on the host, so the whole step is captured once and replayed every
-token (:meth:`LayerStep.capture`, :meth:`LayerStep.replay`). Eager (:meth:`LayerStep.run`) runs the same code
-for debugging; on the CPU it runs without streams.
+What the step computes is a :class:`StepSettings`; how it runs is the rest of :class:`LayerStep`'s arguments;
+knobs that only benchmarks turn are a :class:`StepProbe`.
+
+The selection finds its top-K by the full search (``topk="full"``: serialized DSA, the paper's baseline) or
+by the guessed top-K (``topk="guessed"``, :class:`prr.algo.sparse.GuessedTopK`): the previous step's
+selection bounds this step's threshold, so the search covers the few blocks above it. PRR on CUDA forks two
+streams: a high-priority one scores every block and selects S, while a side stream runs the speculative
+attention over P; the main stream joins both and runs the repair (the misses alone) and the merge that
+reuses P's partial states: the output is ready. P comes from the guessed top-K itself (its next predicted set,
+written in the same program as S: no predictor state, no extra kernel; the default) or from a Holt
+predictor. Then the *tail*, on the side stream: the next P into place (a copy), or for Holt the score update
+and the next P's top-K, off the next step's critical path (in a model it runs beside the rest of the layer;
+the graph still ends by joining it). Every buffer has a fixed shape and nothing reads device values on the
+host, so the whole step is captured once and replayed every token (:meth:`LayerStep.capture`,
+:meth:`LayerStep.replay`). Eager (:meth:`LayerStep.run`) runs the same code for debugging; on the CPU it runs
+without streams.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
 from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
-from ..algo.sparse import BlockMetadata, select
-from ..algo.step import STEP_MODES, StepCounts, prr_stats, speculative_top_k
+from ..algo.sparse import BlockMetadata, GuessedTopK, select
+from ..algo.step import STEP_MODES, StepCounts, StepStats, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
+TOPKS = ("full", "guessed")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What one layer's step computes.
+
+    ``method``: ``"dsa"`` (select, then attend) or ``"prr"``. ``topk``: how S's top-K is found, ``"full"`` or
+    ``"guessed"`` (the same S; default: full for DSA, guessed for PRR). ``ratio``: PRR's speculation ratio
+    (``K' = ceil(r K)``); ``mode``: ``"exact"``, ``"union"`` or ``"predicted"`` (the ablation: attention over P
+    alone). ``grow``: tokens the cache gains before each step (a model decoding one token per step: 1), so P
+    is predicted over the next step's blocks. ``scale``: the softmax scale (default ``1/sqrt(D)``)."""
+
+    method: str = "prr"
+    topk: str | None = None
+    ratio: float = 1.0
+    mode: str = "exact"
+    grow: int = 0
+    scale: float | None = None
+
+    def __post_init__(self):
+        check.choice("method", self.method, METHODS)
+        if self.topk is None:
+            object.__setattr__(self, "topk", "full" if self.method == "dsa" else "guessed")
+        check.choice("topk", self.topk, TOPKS)
+        check.choice("mode", self.mode, STEP_MODES)
+        check.nonneg_int("grow", self.grow)
+        speculative_top_k(1, self.ratio)  # validates the ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProbe:
+    """Benchmark knobs. ``hold_prediction``: the tail writes its prediction to scratch, so P (and the hit rate)
+    stays as set; ``tail=False`` leaves the tail out (the critical path alone); ``update_layer``: the Holt
+    slot the tail folds scores into (default: the step's layer); ``spec_programs``: cap the exact-mode
+    speculation's grid (it then leaves SMs to the selection's kernels)."""
+
+    hold_prediction: bool = False  # (also holds the guessed top-K's previous selection as seeded)
+    tail: bool = True
+    update_layer: int | None = None
+    spec_programs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStreams:
+    """Streams shared between the layers of a model (default: the step's own). ``defer_tail``: leave the tail
+    running on the side stream (not joined): the caller joins it with :meth:`LayerStep.join` before anything
+    on its stream reads P or the predictor (a model joins once per token, so each layer's tail runs beside
+    the next layer's projections)."""
+
+    side: torch.cuda.Stream | None = None
+    sel: torch.cuda.Stream | None = None
+    defer_tail: bool = False
 
 
 class LayerStep:
@@ -34,72 +94,75 @@ class LayerStep:
     Args:
         cache, meta: the layer's KV cache and block metadata (appended to outside the step).
         num_q_heads: Hq.
-        method: ``"dsa"`` (select, then attend) or ``"prr"``.
-        predictor, layer: PRR's Holt state and the layer slot it reads; ``update_layer`` is the slot the
-            step's true scores are folded into (default: the same).
-        hold_prediction: the tail writes its prediction to scratch, so P (and the hit rate) stays as set
-            (benchmarks); ``tail=False`` leaves the tail out (the step's critical path alone).
-        ratio, mode: PRR's speculation ratio (K' = ceil(r K)) and ``"exact"``, ``"union"`` or ``"predicted"``
-            (the ablation: attention over P alone; S is still computed, for the predictor and the stats).
-        grow: tokens the cache gains before each step (a model decoding one token per step: 1); the tail then
-            predicts P over the next step's blocks (its local window included), as :func:`prr.prr_step` does.
-        streams: run speculation on a side stream (CUDA only); ``side_stream``/``sel_stream`` share streams
-            between the layers of a model (default: the step's own).
-        defer_tail: leave the tail running on the side stream (not joined): the caller joins it with
-            :meth:`join` before anything on its stream reads P or the predictor (a model joins once per token,
-            so each layer's tail runs beside the next layer's projections).
-        collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (on CUDA computed in the tail, on the side
-            stream, before the prediction overwrites P; without streams or a tail, right after the repair).
-        spec_programs: cap the exact-mode speculation's grid at this many programs (None: the attention's own
-            split rule), so it leaves SMs to the selection's kernels, whose CTAs otherwise queue behind its
-            tiles at batch 4 and up (the top-K started 26 us late at Llama b4 128K, budget 8192).
-        amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"`` only: its
-            selection has no full scores to feed PRR's predictor); call its ``reset()`` after :meth:`capture`.
-            On its host schedule :meth:`capture` records one graph per step kind (scan, re-score) in one memory
-            pool and :meth:`replay` replays the one the selector's host clock names.
+        settings: a :class:`StepSettings`, or its fields as keywords (``method="dsa"``, ``ratio=1.5``, ...).
+        predictor, layer: PRR's P from a :class:`prr.HoltPredictor` (its ``layer`` slot); None (default):
+            from the guessed top-K.
         counts: block counts (:class:`prr.algo.step.StepCounts`) every step uses unless :meth:`run` is given its
-            own: a benchmark of one layer as a model runs it (the model counts once per token for all layers;
-            without counts the step counts itself: three small kernels, ~5 us at batch 1 on an H200). They are
-            fixed: for a cache that grows between steps pass each step's counts to :meth:`run` instead.
+            own (a benchmark of one layer as a model runs it; without counts the step counts itself: three
+            small kernels, ~5 us at batch 1 on an H200). They are fixed: for a cache that grows between steps
+            pass each step's counts to :meth:`run` instead.
+        streams: run speculation on a side stream (CUDA only): True, False, or a :class:`StepStreams`.
+        collect_stats: keep the step's :class:`prr.StepStats` in ``stats`` (on CUDA computed in the tail, on the
+            side stream; without streams or a tail, right after the repair).
+        amortized: an :class:`prr.algo.amortized.AmortizedSelector` selects (``method="dsa"``, full top-K: its
+            selection has no full scores); call its ``reset()`` after :meth:`capture`. On its host schedule
+            :meth:`capture` records one graph per step kind (scan, re-score) in one memory pool and
+            :meth:`replay` replays the one the selector's host clock names.
+        probe: benchmark knobs (:class:`StepProbe`).
     """
 
-    def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, *, method: str = "prr",
-                 predictor: HoltPredictor | None = None, layer: int = 0, update_layer: int | None = None,
-                 ratio: float = 1.0, mode: str = "exact", streams: bool = True, scale: float | None = None,
-                 tail: bool = True, hold_prediction: bool = False, side_stream: torch.cuda.Stream | None = None,
-                 sel_stream: torch.cuda.Stream | None = None, defer_tail: bool = False,
-                 collect_stats: bool = False, grow: int = 0, spec_programs: int | None = None,
-                 amortized=None, counts: StepCounts | None = None):
-        check.choice("method", method, METHODS)
-        if (amortized is not None or getattr(meta, "amortized", None) is not None) and method != "dsa":
-            raise ValueError("amortized selection runs with method='dsa' only (PRR's predictor needs full scores)")
+    def __init__(self, cache: KVCache, meta: BlockMetadata, num_q_heads: int, settings: StepSettings | None = None,
+                 *, predictor: HoltPredictor | None = None, layer: int = 0, counts: StepCounts | None = None,
+                 streams: bool | StepStreams = True, collect_stats: bool = False, amortized=None,
+                 probe: StepProbe | None = None, **fields):
+        settings = dataclasses.replace(settings, **fields) if settings is not None else StepSettings(**fields)
+        self.settings = settings
+        probe = probe or StepProbe()
+        self.probe = probe
+        method = settings.method
+        if (amortized is not None or getattr(meta, "amortized", None) is not None) and (
+                method != "dsa" or settings.topk != "full"):
+            raise ValueError("amortized selection runs with method='dsa' and the full top-K only")
         self.amortized = amortized
-        check.choice("mode", mode, STEP_MODES)
-        if method == "prr" and not isinstance(predictor, HoltPredictor):
-            raise TypeError("method='prr' needs a HoltPredictor")
+        if predictor is not None and not isinstance(predictor, HoltPredictor):
+            raise TypeError(f"predictor must be a HoltPredictor or None, got {type(predictor).__name__}")
+        if method == "prr" and predictor is None and settings.topk != "guessed":
+            raise ValueError("PRR without a Holt predictor takes P from the guessed top-K: topk='guessed'")
         check.gqa(num_q_heads, cache.num_kv_heads)
         self.cache, self.meta, self.cfg = cache, meta, meta.cfg
-        self.method, self.mode, self.scale = method, mode, scale
+        self.method, self.mode, self.scale = method, settings.mode, settings.scale
         self.predictor, self.layer = predictor, layer
-        self.update_layer = layer if update_layer is None else update_layer
-        self.spec_k = speculative_top_k(self.cfg.top_k, ratio)
+        self.update_layer = layer if probe.update_layer is None else probe.update_layer
+        self.spec_k = speculative_top_k(self.cfg.top_k, settings.ratio)
         self.q = torch.zeros(cache.batch, num_q_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
         cuda = cache.device.type == "cuda"
-        two = cuda and streams and method == "prr"
-        self.side = (side_stream or torch.cuda.Stream(device=cache.device)) if two else None
-        self.sel_stream = (sel_stream or torch.cuda.Stream(device=cache.device, priority=-1)) if two else None
-        self.tail, self.hold_prediction = tail, hold_prediction
-        self.defer_tail, self.collect_stats = defer_tail, collect_stats
+        st = streams if isinstance(streams, StepStreams) else StepStreams()
+        two = cuda and streams is not False and method == "prr"
+        self.side = (st.side or torch.cuda.Stream(device=cache.device)) if two else None
+        self.sel_stream = (st.sel or torch.cuda.Stream(device=cache.device, priority=-1)) if two else None
+        self.tail, self.hold_prediction = probe.tail, probe.hold_prediction
+        self.defer_tail, self.collect_stats = st.defer_tail, collect_stats
+        self.spec_programs = probe.spec_programs
         self.stats = None
         self.counts: StepCounts | None = counts  # the model step's shared counts (run() sets them per call)
         self.fixed_counts = counts
-        self.grow = check.nonneg_int("grow", grow)
-        self.spec_programs = spec_programs
-        if method == "prr":  # P for the first step, from the predictor's current state
+        self.grow = settings.grow
+        self.guessed = None
+        if settings.topk == "guessed":
+            self.guessed = GuessedTopK(cache.batch, cache.num_kv_heads, self.cfg,
+                                       self.spec_k if method == "prr" else None, device=cache.device,
+                                       hold=probe.hold_prediction)
+        if method == "prr":  # P for the first step
             nblk = ops.num_blocks(cache.seq_lens + self.grow, self.cfg.block_size)
-            self.pred_scores = predictor.predict(layer).clone()
-            self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
-                                                       self.cfg.n_local)
+            if predictor is not None:
+                self.pred_scores = predictor.predict(layer).clone()
+                self.p_idx, self.p_cnt = ops.select_blocks(self.pred_scores, nblk, self.spec_k, self.cfg.n_sink,
+                                                           self.cfg.n_local)
+            else:  # the forced blocks alone until seeded (every dynamic block a miss)
+                none = torch.full((cache.batch, cache.num_kv_heads, cache.max_blocks(self.cfg.block_size)),
+                                  float("-inf"), device=cache.device)
+                self.p_idx, self.p_cnt = ops.select_blocks(none, nblk, self.spec_k, self.cfg.n_sink,
+                                                           self.cfg.n_local)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tail_graph: torch.cuda.CUDAGraph | None = None
         self.kind_graphs: dict | None = None  # host-scheduled amortized selection: {scan: (graph, out, last)}
@@ -108,6 +171,19 @@ class LayerStep:
         # once a step's tail ran (without hold_prediction) they hold the *next* step's P; clone them before the
         # step to keep the P it used.
         self.last = {}
+
+    def seed(self, s, p=None) -> None:
+        """Start from a known selection ``s = (indices, counts)`` (e.g. the last prompt position's): the guessed
+        top-K's previous selection, so the first step's guess already holds; and for PRR without a Holt
+        predictor, a known P ``p = (indices, counts)`` (default: S's blocks, as far as P's capacity goes)."""
+        if self.guessed is not None:
+            self.guessed.seed(*s)
+        if self.method == "prr" and self.predictor is None:
+            idx, cnt = p if p is not None else s
+            cap = self.p_idx.shape[-1]
+            self.p_idx.fill_(-1)
+            self.p_idx[..., :min(cap, idx.shape[-1])].copy_(idx[..., :cap])
+            self.p_cnt.copy_(cnt.clamp(max=cap))
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _side(self):
@@ -122,9 +198,11 @@ class LayerStep:
         q = self.q if q is None else q
         nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if self.counts is None else self.counts.nblk
         if self.method == "dsa":
-            sel = select(q, cache, self.meta, nblk=nblk, amortized=self.amortized)
+            sel = self._select(q, nblk)
             self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "scores": sel.scores}
             o, lse = ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size, self.scale)
+            if self.collect_stats:
+                self.stats = self._dsa_stats(sel, nblk)
             return o, lse, sel, nblk
         main = torch.cuda.current_stream() if self.side is not None else None
         p_idx, p_cnt = self.p_idx, self.p_cnt
@@ -132,7 +210,7 @@ class LayerStep:
             self.sel_stream.wait_stream(main)
             self.side.wait_stream(main)
         with self._sel():
-            sel = select(q, cache, self.meta, nblk=nblk)
+            sel = self._select(q, nblk)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
@@ -152,11 +230,38 @@ class LayerStep:
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats and not (self.tail and self.side is not None):  # (a stream-less tail runs after)
-            self.stats = prr_stats(p_idx, p_cnt, sel, nblk, cfg, self.spec_k, self._forced())
+            self.stats = self._prr_stats(sel, nblk)
         return o, lse, sel, nblk
 
+    def _select(self, q, nblk):
+        """S: the full selection, or the guessed top-K's (which also writes the next P, over the next step's
+        blocks)."""
+        if self.guessed is None:
+            return select(q, self.cache, self.meta, nblk=nblk, amortized=self.amortized)
+        nxt = self._nblk_next(nblk) if self.method == "prr" and self.predictor is None else None
+        return self.guessed.select(q, self.cache, self.meta, nblk, nxt)
+
+    def _nblk_next(self, nblk):
+        if not self.grow:
+            return nblk
+        shared = self.counts.nblk_next if self.counts is not None else None
+        return shared if shared is not None else ops.num_blocks(self.cache.seq_lens + self.grow, self.cfg.block_size)
+
+    def _prr_stats(self, sel, nblk):
+        st = prr_stats(self.p_idx, self.p_cnt, sel, nblk, self.cfg, self.spec_k, self._forced())
+        st.guess = self.guessed.stats if self.guessed is not None else None
+        return st
+
+    def _dsa_stats(self, sel, nblk):
+        zero = self.counts.zero if self.counts is not None else torch.zeros_like(sel.counts)
+        forced = self.counts.forced if self.counts is not None else StepCounts.from_blocks(
+            nblk, self.cfg, self.cache.num_kv_heads).forced
+        return StepStats(sel.counts, zero, zero, sel.counts, zero, forced,
+                         guess=self.guessed.stats if self.guessed is not None else None)
+
     def _tail(self, sel, nblk, fork: bool = True):
-        """Fold S's scores into the predictor and predict the next P (off this step's critical path)."""
+        """Put the next P in place: the guessed top-K's (a copy), or fold S's scores into the Holt predictor
+        and take its top-K' (off this step's critical path)."""
         if self.method != "prr" or not self.tail:
             return
         cfg = self.cfg
@@ -165,20 +270,20 @@ class LayerStep:
             self.side.wait_stream(main)
         with self._side() if main is not None else contextlib.nullcontext():
             if self.collect_stats and self.side is not None:
-                # The step's counts from the P it used, before the prediction below overwrites it: off the
-                # critical path here (on the main stream after the join, as a dozen PyTorch ops per layer, they
-                # cost a PRR step of Llama-3.1-8B ~1 ms per token; now one selection_overlap kernel)
-                self.stats = prr_stats(self.p_idx, self.p_cnt, sel, nblk, cfg, self.spec_k, self._forced())
-            pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
-            self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
-            nblk_next = nblk
-            if self.grow:
-                shared = self.counts.nblk_next if self.counts is not None else None
-                nblk_next = shared if shared is not None else ops.num_blocks(self.cache.seq_lens + self.grow,
-                                                                             cfg.block_size)
-            # The next P straight into the live buffers (the stats above already read this step's P)
-            ops.select_blocks(pred, nblk_next, self.spec_k, cfg.n_sink, cfg.n_local,
-                              out=None if self.hold_prediction else (self.p_idx, self.p_cnt))
+                # The step's counts from the P it used, before the next P overwrites it: off the critical path
+                # here (on the main stream after the join, as a dozen PyTorch ops per layer, they cost a PRR
+                # step of Llama-3.1-8B ~1 ms per token; now one selection_overlap kernel)
+                self.stats = self._prr_stats(sel, nblk)
+            if self.predictor is None:  # the guessed top-K wrote the next P beside S
+                if not self.hold_prediction:
+                    self.p_idx.copy_(self.guessed.p_idx)
+                    self.p_cnt.copy_(self.guessed.p_cnt)
+            else:
+                pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
+                self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
+                # The next P straight into the live buffers (the stats above already read this step's P)
+                ops.select_blocks(pred, self._nblk_next(nblk), self.spec_k, cfg.n_sink, cfg.n_local,
+                                  out=None if self.hold_prediction else (self.p_idx, self.p_cnt))
         if main is not None and not self.defer_tail:
             main.wait_stream(self.side)  # a captured graph must end with its streams joined
 
@@ -212,10 +317,14 @@ class LayerStep:
         return self.out
 
     def _state(self):
-        if self.method != "prr":
-            return []
-        p = self.predictor
-        return [p.level, p.trend, p.known, self.pred_scores, self.p_idx, self.p_cnt]
+        """The buffers a step updates in place (capture's warm-up restores them)."""
+        state = self.guessed.buffers() if self.guessed is not None else []
+        if self.method == "prr":
+            state += [self.p_idx, self.p_cnt]
+            if self.predictor is not None:
+                p = self.predictor
+                state += [p.level, p.trend, p.known, self.pred_scores]
+        return state
 
     def _snapshot(self):
         return [t.clone() for t in self._state()]

@@ -36,4 +36,5 @@ select_blocks_guessed.__doc__ = reference.select_blocks_guessed.__doc__ + """
     (None entries are allocated); ``prev`` may be ``(out[0], out[1])`` (the previous step's selection, in
     place) and ``guess`` may be ``out[2]``: each row reads them before writing."""
 
-__all__ = ["HELD", "NARROWED", "PATHS", "SHORT", "TOO_HIGH", "TOO_LOW", "key_to_float", "order_key", "select_blocks_guessed"]
+__all__ = ["HELD", "NARROWED", "PATHS", "SHORT", "TOO_HIGH", "TOO_LOW", "key_to_float", "order_key",
+           "select_blocks_guessed"]
