@@ -14,6 +14,10 @@
 #   e2e-glm-targets  GLM-4-9B-1M dense vs DSA at 512K b4 and 1M b1
 #   e2e-smollm2      SmolLM2-135M shapes at 5K tokens, budget 1024
 #   select           prr bench select: full scan vs amortized selection at 512K, b1 and b8
+#   guessed-tests    the guessed top-K's and the layer runtime's GPU tests
+#   topk             prr bench topk: the guessed top-K vs the full one, Llama-3.1-8B 128K/512K x b1/b8, budget 2048
+#   layer-targets    the layer step at the two target cases (Llama-3.1-8B b1 128K and GLM-4-9B b1 512K,
+#                    budget 2048), kernel timelines recorded
 #   diag-prr         kernel timelines of DSA's and PRR's layer step (scripts/diag_prr.py; draw them with
 #                    prr bench plot $OUT/diag_prr.json --timelines)
 #   diag-amortized   kernel timelines of amortized selection's scan and re-score steps
@@ -61,6 +65,15 @@ for step in "$@"; do
       --out "$OUT/bench_e2e_smollm2_h200.json" 2>&1 | quiet | tail -8 | tee -a "$OUT/run.log" ;;
     select) timeout 200 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x4,16x8,32x4,32x6 \
       --out "$OUT/bench_select_h200.json" 2>&1 | quiet | tail -40 | tee -a "$OUT/run.log" ;;
+    guessed-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_guessed.py tests/test_runtime.py 2>&1 \
+      | tail -6 | tee -a "$OUT/run.log" ;;
+    topk) timeout 300 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 4,8,16 \
+      --out "$OUT/bench_topk_h200.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
+    layer-targets) { timeout 200 python3 -m prr bench layer --quick --timelines --models llama-3.1-8b --batches 1 \
+      --contexts 128K --budgets 2048 --methods quest --out "$OUT/bench_layer_llama_128k.json" 2>&1 | quiet | tail -3
+      timeout 200 python3 -m prr bench layer --quick --timelines --models glm-4-9b --batches 1 --contexts 512K \
+      --budgets 2048 --methods quest --out "$OUT/bench_layer_glm_512k.json" 2>&1 | quiet | tail -3; } \
+      | tee -a "$OUT/run.log" ;;
     diag-prr) timeout 300 python3 scripts/diag_prr.py --out "$OUT" --timelines 2 \
       --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192}" 2>&1 | quiet \
       | tail -30 | tee -a "$OUT/run.log" ;;

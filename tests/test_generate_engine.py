@@ -93,18 +93,19 @@ def test_auto_ratio_follows_the_budget_profiler(monkeypatch):
 
     model = _model()
     sparse = prr.SparseConfig(top_k=4)
-    prompt = torch.randint(0, 64, (1, 90), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(0, 64, (1, 200), generator=torch.Generator().manual_seed(3))  # 13 blocks: K + 6
     toks = {}
     for name, attention, ratio in (("dsa", "dsa", 1.5), ("fixed", "prr", 1.5), ("auto", "prr", "auto")):
         eng = Engine(model, None, attention=attention, sparse=sparse, ratio=ratio, calibrate_window=3)
         toks[name], _ = eng.generate(prompt[0], 6)
-        if name == "auto":  # a CPU: not profiled, the fixed ratio
-            assert eng.ratio == prr.model.engine.AUTO_CPU_RATIO and eng.attention == "prr"
-            assert eng.spec_decision["speculation"] == "on" and "not profiled" in eng.spec_decision["reason"]
+        if name == "auto":  # a CPU: not profiled, serialized DSA
+            assert eng.attention == "dsa" and eng.spec_decision["topk"] == "full"
+            assert eng.spec_decision["speculation"] == "off" and "a CPU" in eng.spec_decision["reason"]
     assert toks["fixed"] == toks["auto"] == toks["dsa"]
 
     decisions = iter([BudgetDecision(None, 10.0, 10.5, -0.05, "off: gain -5.0% < 2%"),
-                      BudgetDecision(3, 10.0, 9.0, 0.1, "on: gain +10.0%")])
+                      BudgetDecision(3, 10.0, 9.0, 0.1, "on: gain +10.0%", topk="guessed"),
+                      BudgetDecision(None, 10.0, 10.5, -0.05, "off: gain -5.0% < 2%", topk="guessed")])
     monkeypatch.setattr(Engine, "_profile_speculation", lambda self, layer: next(decisions))
     eng = Engine(model, None, attention="prr", sparse=sparse, ratio="auto", calibrate_window=3)
     out, _ = eng.generate(prompt[0], 6)
@@ -113,6 +114,10 @@ def test_auto_ratio_follows_the_budget_profiler(monkeypatch):
     out, _ = eng.generate(prompt[0], 6)  # a new prefill: the profiler again, now K' = 3
     assert eng.attention == "prr" and eng.spec_decision["speculation"] == "on" and out == toks["dsa"]
     assert prr.algo.step.speculative_top_k(sparse.top_k, eng.ratio) == 3
+    out, st = eng.generate(prompt[0], 6)  # speculation off, the guessed top-K on: DSA on the guessed top-K
+    assert eng.attention == "prr" and not eng.speculate and out == toks["dsa"]
+    assert all(s.settings.method == "dsa" and s.settings.topk == "guessed" for s in eng._steps.values())
+    assert st.guess is not None and st.guess["held"] == 1.0
 
 
 def test_auto_ratio_is_not_profiled_under_tensor_parallelism():

@@ -161,3 +161,29 @@ def test_previous_selection_bounds_the_guess(nmax):
     assert set(paths) <= {HELD, NARROWED}
     garbage = (torch.full_like(prev[0], -5), torch.full_like(prev[1], 3))  # no valid block: -inf, as a guess
     _both(base, nblk, 30, None, prev=garbage)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nmax,top_k", [(320, 61), (8192, 125), (32768, 125), (8192, 1021)],
+                         ids=["smollm2-5k", "128k-2048", "512k-2048", "128k-16384"])
+def test_cuda_kernel_equals_the_reference_over_drifting_steps(nmax, top_k):
+    """On the GPU, steps fed back as PRR runs them (the previous selection bounds the guess): every output bit
+    for bit equal to the reference on the CPU, and the selection to the full Triton top-K."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 8, nmax, generator=gen)
+    nblk = torch.tensor([nmax, nmax - 333], dtype=torch.int32)
+    prev = None
+    for step in range(5):
+        scores = base + 0.2 * torch.randn(base.shape, generator=gen)
+        kw = {"prev": prev} if prev is not None else {"guess": torch.full((2, 8), float("-inf"))}
+        ref = reference.select_blocks_guessed(scores, nblk, top_k, spec_k=int(1.5 * top_k),
+                                              num_blocks_next=nblk + 1, **kw)
+        kwc = {k: (tuple(t.cuda() for t in v) if isinstance(v, tuple) else v.cuda()) for k, v in kw.items()}
+        got = select_blocks_guessed(scores.cuda(), nblk.cuda(), top_k, spec_k=int(1.5 * top_k),
+                                    num_blocks_next=nblk.cuda() + 1, **kwc)
+        for name, a, b in zip(NAMES, ref, got, strict=True):
+            assert torch.equal(_bits(a), _bits(b.cpu())), (step, name)
+        full = select_triton.select_blocks(scores.cuda(), nblk.cuda(), top_k, 1, 2)
+        assert torch.equal(got[0], full[0]) and torch.equal(got[1], full[1])
+        prev, base = (ref[0], ref[1]), scores

@@ -135,9 +135,10 @@ def test_cli_generate_and_errors(smollm, tmp_path, capsys):
 
     out = tmp_path / "g.json"
     assert main(["generate", "--prompt", "Name a color.", "--attention", "prr", "--max-new-tokens", "6",
-                 "--budget", "256", "--json", str(out)]) == 0
+                 "--budget", "256", "--ratio", "1.5", "--json", str(out)]) == 0
     stats = json.loads(out.read_text())["stats"]
     assert stats["new_tokens"] >= 1 and stats["attention"] == "prr"
+    assert set(stats["guess"]) >= {"rows", "held", "too_high", "too_low", "candidates_over_k"}
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["generate", "--prompt-file", str(tmp_path / "absent.txt")]) == 2

@@ -94,8 +94,14 @@ def test_layer_step_decoding_with_appends_equals_prr_step(mode):
 
 def test_layer_step_rejects_bad_setup():
     cache, _, meta, pred = _decode_setup("quest")
-    with pytest.raises(TypeError, match="needs a HoltPredictor"):
-        LayerStep(cache, meta, 8, method="prr")
+    with pytest.raises(ValueError, match="takes P from the guessed top-K"):
+        LayerStep(cache, meta, 8, method="prr", topk="full")
+    with pytest.raises(TypeError, match="HoltPredictor or None"):
+        LayerStep(cache, meta, 8, method="prr", predictor=object())
+    with pytest.raises(ValueError, match="unknown topk"):
+        LayerStep(cache, meta, 8, method="dsa", topk="fast")
+    with pytest.raises(ValueError, match="amortized selection runs with"):
+        LayerStep(cache, meta, 8, method="dsa", topk="guessed", amortized=object())
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         LayerStep(cache, meta, 8, method="fast", predictor=pred)
     with pytest.raises(ValueError, match="Hq=5"):
@@ -123,7 +129,7 @@ def test_choose_budget_picks_largest_hidden_k_and_falls_back():
 def test_budget_cache_roundtrip(tmp_path):
     cache = BudgetCache(str(tmp_path / "b.json"))
     key = BudgetCache.key("NVIDIA H200", 1, 32, 8, 128, "quest", 2048, 100_000)
-    assert key.endswith("ctx131072") and cache.get(key) is None
+    assert key.endswith("ctx131072|guessed") and cache.get(key) is None
     dec = BudgetDecision(96, 70.0, 53.0, 0.24, "on")
     cache.put(key, dec)
     assert BudgetCache(str(tmp_path / "b.json")).get(key) == dec
@@ -131,21 +137,61 @@ def test_budget_cache_roundtrip(tmp_path):
     assert cache.get(key) is None
 
 
+@pytest.mark.parametrize("mode", ["exact", "union"])
+def test_prr_on_the_guessed_top_k_equals_dsa_while_decoding(mode):
+    """The default PRR step (the guessed top-K finds S and writes the next P) and DSA with the guessed top-K,
+    decoding with appends across block boundaries: PRR exact equals serialized DSA (float64), guessed DSA
+    equals it bit for bit, P is the previous step's, and after the seeded first step every guess held."""
+    from prr.ops.guessed import HELD, NARROWED
+
+    cache, cfg, meta, _ = _decode_setup("quest")
+    step = LayerStep(cache, meta, 8, method="prr", ratio=1.5, mode=mode, grow=1, collect_stats=True)
+    gdsa = LayerStep(cache, meta, 8, method="dsa", topk="guessed", collect_stats=True)
+    gen = torch.Generator().manual_seed(4)
+    q = make_query(cache, 4, scale=2.0)
+    first = prr.select(q, cache, meta)
+    step.seed((first.indices, first.counts))
+    gdsa.seed((first.indices, first.counts))
+    hits = []
+    for t in range(20):  # both sequences start a new 16-token block on the way
+        kv = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64)
+        q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        cache.append(kv[0], kv[1])
+        meta.append(cache)
+        p_used = (step.p_idx.clone(), step.p_cnt.clone())
+        want = prr.dsa_step(q, cache, meta)
+        o, lse = step.run(q)
+        og, _ = gdsa.run(q)
+        assert torch.equal(og, want.o) and torch.equal(gdsa.last["s_idx"], want.selection.indices)
+        assert torch.equal(step.last["s_idx"], want.selection.indices)
+        if mode == "exact":
+            torch.testing.assert_close(o, want.o, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(lse, want.lse, rtol=1e-12, atol=1e-12)
+        else:  # attention over P ∪ S: never below DSA's own log-sum-exp
+            assert bool((lse >= want.lse - 1e-9).all())
+        assert torch.equal(step.stats.predicted, p_used[1])
+        assert set(step.stats.guess[1].flatten().tolist()) <= {HELD, NARROWED}
+        hits.append(step.stats.hit_rate())
+    assert sum(hits) / len(hits) > 0.5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("topk", ["full", "guessed"])
 @pytest.mark.parametrize("method,mode,split", [("dsa", "exact", False), ("prr", "exact", False),
                                                ("prr", "union", False), ("prr", "exact", True)])
-def test_graph_replay_equals_eager_over_decode_steps(method, mode, split):
+def test_graph_replay_equals_eager_over_decode_steps(method, mode, split, topk):
     """Two identical states; one steps eagerly, the other replays one captured graph (or the critical path and
     the predictor tail as two graphs). Over 6 decode steps with appends, outputs and predictor states agree bit
     for bit, and PRR exact matches serialized DSA."""
     runs = []
     for _ in range(2):
         cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
-        runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=pred, ratio=1.5,
-                                                   mode=mode)))
+        holt = pred if topk == "full" else None  # PRR on the guessed top-K takes P from it
+        runs.append((cache, meta, pred, LayerStep(cache, meta, 8, method=method, predictor=holt, ratio=1.5,
+                                                   mode=mode, topk=topk, grow=1)))
     runs[1][3].capture(split_tail=split)
-    assert (runs[1][3].tail_graph is not None) == split
+    assert (runs[1][3].tail_graph is not None) == (split and method == "prr")
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
     for _ in range(6):
@@ -159,6 +205,7 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode, split):
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
         if method == "prr":
             assert torch.equal(runs[0][2].level, runs[1][2].level)
+            assert torch.equal(runs[0][3].p_idx, runs[1][3].p_idx)
         if mode == "exact":
             dsa = prr.dsa_step(q, runs[0][0], runs[0][1])
             torch.testing.assert_close(outs[0][0].float(), dsa.o.float(), rtol=2e-2, atol=2e-2)

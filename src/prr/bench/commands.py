@@ -80,7 +80,7 @@ def _cmd_bench_layer(args) -> int:
         return 2
     from . import layer
 
-    layer.run(*shapes, args.out, budgets=budgets, sweep=not args.quick)
+    layer.run(*shapes, args.out, budgets=budgets, sweep=not args.quick, timelines=args.timelines)
     print(f"saved {args.out}")
     return 0
 
@@ -128,6 +128,19 @@ def _cmd_bench_select(args) -> int:
     from . import amortized
 
     amortized.run(*shapes, settings, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_bench_topk(args) -> int:
+    models, batches = _models("--models", args.models), _ints("--batches", args.batches)
+    contexts, budgets = _contexts(args.contexts), _ints("--budgets", args.budgets)
+    warps = [None] + (_ints("--warps", args.warps) if args.warps else [])
+    if _no_cuda("topk"):
+        return 2
+    from . import topk
+
+    topk.run(models, batches, contexts, budgets, args.out, warps=warps)
     print(f"saved {args.out}")
     return 0
 
@@ -189,7 +202,10 @@ def register(sub) -> None:
     s.add_argument("--methods", default="quest,infllm_v2")
     s.add_argument("--budgets", default="", help="selection budgets in tokens, e.g. 2048,4096,8192 "
                    "(default: 2048 for Quest, 4096 for InfLLM-v2)")
-    s.add_argument("--quick", action="store_true", help="no hit-rate sweep, drift rows or whole-step timings")
+    s.add_argument("--quick", action="store_true", help="no paper's PRR, hit-rate sweep, drift rows or whole-step "
+                   "timings")
+    s.add_argument("--timelines", action="store_true", help="record kernel timelines of DSA, DSA on the guessed "
+                   "top-K and PRR (in the JSON's summary; draw them with `prr bench plot --timelines`)")
     s.add_argument("--out", default="results/bench_layer.json")
     s.set_defaults(func=_cmd_bench_layer)
     s = bsub.add_parser("e2e", help="whole-model decode latency: dense vs DSA vs PRR, one CUDA graph per step")
@@ -219,6 +235,14 @@ def register(sub) -> None:
     s.add_argument("--amortized", default="16x4,16x8,32x4,32x6", help="MxC settings, comma separated")
     s.add_argument("--out", default="results/bench_select.json")
     s.set_defaults(func=_cmd_bench_select)
+    s = bsub.add_parser("topk", help="the guessed top-K against the full one, alone and in the selection")
+    s.add_argument("--models", default="llama-3.1-8b")
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--contexts", default="128K,512K")
+    s.add_argument("--budgets", default="2048", help="selection budgets in tokens (Quest blocks of 16)")
+    s.add_argument("--warps", default="", help="also time the guessed top-K at these program widths, e.g. 4,8,16")
+    s.add_argument("--out", default="results/bench_topk.json")
+    s.set_defaults(func=_cmd_bench_topk)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON (or the "
                                      "per-token breakdown from a `bench e2e` JSON)")
     s.add_argument("file")

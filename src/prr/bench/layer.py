@@ -1,16 +1,16 @@
 """``prr bench layer``: the per-layer decode-attention step, dense vs serialized DSA vs PRR, on one GPU.
 
-Per case (model shape, batch, context, method), bf16, one layer, every variant one CUDA graph timed by
-:mod:`prr.bench.common`: dense SDPA over the context; serialized DSA (selection then attention, the same
-kernels); PRR exact and union at the hit rates measured on real-model traces (DESIGN.md: about 0.80 with
-K' = K and 0.94 with K' = 1.5K) and a sweep of hit rates for exact mode. The hit rate is *imposed*: the
-predictor's state is set so that its top-K' holds the wanted share of the true selection, and the step folds
-its scores into a spare predictor slot so the prediction stays fixed across replays. Each PRR variant is
-timed twice: the whole step (``prr_*``: with the tail that updates the predictor and predicts the next P,
-joined at the end of the graph) and its critical path (``prr_*_path``: speculation beside selection, then
-repair; in a model the tail runs beside the rest of the layer). The speculation budget
-(:func:`prr.runtime.choose_budget`) is decided from the parts timed in the same run; ``prr_auto`` is what it
-picks (PRR's critical path at its K', or serialized DSA).
+Per case (model shape, batch, context, method, budget), bf16, one layer, every variant one CUDA graph timed by
+:mod:`prr.bench.common`: dense SDPA over the context; serialized DSA (selection with the full top-K, then
+attention: the paper's baseline) and its parts; DSA on the guessed top-K (``dsa_guessed``: the same S,
+found from the previous step's selection); PRR on the guessed top-K, exact and union, at K' = K and 1.5K
+(``prr_*_path``: speculation over P beside the selection, then the repair; the tail that puts the next P in
+place runs beside the rest of the layer in a model). The previous step is a drifted query whose selections
+overlap the case's about as real text's do (:func:`prr.bench.topk.previous_query`): its selection starts the
+guessed top-K, its top-K' is P, so the hit rate and ``|C(τ)|`` are measured, not imposed. The speculation
+budget (:func:`prr.runtime.profile_budget`) decides ``prr_auto`` in the same run (PRR at its K', DSA on the
+guessed top-K, or serialized DSA). The full mode adds the paper's PRR (Holt predictor, full top-K) at imposed
+hit rates, the whole-step timings with the tail, and a drifting-query run of the Holt predictor.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ from .. import ops
 from ..algo.predictor import HoltPredictor
 from ..algo.sparse import SparseConfig, select
 from ..algo.step import StepCounts, speculative_top_k
-from ..runtime import BudgetCache, LayerStep, choose_budget, profile_budget, trace_hit_rate
+from ..ops.guessed import PATHS
+from ..runtime import BudgetCache, LayerStep, StepProbe, choose_budget, profile_budget
 from ..timing import time_graph, time_op
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table
 from .kernels import METHOD_BUDGET, RandomLayer, _label, _metadata_bytes
+from .timeline import graph_timeline
+from .topk import previous_query
 from .workload import calibrate_drift, drift
 
 BF16 = 2
@@ -119,15 +122,15 @@ def add_drift_rows(add, cache, meta, q0, hq, dsa: LayerStep, target: float = 0.8
 
 
 def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | None = None,
-               sweep: bool = True) -> tuple[list[Row], dict]:
+               sweep: bool = True, timelines: bool = False) -> tuple[list[Row], dict]:
     """One case. ``budget``: selection budget in tokens (default per method); ``sweep=False`` leaves out the
-    hit-rate sweep, the drift rows and the whole-step (with tail) timings: the parts, serialized DSA, PRR's
-    critical path at the real-trace hit rates and the runtime's own choice (``auto``) remain."""
+    paper's PRR (Holt predictor, full top-K) at imposed hit rates, the hit-rate sweep, the drift rows and the
+    whole-step (with tail) timings; ``timelines``: record the kernel timelines of DSA, DSA on the guessed top-K
+    and PRR exact (in the summary)."""
     lay = RandomLayer.make(model, batch, ctx, method, budget=budget)
     case, cfg, cache, meta, q, nblk = lay.case, lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
     hq, hkv, d = q.shape[1], cache.num_kv_heads, cache.head_dim
     dev = cache.device
-    nmax = cache.max_blocks(cfg.block_size)
     sel = select(q, cache, meta)
     floor_b = _metadata_bytes(cfg, batch, hkv, d, ctx) + batch * cfg.budget_tokens * 2 * hkv * d * BF16
     floor_us = floor_b / (copy_tbps * 1e12) * 1e6
@@ -140,58 +143,67 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
 
     kd = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16)
     vd = torch.randn_like(kd)
-    add("dense", "sdpa", time_op(lambda k=kd, v=vd: torch.nn.functional.scaled_dot_product_attention(
+    t_dense = add("dense", "sdpa", time_op(lambda k=kd, v=vd: torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], k, v, enable_gqa=True)), batch * ctx * 2 * hkv * d * BF16)
     del kd, vd
 
     # The block counts, once, as a model counts them once per token for all its layers (a step counting
     # itself adds three small kernels, ~5 us at batch 1, to DSA and PRR alike)
     counts = StepCounts.of(cache.seq_lens, cfg, hkv)
+    tl = {}
+
+    def timed(name, step):
+        step.capture()
+        if timelines:
+            tl[name] = graph_timeline(step.graph)
+        return time_graph(step.graph)
+
     dsa = LayerStep(cache, meta, hq, method="dsa", counts=counts)
     dsa.q.copy_(q)
-    dsa.capture()
-    t_dsa = add("dsa", "graph", time_graph(dsa.graph))
+    t_dsa = add("dsa", "graph", timed("dsa", dsa))
     t_sel = add("selection", "graph", time_op(lambda: select(q, cache, meta, nblk=counts.nblk)))
     t_att = add("attention", "graph", time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts,
                                                                           cfg.block_size)))
+    # The step before: a drifted query whose selection starts the guessed top-K and whose top-K' is P, as the
+    # guessed top-K of that step would have left them (consecutive selections overlapping as on real text)
+    q_prev, prev, sigma = previous_query(lay)
+    s_prev = meta.scores(q_prev, cache)
+    held = StepProbe(tail=False, hold_prediction=True)
+    gdsa = LayerStep(cache, meta, hq, method="dsa", topk="guessed", counts=counts, probe=held, collect_stats=True)
+    gdsa.seed(prev)
+    gdsa.q.copy_(q)
+    t_gdsa = add("dsa_guessed", "graph", timed("dsa_guessed", gdsa))
+    gdsa.replay()
+    paths = gdsa.guessed.stats[1].flatten().tolist()
+    cand = [c for c, p in zip(gdsa.guessed.stats[0].flatten().tolist(), paths, strict=True) if p in (0, 4)]
+    guess = {"paths": {PATHS[p]: paths.count(p) for p in sorted(set(paths))}, "sigma": round(sigma, 4),
+             "candidates_over_k": round(sum(cand) / len(cand) / cfg.top_k, 3) if cand else None}
+    g = gdsa.guessed
+    t_gsel = add("selection_guessed", "graph", time_op(lambda: g.select(q, cache, meta, counts.nblk)), **guess)
 
-    pred = HoltPredictor(2, batch, hkv, nmax, alpha=0.5, device=dev)  # slot 0 read, slot 1 written
-
-    def prr_time(ratio, hit, mode, tail=True, spec_programs=None):
+    def prr_new(ratio, mode, tail=False):
+        """The PRR step on the guessed top-K, P the previous step's top-K'; its measured hit rate."""
         spec_k = speculative_top_k(cfg.top_k, ratio)
-        impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, spec_k, hit)
-        step = LayerStep(cache, meta, hq, method="prr", predictor=pred, update_layer=1, ratio=ratio, mode=mode,
-                         tail=tail, hold_prediction=True, spec_programs=spec_programs, counts=counts)
+        step = LayerStep(cache, meta, hq, method="prr", ratio=ratio, mode=mode, counts=counts,
+                         probe=StepProbe(tail=tail, hold_prediction=True))
+        step.seed(prev, ops.select_blocks(s_prev, nblk, spec_k, cfg.n_sink, cfg.n_local))
         step.q.copy_(q)
-        step.capture()
+        us = timed(f"prr_{mode}_r{ratio}", step)
         step.replay()
-        got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.last["p_idx"],
-                                     step.last["p_cnt"]).sum().item()
+        got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.p_idx, step.p_cnt).sum().item()
         forced = (cfg.n_sink + cfg.n_local) * batch * hkv
         measured = (got - forced) / max(int(sel.counts.sum().item()) - forced, 1)
-        return time_graph(step.graph), measured, step
+        return us, measured, step
 
-    t_spec, t_rep, best, best_exact = {}, {}, None, float("inf")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for ratio, hit in REAL_TRACE:
+    best, best_exact, t_spec, t_rep = None, float("inf"), {}, {}
+    for ratio in (1.0, 1.5):
         for mode in ("exact", "union"):
-            if sweep:
-                us, measured, step = prr_time(ratio, hit, mode)
-                add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=True)
-            us, measured, step = prr_time(ratio, hit, mode, tail=False)
+            us, measured, step = prr_new(ratio, mode)
             net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
             if best is None or net < best[0]:
                 best = (net, f"{mode} r={ratio}", measured)
             if mode == "exact":
                 best_exact = min(best_exact, net)
-                # the speculation's grid capped so the selection's CTAs find free SMs (batch 4 and up)
-                cap = max(sms - batch * hkv, batch * hkv)
-                us, measured, _ = prr_time(ratio, hit, mode, tail=False, spec_programs=cap)
-                net = add("prr_exact_path_capped", "graph", us, ratio=ratio, hit_rate=round(measured, 3),
-                          tail=False, spec_programs=cap)
-                best_exact = min(best_exact, net)
-                if net < best[0]:
-                    best = (net, f"exact capped r={ratio}", measured)
                 k = step.spec_k
                 p_idx, p_cnt = step.p_idx.clone(), step.p_cnt.clone()
                 t_spec[k] = add("speculate", "graph", time_op(lambda p=p_idx, c=p_cnt: ops.block_states(
@@ -200,43 +212,69 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
                 t_rep[k] = add("repair", "graph", time_op(lambda p=p_idx, c=p_cnt, o=bo, lse=blse: ops.repair_combine(
                     q, cache, cfg.block_size, p, c, sel.indices, sel.counts, block_o=o, block_lse=lse)),
                     ratio=ratio, hit_rate=round(measured, 3))
-                scratch = torch.empty_like(step.pred_scores)
-                add("predictor_tail", "graph", time_op(lambda k=k, out=scratch: (
-                    pred.update(1, sel.scores, nblk, pred=out),
-                    ops.select_blocks(out, nblk, k, cfg.n_sink, cfg.n_local))), ratio=ratio)
-    for hit in SWEEP if sweep else ():
-        us, measured, _ = prr_time(1.0, hit, "exact", tail=False)
-        add("prr_exact_path_sweep", "graph", us, ratio=1.0, hit_rate=round(measured, 3), tail=False)
+            if sweep:
+                us, measured, _ = prr_new(ratio, mode, tail=True)
+                add(f"prr_{mode}", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=True)
+    if sweep:
+        paper_rows(add, cache, meta, q, sel, hq, counts)
     drift_summary = {}
     try:  # PRR on a drifting query, the hit rate produced by the predictor itself (calibrated to traces)
         if sweep:
             drift_summary = add_drift_rows(add, cache, meta, q, hq, dsa)
     except Exception as e:  # a failure here must not lose the case's other numbers
         print(f"drift workload failed for {case}: {e!r}")
-    # The speculation budget as the runtime decides it: a sweep of K' timed on this GPU (not cached here).
+    # The speculation budget as the runtime decides it (not cached here): the guessed top-K against the full
+    # one, then a sweep of K' timed on this GPU.
     scratch = BudgetCache(os.path.join(tempfile.gettempdir(), "prr_bench_budget.json"))
-    dec = profile_budget(cache, meta, q, budget_cache=scratch, refresh=True)
-    auto = t_dsa
+    dec = profile_budget(cache, meta, q, q_prev=q_prev, budget_cache=scratch, refresh=True)
+    auto = t_gdsa if dec.topk == "guessed" else t_dsa
     if dec.enabled:
-        ratio = dec.spec_k / cfg.top_k
-        us, measured, _ = prr_time(ratio, trace_hit_rate(ratio), "exact", tail=False)
-        auto = add("prr_auto_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False)
-    two_points = choose_budget(t_sel, t_att, t_spec, t_rep)  # the same rule on the two K' timed above
+        us, measured, _ = prr_new(dec.spec_k / cfg.top_k, "exact")
+        auto = add("prr_auto_path", "graph", us, ratio=dec.spec_k / cfg.top_k, hit_rate=round(measured, 3),
+                   tail=False)
+    two_points = choose_budget(t_gsel, t_att, t_spec, t_rep)  # the same rule on the two K' timed above
     summary = {"case": case, "model": model, "batch": batch, "context": ctx, "method": method,
-               "budget": cfg.budget_tokens, "budget_decision": dec.reason,
-               "dsa_us": round(t_dsa, 2), "prr_best_us": round(best[0], 2),
+               "budget": cfg.budget_tokens, "budget_decision": dec.reason, "dsa_us": round(t_dsa, 2),
+               "selection_us": round(t_sel, 2), "selection_guessed_us": round(t_gsel, 2),
+               "attention_us": round(t_att, 2), "dsa_guessed_us": round(t_gdsa, 2),
+               "speedup_guessed_dsa": round(t_dsa / t_gdsa, 3), "prr_best_us": round(best[0], 2),
                "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
                "speedup_best": round(t_dsa / best[0], 3), "speedup_exact": round(t_dsa / best_exact, 3),
-               "prr_auto_us": round(auto, 2),
-               "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
-               "budget_two_points": two_points.reason,
+               "prr_auto_us": round(auto, 2), "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
+               "auto_topk": dec.topk, "budget_two_points": two_points.reason,
                "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),
-               "dense_us": round(rows[0].net_us, 2), "prr_vs_dense": round(rows[0].net_us / best[0], 2),
+               "dense_us": round(t_dense, 2), "prr_vs_dense": round(t_dense / best[0], 2), **guess,
                **drift_summary}
+    if timelines:
+        summary["timelines"] = tl
     return rows, summary
 
 
-def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool = True) -> dict:
+def paper_rows(add, cache, meta, q, sel, hq, counts) -> None:
+    """The paper's PRR (a Holt predictor, the full top-K) at imposed hit rates: the real-trace points for both
+    modes and a sweep for exact mode, critical path alone."""
+    cfg, batch, hkv = meta.cfg, q.shape[0], cache.num_kv_heads
+    nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
+    pred = HoltPredictor(2, batch, hkv, cache.max_blocks(cfg.block_size), alpha=0.5, device=q.device)
+
+    def prr_time(ratio, hit, mode):
+        spec_k = speculative_top_k(cfg.top_k, ratio)
+        impose_hit_rate(pred, sel.indices, sel.counts, nblk.cpu(), cfg, spec_k, hit)
+        step = LayerStep(cache, meta, hq, method="prr", topk="full", predictor=pred, ratio=ratio, mode=mode,
+                         counts=counts, probe=StepProbe(tail=False, hold_prediction=True, update_layer=1))
+        step.q.copy_(q)
+        step.capture()
+        return time_graph(step.graph)
+
+    for ratio, hit in REAL_TRACE:
+        for mode in ("exact", "union"):
+            add(f"prr_paper_{mode}_path", "graph", prr_time(ratio, hit, mode), ratio=ratio, hit_rate=hit)
+    for hit in SWEEP:
+        add("prr_paper_exact_path_sweep", "graph", prr_time(1.0, hit, "exact"), ratio=1.0, hit_rate=hit)
+
+
+def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool = True,
+        timelines: bool = False) -> dict:
     """Every (model, batch, context, method, budget) case; ``budgets`` in tokens (None: each method's
     default). Saved after every case."""
     copy = copy_bandwidth_tbps()
@@ -247,7 +285,7 @@ def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool 
              for bu in (budgets or [None])]
     for m, b, c, me, bu in tqdm(cases, desc="bench layer", unit="case"):
         try:
-            r, s = bench_case(m, b, c, me, copy, overhead, budget=bu, sweep=sweep)
+            r, s = bench_case(m, b, c, me, copy, overhead, budget=bu, sweep=sweep, timelines=timelines)
             rows += r
             summaries.append(s)
         except Exception as e:  # one broken case must not lose the others' numbers
@@ -269,10 +307,9 @@ def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool 
 
 
 def summary_table(summaries: list[dict]) -> str:
-    cols = ("case", "dense_us", "dsa_us", "prr_best_us", "prr_best_ratio", "speedup_best", "speedup_exact",
-            "prr_auto_us",
-            "speedup_auto", "prr_x_floor", "prr_vs_dense", "drift_hit", "dsa_drift_us", "prr_drift_path_us",
-            "speedup_drift_path")
+    cols = ("case", "dsa_us", "selection_us", "selection_guessed_us", "dsa_guessed_us", "speedup_guessed_dsa",
+            "prr_best_us", "prr_best_ratio", "prr_best_hit", "speedup_best", "speedup_exact", "prr_auto_us",
+            "speedup_auto", "candidates_over_k", "prr_vs_dense", "drift_hit", "speedup_drift_path")
     lines = ["  ".join(cols)]
     for s in summaries:
         lines.append("  ".join(str(s.get(c, "")) for c in cols))

@@ -229,7 +229,8 @@ def _kernel_color(name: str) -> str:
 
 def plot_timelines(path: str, out_dir: str, steps: tuple[str, ...] | None = None, name: str | None = None) -> str:
     """Kernel timelines (``prr.bench.timeline.graph_timeline`` rows) of the layer steps a diagnostic JSON recorded
-    (``cases[case]["timelines"][step]``: ``scripts/diag_prr.py --timelines N`` and the like): one panel per case,
+    (``cases[case]["timelines"][step]``: ``scripts/diag_prr.py --timelines N`` and the like, or a ``prr bench
+    layer --timelines`` JSON's summaries): one panel per case,
     one lane per (step, stream), a bar per kernel from its mean start to its mean end (µs from the step's first
     kernel). Shows what runs beside what: a side stream's speculation under the selection, or not.
     ``steps``: which steps to draw (default: all recorded). Returns the PNG path."""
@@ -241,6 +242,8 @@ def plot_timelines(path: str, out_dir: str, steps: tuple[str, ...] | None = None
     with open(path) as f:
         res = json.load(f)
     cases = {c: r["timelines"] for c, r in (res.get("cases") or {}).items() if r.get("timelines")}
+    # a `prr bench layer --timelines` JSON keeps them in its cases' summaries
+    cases.update({s["case"]: s["timelines"] for s in (res.get("meta") or {}).get("summary", []) if s.get("timelines")})
     if not cases:
         raise ValueError(f"{path} records no kernel timelines (run its script with --timelines N)")
     lanes_of = {}

@@ -260,13 +260,13 @@ class Engine:
         layer = next((i for i in range(self.cfg.num_layers) if self._sparse_layer(i)), None)
         ctx = int(self.caches[0].seq_lens.max())
         self.speculate = True
-        if self.model.device.type != "cuda":  # nothing runs beside the selection; the full top-K is cheaper
+        dec = self._profile_speculation(layer) if layer is not None else None
+        if dec is None and self.model.device.type != "cuda":  # nothing runs beside the selection there
             self.attention = "dsa"
             self.spec_decision = {"context": ctx, "speculation": "off", "ratio": None, "topk": "full",
                                   "reason": "a CPU: no second stream to hide the speculation in, and the full "
                                             "top-K is the cheaper search there (PRR decodes as serialized DSA)"}
             return
-        dec = self._profile_speculation(layer) if layer is not None else None
         if dec is None:
             self.ratio = AUTO_CPU_RATIO
             self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio, "topk": "guessed",

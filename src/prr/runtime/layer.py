@@ -248,7 +248,8 @@ class LayerStep:
         return shared if shared is not None else ops.num_blocks(self.cache.seq_lens + self.grow, self.cfg.block_size)
 
     def _prr_stats(self, sel, nblk):
-        st = prr_stats(self.p_idx, self.p_cnt, sel, nblk, self.cfg, self.spec_k, self._forced())
+        # (|P| copied: the tail overwrites P in place)
+        st = prr_stats(self.p_idx, self.p_cnt.clone(), sel, nblk, self.cfg, self.spec_k, self._forced())
         st.guess = self.guessed.stats if self.guessed is not None else None
         return st
 
