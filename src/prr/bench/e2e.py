@@ -25,6 +25,7 @@ from ..eval.amortized import AmortizedEngine
 from ..model.engine import Engine
 from ..model.tp import TensorParallel, is_main, load_model_tp
 from ..model.weights import load_model
+from ..ops.guessed import PATHS
 from .common import copy_bandwidth_tbps, environment
 from .kernels import _label, _metadata_bytes
 from .timeline import graph_timeline, step_breakdown
@@ -92,8 +93,10 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
-        fuse: bool = True, attentions=("dense", "dsa", "prr"), breakdown: bool = True, amortized=()) -> dict:
-    """Whole-model decode: per context and batch, one engine per attention (``amortized``: ``[(m, c)]``, each
+        fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
+        amortized=()) -> dict:
+    """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
+    speculation off, DSA on the guessed top-K; ``amortized``: ``[(m, c)]``, each
     adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
     re-score step's graph)."""
@@ -124,8 +127,9 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
             for attention, setting in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 n_steps = steps
                 if setting is None:
-                    eng = Engine(model, None, attention=attention, sparse=cfg, ratio=ratio,
-                                 n_dense_layers=n_dense_layers)
+                    guessed = attention == "dsa_guessed"
+                    eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
+                                 n_dense_layers=n_dense_layers, speculate=not guessed)
                 else:  # whole periods: every timed window holds its share of scans
                     eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
                                           sparse=cfg, n_dense_layers=n_dense_layers)
@@ -152,13 +156,16 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                 if breakdown:  # where the step's time goes: one kernel timeline of the captured step
                     graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
                     tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
-                    row["breakdown"] = step_breakdown(tl, attention if setting is None else "dsa")
+                    row["breakdown"] = step_breakdown(tl, "prr" if attention == "prr" else "dsa")
                     row["breakdown"]["kernels"] = len(tl)
                 if setting is not None:
                     row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
                                rescore_median_us=round(statistics.median(times[1:]), 1))
                 if attention == "prr":
                     row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
+                if attention in ("prr", "dsa_guessed"):
+                    paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
+                    row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
                 if tp is not None:
                     row["tp"] = tp.world
                 if split:

@@ -96,17 +96,21 @@ class Engine:
         predictor: where PRR's predicted set P comes from: ``"selection"`` (the guessed top-K writes it beside
             S, from the same search: no predictor state or kernel) or ``"holt"`` (Holt's smoothing of the
             scores, calibrated on the prompt, updated by a tail kernel per layer).
+        speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
+            step's, no speculation or repair).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, *, attention: str = "dense",
                  sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
-                 auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection"):
+                 auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection",
+                 speculate: bool = True):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
         check.choice("predictor", predictor, PREDICTORS)
         self.predictor_kind = predictor
-        self.speculate = True  # False: PRR's steps decode as DSA with the guessed top-K (ratio="auto" decides)
+        # False: PRR's steps decode as DSA on the guessed top-K (no P, no speculation); ratio="auto" decides
+        self.speculate_requested = self.speculate = bool(speculate)
         check.choice("auto_sparse", auto_sparse, ("dsa", "prr"))
         if auto_crossover is not None:
             check.positive_int("auto_crossover", auto_crossover)
@@ -259,7 +263,6 @@ class Engine:
             return
         layer = next((i for i in range(self.cfg.num_layers) if self._sparse_layer(i)), None)
         ctx = int(self.caches[0].seq_lens.max())
-        self.speculate = True
         dec = self._profile_speculation(layer) if layer is not None else None
         if dec is None and self.model.device.type != "cuda":  # nothing runs beside the selection there
             self.attention = "dsa"
@@ -288,6 +291,7 @@ class Engine:
         self._graph = None  # a captured step belongs to the caches it was captured on
         if self.requested == "prr":
             self.attention = "prr"  # a new prefill: speculation is decided again at its context
+        self.speculate = self.speculate_requested
         self._resolve_auto()
         c, cfg = self.cfg, self.sparse
         self.metas = [BlockMetadata(cfg, self.caches[i]) if self._sparse_layer(i) else None
