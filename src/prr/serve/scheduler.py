@@ -80,6 +80,7 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_running = 0  # the most sequences decoded together so far
 
     # ---- the owner's side (any thread) -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -173,6 +174,7 @@ class Scheduler:
             req.slot, req.stream = slot, TextStream(self.runner.tok, req.max_tokens, req.stop, req.stop_at_eos)
             with self.cv:
                 self.running[slot] = req
+                self.peak_running = max(self.peak_running, len(self.running))
             with self.metrics.lock:
                 self.metrics.prompt_tokens += len(req.prompt)
             self._token(req, tok)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import socket
 import sys
 import threading
@@ -65,7 +66,8 @@ def build_app(scheduler: Scheduler, model_id: str, cfg: ServeConfig, drain_s: fl
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the scheduler to stop admitting as soon as a signal asks to exit."""
+    """uvicorn's server, telling the scheduler to stop admitting as soon as a signal asks to exit. The signal is
+    not re-raised after the graceful shutdown (uvicorn's default): ``prr serve`` then exits with status 0."""
 
     def __init__(self, config, scheduler: Scheduler):
         super().__init__(config)
@@ -73,7 +75,9 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         self.scheduler.stop_admitting()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: do not wait for open connections
+            self.force_exit = True
+        self.should_exit = True
 
 
 def serve(model, tok, model_id: str, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
