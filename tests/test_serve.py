@@ -15,7 +15,8 @@ import prr  # noqa: E402
 from prr.model.engine import Engine  # noqa: E402
 from prr.model.prompts import pydoc_text  # noqa: E402
 from prr.model.sampling import SamplingConfig  # noqa: E402
-from prr.serve.server import ServeConfig, ServerThread, build_app, build_scheduler  # noqa: E402
+from prr.serve.config import ServeConfig, build_scheduler  # noqa: E402
+from prr.serve.server import ServerThread, build_app  # noqa: E402
 
 KEY = "sk-test-key"
 # 6 blocks of 16 tokens (3 dynamic): prompts of 100+ tokens decode sparsely; short prompts keep the prefills cheap

@@ -150,7 +150,7 @@ def create_app(scheduler: Scheduler, model_id: str, *, api_key: str | None = Non
                 if ev.kind == "error":
                     yield data(ApiError(ev.status, ev.text, kind="server_error").body())
                     break
-                if ev.kind == "token" and ev.text:
+                if ev.kind == "token" and (ev.text or not chat):  # a completion streams every token (timing)
                     yield data(chunk(rid, model_id, chat, ev.text, None))
                 if ev.kind == "done":
                     done = True
