@@ -149,6 +149,8 @@ def run_load(specs: list[Spec], concurrency: int, *, scheduler=None, url: str | 
             async def worker():
                 for j in nxt:
                     await one(j)
+                    if recs[j].status == "429":  # a refused client backs off before its next request
+                        await asyncio.sleep(0.05)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:

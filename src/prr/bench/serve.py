@@ -164,9 +164,11 @@ def run(model_name: str, out: str, *, attentions=("dense", "dsa", "prr"), reques
     send_times = arrivals(requests, arrival, rate, seed)
     sparse = SparseConfig.from_budget(method, budget)
     max_seq = max(len(s.prompt) + s.max_tokens for s in specs)
+    # one pool for every attention (sized with the sparse layers' metadata beside it): the same KV budget
+    sized = "dense" if all(a == "dense" for a in attentions) else "dsa"
+    pool = max_tokens_in_cache or default_pool_tokens(model, max_batch, max_seq, sized, sparse)
     rows = []
     for attention in attentions:
-        pool = max_tokens_in_cache or default_pool_tokens(model, max_batch, max_seq, attention, sparse)
         cfg = {"sparse": sparse, "ratio": ratio, "n_dense_layers": n_dense_layers, "max_batch": max_batch,
                "max_tokens_in_cache": pool, "max_seq_len": max_seq, "max_queue": max_queue, "fill": fill}
         print(f"serve {attention}: {requests} requests, {concurrency} clients, pool {pool} tokens", flush=True)
