@@ -17,7 +17,7 @@ attends one junk token and costs nothing else.
 
 Limits: pages are reserved for a sequence's prompt plus its ``max_new_tokens`` when it is admitted (no
 preemption is ever needed); block metadata, predictor state and P are per slot at the slot capacity
-(``max_seq_len``): Quest's metadata is 1/8 of the KV bytes of a full slot. The predictor's (alpha, beta,
+(``max_seq_len``): Quest's metadata is 1/16 of the KV bytes of a full slot. The predictor's (alpha, beta,
 gamma) are fixed per runner (they are baked into the captured steps); what a slot calibrates on its prompt is
 its own state, replayed over the last ``calibrate_window`` prompt positions. ``ratio`` is fixed too (the
 speculation budget profiler needs one context; a batch holds many).
