@@ -68,6 +68,14 @@ def test_completion_chat_and_stream(server, smollm):
                                                                           stop_at_eos=False)
     assert r.choices[0].text == tok.decode(alone)
 
+    def draw(j):  # the same request beside others, in whatever slot it lands: the same draw
+        kw = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "extra_body": {"top_k": 50}} if j == 2 else {}
+        return c.completions.create(model="smollm2", prompt=prompt if j == 2 else "Hello", max_tokens=8,
+                                    **kw).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(draw, range(3)))[2] == tok.decode(alone)
+
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     r = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0)
     assert r.choices[0].message.content == "The capital of France is Paris."

@@ -25,6 +25,8 @@ speculation budget profiler needs one context; a batch holds many).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import _checks as check
@@ -71,17 +73,16 @@ class PagePool:
 
 def _meta_rows(meta: BlockMetadata, rows: slice) -> BlockMetadata:
     """A view of some rows of a metadata object (its tensors are sliced on the batch dimension: no copy)."""
-    v = BlockMetadata.__new__(BlockMetadata)
-    v.cfg, v.amortized = meta.cfg, None
+    v = copy.copy(meta)  # a shallow copy keeps whatever else the object holds
+    v.amortized = None
     v.kmin, v.kmax, v.ckeys = (None if t is None else t[rows] for t in (meta.kmin, meta.kmax, meta.ckeys))
     return v
 
 
 def _predictor_rows(pred: HoltPredictor, nb: int) -> HoltPredictor:
     """A view of the first `nb` sequences of a predictor (``level[layer]`` stays contiguous)."""
-    v = HoltPredictor.__new__(HoltPredictor)
+    v = copy.copy(pred)  # shares the per-layer parameters
     v.level, v.trend, v.known = pred.level[:, :nb], pred.trend[:, :nb], pred.known[:, :nb]
-    v._params = pred._params
     return v
 
 

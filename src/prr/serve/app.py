@@ -23,6 +23,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..model.runner import PAGE_SIZE
 from .protocol import ApiError, chunk, new_id, parse, response, usage
 from .scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 
@@ -89,7 +90,7 @@ def create_app(scheduler: Scheduler, model_id: str, *, api_key: str | None = Non
             p = parse(await read_json(request), chat=chat, model_id=model_id, vocab=vocab,
                       max_tokens_cap=max_tokens_cap)
             ids = prompt_ids(p)
-            room = runner.max_seq_len - len(ids)
+            room = min(runner.max_seq_len, runner.pool.num_pages * PAGE_SIZE) - len(ids)
             if room < 1:
                 raise ApiError(400, f"the prompt ({len(ids)} tokens) fills the server's context of "
                                     f"{runner.max_seq_len} tokens", "messages" if chat else "prompt",
