@@ -216,9 +216,12 @@ def test_metrics_parse_as_prometheus_text(server):
 
 
 def test_a_full_queue_answers_429(smollm):
-    """One slot, a queue of one: of three concurrent requests at least one is refused with 429, none is lost."""
-    with _server(smollm, "dense", max_batch=1, max_queue=1) as srv:
+    """One slot, a queue of one: of four concurrent requests at least one is refused with 429, none is lost. A
+    request within the window but over the whole KV cache (256 tokens here) is refused with 400."""
+    with _server(smollm, "dense", max_batch=1, max_queue=1, pool=256) as srv:
         c = _client(srv)
+        with pytest.raises(openai.BadRequestError, match="KV cache"):
+            c.completions.create(model="smollm2", prompt=[1] * 300, max_tokens=20)
 
         def ask(_):
             try:

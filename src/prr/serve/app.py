@@ -90,11 +90,12 @@ def create_app(scheduler: Scheduler, model_id: str, *, api_key: str | None = Non
             p = parse(await read_json(request), chat=chat, model_id=model_id, vocab=vocab,
                       max_tokens_cap=max_tokens_cap)
             ids = prompt_ids(p)
-            room = min(runner.max_seq_len, runner.pool.num_pages * PAGE_SIZE) - len(ids)
+            limit = min(runner.max_seq_len, runner.pool.num_pages * PAGE_SIZE)
+            room = limit - len(ids)
             if room < 1:
-                raise ApiError(400, f"the prompt ({len(ids)} tokens) fills the server's context of "
-                                    f"{runner.max_seq_len} tokens", "messages" if chat else "prompt",
-                               "context_length_exceeded")
+                what = "context" if runner.max_seq_len <= limit else "KV cache"
+                raise ApiError(400, f"the prompt ({len(ids)} tokens) fills the server's {what} of {limit} tokens",
+                               "messages" if chat else "prompt", "context_length_exceeded")
             max_tokens = p.max_tokens if p.max_tokens is not None else min(max_tokens_cap, room)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Event] = asyncio.Queue()
