@@ -135,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.commands import register as register_bench
     from .eval.commands import register as register_eval
     from .model.commands import register as register_model
+    from .serve.commands import register as register_serve
 
     register_model(sub)
     register_eval(sub)
     register_bench(sub)
+    register_serve(sub)
     return p
 
 

@@ -145,6 +145,28 @@ def _cmd_bench_topk(args) -> int:
     return 0
 
 
+def _cmd_bench_serve(args) -> int:
+    from ..cli_args import parse_contexts
+    from ..model.commands import _ratio_arg
+    from . import serve
+
+    try:
+        lo, _, hi = args.output.partition("-")
+        out_range = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ValueError(f"--output takes LO-HI tokens, e.g. 64-512; got {args.output!r}") from None
+    if not 0 < out_range[0] <= out_range[1]:
+        raise ValueError(f"--output takes 0 < LO <= HI, got {args.output!r}")
+    serve.run(args.model, args.out, attentions=args.attentions.split(","), requests=args.requests,
+              concurrency=args.concurrency, prompt_lens=parse_contexts(args.prompt_mix), out_range=out_range,
+              arrival=args.arrival, rate=args.rate, max_batch=args.max_batch,
+              max_tokens_in_cache=args.max_tokens_in_cache, method=args.method, budget=args.budget,
+              ratio=_ratio_arg(args.ratio), n_dense_layers=args.dense_layers, max_queue=args.max_queue,
+              static=not args.no_static, http=args.http, memory_probe=args.memory_probe, seed=args.seed)
+    print(f"saved {args.out}")
+    return 0
+
+
 def _cmd_bench_plot(args) -> int:
     import json
 
@@ -245,6 +267,34 @@ def register(sub) -> None:
     s.add_argument("--warps", default="", help="also time the guessed top-K at these program widths, e.g. 4,8,16")
     s.add_argument("--out", default="results/bench_topk.json")
     s.set_defaults(func=_cmd_bench_topk)
+    s = bsub.add_parser("serve", help="continuous batching under load (N clients, a prompt-length mix) against "
+                                      "static batches of the same requests; throughput, TTFT, TPOT p50/p99")
+    s.add_argument("--model", default="llama-3.1-8b",
+                   help="a preset (random weights; random keys and values instead of a prefill) or a real model")
+    s.add_argument("--attentions", default="dense,dsa,prr")
+    s.add_argument("--requests", type=int, default=24)
+    s.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
+    s.add_argument("--prompt-mix", default="4K", help="prompt lengths drawn uniformly, e.g. 4K,16K,64K,128K")
+    s.add_argument("--output", default="64-512", help="output tokens per request, drawn uniformly from LO-HI")
+    s.add_argument("--arrival", default="closed", choices=["closed", "poisson"],
+                   help="closed loop (each client sends its next request when one ends) or Poisson at --rate")
+    s.add_argument("--rate", type=float, default=None, help="requests per second (Poisson arrivals)")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-tokens-in-cache", type=int, default=None,
+                   help="KV pool in tokens (default: every slot holds the longest request, or what 60%% of free "
+                        "GPU memory holds); the static baseline gets the same budget")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this are refused (429)")
+    s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
+    s.add_argument("--budget", type=int, default=2048)
+    s.add_argument("--ratio", default="auto")
+    s.add_argument("--dense-layers", type=int, default=2)
+    s.add_argument("--no-static", action="store_true", help="skip the static-batch baseline")
+    s.add_argument("--http", action="store_true", help="go through the HTTP server (needs the serve extra and httpx; "
+                                                       "default: the engine loop in process)")
+    s.add_argument("--memory-probe", action="store_true", help="host RSS and CUDA memory every 100 requests")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/bench_serve.json")
+    s.set_defaults(func=_cmd_bench_serve)
     s = bsub.add_parser("plot", help="PNG plots from a saved `bench layer` JSON (or the "
                                      "per-token breakdown from a `bench e2e` JSON)")
     s.add_argument("file")
