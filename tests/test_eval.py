@@ -89,6 +89,18 @@ def test_previous_step_predictor_hit_rate_on_known_selections():
     assert res[("rerank", 1.0)][0] >= hit
 
 
+def test_guess_replay_on_known_selections():
+    """The previous selection bounds the next guess: it holds at every step, even when the set jumps; P (its
+    top-K', here S itself at K' = K) hits what the previous-step predictor hits."""
+    sets = [{1, 2, 3}, {1, 2, 3}, {1, 2, 4}, {1, 2, 4}, {5, 6, 7}, {5, 6, 7}]
+    scores, nblk = _history(sets)
+    g = locality.guess_replay(scores, nblk, 3, 1, 1, spec_k=3)
+    assert g["held"] == 1.0 and g["too_high"] == g["too_low"] == 0.0 and g["rows"] == 5
+    assert g["p_hit_rate"] == pytest.approx(11 / 15)
+    carried = locality.guess_replay(scores, nblk, 3, 1, 1, spec_k=3, source="carried", guess_k=3)
+    assert carried["rows"] == 5 and carried["held"] + carried["too_high"] + carried["too_low"] == pytest.approx(1.0)
+
+
 def test_eval_cli_without_dense_prints_perplexity(smollm, tmp_path, capsys):
     """Without a dense baseline there is no "vs dense" to print: the command still finishes and saves."""
     from prr.cli import main

@@ -144,7 +144,7 @@ def test_prr_on_the_guessed_top_k_equals_dsa_while_decoding(mode):
     equals it bit for bit, P is the previous step's, and after the seeded first step every guess held."""
     from prr.ops.guessed import HELD, NARROWED
 
-    cache, cfg, meta, _ = _decode_setup("quest")
+    cache, _cfg, meta, _ = _decode_setup("quest")
     step = LayerStep(cache, meta, 8, method="prr", ratio=1.5, mode=mode, grow=1, collect_stats=True)
     gdsa = LayerStep(cache, meta, 8, method="dsa", topk="guessed", collect_stats=True)
     gen = torch.Generator().manual_seed(4)
@@ -153,7 +153,7 @@ def test_prr_on_the_guessed_top_k_equals_dsa_while_decoding(mode):
     step.seed((first.indices, first.counts))
     gdsa.seed((first.indices, first.counts))
     hits = []
-    for t in range(20):  # both sequences start a new 16-token block on the way
+    for _ in range(20):  # both sequences start a new 16-token block on the way
         kv = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64)
         q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
         cache.append(kv[0], kv[1])

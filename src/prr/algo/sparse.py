@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +177,15 @@ class GuessedTopK:
         for idx, cnt in self._selections():
             idx.copy_(indices)
             cnt.copy_(counts)
+
+    def rows(self, nb: int) -> GuessedTopK:
+        """A view of the first `nb` sequences (the state shared; its own stats buffer)."""
+        v = copy.copy(self)
+        v.s_idx, v.s_cnt, v.guess, v.p_idx, v.p_cnt = (t[:nb] for t in (self.s_idx, self.s_cnt, self.guess,
+                                                                          self.p_idx, self.p_cnt))
+        v.stats = self.stats[:, :nb].clone()
+        v.prev = (v.s_idx, v.s_cnt) if self.prev[0] is self.s_idx else tuple(t[:nb] for t in self.prev)
+        return v
 
     def _selections(self):
         return [(self.s_idx, self.s_cnt)] + ([self.prev] if self.prev[0] is not self.s_idx else [])

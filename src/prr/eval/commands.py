@@ -130,6 +130,10 @@ def _cmd_locality(args) -> int:
     print("mean overlap against lag: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["overlap_mean"].items()))
     for key, v in res.get("amortized_mean", {}).items():
         print(f"  amortized {key:14s} hit {v:.4f} (worst layer {res['amortized_min'][key]:.4f})")
+    g = res["guess"]
+    print(f"guessed top-K over {g['rows']} rows: held {g['held']:.4f} (worst layer {g['min_layer_held']:.4f}; "
+          f"too high {g['too_high']:.4f}, too low {g['too_low']:.4f}), |C|/K {g['candidates_over_k']:.2f}, "
+          f"hit rate of its P (K' = 1.5K) {g['p_hit_rate']:.3f}")
     if args.plot:
         print(f"wrote {locality.plot(res, args.plot)}")
     print(f"saved {args.out}")

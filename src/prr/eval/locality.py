@@ -8,6 +8,8 @@ recomputed, and measured:
   1.5K: the previous step; an EMA (Holt with alpha 0.3, no trend); Holt calibrated by grid search on the first
   half of the steps (scored on the second half); and re-ranking (DESIGN.md): the EMA's top ``M = 3K``
   candidates re-scored with the live query (their true scores at that step) and the best K' kept;
+- the guessed top-K (:func:`guess_replay`) replayed as PRR runs it: the share of (step, layer, KV head) rows
+  whose guess held, ``|C(τ)| / K``, and the hit rate of the P it leaves (K' = 1.5K);
 - amortized selection (issue #12), per (m, c): a scan every m steps keeps c·K candidates, the steps between
   keep the top K of the candidates plus the blocks that appeared since (their true scores at that step); hit =
   ``|S_amortized ∩ S_full| / K``. Candidates from the scan's scores ("scan") or from an EMA (alpha 0.3) of the
@@ -155,12 +157,19 @@ def study(history: dict, k: int, n_sink: int, n_local: int, lags=(1, 2, 4, 8, 16
                                            for (n, r), (h, fp) in hr.items()}}
         if amortized:
             per_layer[layer]["amortized"] = amortized_hit_rates(scores, nblk, k, n_sink, n_local, amortized)
+        per_layer[layer]["guess"] = guess_replay(scores, nblk, k, n_sink, n_local, spec_k=math.ceil(1.5 * k))
     keys = next(iter(per_layer.values()))["predictors"].keys()
     overall = {key: sum(v["predictors"][key]["hit_rate"] for v in per_layer.values()) / len(per_layer)
                for key in keys}
     lag_keys = next(iter(per_layer.values()))["overlap"].keys()
     overlap = {lag: sum(v["overlap"][lag] for v in per_layer.values()) / len(per_layer) for lag in lag_keys}
     res = {"per_layer": per_layer, "hit_rate_mean": overall, "overlap_mean": overlap, "k": k}
+    # the guessed top-K replayed as PRR runs it (its guess from the previous selection, P its top-1.5K)
+    guesses = [v["guess"] for v in per_layer.values()]
+    rows = sum(g["rows"] for g in guesses)
+    res["guess"] = {key: sum(g[key] * g["rows"] for g in guesses) / rows if rows else None
+                    for key in ("held", "narrowed", "too_high", "too_low", "candidates_over_k", "p_hit_rate")}
+    res["guess"].update(rows=rows, min_layer_held=min(g["held"] for g in guesses))
     if amortized:
         res["amortized_mean"] = {key: sum(v["amortized"][key] for v in per_layer.values()) / len(per_layer)
                                  for key in next(iter(per_layer.values()))["amortized"]}

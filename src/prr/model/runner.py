@@ -36,7 +36,7 @@ from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import speculative_top_k
 from ..cache import KVCache
 from ..ops.holt import holt_predict, holt_update_
-from ..runtime.layer import LayerStep
+from ..runtime.layer import LayerStep, StepStreams
 from .engine import ATTENTIONS, AUTO_CPU_RATIO, Engine
 from .llama import Llama
 from .row_sampling import RowSampler
@@ -128,6 +128,7 @@ class SlotRunner:
                       for i, cache in enumerate(self.caches)]
         self.predictor = None
         self._p: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> full-size (pred_scores, p_idx, p_cnt)
+        self._g: dict = {}  # layer -> the full-size guessed top-K state (its previous selection per slot)
         if attention == "prr":
             self.predictor = HoltPredictor(c.num_layers, b, c.num_kv_heads, self.caches[0].max_blocks(
                 self.sparse.block_size), device=dev)
@@ -173,12 +174,14 @@ class SlotRunner:
         side, sel = self._streams or (None, None)
         for i in range(self.n_dense_layers, self.cfg.num_layers):
             step = LayerStep(eng.caches[i], eng.metas[i], self.cfg.num_q_heads, method="prr", predictor=eng.predictor,
-                             layer=i, ratio=self.ratio, mode=self.mode, side_stream=side, sel_stream=sel,
-                             defer_tail=True, collect_stats=True, grow=1)
+                             layer=i, ratio=self.ratio, mode=self.mode, streams=StepStreams(side, sel, defer_tail=True),
+                             collect_stats=True, grow=1)
             if nb == self.max_batch:
                 self._p[i] = (step.pred_scores, step.p_idx, step.p_cnt)
-            else:  # every bucket speculates over the same P (the previous step may have run another bucket)
+                self._g[i] = step.guessed
+            else:  # every bucket speculates over the same P and guesses from the same previous selection
                 step.pred_scores, step.p_idx, step.p_cnt = (t[:nb] for t in self._p[i])
+                step.guessed = self._g[i].rows(nb)
             eng._steps[i] = step
         return eng
 
@@ -303,10 +306,17 @@ class SlotRunner:
             meta = _meta_rows(self.metas[i], slice(slot, slot + 1))
             qs = calib.get(i)
             w = 0 if qs is None else qs.shape[0]
+            g_rows = self._g[i]
+            g_rows.s_idx[slot].fill_(-1)  # no previous selection: the first guess admits every block (exact)
+            g_rows.s_cnt[slot] = 0
             for j in range(w):
                 view = KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens - (w - j - 1))
-                holt_update_(level, trend, known, meta.scores(qs[j][None], view),
-                             ops.num_blocks(view.seq_lens, cfg.block_size).to(torch.int32), a, b, g)
+                scores, nblk = meta.scores(qs[j][None], view), ops.num_blocks(view.seq_lens, cfg.block_size)
+                holt_update_(level, trend, known, scores, nblk.to(torch.int32), a, b, g)
+                if j == w - 1:  # the last prompt position's selection starts the guessed top-K
+                    s_idx, s_cnt = ops.select_blocks(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
+                    g_rows.s_idx[slot].copy_(s_idx[0])
+                    g_rows.s_cnt[slot].copy_(s_cnt[0])
             pred = holt_predict(level, trend, known, g)
             idx, cnt = ops.select_blocks(pred, ops.num_blocks(cache.seq_lens + 1, cfg.block_size), self.spec_k,
                                          cfg.n_sink, cfg.n_local)
