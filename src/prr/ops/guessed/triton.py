@@ -135,8 +135,8 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
         tl.store(next_ptr + i_bh, float("-inf"))
         tl.store(st_ptr + i_bh, n)
         tl.store(st_ptr + BH + i_bh, 3)  # SHORT
-        dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)
-        _write_p(p_out, pc_ptr + i_bh, dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+        all_dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)  # (names unshared with the other branch)
+        _write_p(p_out, pc_ptr + i_bh, all_dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
     else:
         too_low = n < 0  # (scalar False flags)
         narrowed = n < 0
