@@ -45,12 +45,21 @@ KEY_POS_INF = 2139095040  # order key of +inf
 
 
 def guess_capacity(top_k: int, guess_k: int, num_groups: int) -> int:
-    """Candidate groups the kernel gathers: a power of two >= 16 covering ``2 * guess_k`` groups (or all of the
+    """Candidate groups the kernel gathers: a power of two >= 16 covering ``guess_k`` groups (or all of the
     row's, if fewer; never fewer than the full search's ``top_k`` groups). More qualifying groups means a guess
-    that was too low. (A larger tile costs the search little: its passes are bound by the reductions'
-    latency, not by the few more keys each thread compares.)"""
-    want = min(2 * max(guess_k, top_k), num_groups)
-    return max(16, 1 << max(0, math.ceil(math.log2(max(1, want)))))
+    too low: it is first raised over the group maxima."""
+    return _pow2(min(max(guess_k, top_k), num_groups))
+
+
+def compact_capacity(top_k: int, guess_k: int) -> int:
+    """Candidates the kernel's search list holds (a power of two >= 16 covering ``guess_k + top_k``): a larger
+    C(τ) is first narrowed over its own keys. (Each search pass is a block-wide reduction whose cost grows with
+    the list: on an H100 a pass over the 8,192 keys of 512 gathered groups cost about 0.6 us.)"""
+    return _pow2(guess_k + top_k)
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << max(0, math.ceil(math.log2(max(1, x)))))
 
 
 def order_key(x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +251,12 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
     # top_k best groups by their max, lowest group ids first among ties).
     fallback = rows if single else _best_groups_blocks(rows, gkeys, top_k)
     tile = torch.where(held[:, None], torch.where(rows >= tk_r[:, None], rows, INT_MIN), fallback)
+    cap_c = compact_capacity(top_k, guess_k)
+    if (n_pad if single else cap_g * GROUP) > cap_c:  # the kernel narrows a C(τ) too long for its list
+        wide = held & ((tile > INT_MIN).sum(-1) > cap_c)
+        if bool(wide.any()):
+            t_w = search(tile[wide], top_k, cap_c, 0, interp)[0]
+            tile[wide] = torch.where(tile[wide] >= t_w[:, None], tile[wide], INT_MIN)
     short = (n.reshape(bsz, 1).expand(bsz, hkv).reshape(-1) <= kmax)
     searchable = ~short & ((tile > INT_MIN).sum(-1) >= top_k)
     t_k = torch.zeros_like(tk_r)

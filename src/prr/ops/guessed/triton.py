@@ -30,7 +30,7 @@ from ..select.triton import (
     _write_selection,
     topk_warps,
 )
-from .reference import guess_capacity
+from .reference import compact_capacity, guess_capacity
 
 TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as the full top-K; for sweeps)
 
@@ -101,13 +101,14 @@ def _key_to_float(t):
 
 
 @triton.jit
-def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr,
+def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g_ptr, cg_ptr, ck_ptr, cj_ptr,
+                         idx_ptr, cnt_ptr,
                          next_ptr, p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K,
                          PMAX, GUESS_K, QMAX, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph, s_qb, s_qh, s_qcb, s_qch,
                          GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                          FROM_PREV: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
-                         INTERP: tl.constexpr):
+                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -166,27 +167,60 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
                 key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
                                         CAP_G, GROUP)
         tile = tl.where(held & (key < tk), -2147483648, key)
-        thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, TOPK, SPEC_K, INTERP)
-        above = tile > thr
-        tie = (tile == thr) & (tile > -2147483648)
-        rank = tl.cumsum(tie.to(tl.int32), axis=0)
-        chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
-        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-        # the next guess: the line through (lo0, c0) and (thr, K), read at GUESS_K
-        searchable = c0 >= TOPK
-        spread = tl.maximum(thr - lo0, 0)
-        d = c0 - TOPK
-        lin = thr - spread * (GUESS_K - TOPK) // tl.maximum(d, 1)
-        nxt = tl.where(d > 0, lin, lo0 - spread - 1)
-        nxt = tl.minimum(tl.maximum(nxt, -2139095041), 2139095040)  # the keys of -inf and +inf
-        tl.store(next_ptr + i_bh, tl.where(searchable, _key_to_float(nxt), float("-inf")))
         tl.store(st_ptr + i_bh, tl.where(too_low, -1, c_tau))
         path = tl.where(too_low, 2, tl.where(held, tl.where(narrowed, 4, 0), 1))  # TOO_LOW, NARROWED, HELD, TOO_HIGH
         tl.store(st_ptr + BH + i_bh, path)
-        use_tp = searchable & ((c_p >= TOPK) | ((SPEC_K < TOPK) & (c_p > 0)))
-        use_s = (use_tp == 0) & (SPEC_K >= TOPK)
-        dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
-        _write_p(p_out, pc_ptr + i_bh, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+        if COMPACT:  # the search over a short list: C(τ), narrowed to CAP_C keys if it holds more
+            live = tile > -2147483648
+            cnt = tl.sum(live.to(tl.int32), axis=0)
+            if held & (cnt > CAP_C):
+                t_w, _t, _c, _l, _n = _search(tile, TOPK, CAP_C, 0, INTERP)
+                tile = tl.where(tile >= t_w.to(tl.int32), tile, -2147483648)
+                live = tile > -2147483648
+                cnt = tl.sum(live.to(tl.int32), axis=0)
+            if cnt <= CAP_C:
+                ck_row = ck_ptr + i_bh * CAP_C
+                cj_row = cj_ptr + i_bh * CAP_C
+                pos = tl.cumsum(live.to(tl.int32), axis=0) - 1
+                tl.store(ck_row + pos, tile, mask=live)
+                tl.store(cj_row + pos, j, mask=live)
+                tl.debug_barrier()  # the list is read back by other threads of this program
+                i_c = tl.arange(0, CAP_C)
+                ckey = tl.load(ck_row + i_c, mask=i_c < cnt, other=-2147483648)
+                cj = tl.load(cj_row + i_c, mask=i_c < cnt, other=0)
+                _finish(ckey, cj, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+            else:  # the full search's tile (a failed guess): searched where it stands
+                _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+        else:
+            _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                    TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+
+
+@triton.jit
+def _finish(tile, j, n, n_next, out, cnt_at, next_at, p_out, pc_at, k, kp, TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL,
+            KMAX, PMAX, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INTERP: tl.constexpr):
+    """The K-th key among the candidate keys ``tile`` (blocks ``j``, ascending), then S, the next guess and the
+    next P written."""
+    thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, TOPK, SPEC_K, INTERP)
+    above = tile > thr
+    tie = (tile == thr) & (tile > -2147483648)
+    rank = tl.cumsum(tie.to(tl.int32), axis=0)
+    chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
+    _write_selection(out, cnt_at, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+    # the next guess: the line through (lo0, c0) and (thr, K), read at GUESS_K
+    searchable = c0 >= TOPK
+    spread = tl.maximum(thr - lo0, 0)
+    d = c0 - TOPK
+    lin = thr - spread * (GUESS_K - TOPK) // tl.maximum(d, 1)
+    nxt = tl.where(d > 0, lin, lo0 - spread - 1)
+    nxt = tl.minimum(tl.maximum(nxt, -2139095041), 2139095040)  # the keys of -inf and +inf
+    tl.store(next_at, tl.where(searchable, _key_to_float(nxt), float("-inf")))
+    use_tp = searchable & ((c_p >= TOPK) | ((SPEC_K < TOPK) & (c_p > 0)))
+    use_s = (use_tp == 0) & (SPEC_K >= TOPK)
+    dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
+    _write_p(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
 
 
 @triton.jit
@@ -256,15 +290,19 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         gmax = group_max
     ng_pad = max(16, triton.next_power_of_2(ng))
     tile = nmax_pad if single else max(ng_pad, cap_g * GROUP)
+    cap_c = compact_capacity(top_k, guess_k)
+    compact = (nmax_pad if single else cap_g * GROUP) > cap_c
+    clist = torch.empty(2, bsz * hkv, cap_c if compact else 1, dtype=torch.int32, device=dev)
     q_idx, q_cnt = prev if prev is not None else (idx, cnt)  # (placeholders when the guess is given)
     _guessed_topk_kernel[(bsz * hkv,)](
-        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, idx, cnt, nxt, p_idx, p_cnt, stats,
+        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt, nxt,
+        p_idx, p_cnt, stats,
         hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax, guess_k, q_idx.shape[-1],
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), p_idx.stride(0), p_idx.stride(1),
         q_idx.stride(0), q_idx.stride(1), q_cnt.stride(0), q_cnt.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
         FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
-        INTERP=interp, num_warps=TOPK_WARPS or topk_warps(tile),
+        INTERP=interp, CAP_C=cap_c, COMPACT=compact, num_warps=TOPK_WARPS or topk_warps(tile),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats
