@@ -271,6 +271,27 @@ def _(tmp):
     prr.select_blocks(s, torch.tensor([8]), top_k=2)
 
 
+@case("guess-and-prev", "both a threshold and a previous selection for the guessed top-K",
+      "prr.select_blocks_guessed", ValueError,
+      "give exactly one of guess (a threshold per row) and prev (a selection whose blocks bound the threshold)")
+def _(tmp):
+    idx, cnt = prr.select_blocks(torch.zeros(1, 2, 40), torch.tensor([40]), top_k=4)
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, guess=torch.zeros(1, 2), prev=(idx, cnt))
+
+
+@case("prev-shape", "a previous selection of another batch or head count", "prr.select_blocks_guessed", ValueError,
+      "prev indices must have shape [1, 2, *], got [1, 3, 7]")
+def _(tmp):
+    idx, cnt = prr.select_blocks(torch.zeros(1, 3, 40), torch.tensor([40]), top_k=4)
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, prev=(idx, cnt))
+
+
+@case("guess-k-small", "a next-guess count below K", "prr.select_blocks_guessed", ValueError,
+      "guess_k (3) must be at least top_k (4)")
+def _(tmp):
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, guess=torch.zeros(1, 2), guess_k=3)
+
+
 @case("ckeys-shape", "compressed keys not covering the cache", "prr.infllm_scores", ValueError,
       "ckeys must have shape [2, 2, 7, 64], got [2, 2, 3, 64]")
 def _(tmp):
