@@ -136,13 +136,13 @@ def generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None
              **kwargs) -> torch.Tensor:
     """``model.generate`` with prr attention: ``[B, T + new]`` token ids, as transformers returns them.
 
-    The fast path (prr's engine over the model's own tensors, the decode step one CUDA graph) runs where it can:
-    by default on a CUDA device; ``fast=True`` everywhere (on a CPU: eagerly, the same step), ``fast=False``
-    never. Otherwise, or where the call asks for what only transformers' ``generate`` does (beam search, other
-    logits processors, stopping criteria or stop strings, scores in the output, ...; see
-    :mod:`prr.hf.options`), transformers' ``generate`` decodes over a :class:`prr.hf.PrrCache` (eager, the
-    same attention), with a one-line :class:`PrrFallbackWarning` where the fast path was expected; with
-    ``fast=True`` that is a ValueError instead.
+    The fast path (prr's engine over the model's own tensors; on a GPU the decode step is one CUDA graph, on a
+    CPU the same step runs eagerly) runs wherever it can. Where the call asks for what only transformers'
+    ``generate`` does (beam search, other logits processors, stopping criteria or stop strings, scores in the
+    output, ...; see :mod:`prr.hf.options`) or the model is one the engine cannot run
+    (:func:`prr.hf.decoder.problems`), transformers' ``generate`` decodes over a :class:`prr.hf.PrrCache`
+    (eager, the same attention) after a one-line :class:`PrrFallbackWarning` saying why. ``fast=True`` makes
+    that a ValueError; ``fast=False`` always takes transformers' ``generate`` (:func:`prr.hf.cached_generate`).
 
     Arguments are transformers' (``max_new_tokens``, ``attention_mask`` with left padding, ``do_sample``,
     ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``,
@@ -172,10 +172,8 @@ def generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None
         return _run(model, input_ids, settings, req)
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
-    req = resolve(model, input_ids.shape[1], kwargs)
-    on_gpu = input_ids.is_cuda or next(model.parameters()).is_cuda
-    want = on_gpu if fast is None else fast
-    if want:
+    req = resolve(model, input_ids, kwargs)
+    if fast is not False:
         why = _why_not(model, input_ids.shape[1], req)
         if not why:
             return _run(model, input_ids, settings, req)

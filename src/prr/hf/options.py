@@ -99,9 +99,10 @@ def eos_ids(model, tokenizer=None) -> list[int]:
     return ids
 
 
-def resolve(model, prompt_len: int, kwargs: dict) -> Request:
-    """Read ``model.generate``'s keyword arguments (everything but the input ids) for a prompt of `prompt_len`
-    tokens (padding included, as transformers counts ``max_length``)."""
+def resolve(model, inputs: torch.Tensor, kwargs: dict) -> Request:
+    """Read ``model.generate``'s keyword arguments (everything but the input ids ``inputs [B, T]``; ``T``, padding
+    included, is what transformers counts ``max_length`` against)."""
+    prompt_len = inputs.shape[-1]
     kwargs = dict(kwargs)
     problems = []
     streamer, tokenizer = kwargs.pop("streamer", None), kwargs.pop("tokenizer", None)
@@ -130,6 +131,10 @@ def resolve(model, prompt_len: int, kwargs: dict) -> Request:
     eos = _ids(get("eos_token_id"))
     pad = get("pad_token_id")
     pad = int(pad) if pad is not None else (eos[0] if eos else 0)
+    if mask is None and get("pad_token_id") is not None and pad not in eos and bool(
+            (inputs == pad).any()):
+        # transformers' rule without a mask: pad ids in the input are padding (unless pad is also EOS)
+        mask = (inputs != pad).long()
     max_new = get("max_new_tokens")
     if max_new is None:
         max_new = int(get("max_length")) - prompt_len
