@@ -6,15 +6,15 @@ H200):
 
     PYTHONPATH=src python3 scripts/hf_gpu.py --out $OUT
 
-1. ``latency``: random Llama-3.1-8B weights, bf16, contexts 32K and 128K, batch 1 and 4, dense / DSA / PRR
-   (Quest, 2048-token budget, PRR exact at ratio 1.5, the first 2 layers dense: ``prr.hf.PrrSettings()``'s
-   defaults). ``engine``: prr's own model (fused q/k/v and gate/up matrices, its own weights) in
+1. ``latency``: random Llama-3.1-8B weights, bf16, contexts 32K and 128K, batch 1 and 4, dense / DSA / PRR (Quest,
+   2048-token budget, PRR exact at ratio 1.5, the first 2 layers dense: ``prr.hf.PrrSettings()``'s defaults).
+   ``engine``: prr's own model (fused q/k/v and gate/up matrices, its own weights) in
    :class:`prr.model.engine.Engine`; ``hf``: a transformers ``LlamaForCausalLM`` through ``prr.hf.engine`` (the
    engine over the transformers model's own tensors). Both decode from caches filled with random keys
-   (``fill_random``, as ``prr bench e2e``) through the same generation loop (first step eager, then one CUDA
-   graph per step), ms/token in the steady state. The hf rows also measure memory: the peak allocated while
-   decoding against the model's weights plus the KV cache (and plus the block metadata). The two models are
-   built one after the other (a 128K batch of 4 needs 69 GB of KV cache beside 16 GB of weights).
+   (``fill_random``; the context counts the random prompt and the new tokens) through the same generation loop
+   (first step eager, then one CUDA graph per step), ms/token in the steady state. The hf rows also measure memory:
+   the peak allocated while decoding against the model's weights plus the KV cache (and plus the block metadata).
+   The two models are built one after the other (a 128K batch of 4 needs 69 GB of KV cache beside 16 GB of weights).
 2. ``end_to_end``: ``prr.hf.generate`` itself on random prompts (transformers' prefill, then the fast path):
    32K batch 1 (DSA, PRR), 32K batch 4 ragged and left-padded (PRR), 128K batch 1 (PRR); its stats and the
    peak memory of the whole call (transformers' prefill activations included).
@@ -102,8 +102,9 @@ def settings(method: str, smoke: bool) -> ph.PrrSettings:
 
 # ---- 1. latency and memory --------------------------------------------------------------------------------------
 def decode_row(eng: Engine, batch: int, context: int, steps: int, device, weights: int | None) -> dict:
+    """Caches of `context` tokens in all (the random prompt and the steps: the model's 128K context holds it)."""
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    eng.fill_random(batch, context, steps + 2)
+    eng.fill_random(batch, context - steps - 2, steps + 2)
     state = (torch.cuda.memory_allocated() - base) if device.type == "cuda" else 0
     reset_peak(device)
     g = eng.stream(None, GenerationConfig(steps, stop_at_eos=False)).run()
@@ -175,7 +176,8 @@ def end_to_end(device, dtype, args) -> list[dict]:
     for context, batch, method in cases:
         # A ragged batch: left padding as transformers' tokenizers pad (lengths context, -97, -1234, -4097).
         cuts = [0, 97, 1234, 4097][:batch] if not smoke else [0, 7, 50, 99][:batch]
-        ids = torch.randint(0, c.vocab_size, (batch, context), generator=gen)
+        prompt = context - steps  # the prompt and the new tokens fill the context (the model's 128K at most)
+        ids = torch.randint(0, c.vocab_size, (batch, prompt), generator=gen)
         mask = torch.ones_like(ids)
         for j, cut in enumerate(cuts):
             ids[j, :cut], mask[j, :cut] = 0, 0
@@ -192,8 +194,8 @@ def end_to_end(device, dtype, args) -> list[dict]:
         wall = time.perf_counter() - t0
         st = model._prr_last_stats.summary()
         rows.append({"context": context, "batch": batch, "attention": method,
-                     "prompt_lens": [context - x for x in cuts], "wall_s": round(wall, 2),
-                     "new_tokens": int(out.shape[1] - context), "peak_call": peak(device), "stats": st})
+                     "prompt_lens": [prompt - x for x in cuts], "wall_s": round(wall, 2),
+                     "new_tokens": int(out.shape[1] - prompt), "peak_call": peak(device), "stats": st})
         print(f"generate {context:>7} b{batch} {method:5}: {st['ms_per_token']:8.3f} ms/token, prefill "
               f"{st['prefill_s']:.1f} s, graph {st['cuda_graph']}, peak {peak(device) / 2**30:.1f} GiB", flush=True)
     del model
