@@ -10,11 +10,13 @@ H200):
    2048-token budget, PRR exact at ratio 1.5, the first 2 layers dense: ``prr.hf.PrrSettings()``'s defaults).
    ``engine``: prr's own model (fused q/k/v and gate/up matrices, its own weights) in
    :class:`prr.model.engine.Engine`; ``hf``: a transformers ``LlamaForCausalLM`` through ``prr.hf.engine`` (the
-   engine over the transformers model's own tensors). Both decode from caches filled with random keys
-   (``fill_random``; the context counts the random prompt and the new tokens) through the same generation loop
-   (first step eager, then one CUDA graph per step), ms/token in the steady state. The hf rows also measure memory:
-   the peak allocated while decoding against the model's weights plus the KV cache (and plus the block metadata).
-   The two models are built one after the other (a 128K batch of 4 needs 69 GB of KV cache beside 16 GB of weights).
+   engine over the transformers model's own tensors); ``hf_fused``: the same after ``prr.hf.fuse_projections``
+   (q/k/v and gate/up moved into one buffer each, in place: one product each, as prr's model). All decode from
+   caches filled with random keys (``fill_random``; the context counts the random prompt and the new tokens) through
+   the same generation loop (first step eager, then one CUDA graph per step), ms/token in the steady state. The hf
+   rows also measure memory: the peak allocated while decoding against the model's weights plus the KV cache (and
+   plus the block metadata). The two models are built one after the other (a 128K batch of 4 needs 69 GB of KV cache
+   beside 16 GB of weights).
 2. ``end_to_end``: ``prr.hf.generate`` itself on random prompts (transformers' prefill, then the fast path):
    32K batch 1 (DSA, PRR), 32K batch 4 ragged and left-padded (PRR), 128K batch 1 (PRR); its stats and the
    peak memory of the whole call (transformers' prefill activations included).
@@ -127,20 +129,23 @@ def latency(device, dtype, args) -> list[dict]:
     steps = 6 if smoke else args.steps
     grid = [(ctx, b, m) for ctx in contexts for b in args.batches for m in METHODS]
     rows = {key: {"context": key[0], "batch": key[1], "attention": key[2]} for key in grid}
-    for path in ("engine", "hf"):
+    model = None
+    for path in ("engine", "hf", "hf_fused"):
         if path == "engine":
             model = Llama(c, random_weights(c, dtype=dtype, device=device))
-            weights = None
+        elif path == "hf":
+            model = hf_llama(c, device, dtype)
+        else:  # the same transformers model, its q/k/v and gate/up moved into one buffer each (in place)
+            ph.fuse_projections(model)
+            free(device)
+        weights = None if path == "engine" else ph.HFDecoder(model).weight_bytes()
 
-            def make(method, model=model):
+        def make(method, model=model, path=path):
+            if path == "engine":
                 return Engine(model, None, attention=method, sparse=settings(method, smoke).sparse, ratio=1.5,
                               n_dense_layers=2)
-        else:
-            model = hf_llama(c, device, dtype)
-            weights = ph.HFDecoder(model).weight_bytes()
+            return ph.engine(model, settings(method, smoke))
 
-            def make(method, model=model):
-                return ph.engine(model, settings(method, smoke))
         for key in grid:
             try:
                 rows[key][path] = decode_row(make(key[2]), key[1], key[0], steps, device, weights)
@@ -148,17 +153,21 @@ def latency(device, dtype, args) -> list[dict]:
                 rows[key][path] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
             free(device)
             r = rows[key][path]
-            print(f"latency {path:6} {key[0]:>7} b{key[1]} {key[2]:5}: "
+            print(f"latency {path:8} {key[0]:>7} b{key[1]} {key[2]:5}: "
                   + (f"{r['ms_per_token']:8.3f} ms/token" if "ms_per_token" in r else r["skipped"])
                   + (f", peak/(weights+KV) {r['memory']['peak_over_weights_kv']}" if "memory" in r else ""),
                   flush=True)
-        del model, make
-        free(device)
+        del make
+        if path != "hf":
+            model = None
+            free(device)
     out = []
     for r in rows.values():
-        e, h = r.get("engine", {}), r.get("hf", {})
-        if "ms_per_token" in e and "ms_per_token" in h:
-            r["hf_over_engine"] = round(h["ms_per_token"] / e["ms_per_token"], 4)
+        e = r.get("engine", {})
+        for path in ("hf", "hf_fused"):
+            h = r.get(path, {})
+            if "ms_per_token" in e and "ms_per_token" in h:
+                r[f"{path}_over_engine"] = round(h["ms_per_token"] / e["ms_per_token"], 4)
         out.append(r)
     return out
 

@@ -283,3 +283,26 @@ def test_gpu_graph_equals_eager(method):
     eager = ph.stream(model, ids, settings, cfg, attention_mask=mask, graphs=False).run()
     assert graph.stats.cuda_graph and not eager.stats.cuda_graph
     assert [s.tokens for s in graph.sequences] == [s.tokens for s in eager.sequences]
+
+
+@pytest.mark.parametrize(("family", "groups"), [("qwen2", 3), ("glm4", 2)])
+def test_fused_projections_add_no_memory_and_change_no_token(family, groups):
+    """fuse_projections moves q/k/v weights and biases (and Qwen2's gate/up; GLM's is one matrix already) into
+    one buffer each, in place: the fast path then runs one product for each, the model's own forward is
+    unchanged, and no byte is added."""
+    model = model_of(family)
+    ids = prompt(2, 120)
+    settings = ph.PrrSettings(method="dsa", budget=64, dense_layers=1)
+    want = fast(model, ids, settings, steps=8)
+    with torch.no_grad():
+        logits = model(ids).logits
+    before = sum(p.numel() for p in model.parameters())
+    assert ph.fuse_projections(model) == groups * model.config.num_hidden_layers
+    assert ph.fuse_projections(model) == 0  # already in place
+    dec = ph.HFDecoder(model)
+    assert all(len(layer.qkv) == 1 and len(layer.gate_up) == 1 for layer in dec.layers)
+    assert dec.weight_bytes() == before * 4  # float32: the same parameters, nothing added
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) < len(list(model.parameters()))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert torch.equal(fast(model, ids, settings, steps=8), want)

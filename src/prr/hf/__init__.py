@@ -17,8 +17,9 @@ from .attention import cache_kwarg, cached_generate, enable, prr_attention, regi
 from .cache import FAMILIES, PrrCache, PrrLayer
 from .decoder import HFDecoder, problems
 from .fast import PrrFallbackWarning, engine, generate, patch_generate, stream, unpad
+from .fuse import fuse_projections
 from .settings import METHODS, PrrSettings
 
 __all__ = ["FAMILIES", "METHODS", "HFDecoder", "PrrCache", "PrrFallbackWarning", "PrrLayer", "PrrSettings",
-           "cache_kwarg", "cached_generate", "enable", "engine", "generate", "patch_generate", "problems",
-           "prr_attention", "register", "stream", "unpad"]
+           "cache_kwarg", "cached_generate", "enable", "engine", "fuse_projections", "generate", "patch_generate",
+           "problems", "prr_attention", "register", "stream", "unpad"]

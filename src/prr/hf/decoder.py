@@ -11,7 +11,8 @@ attention, sampling, and on a GPU the whole step as one CUDA graph) runs a trans
 - **decode**: the same fused ops as ``Llama.decode`` (:mod:`prr.ops.fused`, :mod:`prr.ops.gemv`) reading the
   ``nn.Linear`` / ``nn.Embedding`` / RMSNorm tensors of the transformers modules in place: no weight is copied.
   Where a checkpoint keeps q, k, v (or gate, up) as separate matrices they stay separate products (prr's own
-  model concatenates them into one; here that would be a second copy), their outputs concatenated.
+  model concatenates them into one; here that would be a second copy), their outputs concatenated; where they
+  lie back to back in one storage (:func:`prr.hf.fuse_projections` puts them so, in place) they are one.
   RoPE reads the model's own inverse frequencies and attention scaling (``rotary_emb``), so the angles are
   transformers' to the bit; GLM's partial, interleaved rotation is the interleaved kernel with cos = 1, sin = 0
   on the pairs it leaves alone.
@@ -33,6 +34,7 @@ from ..model.config import ModelConfig, hf_sliding_window
 from ..ops import fused, gemv
 from .attention import capturing, enable
 from .cache import FAMILIES
+from .fuse import adjacent
 
 GLM = ("glm", "glm4")
 # RoPE variants whose frequencies change with the sequence length at run time (a host-side check per call in
@@ -57,6 +59,19 @@ class _Layer:
 
 def _linear(mod) -> tuple[torch.Tensor, torch.Tensor | None]:
     return mod.weight, mod.bias
+
+
+def _products(mods) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The ``(weight, bias)`` products of `mods`; one when their weights (and biases) lie back to back in one
+    storage (:func:`prr.hf.fuse_projections`): one matrix-vector product instead of several, no copy."""
+    ws, bs = [m.weight for m in mods], [m.bias for m in mods]
+    w = adjacent(ws)
+    if w is not None:
+        if all(b is None for b in bs):
+            return [(w, None)]
+        if all(b is not None for b in bs) and (b := adjacent(bs)) is not None:
+            return [(w, b)]
+    return [_linear(m) for m in mods]
 
 
 def _eps(norm) -> float:
@@ -176,10 +191,10 @@ class HFDecoder:
         if hasattr(mlp, "gate_up_proj"):
             gate_up = [_linear(mlp.gate_up_proj)]
         else:
-            gate_up = [_linear(mlp.gate_proj), _linear(mlp.up_proj)]
+            gate_up = _products([mlp.gate_proj, mlp.up_proj])
         return _Layer(
             attn_norm=_norm(layer.input_layernorm),
-            qkv=[_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)],
+            qkv=_products([attn.q_proj, attn.k_proj, attn.v_proj]),
             wo=_linear(attn.o_proj), ffn_norm=_norm(layer.post_attention_layernorm), gate_up=gate_up,
             down=_linear(mlp.down_proj),
             post_attn_norm=_norm(layer.post_self_attn_layernorm) if kind == "glm4" else None,
