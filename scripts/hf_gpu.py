@@ -19,7 +19,8 @@ H200):
    beside 16 GB of weights).
 2. ``end_to_end``: ``prr.hf.generate`` itself on random prompts (transformers' prefill, then the fast path):
    32K batch 1 (DSA, PRR), 32K batch 4 ragged and left-padded (PRR), 128K batch 1 (PRR); its stats and the
-   peak memory of the whole call (transformers' prefill activations included).
+   peak memory of the whole call (transformers' prefill activations included). Beside them, at 32K batch 1 DSA,
+   the transformers-driven path (``prr.hf.cached_generate``: transformers' generate over a PrrCache, eager).
 3. ``equality_bf16``: tiny random Llama / Qwen2 / Mistral / GLM-4 (2048-token prompts, 32 greedy steps, batch
    2): the fast path's captured step against its eager step (the claim: the same tokens), against prr.hf's
    transformers-driven path, and PRR exact against DSA (budget 512).
@@ -207,9 +208,31 @@ def end_to_end(device, dtype, args) -> list[dict]:
                      "new_tokens": int(out.shape[1] - prompt), "peak_call": peak(device), "stats": st})
         print(f"generate {context:>7} b{batch} {method:5}: {st['ms_per_token']:8.3f} ms/token, prefill "
               f"{st['prefill_s']:.1f} s, graph {st['cuda_graph']}, peak {peak(device) / 2**30:.1f} GiB", flush=True)
+    rows.append(cached_path(model, c, device, steps, k32, smoke))
     del model
     free(device)
     return rows
+
+
+def cached_path(model, c, device, steps: int, context: int, smoke: bool) -> dict:
+    """The transformers-driven path (transformers' generate over a PrrCache, eager steps) at 32K, batch 1, DSA:
+    ms/token from two calls (1 and `steps` new tokens: the difference is `steps - 1` decode steps)."""
+    ids = torch.randint(0, c.vocab_size, (1, context - steps), generator=torch.Generator().manual_seed(1)).to(device)
+    walls = []
+    for n in (1, steps):
+        free(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ph.cached_generate(model, ids, settings("dsa", smoke), max_new_tokens=n, do_sample=False,
+                               attention_mask=torch.ones_like(ids), pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    ms = 1e3 * (walls[1] - walls[0]) / (steps - 1)
+    print(f"generate {context:>7} b1 dsa   through transformers' generate + PrrCache (eager): {ms:8.3f} ms/token",
+          flush=True)
+    return {"context": context, "batch": 1, "attention": "dsa", "path": "transformers generate + PrrCache (eager)",
+            "ms_per_token": round(ms, 3), "walls_s": [round(w, 3) for w in walls]}
 
 
 # ---- 3. equality in bf16 ----------------------------------------------------------------------------------------

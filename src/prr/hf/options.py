@@ -66,14 +66,17 @@ class Request:
 
 
 def _defaults() -> dict:
+    """What each setting is when nobody set it, in the installed transformers (a fresh config's values, then its
+    global defaults)."""
     from transformers import GenerationConfig as HFConfig
 
+    fresh = {k: v for k, v in vars(HFConfig()).items() if v is not None}
     get = getattr(HFConfig, "_get_default_generation_params", None)
-    return {**_DEFAULTS, **(get() if callable(get) else {})}
+    return {**_DEFAULTS, **fresh, **(get() if callable(get) else {})}
 
 
 def _neutral(value, default) -> bool:
-    if value is None or value is False:
+    if value is None or value is False or (isinstance(value, (dict, list, tuple, set)) and not value):
         return True
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
         return True
