@@ -19,12 +19,21 @@ from test_hf import VOCAB, prompt, run, tiny
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
-FAMILY_ARGS = {"llama": {"rope_parameters": LLAMA3}, "qwen2": {}, "mistral": {}, "glm4": {}}
+FAMILY_ARGS = {"llama": {"rope_parameters": LLAMA3}, "qwen2": {}, "mistral": {}, "glm4": {}, "glm": {}}
 
 
 def model_of(family, seed=0):
-    """A tiny random model; the biases transformers initialises to zero get random values (they must count)."""
-    model = tiny(family, seed=seed, **FAMILY_ARGS[family])
+    """A tiny random model; the biases transformers initialises to zero get random values (they must count).
+    ``glm``: GLM-4-9B's transformers format (partial interleaved RoPE, no extra norms; GLM-4 is ``glm4``)."""
+    if family == "glm":
+        torch.manual_seed(seed)
+        model = transformers.GlmForCausalLM(transformers.GlmConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, initializer_range=0.15,
+            pad_token_id=0, eos_token_id=1)).float().eval()
+        model.generation_config.eos_token_id = None
+    else:
+        model = tiny(family, seed=seed, **FAMILY_ARGS[family])
     gen = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for m in model.modules():
@@ -45,8 +54,10 @@ def fast(model, ids, settings, steps=12, **kw):
 @pytest.mark.parametrize("family", list(FAMILY_ARGS))
 def test_greedy_tokens_equal_transformers_and_the_cached_path(family):
     model = model_of(family)
-    if family in ("qwen2", "glm4"):
+    if family in ("qwen2", "glm4", "glm"):
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if family.startswith("glm"):
+        assert ph.HFDecoder(model).rope_pad > 0  # a partial rotation: some pairs stay as they are
     ids = prompt(2, 150)
     want, _ = run(model, ids, "sdpa")
     full = ph.PrrSettings(method="dsa", budget=256, dense_layers=1)  # every block selected
