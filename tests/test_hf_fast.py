@@ -99,6 +99,7 @@ def test_left_padded_ragged_batch():
     settings = ph.PrrSettings(method="dsa", budget=256, dense_layers=1)
     out = ph.generate(model, ids, settings, attention_mask=mask, max_new_tokens=10, pad_token_id=0, fast=True)
     assert torch.equal(out, want)
+    assert model.config._attn_implementation == "sdpa"  # the fast path leaves the model's attention as it was
     alone = fast(model, ids[1:2, 37:], settings, steps=10)
     assert torch.equal(alone[0], out[1, 160:])
     right = torch.ones_like(ids)

@@ -85,6 +85,28 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def _set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def attending_with_prr(model) -> Iterator[None]:
+    """Within the block the model attends with ``"prr"``; afterwards with what it had (the fast path's prefill
+    leaves the user's model as it found it)."""
+    register()
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != NAME:
+        _set_attention(model, NAME)
+    try:
+        yield
+    finally:
+        if before != NAME and before is not None:
+            _set_attention(model, before)
+
+
 def enable(model, settings: PrrSettings | None = None):
     """Make `model` (Llama, Qwen2, Mistral, GLM or GLM-4) attend with prr; returns the model. Decode steps then need
     a :class:`PrrCache` (``past_key_values=``), or use :func:`prr.hf.generate`.
@@ -94,10 +116,7 @@ def enable(model, settings: PrrSettings | None = None):
     through prr's engine where it can (:func:`prr.hf.fast.patch_generate`)."""
     check_model(model)
     register()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
-    else:
-        model.config._attn_implementation = NAME
+    _set_attention(model, NAME)
     if settings is not None:
         from .fast import patch_generate  # the fast path builds on this module
 

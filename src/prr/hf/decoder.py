@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..model.config import ModelConfig, hf_sliding_window
 from ..ops import fused, gemv
-from .attention import capturing, enable
+from .attention import attending_with_prr, capturing
 from .cache import FAMILIES
 from .fuse import adjacent
 
@@ -134,8 +134,8 @@ def _head_dim(cfg) -> int:
 
 class HFDecoder:
     """prr's model interface over a transformers Llama / Qwen2 / Mistral / GLM / GLM-4 causal LM (see the module
-    docstring). Holds references to the model's tensors, no copies; sets the model's attention to ``"prr"``
-    (:func:`prr.hf.enable`), whose prompt path is transformers' SDPA.
+    docstring). Holds references to the model's tensors, no copies. Its prefill runs the model with the ``"prr"``
+    attention (whose prompt path is transformers' SDPA) and gives the model its own attention back after.
 
     ``logits_filter``: an optional function applied to every logits row the decoder returns (``[B, V]`` float32,
     device ops only): the fast path's way to apply transformers' top-k before prr's sampler (see
@@ -148,7 +148,6 @@ class HFDecoder:
         bad = problems(model)
         if bad:
             raise ValueError("this model cannot decode through prr's engine: " + "; ".join(bad))
-        enable(model)
         self.hf = model
         hc = model.config
         kind = hc.model_type
@@ -161,7 +160,6 @@ class HFDecoder:
         eos = getattr(model.generation_config, "eos_token_id", None)
         self.cfg = self._config(hc, head_dim, window, max_pos, lm, emb, eos)
         self.device, self.dtype = emb.device, emb.dtype
-        self.window = window
         self.interleaved = kind in GLM
         self.embed = emb
         self.norm = _norm(base.norm)
@@ -222,7 +220,7 @@ class HFDecoder:
             seen.append(layer)
             store(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
-        with capturing(capture):
+        with attending_with_prr(self.hf), capturing(capture):
             out = self.hf(input_ids=tokens, use_cache=False, logits_to_keep=1)
         if seen != list(range(self.cfg.num_layers)):
             raise RuntimeError(f"the model's forward ran attention layers {seen[:8]}..., expected each of "
