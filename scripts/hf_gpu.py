@@ -301,8 +301,11 @@ def smollm2(device, args) -> dict:
     from prr.model.weights import bundled_gguf_path, load_model
 
     path = bundled_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                          dtype=torch.float32).to(device).eval()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).to(device).eval()
+    except Exception as e:  # the loader's own dependencies and versions: say what failed, keep the other sections
+        return {"skipped": f"transformers' GGUF loader failed: {type(e).__name__}: {str(e)[:300]}"}
     model, tok = load_model("smollm2", dtype=torch.float32, device=device)
     ids = tok.encode(" ".join(topics.values())[:20000])  # gpu_real_model.sh's prompt, --no-chat
     n = args.smollm2_tokens
