@@ -319,3 +319,20 @@ def test_fused_projections_add_no_memory_and_change_no_token(family, groups):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)
     assert torch.equal(fast(model, ids, settings, steps=8), want)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "glm4"])
+def test_triton_kernels_take_the_decoders_tensors(family):
+    """The GPU's kernels (in Triton's CPU interpreter) accept what the decoder hands them — the transformers
+    modules' tensors, q/k/v biases, GLM's padded cos/sin, a fused view after fuse_projections — and give the
+    reference ops' tokens."""
+    from prr.ops import backend
+
+    model = model_of(family)
+    ids = prompt(2, 100)
+    settings = ph.PrrSettings(method="dsa", budget=64, dense_layers=1)
+    want = fast(model, ids, settings, steps=4)
+    with backend.use_backend("triton"):
+        assert torch.equal(fast(model, ids, settings, steps=4), want)
+        ph.fuse_projections(model)
+        assert torch.equal(fast(model, ids, settings, steps=4), want)
