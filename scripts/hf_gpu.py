@@ -202,7 +202,7 @@ def end_to_end(device, dtype, args) -> list[dict]:
             rows.append({"context": context, "batch": batch, "attention": method, "skipped": str(e)[:200]})
             continue
         wall = time.perf_counter() - t0
-        st = model._prr_last_stats.summary()
+        st = ph.last_stats(model).summary()
         rows.append({"context": context, "batch": batch, "attention": method,
                      "prompt_lens": [prompt - x for x in cuts], "wall_s": round(wall, 2),
                      "new_tokens": int(out.shape[1] - prompt), "peak_call": peak(device), "stats": st})
@@ -316,7 +316,7 @@ def smollm2(device, args) -> dict:
         del eng
         got = ph.generate(hf, torch.tensor([ids], device=device), ph.PrrSettings(method=method, budget=1024),
                           max_new_tokens=n, eos_token_id=None, fast=True)[0, len(ids):].tolist()
-        hst = hf._prr_last_stats
+        hst = ph.last_stats(hf)
         out[method] = {**agreement([got], [want]), "engine_ms_per_token": round(st.ms_per_token, 3),
                        "hf_ms_per_token": round(hst.ms_per_token, 3), "hf_cuda_graph": hst.cuda_graph,
                        "tokens": got}

@@ -65,7 +65,7 @@ def test_greedy_tokens_equal_transformers_and_the_cached_path(family):
     assert torch.equal(cached, want)
     assert torch.equal(fast(model, ids, ph.PrrSettings(method="dense")), want)
     assert torch.equal(fast(model, ids, full), want)
-    st = model._prr_last_stats
+    st = ph.last_stats(model)
     assert st.attention == "dsa" and st.new_tokens == 24 and st.warmup_steps == 1 and not st.cuda_graph
 
 
@@ -81,7 +81,7 @@ def test_prr_exact_gives_dsa_tokens(family, selector):
     assert torch.equal(dsa, cached)
     got = fast(model, ids, ph.PrrSettings(method="prr", **kw), steps=12)
     assert torch.equal(got, dsa)
-    st = model._prr_last_stats
+    st = ph.last_stats(model)
     assert st.attention == "prr" and 0 < st.hit_rate <= 1 and len(st.hit_rates) == 11
 
 
@@ -182,7 +182,7 @@ def test_model_generate_after_enable_with_settings():
     with torch.no_grad():
         mask = torch.ones_like(ids)
         out = model.generate(ids, max_new_tokens=8, pad_token_id=0, attention_mask=mask)
-        assert torch.equal(out[:, 100:], want) and model._prr_last_stats.attention == "prr"
+        assert torch.equal(out[:, 100:], want) and ph.last_stats(model).attention == "prr"
         assert torch.equal(model.generate(input_ids=ids, max_new_tokens=8, pad_token_id=0, attention_mask=mask), out)
         # A call with its own cache is transformers' own generate, as before.
         cache = ph.PrrCache(model, settings, max_cache_len=108)

@@ -16,10 +16,11 @@ Needs ``transformers`` (the ``hf`` extra).
 from .attention import cache_kwarg, cached_generate, enable, prr_attention, register
 from .cache import FAMILIES, PrrCache, PrrLayer
 from .decoder import HFDecoder, problems
-from .fast import PrrFallbackWarning, engine, generate, patch_generate, stream, unpad
+from .fast import PrrFallbackWarning, engine, generate, last_stats, patch_generate, stream, unpad
 from .fuse import fuse_projections
 from .settings import METHODS, PrrSettings
 
 __all__ = ["FAMILIES", "METHODS", "HFDecoder", "PrrCache", "PrrFallbackWarning", "PrrLayer", "PrrSettings",
-           "cache_kwarg", "cached_generate", "enable", "engine", "fuse_projections", "generate", "patch_generate",
+           "cache_kwarg", "cached_generate", "enable", "engine", "fuse_projections", "generate", "last_stats",
+           "patch_generate",
            "problems", "prr_attention", "register", "stream", "unpad"]

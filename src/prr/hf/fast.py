@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from ..model.engine import Engine
-from ..model.generation import Generation, GenerationConfig
+from ..model.generation import Generation, GenerationConfig, GenerationStats
 from .attention import cached_generate
 from .decoder import HFDecoder, problems
 from .options import Request, eos_ids, resolve, top_k_mask
@@ -121,6 +121,13 @@ def _run(model, input_ids, settings, req: Request) -> torch.Tensor:
     return _output(input_ids, gen, req.pad_id)
 
 
+def last_stats(model) -> GenerationStats | None:
+    """The :class:`prr.model.generation.GenerationStats` of the model's last fast-path generation (ms/token in
+    the steady state, prefill, warm-up and capture times, whether a CUDA graph ran, PRR's hit rate); None
+    before one."""
+    return getattr(model, "_prr_last_stats", None)
+
+
 def _why_not(model, prompt_len: int, req: Request) -> list[str]:
     why = list(req.problems) + problems(model)
     if not why:
@@ -149,8 +156,7 @@ def generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None
     ``streamer``, ...), or prr's own `config` (:class:`prr.model.generation.GenerationConfig`: sampling with a
     seed, stop strings, EOS on or off) with ``attention_mask``, ``tokenizer`` and ``streamer`` beside it (the
     fast path only). Sampled tokens follow transformers' distribution with prr's draws (seeded from torch's
-    generator); the stats of the last fast run are in ``model._prr_last_stats``
-    (:class:`prr.model.generation.GenerationStats`)."""
+    generator); the stats of the last fast run: :func:`last_stats`."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, tokens] tensor")
     if config is not None:
