@@ -30,7 +30,8 @@ def tiny(family="llama", seed=0, **kw):
 
 
 def run(model, ids, attn, settings=None, steps=12, **kw):
-    """Tokens and per-step logits of ``model.generate`` with attention `attn` ("sdpa" or prr `settings`)."""
+    """Tokens and per-step logits of ``model.generate`` with attention `attn` ("sdpa" or prr `settings`: the
+    transformers-driven path over a PrrCache, prr.hf.cached_generate)."""
     args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, pad_token_id=0, output_logits=True,
                 return_dict_in_generate=True, **kw)
     kw.setdefault("do_sample", False)
@@ -41,7 +42,7 @@ def run(model, ids, attn, settings=None, steps=12, **kw):
             out = model.generate(ids, **args)
         else:
             ph.enable(model)
-            out = ph.generate(model, ids, settings, **args)
+            out = ph.cached_generate(model, ids, settings, **args)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
 
 
@@ -150,7 +151,9 @@ def test_unsupported_models_and_inputs_are_refused():
                        **{ph.cache_kwarg(model): ph.PrrCache(model, max_cache_len=41)})
     with pytest.raises(RuntimeError, match="decodes through a prr.hf.PrrCache"), torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
-    with pytest.raises(NotImplementedError, match="beam search"), torch.no_grad():
+    # Beam search is transformers' generate's alone: prr.hf.generate falls back to it, whose cache refuses it.
+    with pytest.raises(NotImplementedError, match="beam search"), torch.no_grad(), \
+            pytest.warns(ph.PrrFallbackWarning, match="num_beams=2"):
         ph.generate(model, ids, max_new_tokens=3, num_beams=2, pad_token_id=0, attention_mask=torch.ones_like(ids))
     cache = ph.PrrCache(model, max_cache_len=64)
     with torch.no_grad():

@@ -8,7 +8,10 @@ token per sequence) is attended by prr over that paged cache: dense, serialized 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -19,6 +22,19 @@ from .cache import PrrCache, active_layer, check_model
 from .settings import PrrSettings
 
 NAME = "prr"
+# The fast path's prefill (prr.hf.decoder): a function given each layer's (layer, q, k, v) of a cache-free forward.
+_CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("prr_hf_capture", default=None)
+
+
+@contextlib.contextmanager
+def capturing(fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, every prompt call of the ``"prr"`` attention without a :class:`PrrCache` hands
+    ``fn(layer_idx, query [B, Hq, T, D], key, value [B, Hkv, T, D])`` its RoPE'd tensors before attending."""
+    token = _CAPTURE.set(fn)
+    try:
+        yield
+    finally:
+        _CAPTURE.reset(token)
 
 
 def _padding_free(mask: torch.Tensor | None, q_len: int) -> bool:
@@ -45,6 +61,9 @@ def prr_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
             raise RuntimeError("prr attention decodes through a prr.hf.PrrCache: pass past_key_values=PrrCache(model, "
                                "settings, max_cache_len=...) (or use prr.hf.generate)")
         # No prr cache (a plain forward, use_cache=False): the prompt path alone, transformers' SDPA.
+        capture = _CAPTURE.get()
+        if capture is not None:
+            capture(module.layer_idx, query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if q_len > 1:
@@ -66,15 +85,42 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def enable(model):
-    """Make `model` (Llama, Qwen2 or Mistral) attend with prr; returns the model. Decode steps then need a
-    :class:`PrrCache` (``past_key_values=``), or use :func:`generate`."""
+def _set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def attending_with_prr(model) -> Iterator[None]:
+    """Within the block the model attends with ``"prr"``; afterwards with what it had (the fast path's prefill
+    leaves the user's model as it found it)."""
+    register()
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != NAME:
+        _set_attention(model, NAME)
+    try:
+        yield
+    finally:
+        if before != NAME and before is not None:
+            _set_attention(model, before)
+
+
+def enable(model, settings: PrrSettings | None = None):
+    """Make `model` (Llama, Qwen2, Mistral, GLM or GLM-4) attend with prr; returns the model. Decode steps then need
+    a :class:`PrrCache` (``past_key_values=``), or use :func:`prr.hf.generate`.
+
+    With `settings`, ``model.generate`` itself becomes :func:`prr.hf.generate` with those settings (an instance
+    attribute: ``del model.generate`` restores transformers' own), so pipelines and existing code decode with prr,
+    through prr's engine where it can (:func:`prr.hf.fast.patch_generate`)."""
     check_model(model)
     register()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
-    else:
-        model.config._attn_implementation = NAME
+    _set_attention(model, NAME)
+    if settings is not None:
+        from .fast import patch_generate  # the fast path builds on this module
+
+        patch_generate(model, settings)
     return model
 
 
@@ -84,13 +130,15 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None, *, max_new_tokens: int,
-             **kwargs):
-    """``model.generate`` with prr attention and a fresh :class:`PrrCache` sized for the prompt plus
-    `max_new_tokens` (every other argument is transformers', e.g. ``do_sample``, ``temperature``)."""
+def cached_generate(model, input_ids: torch.Tensor, settings: PrrSettings | None = None, *, max_new_tokens: int,
+                    **kwargs):
+    """transformers' own ``generate`` (its class's, even where ``model.generate`` was replaced) with prr attention
+    and a fresh :class:`PrrCache` sized for the prompt plus `max_new_tokens` (every other argument is
+    transformers', e.g. ``do_sample``, ``temperature``): eager decode steps, every option of transformers'."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
     if getattr(model.config, "_attn_implementation", None) != NAME:
         enable(model)
     cache = PrrCache(model, settings, max_cache_len=input_ids.shape[1] + max_new_tokens)
-    return model.generate(input_ids, max_new_tokens=max_new_tokens, **{cache_kwarg(model): cache}, **kwargs)
+    return type(model).generate(model, input_ids, max_new_tokens=max_new_tokens, **{cache_kwarg(model): cache},
+                                **kwargs)
