@@ -69,7 +69,7 @@ for step in "$@"; do
       --out "$OUT/bench_select_h200.json" 2>&1 | quiet | tail -40 | tee -a "$OUT/run.log" ;;
     guessed-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_guessed.py tests/test_runtime.py 2>&1 \
       | tail -6 | tee -a "$OUT/run.log" ;;
-    topk) timeout 300 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 4,8,16 \
+    topk) timeout 200 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 16 \
       --out "$OUT/bench_topk_h200.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
     layer-targets) { timeout 200 python3 -m prr bench layer --quick --timelines --models llama-3.1-8b --batches 1 \
       --contexts 128K --budgets 2048 --methods quest --out "$OUT/bench_layer_llama_128k.json" 2>&1 | quiet | tail -3
