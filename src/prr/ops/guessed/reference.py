@@ -107,10 +107,6 @@ def _dynamic_keys(scores: torch.Tensor, n: torch.Tensor, n_sink: int, n_local: i
     return torch.where(cand, order_key(s).long(), INT_MIN)
 
 
-def _count(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (keys >= t[:, None]).sum(-1)
-
-
 def search(keys: torch.Tensor, k_lo: int, k_hi: int, p_cap: int, interp: bool):
     """The kernel's search, row by row: ``keys [R, M]`` int64 (INT_MIN: not a candidate), each row holding at
     least ``k_lo`` candidates. Returns int64 ``[R]``: a threshold ``T`` with ``k_lo <= #(keys >= T) <= k_hi``
@@ -121,38 +117,43 @@ def search(keys: torch.Tensor, k_lo: int, k_hi: int, p_cap: int, interp: bool):
     Between the smallest and largest candidate key, each step counts the keys at or above a midpoint: by
     linear interpolation of the two known counts, aiming at the window's middle, followed by a bisection step
     whenever it did not halve the interval (so at least every other step halves it); ``interp=False``:
-    bisection only. It stops as soon as a count lands in the window."""
-    live = keys > INT_MIN
-    n = live.sum(-1)
-    lo = torch.where(live, keys, 2 ** 31 - 1).min(-1).values
-    hi = torch.where(n > k_hi, keys.max(-1).values, lo)
-    c_lo, c_hi = n.clone(), torch.zeros_like(n)
+    bisection only. It stops as soon as a count lands in the window. (In NumPy on the host: a decode step
+    runs it per layer, and its many small steps cost several times more as torch ops on a CPU.)"""
+    import numpy as np
+
+    dev = keys.device
+    kk = keys.cpu().numpy()
+    live = kk > INT_MIN
+    n = live.sum(-1).astype(np.int64)
+    lo = np.where(live, kk, 2 ** 31 - 1).min(-1)
+    hi = np.where(n > k_hi, kk.max(-1), lo)
+    c_lo, c_hi = n.copy(), np.zeros_like(n)
     first = n <= p_cap
-    t_p = torch.where(first, lo, 0)
-    c_p = torch.where(first, n, 0)
-    bisect = torch.zeros_like(n, dtype=torch.bool)
+    t_p = np.where(first, lo, 0)
+    c_p = np.where(first, n, 0)
+    bisect = np.zeros(n.shape, dtype=bool)
     while True:
         act = lo < hi
-        if not bool(act.any()):
-            return lo, t_p, c_p
+        if not act.any():
+            return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in (lo, t_p, c_p))
         width = hi - lo
         half = lo + (width + 1) // 2
         if interp:
             num = (2 * c_lo - (k_lo + k_hi - 1)) * (width + 1)
-            den = (2 * (c_lo - c_hi)).clamp(min=1)
-            mid = torch.where(bisect, half, lo + torch.clamp(num // den, min=1).minimum(width))
+            den = np.maximum(2 * (c_lo - c_hi), 1)
+            mid = np.where(bisect, half, lo + np.minimum(np.maximum(num // den, 1), width))
         else:
             mid = half
-        c = _count(keys, mid)
+        c = (kk >= mid[:, None]).sum(-1)
         upd = act & (c <= p_cap) & (c > c_p)
-        t_p, c_p = torch.where(upd, mid, t_p), torch.where(upd, c, c_p)
+        t_p, c_p = np.where(upd, mid, t_p), np.where(upd, c, c_p)
         up = act & (c >= k_lo)
-        new_lo = torch.where(up, mid, lo)
-        new_hi = torch.where(act, torch.where(c > k_hi, hi, torch.where(c >= k_lo, mid, mid - 1)), hi)
-        c_lo = torch.where(up, c, c_lo)
-        c_hi = torch.where(act & (c < k_lo), c, c_hi)
+        new_lo = np.where(up, mid, lo)
+        new_hi = np.where(act, np.where(c > k_hi, hi, np.where(c >= k_lo, mid, mid - 1)), hi)
+        c_lo = np.where(up, c, c_lo)
+        c_hi = np.where(act & (c < k_lo), c, c_hi)
         if interp:
-            bisect = torch.where(act, ~bisect & ((new_hi - new_lo) * 2 > width), bisect)
+            bisect = np.where(act, ~bisect & ((new_hi - new_lo) * 2 > width), bisect)
         lo, hi = new_lo, new_hi
 
 
