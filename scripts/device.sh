@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Named measurement steps for a GPU machine, run from the repository root with no installs (PYTHONPATH=src).
 # Usage: OUT=DIR bash scripts/device.sh STEP...   (results and logs go to $OUT, default ./out; run.log collects
-# the console tails). Each step fits a 10-minute call; `bash scripts/device.sh list` prints the steps.
+# the console tails). Each step fits a 10-minute call; `bash scripts/device.sh list` prints the steps. Pass
+# PRR_COMMIT=<hash> along: the machine's copy of the tree may report a stale git HEAD (the results' source_sha1
+# names the code that ran in any case).
 #
 #   tests            every test on the GPU (the gpu-marked ones run here; bundled-model tests skip without it)
 #   gpu-tests        the gpu-marked tests only
@@ -70,7 +72,7 @@ for step in "$@"; do
     guessed-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_guessed.py tests/test_runtime.py 2>&1 \
       | tail -6 | tee -a "$OUT/run.log" ;;
     topk) timeout 200 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 16 \
-      --out "$OUT/bench_topk_h200.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
+      --out "$OUT/bench_topk.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
     layer-targets) { timeout 200 python3 -m prr bench layer --quick --timelines --models llama-3.1-8b --batches 1 \
       --contexts 128K --budgets 2048 --methods quest --out "$OUT/bench_layer_llama_128k.json" 2>&1 | quiet | tail -3
       timeout 200 python3 -m prr bench layer --quick --timelines --models glm-4-9b --batches 1 --contexts 512K \

@@ -177,10 +177,12 @@ def _cmd_bench_plot(args) -> int:
     if res.get("bench") == "e2e":
         print(plot_e2e_breakdown(args.file, args.out_dir))
         return 0
-    if "cases" in res:  # scripts/diag_prr.py: the parts of DSA's and PRR's layer step, or its kernel timelines
-        steps = tuple(args.steps.split(",")) if args.steps else None
-        print(plot_timelines(args.file, args.out_dir, steps) if args.timelines else
-              plot_step_parts(args.file, args.out_dir))
+    steps = tuple(args.steps.split(",")) if args.steps else None
+    if args.timelines:  # a diagnostic JSON's or a `bench layer --timelines` JSON's kernel timelines
+        print(plot_timelines(args.file, args.out_dir, steps))
+        return 0
+    if "cases" in res:  # scripts/diag_prr.py: the parts of DSA's and PRR's layer step
+        print(plot_step_parts(args.file, args.out_dir))
         return 0
 
     paths = plot_heatmap(args.file, args.out_dir) if args.heatmap else plot_layer(args.file, args.out_dir)
