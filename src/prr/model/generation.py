@@ -344,7 +344,7 @@ class Generation:
         seq.tokens.append(tok)
         reason, final = None, None
         full = tk.decode(seq.tokens) if tk is not None else None
-        if full is not None and (cut := _find_stop(full, cfg.stop)) is not None:
+        if full is not None and (cut := find_stop(full, cfg.stop)) is not None:
             reason, seq.stop_string, final = "stop", cut[1], full[:cut[0]]
         elif tok in eos:
             reason, final = "eos", full
@@ -366,7 +366,7 @@ class Generation:
         return TokenEvent(j, tok, delta, reason)
 
 
-def _find_stop(text: str, stops) -> tuple[int, str] | None:
+def find_stop(text: str, stops) -> tuple[int, str] | None:
     """The earliest stop string in ``text``: ``(position, string)``."""
     best = None
     for s in stops:

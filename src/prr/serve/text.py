@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
+from ..model.generation import find_stop
+
 FINISH = ("stop", "length")  # OpenAI's finish reasons: an EOS token or a stop string is "stop"
-
-
-def find_stop(text: str, stops) -> tuple[int, str] | None:
-    """The earliest stop string in ``text``: ``(position, string)``."""
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
 
 
 class TextStream:

@@ -22,12 +22,11 @@ import triton.language as tl
 
 from ..select.triton import (
     GROUP,
-    TOPK_SINGLE_MAX,
     _candidate_keys,
-    _group_max_kernel,
     _order_key,
     _top_k_mask,
     _write_selection,
+    group_maxima,
     topk_warps,
 )
 from .reference import compact_capacity, guess_capacity
@@ -272,22 +271,7 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
     ng = triton.cdiv(nmax, GROUP)
     cap_g = guess_capacity(top_k, guess_k, ng)
     nmax_pad = max(16, triton.next_power_of_2(nmax))
-    single = nmax_pad <= TOPK_SINGLE_MAX
-    cg = torch.empty(bsz * hkv, cap_g, dtype=torch.int32, device=dev)
-    if single:
-        gmax = cg
-    elif group_max is None:
-        gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
-        block_g = 64
-        _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
-            scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
-            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
-        )
-    else:
-        if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
-            raise ValueError(f"group_max must be contiguous int32 [{bsz * hkv}, {ng}], got {group_max.dtype} "
-                             f"{tuple(group_max.shape)}")
-        gmax = group_max
+    gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, cap_g)
     ng_pad = max(16, triton.next_power_of_2(ng))
     tile = nmax_pad if single else max(ng_pad, cap_g * GROUP)
     cap_c = compact_capacity(top_k, guess_k)

@@ -210,6 +210,31 @@ def topk_warps(keys: int) -> int:
     return 4 if keys <= 2048 else 8 if keys <= 8192 else 16
 
 
+def group_maxima(scores, nb, n_sink: int, n_local: int, group_max, scratch_cols: int):
+    """Stage 1's input for a top-K program over ``scores [B, Hkv, N_max]``: ``(group maxima [B*Hkv, NG], a
+    scratch buffer [B*Hkv, scratch_cols] for the kept groups' ids, single)``. ``single``: rows short enough
+    for one search over all their blocks (no group maxima needed: the scratch stands in). ``group_max``: the
+    maxima the scoring kernel wrote (checked), else computed here."""
+    bsz, hkv, nmax = scores.shape
+    ng = triton.cdiv(nmax, GROUP)
+    cg = torch.empty(bsz * hkv, scratch_cols, dtype=torch.int32, device=scores.device)
+    single = max(16, triton.next_power_of_2(nmax)) <= TOPK_SINGLE_MAX
+    if single:  # one search over the whole row: no group maxima needed (given ones are ignored)
+        return cg, cg, True
+    if group_max is None:
+        gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=scores.device)
+        block_g = 64
+        _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
+            scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
+            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
+        )
+        return gmax, cg, False
+    if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
+        raise ValueError(f"group_max must be contiguous int32 [{bsz * hkv}, {ng}], got {group_max.dtype} "
+                         f"{tuple(group_max.shape)}")
+    return group_max, cg, False
+
+
 def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, out=None, group_max=None):
     """Triton twin of :func:`prr.ops.select.reference.select_blocks`. `out=(indices, counts)` reuses buffers;
     ``group_max``: stage 1's group maxima already written by the scoring kernel (its ``group_max_for``).
@@ -232,23 +257,8 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
     ng = triton.cdiv(nmax, GROUP)
     tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
-    cg = torch.empty(bsz * hkv, tg_pad, dtype=torch.int32, device=dev)
+    gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, tg_pad)
     nmax_pad = max(16, triton.next_power_of_2(nmax))
-    single = nmax_pad <= TOPK_SINGLE_MAX
-    if single:  # one search over the whole row: no group maxima needed (given ones are ignored)
-        gmax = cg
-    elif group_max is None:
-        gmax = torch.empty(bsz * hkv, ng, dtype=torch.int32, device=dev)
-        block_g = 64
-        _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
-            scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
-            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
-        )
-    else:
-        if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
-            raise ValueError(f"group_max must be contiguous int32 [{bsz * hkv}, {ng}], got {group_max.dtype} "
-                             f"{tuple(group_max.shape)}")
-        gmax = group_max
     ng_pad = max(16, triton.next_power_of_2(ng))
     _topk_kernel[(bsz * hkv,)](
         scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
