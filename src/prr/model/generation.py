@@ -147,6 +147,7 @@ class DeviceStats:
         # the guessed top-K's rows: how many took each path (prr.ops.guessed.PATHS), and the sum of |C(τ)| where
         # the guess held
         self.guess = torch.zeros(6, dtype=torch.int64, device=device)
+        self._codes = torch.arange(5, dtype=torch.int32, device=device)
         self.guessed = False
 
     def add(self, step_stats: list, active: torch.Tensor) -> None:
@@ -167,8 +168,9 @@ class DeviceStats:
             on = (active != 0)[None, :, None]
             path, cand = g[:, 1], g[:, 0]
             held = ((path == 0) | (path == 4)) & on
-            self.guess.add_(torch.stack([((path == p) & on).sum() for p in range(5)]
-                                        + [(cand.long() * held).sum()]))
+            # one compare against every path code, one sum: the rows per path
+            per_path = ((path[..., None] == self._codes) & on[..., None]).sum((0, 1, 2))
+            self.guess.add_(torch.cat([per_path, (cand.long() * held).sum()[None]]))
 
     def guess_summary(self, top_k: int) -> dict | None:
         """The guessed top-K's rows over the run (host copy): their number, the share whose guess held

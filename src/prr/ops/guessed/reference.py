@@ -29,7 +29,7 @@ import math
 import torch
 
 from ... import _checks as check
-from ..select.reference import _mask_to_selection, check_select_inputs
+from ..select.reference import _mask_to_selection, check_select_inputs, selection_mask
 
 HELD, TOO_HIGH, TOO_LOW, SHORT, NARROWED = 0, 1, 2, 3, 4
 """Paths of a row: the guess held; it was too high (``|C(τ)| < K``: full search); too low even after narrowing
@@ -314,12 +314,8 @@ def _best_groups_blocks(rows, gkeys, top_k):
 
 def _selection_dynamic_mask(indices, counts, n_max, n, n_sink, n_local):
     """``[B, Hkv, N]``: the dynamic (not forced) blocks of a selection."""
-    slot = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None].long()
-    mask = torch.zeros(*indices.shape[:-1], n_max + 1, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, torch.where(slot & (indices >= 0), indices.long(), n_max), True)
-    mask = mask[..., :n_max]
     j = torch.arange(n_max, device=indices.device)
-    return mask & (j >= n_sink) & (j < n - n_local)
+    return selection_mask(indices, counts, n_max) & (j >= n_sink) & (j < n - n_local)
 
 
 def _p_selection(dyn, n_next, n_sink, n_local, cap):
