@@ -271,25 +271,25 @@ def _(tmp):
     prr.select_blocks(s, torch.tensor([8]), top_k=2)
 
 
-@case("guess-prev-missing", "the guessed top-K without the previous selection's flag row",
-      "prr.select_blocks_guessed", TypeError,
-      "select_blocks_guessed() missing 1 required keyword-only argument: 'prev'")
+@case("guess-and-prev", "both a threshold and a previous selection for the guessed top-K",
+      "prr.select_blocks_guessed", ValueError,
+      "give exactly one of guess (a threshold per row) and prev (a selection whose blocks bound the threshold)")
 def _(tmp):
-    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4)
+    idx, cnt = prr.select_blocks(torch.zeros(1, 2, 40), torch.tensor([40]), top_k=4)
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, guess=torch.zeros(1, 2), prev=(idx, cnt))
 
 
-@case("prev-shape", "a previous selection's flag row of another batch, head count or length",
-      "prr.select_blocks_guessed", ValueError, "prev must have shape [1, 2, 40], got [1, 3, 40]")
+@case("prev-shape", "a previous selection of another batch or head count", "prr.select_blocks_guessed", ValueError,
+      "prev indices must have shape [1, 2, *], got [1, 3, 7]")
 def _(tmp):
-    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, prev=torch.zeros(1, 3, 40,
-                                                                                         dtype=torch.uint8))
+    idx, cnt = prr.select_blocks(torch.zeros(1, 3, 40), torch.tensor([40]), top_k=4)
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, prev=(idx, cnt))
 
 
-@case("prev-dtype", "a previous selection given as indices, not a flag row", "prr.select_blocks_guessed", TypeError,
-      "prev must have dtype in (uint8, bool), got int32")
+@case("guess-k-small", "a next-guess count below K", "prr.select_blocks_guessed", ValueError,
+      "guess_k (3) must be at least top_k (4)")
 def _(tmp):
-    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, prev=torch.zeros(1, 2, 40,
-                                                                                         dtype=torch.int32))
+    prr.select_blocks_guessed(torch.zeros(1, 2, 40), torch.tensor([40]), 4, guess=torch.zeros(1, 2), guess_k=3)
 
 
 @case("ckeys-shape", "compressed keys not covering the cache", "prr.infllm_scores", ValueError,

@@ -97,6 +97,8 @@ def test_guess_replay_on_known_selections():
     g = locality.guess_replay(scores, nblk, 3, 1, 1, spec_k=3)
     assert g["held"] == 1.0 and g["too_high"] == g["too_low"] == 0.0 and g["rows"] == 5
     assert g["p_hit_rate"] == pytest.approx(11 / 15)
+    carried = locality.guess_replay(scores, nblk, 3, 1, 1, spec_k=3, source="carried", guess_k=3)
+    assert carried["rows"] == 5 and carried["held"] + carried["too_high"] + carried["too_low"] == pytest.approx(1.0)
 
 
 def test_eval_cli_without_dense_prints_perplexity(smollm, tmp_path, capsys):

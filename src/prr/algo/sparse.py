@@ -125,99 +125,80 @@ class BlockMetadata:
         elif cfg.method == "infllm_v2":
             ops.infllm_metadata_append(self.ckeys, cache, cfg.window, cfg.stride)
 
-    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False, bound_for=None):
+    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False):
         """Block scores ``[B, Hkv, N_max]`` float32 of the configured method; ``with_groups``: ``(scores,
-        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise).
-        ``bound_for=(flags, bound)``: also the guessed top-K's threshold (see :func:`prr.ops.quest_scores`)."""
+        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise)."""
         cfg = self.cfg
-        groups = (cfg.n_sink, cfg.n_local) if with_groups or bound_for is not None else None
+        groups = (cfg.n_sink, cfg.n_local) if with_groups else None
         if cfg.method == "quest":
-            out = ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate,
-                                   group_max_for=groups, bound_for=bound_for)
-        elif cfg.method == "infllm_v2":
-            out = ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate,
-                                    group_max_for=groups, bound_for=bound_for)
-        else:
-            s = ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
-            if bound_for is not None:
-                nb = ops.num_blocks(cache.seq_lens, cfg.block_size)
-                low = ops.guessed.guess_bound(s, nb, bound_for[0], cfg.n_sink, cfg.n_local)
-                bound_for[1].copy_(torch.minimum(bound_for[1], low))
-            out = (s, None) if groups is not None else s
-        return out if with_groups or groups is None else out[0]
+            return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate,
+                                    group_max_for=groups)
+        if cfg.method == "infllm_v2":
+            return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate,
+                                     group_max_for=groups)
+        s = ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
+        return (s, None) if with_groups else s
 
 
 class GuessedTopK:
     """One layer's guessed top-K (:func:`prr.ops.select_blocks_guessed`) with its state, fixed buffers updated
-    in place: the previous selection's flag row ``flags [B, Hkv, N_max]`` (its blocks bound this step's
-    threshold, which the scoring kernel folds into ``bound``; the new selection replaces them), the selection
-    ``s_idx``/``s_cnt``, the next predicted set ``p_idx``/``p_cnt`` (``spec_k`` dynamic blocks, for PRR's
-    speculation) and the rows' ``stats [2, B, Hkv]`` (``|C(τ)|`` and the path). Before its first step (or
-    after :meth:`reset`) it holds no selection: the first step runs the full search, exactly. ``hold``: the
-    flags stay as seeded (the new ones go to a scratch row; benchmarks replaying one step)."""
+    in place: the previous selection ``s_idx``/``s_cnt`` (its blocks bound this step's threshold; the new
+    selection replaces it), the next predicted set ``p_idx``/``p_cnt`` (``spec_k`` dynamic blocks, for PRR's
+    speculation), the unused carried threshold ``guess`` and the rows' ``stats [2, B, Hkv]`` (``|C(τ)|`` and
+    the path). Before its first step (or after :meth:`reset`) it holds no selection: the first guess admits
+    every block, which narrows or falls back, exactly. ``hold``: the previous selection stays as seeded (its own
+    buffers; benchmarks replaying one step)."""
 
     def __init__(self, batch: int, num_kv_heads: int, cfg: SparseConfig, spec_k: int | None = None, device="cpu",
-                 hold: bool = False, max_blocks: int | None = None):
+                 hold: bool = False):
         self.cfg = cfg
-        self.write_p = spec_k is not None  # (DSA on the guessed top-K has no use for P)
         self.spec_k = cfg.top_k if spec_k is None else check.positive_int("spec_k", spec_k)
-        self.max_blocks = max_blocks
         shape = (batch, num_kv_heads)
         self.s_idx = torch.full((*shape, cfg.k_max), -1, dtype=torch.int32, device=device)
         self.s_cnt = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.guess = torch.full(shape, float("-inf"), device=device)
         self.p_idx = torch.full((*shape, cfg.n_sink + cfg.n_local + self.spec_k), -1, dtype=torch.int32,
                                 device=device)
         self.p_cnt = torch.zeros(shape, dtype=torch.int32, device=device)
         self.stats = torch.zeros(2, *shape, dtype=torch.int32, device=device)
-        self.bound = torch.full(shape, 2 ** 31 - 1, dtype=torch.int32, device=device)
-        n = 1 if max_blocks is None else max_blocks
-        self.flags = torch.zeros(*shape, n, dtype=torch.uint8, device=device)
-        self.flags_out = torch.zeros_like(self.flags) if hold else None
+        self.prev = (self.s_idx.clone(), self.s_cnt.clone()) if hold else (self.s_idx, self.s_cnt)
 
     def buffers(self) -> list[torch.Tensor]:
-        """The op's five outputs, in its order."""
-        return [self.s_idx, self.s_cnt, self.p_idx, self.p_cnt, self.stats]
-
-    def state(self) -> list[torch.Tensor]:
-        """Every buffer the op reads or writes (a graph's snapshot)."""
-        extra = [] if self.flags_out is None else [self.flags_out]
-        return [*self.buffers(), self.flags, self.bound, *extra]
-
-    def _ensure(self, n_max: int) -> None:
-        if self.flags.shape[-1] != n_max:  # sized at the first step (or set up front with max_blocks)
-            self.flags = torch.zeros(*self.flags.shape[:2], n_max, dtype=torch.uint8, device=self.flags.device)
-            if self.flags_out is not None:
-                self.flags_out = torch.zeros_like(self.flags)
+        """The op's six outputs, in its order."""
+        return [self.s_idx, self.s_cnt, self.guess, self.p_idx, self.p_cnt, self.stats]
 
     def reset(self) -> None:
-        self.flags.zero_()
-        self.bound.fill_(2 ** 31 - 1)
+        for idx, cnt in self._selections():
+            idx.fill_(-1)
+            cnt.zero_()
 
-    def seed(self, indices: torch.Tensor, counts: torch.Tensor, n_max: int | None = None) -> None:
+    def seed(self, indices: torch.Tensor, counts: torch.Tensor) -> None:
         """Start from a known selection (e.g. the last prompt position's)."""
-        self._ensure(n_max or self.flags.shape[-1])
-        self.flags.copy_(ops.guessed.selection_flags(indices, counts, self.flags.shape[-1]))
-        self.bound.fill_(2 ** 31 - 1)
+        for idx, cnt in self._selections():
+            idx.copy_(indices)
+            cnt.copy_(counts)
 
     def rows(self, nb: int) -> GuessedTopK:
         """A view of the first `nb` sequences (the state shared; its own stats buffer)."""
         v = copy.copy(self)
-        v.s_idx, v.s_cnt, v.p_idx, v.p_cnt, v.bound, v.flags = (t[:nb] for t in (
-            self.s_idx, self.s_cnt, self.p_idx, self.p_cnt, self.bound, self.flags))
-        v.flags_out = None if self.flags_out is None else self.flags_out[:nb]
+        v.s_idx, v.s_cnt, v.guess, v.p_idx, v.p_cnt = (t[:nb] for t in (self.s_idx, self.s_cnt, self.guess,
+                                                                          self.p_idx, self.p_cnt))
         v.stats = self.stats[:, :nb].clone()
+        v.prev = (v.s_idx, v.s_cnt) if self.prev[0] is self.s_idx else tuple(t[:nb] for t in self.prev)
         return v
+
+    def _selections(self):
+        return [(self.s_idx, self.s_cnt)] + ([self.prev] if self.prev[0] is not self.s_idx else [])
 
     def select(self, q: torch.Tensor, cache: KVCache, meta: BlockMetadata, nblk: torch.Tensor,
                nblk_next: torch.Tensor | None = None) -> Selection:
         """This step's selection (the same S as :func:`select`), found from the previous one; also writes the
         next P (over ``nblk_next`` blocks) and the stats."""
         cfg = self.cfg
-        self._ensure(cache.max_blocks(cfg.block_size))
-        scores, gmax = meta.scores(q, cache, with_groups=True, bound_for=(self.flags, self.bound))
-        ops.select_blocks_guessed(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, prev=self.flags,
-                                  bound=self.bound, spec_k=self.spec_k, num_blocks_next=nblk_next, group_max=gmax,
-                                  out=self.buffers(), prev_out=self.flags_out, write_p=self.write_p)
+        scores, gmax = meta.scores(q, cache, with_groups=True)
+        ops.select_blocks_guessed(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, prev=self.prev,
+                                  spec_k=self.spec_k, num_blocks_next=nblk_next, group_max=gmax,
+                                  out=self.buffers())
         return Selection(self.s_idx, self.s_cnt, scores)
 
 

@@ -175,7 +175,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
     t_gdsa = add("dsa_guessed", "graph", timed("dsa_guessed", gdsa))
     gdsa.replay()
     paths = gdsa.guessed.stats[1].flatten().tolist()
-    cand = [c for c, p in zip(gdsa.guessed.stats[0].flatten().tolist(), paths, strict=True) if p == 0]
+    cand = [c for c, p in zip(gdsa.guessed.stats[0].flatten().tolist(), paths, strict=True) if p in (0, 4)]
     guess = {"paths": {PATHS[p]: paths.count(p) for p in sorted(set(paths))}, "sigma": round(sigma, 4),
              "candidates_over_k": round(sum(cand) / len(cand) / cfg.top_k, 3) if cand else None}
     g = gdsa.guessed

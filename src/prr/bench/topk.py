@@ -6,13 +6,12 @@ text, :func:`prr.bench.workload.calibrate_drift`), its selection held fixed acro
 reads it. Each op graph-captured and timed by :mod:`prr.bench.common` (L2 flushed before each replay):
 
 - ``score``: the Quest scorer (writing the full top-K's stage-1 group maxima, as the selection does);
-  ``score_bound``: the same, also folding the guessed top-K's threshold over the previous selection's blocks;
 - ``topk_full``: today's two-stage top-K given those maxima (serialized DSA's, the paper's baseline);
-- ``topk_guessed``: the guessed top-K from that threshold (verify, compact, radix select; S and the next P),
-  with the path its rows took and ``|C(τ)| / K``; ``_no_p``: S alone (DSA on the guessed top-K);
-- ``topk_guessed_too_high``: a threshold above every score (every row falls back to the full search in the
-  same program: the price of a failed guess); ``topk_guessed_too_low``: one below every score (``C(τ)``
-  overflows the list: the same fallback after a full count);
+- ``topk_guessed``: the guessed top-K from the previous selection (interpolation search; ``_bisect``:
+  bisection only), with the path its rows took and ``|C(τ)| / K``;
+- ``topk_guessed_too_high``: a guess above every score (every row falls back to the full search in the
+  same program: the price of a failed guess); ``topk_guessed_too_low``: a guess below every score with a
+  small gather (every row narrows over the group maxima first);
 - ``selection_full`` / ``selection_guessed``: score + top-K, each in one graph.
 
 Targets (issue #25): the guessed top-K >= 2x faster than the full one at 8,192 and 32,768 blocks per row, b1
@@ -64,24 +63,20 @@ def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, 
         return us - overhead
 
     _, prev, sigma = previous_query(lay)
-    held = GuessedTopK(batch, hkv, cfg, device=q.device, hold=True, max_blocks=meta.kmax.shape[2])
-    held.seed(*prev)
+    scores, gmax = meta.scores(q, cache, with_groups=True)
     k, ns, nl = cfg.top_k, cfg.n_sink, cfg.n_local
-    scores, gmax = meta.scores(q, cache, with_groups=True, bound_for=(held.flags, held.bound))
-    bound = held.bound.clone()  # the threshold this step's scorer found (replays keep it: no reset)
     add("score", lambda: meta.scores(q, cache, with_groups=True), meta_b)
-    add("score_bound", lambda: meta.scores(q, cache, with_groups=True, bound_for=(held.flags, held.bound)), meta_b)
     t_full = add("topk_full", lambda: ops.select_blocks(scores, nblk, k, ns, nl, group_max=gmax), row_b)
+    held = GuessedTopK(batch, hkv, cfg, device=q.device, hold=True)
+    held.seed(*prev)
     bufs = held.buffers()
 
-    def guessed(b, write_p=True):
-        return lambda: gk.select_blocks_guessed(scores, nblk, k, ns, nl, prev=held.flags, bound=b, spec_k=k,
-                                                group_max=gmax, out=bufs, prev_out=held.flags_out,
-                                                write_p=write_p, reset_bound=False)
+    def guessed(**kw):
+        return lambda: ops.select_blocks_guessed(scores, nblk, k, ns, nl, group_max=gmax, out=bufs, **kw)
 
-    guessed(bound)()
+    guessed(prev=held.prev)()
     paths = held.stats[1].flatten().tolist()
-    ok = [c for c, p in zip(held.stats[0].flatten().tolist(), paths, strict=True) if PATHS[p] == "held"]
+    ok = [c for c, p in zip(held.stats[0].flatten().tolist(), paths, strict=True) if PATHS[p] in ("held", "narrowed")]
     info = {"paths": {PATHS[p]: paths.count(p) for p in sorted(set(paths))},
             "candidates_over_k": round(sum(ok) / len(ok) / k, 3) if ok else None, "sigma": round(sigma, 4)}
     assert torch.equal(held.s_idx, ops.select_blocks(scores, nblk, k, ns, nl, group_max=gmax)[0])
@@ -89,16 +84,22 @@ def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, 
     for w in warps:
         gk.TOPK_WARPS = w
         try:
-            t_guess[w] = add("topk_guessed" + (f"_w{w}" if w else ""), guessed(bound), row_b, warps=w, **info)
+            t_guess[w] = add("topk_guessed" + (f"_w{w}" if w else ""), guessed(prev=held.prev), row_b, warps=w,
+                             **info)
         finally:
             gk.TOPK_WARPS = None
-    add("topk_guessed_no_p", guessed(bound, write_p=False), row_b, **info)
-    high = torch.full((batch, hkv), 2 ** 31 - 1, dtype=torch.int32, device=q.device)
-    low = torch.full((batch, hkv), -(2 ** 31) + 1, dtype=torch.int32, device=q.device)
-    t_high = add("topk_guessed_too_high", guessed(high), row_b)
-    add("topk_guessed_too_low", guessed(low), row_b)
+    add("topk_guessed_bisect", guessed(prev=held.prev, interp=False), row_b, **info)
+    high = torch.full((batch, hkv), float("inf"), device=q.device)
+    low = torch.full((batch, hkv), float("-inf"), device=q.device)
+    t_high = add("topk_guessed_too_high", guessed(guess=high), row_b)
+    add("topk_guessed_too_low", guessed(guess=low, guess_k=k), row_b)
+
+    def sel_guessed():
+        s, g = meta.scores(q, cache, with_groups=True)
+        return ops.select_blocks_guessed(s, nblk, k, ns, nl, prev=held.prev, group_max=g, out=bufs)
+
     t_sel_full = add("selection_full", lambda: select(q, cache, meta, nblk=nblk), meta_b)
-    t_sel_guess = add("selection_guessed", lambda: held.select(q, cache, meta, nblk), meta_b)
+    t_sel_guess = add("selection_guessed", sel_guessed, meta_b)
     best = min(t_guess.values())
     summary = {"case": case, "blocks": int(meta.kmax.shape[2]), "top_k": k, "topk_full_us": round(t_full, 2),
                "topk_guessed_us": round(best, 2), "topk_speedup": round(t_full / best, 3),

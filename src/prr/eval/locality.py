@@ -168,9 +168,8 @@ def study(history: dict, k: int, n_sink: int, n_local: int, lags=(1, 2, 4, 8, 16
     guesses = [v["guess"] for v in per_layer.values()]
     rows = sum(g["rows"] for g in guesses)
     res["guess"] = {key: sum(g[key] * g["rows"] for g in guesses) / rows if rows else None
-                    for key in ("held", "too_high", "too_low", "candidates_over_k", "p_hit_rate")}
-    res["guess"].update(rows=rows, min_layer_held=min(g["held"] for g in guesses),
-                        candidates_over_k_p99_worst_layer=max(g["candidates_over_k_p99"] for g in guesses))
+                    for key in ("held", "narrowed", "too_high", "too_low", "candidates_over_k", "p_hit_rate")}
+    res["guess"].update(rows=rows, min_layer_held=min(g["held"] for g in guesses))
     if amortized:
         res["amortized_mean"] = {key: sum(v["amortized"][key] for v in per_layer.values()) / len(per_layer)
                                  for key in next(iter(per_layer.values()))["amortized"]}
@@ -212,31 +211,34 @@ def plot(result: dict, path: str) -> str:
     return path
 
 
-def guess_replay(scores, nblk, k, n_sink, n_local, spec_k: int) -> dict:
+def guess_replay(scores, nblk, k, n_sink, n_local, spec_k: int, source: str = "previous",
+                 guess_k: int | None = None) -> dict:
     """Replay the guessed top-K (:func:`prr.ops.guessed.select_blocks_guessed`) over a score history as PRR's
-    step runs it: each step's threshold from the previous step's selection (the smallest current score among
-    its dynamic blocks), and its predicted set P for the next. From step 1 on: the share of rows where the
-    guess held, fell back as too high or too low (more candidates than the kernel's list holds), the mean and
-    99th percentile of ``|C(τ)| / K`` where it held, and the hit rate ``|P ∩ S| / K`` of the predicted set
-    (dynamic blocks)."""
-    from ..ops.guessed import HELD, SHORT, TOO_HIGH, TOO_LOW, reference
+    step runs it: each step's guess from the previous step (``source="previous"``: the smallest current score
+    among the previous selection's blocks; ``"carried"``: the threshold the previous step's search left for a
+    count of ``guess_k``), and its predicted set P for the next. From step 1 on: the share of rows where the
+    guess held (narrowed included), fell back as too high or too low, the mean ``|C(τ)| / K`` where it held,
+    and the hit rate ``|P ∩ S| / K`` of the predicted set (dynamic blocks)."""
+    from ..ops.guessed import HELD, NARROWED, SHORT, TOO_HIGH, TOO_LOW, reference
 
     t_steps, b, h, n = scores.shape
-    flags = torch.zeros(b, h, n, dtype=torch.uint8)
-    p_idx = p_cnt = None
+    guess = torch.full((b, h), float("-inf"))
+    prev = p_idx = p_cnt = None
     paths, ratios, hits, total = [], [], 0.0, 0.0
     for t in range(t_steps):
         nxt = nblk[t + 1] if t + 1 < t_steps else nblk[t]
-        _idx, _cnt, pi, pc, st = reference.select_blocks_guessed(scores[t], nblk[t], k, n_sink, n_local, prev=flags,
-                                                                 spec_k=spec_k, num_blocks_next=nxt)
+        kw = {"prev": prev} if source == "previous" and prev is not None else {"guess": guess}
+        idx, cnt, guess, pi, pc, st = reference.select_blocks_guessed(
+            scores[t], nblk[t], k, n_sink, n_local, guess_k=guess_k, spec_k=spec_k, num_blocks_next=nxt, **kw)
         if t > 0:
             paths.append(st[1].flatten())
-            ratios.append(st[0][st[1] == HELD].float() / k)
+            ok = (st[1] == HELD) | (st[1] == NARROWED)
+            ratios.append(st[0][ok].float() / k)
             dyn_s = selections(scores[t:t + 1], nblk[t:t + 1], k, n_sink, n_local)[0]
             dyn_p = ops.selection_mask(p_idx, p_cnt, n)
             hits += float((dyn_p & dyn_s).sum())
             total += float(dyn_s.sum())
-        p_idx, p_cnt = pi, pc
+        prev, p_idx, p_cnt = (idx, cnt), pi, pc
     p = torch.cat(paths) if paths else torch.zeros(0, dtype=torch.int32)
     r = torch.cat(ratios) if ratios else torch.zeros(0)
     live = p[p != SHORT]
@@ -244,7 +246,6 @@ def guess_replay(scores, nblk, k, n_sink, n_local, spec_k: int) -> dict:
     def share(*codes):
         return float(sum((live == c).float().sum() for c in codes) / live.numel()) if live.numel() else float("nan")
 
-    return {"held": share(HELD), "too_high": share(TOO_HIGH), "too_low": share(TOO_LOW),
-            "candidates_over_k": float(r.mean()) if r.numel() else float("nan"),
-            "candidates_over_k_p99": float(r.quantile(0.99)) if r.numel() else float("nan"),
+    return {"held": share(HELD, NARROWED), "narrowed": share(NARROWED), "too_high": share(TOO_HIGH),
+            "too_low": share(TOO_LOW), "candidates_over_k": float(r.mean()) if r.numel() else float("nan"),
             "p_hit_rate": hits / total if total else float("nan"), "rows": int(live.numel())}

@@ -146,8 +146,8 @@ class DeviceStats:
         self.layer_heads = 0  # sparse layers x KV heads, known after the first step
         # the guessed top-K's rows: how many took each path (prr.ops.guessed.PATHS), and the sum of |C(τ)| where
         # the guess held
-        self.guess = torch.zeros(5, dtype=torch.int64, device=device)
-        self._codes = torch.arange(4, dtype=torch.int32, device=device)
+        self.guess = torch.zeros(6, dtype=torch.int64, device=device)
+        self._codes = torch.arange(5, dtype=torch.int32, device=device)
         self.guessed = False
 
     def add(self, step_stats: list, active: torch.Tensor) -> None:
@@ -167,24 +167,25 @@ class DeviceStats:
             g = torch.stack([s.guess for s in step_stats])  # [L, 2, B, Hkv]
             on = (active != 0)[None, :, None]
             path, cand = g[:, 1], g[:, 0]
-            held = (path == 0) & on
+            held = ((path == 0) | (path == 4)) & on
             # one compare against every path code, one sum: the rows per path
             per_path = ((path[..., None] == self._codes) & on[..., None]).sum((0, 1, 2))
             self.guess.add_(torch.cat([per_path, (cand.long() * held).sum()[None]]))
 
     def guess_summary(self, top_k: int) -> dict | None:
-        """The guessed top-K's rows over the run (host copy): their number, the share whose guess held, was
-        too high or too low, and the mean ``|C(τ)| / K`` where it held."""
+        """The guessed top-K's rows over the run (host copy): their number, the share whose guess held
+        (narrowed included), was narrowed, too high or too low, and the mean ``|C(τ)| / K`` where it held."""
         if not self.guessed:
             return None
-        held, too_high, too_low, _short, cand = self.guess.cpu().tolist()
-        rows = held + too_high + too_low  # short rows select every block: no guess
+        held, too_high, too_low, _short, narrowed, cand = self.guess.cpu().tolist()
+        rows = held + too_high + too_low + narrowed  # short rows select every block: no guess
+        ok = held + narrowed
 
         def share(x):
             return round(x / rows, 5) if rows else None
 
-        return {"rows": rows, "held": share(held), "too_high": share(too_high), "too_low": share(too_low),
-                "candidates_over_k": round(cand / held / top_k, 3) if held else None}
+        return {"rows": rows, "held": share(ok), "narrowed": share(narrowed), "too_high": share(too_high),
+                "too_low": share(too_low), "candidates_over_k": round(cand / ok / top_k, 3) if ok else None}
 
     def read(self, prr: bool) -> tuple[list[tuple[int, float | None]], dict[str, list[float]]]:
         """Host copies, once at the end: per sequence ``(sum of |S|, hit rate)`` and the per-step lists."""

@@ -307,15 +307,16 @@ class SlotRunner:
             qs = calib.get(i)
             w = 0 if qs is None else qs.shape[0]
             g_rows = self._g[i]
-            g_rows.flags[slot].zero_()  # no previous selection: the first step runs the full search (exact)
-            g_rows.bound[slot].fill_(2 ** 31 - 1)
+            g_rows.s_idx[slot].fill_(-1)  # no previous selection: the first guess admits every block (exact)
+            g_rows.s_cnt[slot] = 0
             for j in range(w):
                 view = KVCache(cache.k, cache.v, cache.page_table, cache.seq_lens - (w - j - 1))
                 scores, nblk = meta.scores(qs[j][None], view), ops.num_blocks(view.seq_lens, cfg.block_size)
                 holt_update_(level, trend, known, scores, nblk.to(torch.int32), a, b, g)
                 if j == w - 1:  # the last prompt position's selection starts the guessed top-K
                     s_idx, s_cnt = ops.select_blocks(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local)
-                    g_rows.flags[slot].copy_(ops.guessed.selection_flags(s_idx, s_cnt, g_rows.flags.shape[-1])[0])
+                    g_rows.s_idx[slot].copy_(s_idx[0])
+                    g_rows.s_cnt[slot].copy_(s_cnt[0])
             pred = holt_predict(level, trend, known, g)
             idx, cnt = ops.select_blocks(pred, ops.num_blocks(cache.seq_lens + 1, cfg.block_size), self.spec_k,
                                          cfg.n_sink, cfg.n_local)

@@ -178,8 +178,7 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
     sel = select(q, cache, meta, nblk=nblk)
     before = select(q if q_prev is None else q_prev, cache, meta, nblk=nblk)
     prev = (before.indices.clone(), before.counts.clone())
-    guessed = GuessedTopK(bsz, cache.num_kv_heads, cfg, device=q.device, hold=True,
-                          max_blocks=cache.max_blocks(cfg.block_size))
+    guessed = GuessedTopK(bsz, cache.num_kv_heads, cfg, device=q.device, hold=True)
     guessed.seed(*prev)
     t_full = time_op(lambda: select(q, cache, meta, nblk=nblk))
     t_guess = time_op(lambda: guessed.select(q, cache, meta, nblk))

@@ -151,8 +151,7 @@ class LayerStep:
         if settings.topk == "guessed":
             self.guessed = GuessedTopK(cache.batch, cache.num_kv_heads, self.cfg,
                                        self.spec_k if method == "prr" else None, device=cache.device,
-                                       hold=probe.hold_prediction,
-                                       max_blocks=cache.max_blocks(self.cfg.block_size))
+                                       hold=probe.hold_prediction)
         if method == "prr":  # P for the first step
             nblk = ops.num_blocks(cache.seq_lens + self.grow, self.cfg.block_size)
             if predictor is not None:
@@ -320,7 +319,7 @@ class LayerStep:
 
     def _state(self):
         """The buffers a step updates in place (capture's warm-up restores them)."""
-        state = self.guessed.state() if self.guessed is not None else []
+        state = self.guessed.buffers() if self.guessed is not None else []
         if self.method == "prr":
             state += [self.p_idx, self.p_cnt]
             if self.predictor is not None:

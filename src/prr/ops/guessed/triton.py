@@ -1,19 +1,17 @@
 """The guessed top-K in Triton (twin: ``reference.select_blocks_guessed``): one program per (sequence, KV head).
 
-The threshold ``τ`` (``bound``) comes from the scoring kernel, which folds the smallest current key of the
-previous selection's blocks into it while it scores. The program then:
+Guess, verify, refine, on the two-stage layout of :mod:`prr.ops.select.triton`:
 
-1. *Verify*: counts ``C(τ)`` over the scores row and compacts it into a short list in ascending block order
-   (a compare and a prefix sum per chunk of the row; no search).
-2. *Refine*: if ``K <= |C(τ)| <=`` the list's capacity, the K-th largest (key, lowest id) of the list is found
-   by a radix select: 4 bits per pass over keys made relative to the list's smallest, the passes stopping as
-   soon as the digit's bucket holds exactly what is still needed (a few dependent passes, where the full
-   search runs ~30). S and the next P (its top ``spec_k``) are written with prefix sums.
-3. Otherwise (no previous selection, or too few or too many candidates) the full two-stage search of
-   :mod:`prr.ops.select.triton` runs in the same program: no host sync, graph-safe.
+1. *Verify*: the groups (of GROUP blocks) whose max reaches the guessed threshold ``τ`` hold every candidate
+   of ``C(τ)``; they are gathered in ascending order (a compare and a prefix sum over the group maxima the
+   scoring kernel wrote, where the full search runs a bisection over them) and ``|C(τ)|`` counted.
+2. *Refine*: if ``|C(τ)| >= K`` the K-th key is searched among ``C(τ)`` alone, between its smallest and
+   largest key (a range far narrower than the row's), by interpolation steps safeguarded by bisection.
+3. Otherwise (the guess was too high, or so low that more groups qualify than the program gathers) the full
+   two-stage search runs in the same program: no host sync, graph-safe.
 
-The program also replaces the previous selection's flag row with this selection's dynamic blocks and resets
-``bound`` for the next step's scoring kernel.
+Rows of up to ``TOPK_SINGLE_MAX`` blocks use the whole row as the tile instead of gathered groups, as the
+full top-K does. The same program writes the next step's guess and predicted set (see the reference).
 """
 
 from __future__ import annotations
@@ -22,45 +20,206 @@ import torch
 import triton
 import triton.language as tl
 
-from ..select.triton import GROUP, _candidate_keys, _full_search, _write_selection, group_maxima, topk_warps
-from .reference import guess_bound, list_capacity
+from ..select.triton import (
+    GROUP,
+    _candidate_keys,
+    _order_key,
+    _top_k_mask,
+    _write_selection,
+    group_maxima,
+    topk_warps,
+)
+from .reference import compact_capacity, guess_capacity
 
 TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as the full top-K; for sweeps)
-CHUNK_MAX = 4096  # blocks of the row counted per pass of the verify loop
 
 
 @triton.jit
-def _radix_kth(v, valid, kth):
-    """A threshold ``T`` with exactly ``kth`` valid lanes ``v >= T`` (``v``: distinct non-negative int64 below
-    2**56 on the valid lanes; ``1 <= kth <=`` their count). MSD radix select, 4 bits per pass, from the
-    highest bit where the lanes differ; it stops once the chosen digit's bucket holds exactly what is still
-    needed."""
-    vmax = tl.max(tl.where(valid, v, 0), axis=0)
-    vmin = tl.min(tl.where(valid, v, 0x7FFFFFFFFFFFFFFF), axis=0)
-    x = vmax ^ vmin
-    shift = kth * 0 + 52
-    while (shift > 0) & ((x >> shift) == 0):  # the bits above every lane shares are fixed
-        shift -= 4
-    sixteen = vmax * 0 + 16
-    mask = ~((sixteen << shift) - 1)
-    prefix = vmax & mask
-    need = kth
-    d16 = tl.arange(0, 16)
-    go = shift >= 0
-    while go:
-        m = valid & ((v & mask) == prefix)
-        dig = ((v >> shift) & 15).to(tl.int32)
-        hist = tl.sum(((dig[:, None] == d16[None, :]) & m[:, None]).to(tl.int32), axis=0)
-        ge = tl.sum(tl.where(d16[None, :] >= d16[:, None], hist[None, :], 0), axis=1)  # lanes in buckets >= b
-        b = tl.max(tl.where(ge >= need, d16, -1), axis=0)
-        ge_b = tl.sum(tl.where(d16 == b, ge, 0), axis=0)
-        h_b = tl.sum(tl.where(d16 == b, hist, 0), axis=0)
-        need = need - (ge_b - h_b)
-        prefix = prefix | (b.to(tl.int64) << shift)
-        mask = mask | ((sixteen - 1) << shift)
-        go = (h_b != need) & (shift > 0)
-        shift -= 4
-    return prefix
+def _search(key, K_LO, K_HI, P_CAP, INTERP: tl.constexpr):
+    """A threshold with ``K_LO <= #(key >= T) <= K_HI`` (INT32_MIN keys never count): for ``K_LO == K_HI == k``
+    the k-th key, or a threshold with exactly k keys at or above it; INT32_MIN if fewer than K_LO count. Also
+    the visited threshold holding the most keys within ``P_CAP`` with that count, and the smallest candidate
+    key with the candidates' count. See ``reference.search``."""
+    live = key > -2147483648
+    n = tl.sum(live.to(tl.int32), axis=0).to(tl.int64)
+    lo = tl.min(tl.where(live, key, 2147483647), axis=0).to(tl.int64)
+    lo0 = lo
+    hi = tl.max(key, axis=0).to(tl.int64)
+    hi = tl.where((n >= K_LO) & (n > K_HI), hi, lo)  # too few candidates, or the window holds already
+    c_lo = n
+    c_hi = n * 0
+    first = (n <= P_CAP) & (n >= K_LO)
+    t_p = tl.where(first, lo, 0)
+    c_p = tl.where(first, n, 0)
+    bis = n * 0
+    while lo < hi:
+        width = hi - lo
+        mid = lo + (width + 1) // 2
+        if INTERP:
+            num = (2 * c_lo - (K_LO + K_HI - 1)) * (width + 1)
+            den = tl.maximum(2 * (c_lo - c_hi), 1)
+            step = tl.minimum(tl.maximum(num // den, 1), width)
+            mid = tl.where(bis != 0, mid, lo + step)
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0).to(tl.int64)
+        upd = (c <= P_CAP) & (c > c_p)
+        t_p = tl.where(upd, mid, t_p)
+        c_p = tl.where(upd, c, c_p)
+        new_lo = tl.where(c >= K_LO, mid, lo)
+        new_hi = tl.where(c > K_HI, hi, tl.where(c >= K_LO, mid, mid - 1))
+        c_lo = tl.where(c >= K_LO, c, c_lo)
+        c_hi = tl.where(c < K_LO, c, c_hi)
+        if INTERP:
+            bis = tl.where((bis == 0) & ((new_hi - new_lo) * 2 > width), 1, 0).to(tl.int64)
+        lo = new_lo
+        hi = new_hi
+    thr = tl.where(n >= K_LO, lo, -2147483648)
+    return thr, t_p, c_p, lo0, n
+
+
+@triton.jit
+def _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """Keys and ids of the blocks of the kept groups (at most CAP_G), in ascending block order."""
+    n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
+    tl.debug_barrier()  # an earlier gather's reads of the scratch row are done
+    tl.store(cg_row + pos, i_g, mask=keep_g)
+    tl.debug_barrier()  # the scratch row is read back by other threads of this program
+    i_c = tl.arange(0, CAP_G * GROUP)
+    slot = i_c // GROUP
+    grp = tl.load(cg_row + slot, mask=slot < n_keep, other=0)
+    j = grp * GROUP + i_c % GROUP
+    key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+    return tl.where(slot < n_keep, key, -2147483648), j
+
+
+@triton.jit
+def _key_to_float(t):
+    u = t.to(tl.int32)
+    return tl.where(u >= 0, u, u ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g_ptr, cg_ptr, ck_ptr, cj_ptr,
+                         idx_ptr, cnt_ptr,
+                         next_ptr, p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K,
+                         PMAX, GUESS_K, QMAX, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph, s_qb, s_qh, s_qcb, s_qch,
+                         GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         FROM_PREV: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
+                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
+    n_next = tl.minimum(tl.maximum(tl.load(nnext_ptr + i_b), 0), NMAX)
+    s_row = s_ptr + i_b * s_sb + i_h * s_sh
+    out = idx_ptr + i_b * s_ib + i_h * s_ih
+    p_out = p_ptr + i_b * s_pb + i_h * s_ph
+    k = tl.arange(0, BLOCK_K)
+    kp = tl.arange(0, BLOCK_P)
+    if FROM_PREV:  # the smallest current key among the previous selection's dynamic blocks
+        i_q = tl.arange(0, BLOCK_Q)
+        q_cnt = tl.load(qc_ptr + i_b * s_qcb + i_h * s_qch)
+        q_id = tl.load(q_ptr + i_b * s_qb + i_h * s_qh + i_q, mask=(i_q < q_cnt) & (i_q < QMAX), other=-1)
+        q_key = _candidate_keys(s_row, tl.where(q_id >= 0, q_id, NMAX), n, NMAX, N_SINK, N_LOCAL)
+        low = tl.min(tl.where(q_key > -2147483648, q_key, 2147483647), axis=0)
+        tk = tl.where(low == 2147483647, -2139095041, low)  # none: the key of -inf
+        tl.debug_barrier()  # every read of the previous selection is done (it may be this launch's output)
+    else:
+        tau = tl.load(guess_ptr + i_bh)
+        tk = _order_key(tl.where(tau == tau, tau, float("-inf")))
+    if n <= KMAX:  # a short context: every live block; its dynamic part is the next P
+        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
+        tl.store(cnt_ptr + i_bh, n)
+        tl.store(next_ptr + i_bh, float("-inf"))
+        tl.store(st_ptr + i_bh, n)
+        tl.store(st_ptr + BH + i_bh, 3)  # SHORT
+        all_dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)  # (names unshared with the other branch)
+        _write_p(p_out, pc_ptr + i_bh, all_dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+    else:
+        too_low = n < 0  # (scalar False flags)
+        narrowed = n < 0
+        if SINGLE:  # the whole row is the tile
+            j = tl.arange(0, NMAX_PAD)
+            key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+            c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
+            held = c_tau >= TOPK
+        else:
+            i_g = tl.arange(0, NG_PAD)
+            gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
+            cand_g = (gkey >= tk) & (gkey > -2147483648)
+            narrowed = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            if narrowed:  # a guess too low to gather: raise it over the group maxima (at least K groups stay)
+                t_n, _t, _c, _l, _n = _search(tl.where(cand_g, gkey, -2147483648), TOPK, CAP_G, 0, INTERP)
+                tk = t_n.to(tl.int32)
+                cand_g = (gkey >= tk) & (gkey > -2147483648)
+            too_low = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            keep_g = cand_g
+            if too_low:  # no threshold narrows it (ties): the full search's stage 1
+                keep_g = _top_k_mask(gkey, TOPK)
+            cg_row = cg_ptr + i_bh * CAP_G
+            key, j = _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
+            c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
+            held = (c_tau >= TOPK) & (too_low == 0)
+            if (c_tau < TOPK) & (too_low == 0):  # the guess was too high: the full search's stage 1
+                key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
+                                        CAP_G, GROUP)
+        tile = tl.where(held & (key < tk), -2147483648, key)
+        tl.store(st_ptr + i_bh, tl.where(too_low, -1, c_tau))
+        path = tl.where(too_low, 2, tl.where(held, tl.where(narrowed, 4, 0), 1))  # TOO_LOW, NARROWED, HELD, TOO_HIGH
+        tl.store(st_ptr + BH + i_bh, path)
+        if COMPACT:  # the search over a short list: C(τ), narrowed to CAP_C keys if it holds more
+            live = tile > -2147483648
+            cnt = tl.sum(live.to(tl.int32), axis=0)
+            if held & (cnt > CAP_C):
+                t_w, _t, _c, _l, _n = _search(tile, TOPK, CAP_C, 0, INTERP)
+                tile = tl.where(tile >= t_w.to(tl.int32), tile, -2147483648)
+                live = tile > -2147483648
+                cnt = tl.sum(live.to(tl.int32), axis=0)
+            if cnt <= CAP_C:
+                ck_row = ck_ptr + i_bh * CAP_C
+                cj_row = cj_ptr + i_bh * CAP_C
+                pos = tl.cumsum(live.to(tl.int32), axis=0) - 1
+                tl.store(ck_row + pos, tile, mask=live)
+                tl.store(cj_row + pos, j, mask=live)
+                tl.debug_barrier()  # the list is read back by other threads of this program
+                i_c = tl.arange(0, CAP_C)
+                ckey = tl.load(ck_row + i_c, mask=i_c < cnt, other=-2147483648)
+                cj = tl.load(cj_row + i_c, mask=i_c < cnt, other=0)
+                _finish(ckey, cj, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+            else:  # the full search's tile (a failed guess): searched where it stands
+                _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+        else:
+            _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
+                    TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+
+
+@triton.jit
+def _finish(tile, j, n, n_next, out, cnt_at, next_at, p_out, pc_at, k, kp, TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL,
+            KMAX, PMAX, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INTERP: tl.constexpr):
+    """The K-th key among the candidate keys ``tile`` (blocks ``j``, ascending), then S, the next guess and the
+    next P written."""
+    thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, TOPK, SPEC_K, INTERP)
+    above = tile > thr
+    tie = (tile == thr) & (tile > -2147483648)
+    rank = tl.cumsum(tie.to(tl.int32), axis=0)
+    chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
+    _write_selection(out, cnt_at, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+    # the next guess: the line through (lo0, c0) and (thr, K), read at GUESS_K
+    searchable = c0 >= TOPK
+    spread = tl.maximum(thr - lo0, 0)
+    d = c0 - TOPK
+    lin = thr - spread * (GUESS_K - TOPK) // tl.maximum(d, 1)
+    nxt = tl.where(d > 0, lin, lo0 - spread - 1)
+    nxt = tl.minimum(tl.maximum(nxt, -2139095041), 2139095040)  # the keys of -inf and +inf
+    tl.store(next_at, tl.where(searchable, _key_to_float(nxt), float("-inf")))
+    use_tp = searchable & ((c_p >= TOPK) | ((SPEC_K < TOPK) & (c_p > 0)))
+    use_s = (use_tp == 0) & (SPEC_K >= TOPK)
+    dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
+    _write_p(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
 
 
 @triton.jit
@@ -74,135 +233,60 @@ def _write_p(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P: t
         _write_selection(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
 
 
-@triton.jit
-def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, bound_ptr, f_ptr, g_ptr, cg_ptr, lst_ptr, idx_ptr, cnt_ptr,
-                         p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K, PMAX,
-                         s_sb, s_sh, s_ib, s_ih, s_pb, s_ph,
-                         GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_P: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
-                         CHUNK: tl.constexpr, NCHUNK: tl.constexpr, CAP: tl.constexpr, WRITE_P: tl.constexpr,
-                         RESET: tl.constexpr):
-    i_bh = tl.program_id(0)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
-    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
-    n_next = tl.minimum(tl.maximum(tl.load(nnext_ptr + i_b), 0), NMAX)
-    s_row = s_ptr + i_b * s_sb + i_h * s_sh
-    out = idx_ptr + i_b * s_ib + i_h * s_ih
-    p_out = p_ptr + i_b * s_pb + i_h * s_ph
-    f_row = f_ptr + i_bh.to(tl.int64) * NMAX
-    bkey = tl.load(bound_ptr + i_bh)
-    if RESET:
-        tl.store(bound_ptr + i_bh, 2147483647)  # the next step's scoring kernel folds its minimum into it
-    k = tl.arange(0, BLOCK_K)
-    kp = tl.arange(0, BLOCK_P)
-    if n <= KMAX:  # a short context: every live block; its dynamic part is the next P and the flags
-        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
-        tl.store(cnt_ptr + i_bh, n)
-        tl.store(st_ptr + i_bh, n)
-        tl.store(st_ptr + BH + i_bh, 3)  # SHORT
-        if WRITE_P:
-            all_dyn = (kp >= N_SINK) & (kp < n - N_LOCAL) & (SPEC_K >= TOPK)
-            _write_p(p_out, pc_ptr + i_bh, all_dyn, kp, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
-        for ch in tl.static_range(NCHUNK):
-            jf = ch * CHUNK + tl.arange(0, CHUNK)
-            tl.store(f_row + jf, ((jf >= N_SINK) & (jf < n - N_LOCAL)).to(tl.uint8), mask=jf < NMAX)
-    else:
-        # Verify: count C(τ) chunk by chunk and compact it into the list (ascending ids); clear the flags.
-        lst = lst_ptr + i_bh.to(tl.int64) * CAP
-        c = n * 0
-        for ch in tl.static_range(NCHUNK):
-            jc = ch * CHUNK + tl.arange(0, CHUNK)
-            kc = _candidate_keys(s_row, jc, n, NMAX, N_SINK, N_LOCAL)
-            inc = (kc >= bkey) & (kc > -2147483648)
-            pos = c + tl.cumsum(inc.to(tl.int32), axis=0) - 1
-            tl.store(lst + pos, (kc.to(tl.int64) << 32) | jc.to(tl.int64), mask=inc & (pos < CAP))
-            c += tl.sum(inc.to(tl.int32), axis=0)
-            tl.store(f_row + jc, tl.zeros([CHUNK], tl.uint8), mask=jc < NMAX)
-        held = (c >= TOPK) & (c <= CAP)
-        tl.store(st_ptr + i_bh, c)
-        tl.store(st_ptr + BH + i_bh, tl.where(held, 0, tl.where(c < TOPK, 1, 2)))  # HELD, TOO_HIGH, TOO_LOW
-        tl.debug_barrier()  # the list and the cleared flags are seen by every thread of this program
-        if held:
-            # Refine: the K-th (key, lowest id) of the list by a radix select over keys relative to its lowest.
-            i_c = tl.arange(0, CAP)
-            valid = i_c < c
-            e = tl.load(lst + i_c, mask=valid, other=0)
-            ekey = e >> 32
-            ej = (e & 0xFFFFFFFF).to(tl.int32)
-            klo = tl.min(tl.where(valid, ekey, 2147483647), axis=0)
-            v = ((ekey - klo) << 24) | (16777215 - ej).to(tl.int64)
-            t_s = _radix_kth(v, valid, TOPK)
-            chosen_h = valid & (v >= t_s)
-            _write_selection(out, cnt_ptr + i_bh, chosen_h, ej, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-            if WRITE_P:
-                t_p = _radix_kth(v, valid, tl.minimum(c, SPEC_K))
-                _write_p(p_out, pc_ptr + i_bh, valid & (v >= t_p), ej, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
-            tl.store(f_row + ej, tl.full([CAP], 1, tl.uint8), mask=chosen_h)
-        else:  # the full search
-            chosen_f, jf2 = _full_search(s_row, g_ptr + i_bh * NG, cg_ptr + i_bh * TG_PAD, n, NMAX, NG, TOPK,
-                                         N_SINK, N_LOCAL, GROUP, NG_PAD, TG_PAD, SINGLE, NMAX_PAD)
-            _write_selection(out, cnt_ptr + i_bh, chosen_f, jf2, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-            if WRITE_P:
-                _write_p(p_out, pc_ptr + i_bh, chosen_f & (SPEC_K >= TOPK), jf2, n_next, kp, N_SINK, N_LOCAL, PMAX,
-                         BLOCK_P)
-            tl.store(f_row + jf2, tl.full(jf2.shape, 1, tl.uint8), mask=chosen_f)
-
-
 def _alloc(out, i, shape, dtype, dev):
     t = out[i] if out is not None and out[i] is not None else None
     return torch.empty(shape, dtype=dtype, device=dev) if t is None else t
 
 
-def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, prev, bound=None,
-                          spec_k: int, num_blocks_next=None, group_max=None, out=None, prev_out=None,
-                          write_p: bool = True, reset_bound: bool = True):
+def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, guess=None,
+                          prev=None, guess_k: int, spec_k: int, num_blocks_next=None, group_max=None, out=None,
+                          interp: bool = True):
     """Triton twin of :func:`prr.ops.guessed.reference.select_blocks_guessed` (float32 scores with a unit last
-    stride; ``group_max`` as for :func:`prr.ops.select.triton.select_blocks`; ``out``: buffers for the five
-    results, None entries allocated; ``write_p=False`` skips P; ``reset_bound=False`` leaves ``bound`` as it
-    was, for a benchmark replaying one step)."""
+    stride; ``group_max`` as for :func:`prr.ops.select.triton.select_blocks`; ``out``: buffers for the six
+    results, None entries allocated)."""
     bsz, hkv, nmax = scores.shape
     if scores.stride(-1) != 1 or scores.dtype != torch.float32:
         raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
+    if guess is not None and (guess.dtype != torch.float32 or not guess.is_contiguous()):
+        raise ValueError("guess must be a contiguous float32 [B, Hkv] tensor")
+    if prev is not None and (prev[0].dtype != torch.int32 or prev[0].stride(-1) != 1):
+        raise ValueError("prev indices must be int32 with a unit last stride")
     dev = scores.device
-    flags_out = prev if prev_out is None else prev_out
-    if not flags_out.is_contiguous():
-        raise ValueError("the flag row buffer must be contiguous")
-    if bound is None:  # no scoring kernel folded it: from the scores here
-        bound = guess_bound(scores, num_blocks, prev, n_sink, n_local)
-    elif not bound.is_contiguous():
-        raise ValueError("bound must be a contiguous int32 [B, Hkv] tensor")
     kmax = n_sink + n_local + top_k
     pmax = n_sink + n_local + spec_k
     idx = _alloc(out, 0, (bsz, hkv, kmax), torch.int32, dev)
     cnt = _alloc(out, 1, (bsz, hkv), torch.int32, dev)
-    p_idx = _alloc(out, 2, (bsz, hkv, pmax), torch.int32, dev)
-    p_cnt = _alloc(out, 3, (bsz, hkv), torch.int32, dev)
-    stats = _alloc(out, 4, (2, bsz, hkv), torch.int32, dev)
+    nxt = _alloc(out, 2, (bsz, hkv), torch.float32, dev)
+    p_idx = _alloc(out, 3, (bsz, hkv, pmax), torch.int32, dev)
+    p_cnt = _alloc(out, 4, (bsz, hkv), torch.int32, dev)
+    stats = _alloc(out, 5, (2, bsz, hkv), torch.int32, dev)
     for name, t in (("indices", idx), ("next P", p_idx)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} buffer needs a unit last stride")
-    for name, t in (("counts", cnt), ("P counts", p_cnt), ("stats", stats)):
+    for name, t in (("counts", cnt), ("next guess", nxt), ("P counts", p_cnt), ("stats", stats)):
         if not t.is_contiguous():
             raise ValueError(f"{name} buffer must be contiguous")
     nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
     nn = nb if num_blocks_next is None else num_blocks_next.to(torch.int32)
     ng = triton.cdiv(nmax, GROUP)
-    tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
-    gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, tg_pad)
+    cap_g = guess_capacity(top_k, guess_k, ng)
     nmax_pad = max(16, triton.next_power_of_2(nmax))
+    gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, cap_g)
     ng_pad = max(16, triton.next_power_of_2(ng))
-    cap = list_capacity(top_k)
-    chunk = min(nmax_pad, CHUNK_MAX)
-    lst = torch.empty(bsz * hkv, cap, dtype=torch.int64, device=dev)
-    tile = max(chunk, cap, nmax_pad if single else max(ng_pad, tg_pad * GROUP))
+    tile = nmax_pad if single else max(ng_pad, cap_g * GROUP)
+    cap_c = compact_capacity(top_k, guess_k)
+    compact = (nmax_pad if single else cap_g * GROUP) > cap_c
+    clist = torch.empty(2, bsz * hkv, cap_c if compact else 1, dtype=torch.int32, device=dev)
+    q_idx, q_cnt = prev if prev is not None else (idx, cnt)  # (placeholders when the guess is given)
     _guessed_topk_kernel[(bsz * hkv,)](
-        scores, nb, nn, bound, flags_out.view(torch.uint8), gmax, cg, lst, idx, cnt, p_idx, p_cnt, stats,
-        hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax,
+        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt, nxt,
+        p_idx, p_cnt, stats,
+        hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax, guess_k, q_idx.shape[-1],
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), p_idx.stride(0), p_idx.stride(1),
-        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        BLOCK_P=max(16, triton.next_power_of_2(pmax)), SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
-        CHUNK=chunk, NCHUNK=triton.cdiv(nmax, chunk), CAP=cap, WRITE_P=write_p, RESET=reset_bound,
-        num_warps=TOPK_WARPS or topk_warps(tile),
+        q_idx.stride(0), q_idx.stride(1), q_cnt.stride(0), q_cnt.stride(1),
+        GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
+        BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
+        FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        INTERP=interp, CAP_C=cap_c, COMPACT=compact, num_warps=TOPK_WARPS or topk_warps(tile),
     )
-    return idx, cnt, p_idx, p_cnt, stats
+    return idx, cnt, nxt, p_idx, p_cnt, stats

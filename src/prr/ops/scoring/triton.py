@@ -40,22 +40,6 @@ def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _tail(agg, i_n, n, N_SINK, N_LOCAL, NG, i_bh, gmax_ptr, flag_ptr, bound_ptr, NMAX, BLOCK_N: tl.constexpr,
-          GROUP: tl.constexpr, WRITE_GMAX: tl.constexpr, BOUND: tl.constexpr):
-    """What the selection needs besides the scores: stage 1's group maxima, and the guessed top-K's threshold:
-    the smallest key among the blocks the previous selection flags (``flag_ptr`` row), folded into the row's
-    ``bound`` by one ``atomic_min`` (reset to INT32_MAX by the top-K program)."""
-    if WRITE_GMAX:
-        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N, GROUP)
-    if BOUND:
-        key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
-        f = tl.load(flag_ptr + i_bh.to(tl.int64) * NMAX + i_n, mask=i_n < n, other=0)
-        low = tl.min(tl.where((f != 0) & (key > -2147483648), key, 2147483647), axis=0)
-        if low < 2147483647:
-            tl.atomic_min(bound_ptr + i_bh, low)
-
-
-@triton.jit
 def _quest_bound(q, b_hi, b_lo, m_g, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
     """Quest's bound ``q+ . max + q- . min`` of the packed query rows ``q [G_PAD, D]`` against the blocks' key
     maxima and minima ``[BLOCK, D]``, aggregated over the group's heads: ``[BLOCK]`` float32."""
@@ -72,12 +56,11 @@ def _quest_bound(q, b_hi, b_lo, m_g, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, flag_ptr, bound_ptr, HKV, NMAX, NG,
-                         N_SINK, N_LOCAL,
+def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL,
                          s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                         WRITE_GMAX: tl.constexpr, BOUND: tl.constexpr):
+                         WRITE_GMAX: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -98,18 +81,18 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, 
     else:
         agg = tl.full([BLOCK_N], float("-inf"), tl.float32)
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
-    _tail(agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, i_bh, gmax_ptr, flag_ptr, bound_ptr, NMAX, BLOCK_N,
-          GROUP, WRITE_GMAX, BOUND)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 @triton.jit
-def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, flag_ptr, bound_ptr, HKV, NMAX, CMAX, NG,
-                          N_SINK, N_LOCAL,
+def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, CMAX, NG, N_SINK, N_LOCAL,
                           s_qb, s_qh, s_cb, s_ch, s_cn, s_ob, s_oh,
                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           WINDOW: tl.constexpr, STRIDE: tl.constexpr, INSIDE: tl.constexpr,
                           BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                          WRITE_GMAX: tl.constexpr, BOUND: tl.constexpr):
+                          WRITE_GMAX: tl.constexpr):
     PER: tl.constexpr = BS // STRIDE  # windows starting in one block; the first INSIDE lie wholly inside
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
@@ -131,8 +114,9 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, flag_ptr, b
     nblk = (seq_len + BS - 1) // BS
     blk = tl.where(i_n < nblk, blk, float("-inf"))
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
-    _tail(blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, i_bh, gmax_ptr, flag_ptr, bound_ptr, NMAX, BLOCK_N,
-          GROUP, WRITE_GMAX, BOUND)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 def _group_max_buffer(q, hkv, nmax, forced):
@@ -144,26 +128,8 @@ def _group_max_buffer(q, hkv, nmax, forced):
     return torch.empty(q.shape[0] * hkv, ng, dtype=torch.int32, device=q.device), ng, *forced
 
 
-def _bound_buffers(q, hkv, nmax, bound_for, forced):
-    """``(flags, bound)`` of the guessed top-K (checked), or dummies."""
-    if bound_for is None:
-        d = torch.empty(1, dtype=torch.int32, device=q.device)
-        return d, d
-    if forced is None:
-        raise ValueError("bound_for needs group_max_for (the forced blocks are not candidates)")
-    flags, bound = bound_for
-    bsz = q.shape[0]
-    if flags.shape != (bsz, hkv, nmax) or flags.dtype not in (torch.uint8, torch.bool) or not flags.is_contiguous():
-        raise ValueError(f"bound_for flags must be contiguous uint8 [{bsz}, {hkv}, {nmax}], got {flags.dtype} "
-                         f"{tuple(flags.shape)}")
-    if bound.shape != (bsz, hkv) or bound.dtype != torch.int32 or not bound.is_contiguous():
-        raise ValueError(f"bound_for bound must be contiguous int32 [{bsz}, {hkv}], got {bound.dtype} "
-                         f"{tuple(bound.shape)}")
-    return flags.view(torch.uint8), bound
-
-
 def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str = "sum", out=None,
-                 group_max_for=None, bound_for=None):
+                 group_max_for=None):
     """Triton twin of :func:`prr.ops.scoring.reference.quest_scores` (`out` reuses a buffer).
 
     ``group_max_for=(n_sink, n_local)``: also return the top-K's stage-1 group maxima for that selection
@@ -178,19 +144,18 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = QUEST_BLOCK_N
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
-    flags, bound = _bound_buffers(q, hkv, nmax, bound_for, group_max_for)
     _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, kmin, kmax, cache.seq_lens, out, gmax, flags, bound, hkv, nmax, ng, n_sink, n_local,
+        q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
         PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
-        BOUND=bound_for is not None, num_warps=QUEST_WARPS,
+        num_warps=QUEST_WARPS,
     )
     return out if group_max_for is None else (out, gmax)
 
 
 def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16, aggregate="sum", out=None,
-                  group_max_for=None, bound_for=None):
+                  group_max_for=None):
     """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores` (``group_max_for``: see
     :func:`quest_scores`)."""
     check_layout(cache, q)
@@ -203,13 +168,12 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = 16
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
-    flags, bound = _bound_buffers(q, hkv, nmax, bound_for, group_max_for)
     _infllm_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, ckeys, cache.seq_lens, out, gmax, flags, bound, hkv, nmax, ckeys.shape[2], ng, n_sink, n_local,
+        q, ckeys, cache.seq_lens, out, gmax, hkv, nmax, ckeys.shape[2], ng, n_sink, n_local,
         q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride,
         INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", GROUP=GROUP,
-        WRITE_GMAX=group_max_for is not None, BOUND=bound_for is not None, num_warps=4,
+        WRITE_GMAX=group_max_for is not None, num_warps=4,
     )
     return out if group_max_for is None else (out, gmax)
 

@@ -119,27 +119,19 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
     if n <= KMAX:  # a short context: every live block
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
         tl.store(cnt_ptr + i_bh, n)
-    else:
-        chosen, j = _full_search(s_row, g_ptr + i_bh * NG, cg_ptr + i_bh * TG_PAD, n, NMAX, NG, TOPK, N_SINK,
-                                 N_LOCAL, GROUP, NG_PAD, TG_PAD, SINGLE, NMAX_PAD)
-        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-
-
-@triton.jit
-def _full_search(s_row, g_row, cg_row, n, NMAX, NG, TOPK, N_SINK, N_LOCAL, GROUP: tl.constexpr,
-                 NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
-    """The row's top TOPK dynamic blocks (a row of more than K_max blocks): ``(chosen, j)``, a mask over the
-    block ids ``j`` (ascending). One search over the whole row when SINGLE, else the two stages."""
-    if SINGLE:  # a row short enough for one search over all its blocks (no group stage)
+    elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
         j = tl.arange(0, NMAX_PAD)
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
+        chosen = _top_k_mask(key, TOPK)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
-        gkey = tl.load(g_row + i_g, mask=i_g < NG, other=-2147483648)
+        gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
         keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
+        cg_row = cg_ptr + i_bh * TG_PAD
         tl.store(cg_row + pos_g, i_g, mask=keep_g)
         tl.debug_barrier()  # the scratch row is read back by other threads of this program
         # Stage 2: the K-th score among the candidate groups' blocks (in ascending block order).
@@ -149,23 +141,8 @@ def _full_search(s_row, g_row, cg_row, n, NMAX, NG, TOPK, N_SINK, N_LOCAL, GROUP
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
-    return _top_k_mask(key, TOPK), j
-    # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
-    i_g = tl.arange(0, NG_PAD)
-    gkey = tl.load(g_row + i_g, mask=i_g < NG, other=-2147483648)
-    keep_g = _top_k_mask(gkey, TOPK)
-    n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
-    pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
-    tl.store(cg_row + pos_g, i_g, mask=keep_g)
-    tl.debug_barrier()  # the scratch row is read back by other threads of this program
-    # Stage 2: the K-th score among the candidate groups' blocks (in ascending block order).
-    i_c = tl.arange(0, TG_PAD * GROUP)
-    slot = i_c // GROUP
-    grp = tl.load(cg_row + slot, mask=slot < n_groups, other=0)
-    j = grp * GROUP + i_c % GROUP
-    key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
-    key = tl.where(slot < n_groups, key, -2147483648)
-    return _top_k_mask(key, TOPK), j
+        chosen = _top_k_mask(key, TOPK)
+        _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
 
 
 @triton.jit
