@@ -24,11 +24,14 @@ from ..select.triton import (
     GROUP,
     _candidate_keys,
     _order_key,
+    _stamp,
+    _stamp_max,
     _top_k_mask,
     _write_selection,
     group_maxima,
     topk_warps,
 )
+from ..select import triton as _select_triton
 from .reference import compact_capacity, guess_capacity
 
 TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as the full top-K; for sweeps)
@@ -101,18 +104,19 @@ def _key_to_float(t):
 
 @triton.jit
 def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g_ptr, cg_ptr, ck_ptr, cj_ptr,
-                         idx_ptr, cnt_ptr,
+                         idx_ptr, cnt_ptr, tr_ptr,
                          next_ptr, p_ptr, pc_ptr, st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, SPEC_K,
                          PMAX, GUESS_K, QMAX, s_sb, s_sh, s_ib, s_ih, s_pb, s_ph, s_qb, s_qh, s_qcb, s_qch,
                          GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                          FROM_PREV: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
-                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr):
+                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr, TRACE: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
     n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
     n_next = tl.minimum(tl.maximum(tl.load(nnext_ptr + i_b), 0), NMAX)
+    _stamp(tr_ptr, 0, n, TRACE)
     s_row = s_ptr + i_b * s_sb + i_h * s_sh
     out = idx_ptr + i_b * s_ib + i_h * s_ih
     p_out = p_ptr + i_b * s_pb + i_h * s_ph
@@ -129,6 +133,7 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
     else:
         tau = tl.load(guess_ptr + i_bh)
         tk = _order_key(tl.where(tau == tau, tau, float("-inf")))
+    _stamp(tr_ptr, 1, tk, TRACE)
     if n <= KMAX:  # a short context: every live block; its dynamic part is the next P
         tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
         tl.store(cnt_ptr + i_bh, n)
@@ -148,8 +153,10 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
         else:
             i_g = tl.arange(0, NG_PAD)
             gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
+            _stamp_max(tr_ptr, 2, gkey, TRACE)
             cand_g = (gkey >= tk) & (gkey > -2147483648)
             narrowed = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            _stamp(tr_ptr, 3, narrowed, TRACE)
             if narrowed:  # a guess too low to gather: raise it over the group maxima (at least K groups stay)
                 t_n, _t, _c, _l, _n = _search(tl.where(cand_g, gkey, -2147483648), TOPK, CAP_G, 0, INTERP)
                 tk = t_n.to(tl.int32)
@@ -160,7 +167,9 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
                 keep_g = _top_k_mask(gkey, TOPK)
             cg_row = cg_ptr + i_bh * CAP_G
             key, j = _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
+            _stamp_max(tr_ptr, 4, key, TRACE)
             c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
+            _stamp(tr_ptr, 5, c_tau, TRACE)
             held = (c_tau >= TOPK) & (too_low == 0)
             if (c_tau < TOPK) & (too_low == 0):  # the guess was too high: the full search's stage 1
                 key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
@@ -187,27 +196,31 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
                 i_c = tl.arange(0, CAP_C)
                 ckey = tl.load(ck_row + i_c, mask=i_c < cnt, other=-2147483648)
                 cj = tl.load(cj_row + i_c, mask=i_c < cnt, other=0)
+                _stamp_max(tr_ptr, 6, ckey, TRACE)
                 _finish(ckey, cj, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
-                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP, tr_ptr, TRACE)
             else:  # the full search's tile (a failed guess): searched where it stands
                 _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
-                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+                        TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP, tr_ptr, TRACE)
         else:
             _finish(tile, j, n, n_next, out, cnt_ptr + i_bh, next_ptr + i_bh, p_out, pc_ptr + i_bh, k, kp,
-                    TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP)
+                    TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL, KMAX, PMAX, BLOCK_K, BLOCK_P, INTERP, tr_ptr, TRACE)
 
 
 @triton.jit
 def _finish(tile, j, n, n_next, out, cnt_at, next_at, p_out, pc_at, k, kp, TOPK, SPEC_K, GUESS_K, N_SINK, N_LOCAL,
-            KMAX, PMAX, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INTERP: tl.constexpr):
+            KMAX, PMAX, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INTERP: tl.constexpr, tr_ptr,
+            TRACE: tl.constexpr):
     """The K-th key among the candidate keys ``tile`` (blocks ``j``, ascending), then S, the next guess and the
     next P written."""
     thr, t_p, c_p, lo0, c0 = _search(tile, TOPK, TOPK, SPEC_K, INTERP)
+    _stamp(tr_ptr, 7, thr, TRACE)
     above = tile > thr
     tie = (tile == thr) & (tile > -2147483648)
     rank = tl.cumsum(tie.to(tl.int32), axis=0)
     chosen = above | (tie & (rank <= TOPK - tl.sum(above.to(tl.int32), axis=0)))
     _write_selection(out, cnt_at, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+    _stamp(tr_ptr, 8, tl.sum(chosen.to(tl.int32), axis=0), TRACE)
     # the next guess: the line through (lo0, c0) and (thr, K), read at GUESS_K
     searchable = c0 >= TOPK
     spread = tl.maximum(thr - lo0, 0)
@@ -220,6 +233,7 @@ def _finish(tile, j, n, n_next, out, cnt_at, next_at, p_out, pc_at, k, kp, TOPK,
     use_s = (use_tp == 0) & (SPEC_K >= TOPK)
     dyn = (use_tp & (tile >= t_p) & (tile > -2147483648)) | (use_s & chosen)
     _write_p(p_out, pc_at, dyn, j, n_next, kp, N_SINK, N_LOCAL, PMAX, BLOCK_P)
+    _stamp(tr_ptr, 9, tl.sum(dyn.to(tl.int32), axis=0), TRACE)
 
 
 @triton.jit
@@ -278,8 +292,12 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
     compact = (nmax_pad if single else cap_g * GROUP) > cap_c
     clist = torch.empty(2, bsz * hkv, cap_c if compact else 1, dtype=torch.int32, device=dev)
     q_idx, q_cnt = prev if prev is not None else (idx, cnt)  # (placeholders when the guess is given)
+    tr = _select_triton.TRACE  # clock stamps for kernel timelines (see prr.ops.select.triton.TRACE)
+    if tr is not None and (tr.shape[0] < bsz * hkv or tr.shape[1] != _select_triton.TRACE_SLOTS):
+        raise ValueError(f"TRACE must be int64 [>= {bsz * hkv}, {_select_triton.TRACE_SLOTS}]")
     _guessed_topk_kernel[(bsz * hkv,)](
-        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt, nxt,
+        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt,
+        cnt if tr is None else tr, nxt,
         p_idx, p_cnt, stats,
         hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax, guess_k, q_idx.shape[-1],
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), p_idx.stride(0), p_idx.stride(1),
@@ -287,6 +305,6 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
         FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
-        INTERP=interp, CAP_C=cap_c, COMPACT=compact, num_warps=TOPK_WARPS or topk_warps(tile),
+        INTERP=interp, CAP_C=cap_c, COMPACT=compact, TRACE=tr is not None, num_warps=TOPK_WARPS or topk_warps(tile),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats

@@ -31,6 +31,25 @@ TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size;
 # the two stages (module-level for a sweep): faster on SmolLM2's ~320-block rows, slower at 8,192 and up
 TOPK_SINGLE_MAX = 512
 INT_MIN = -2147483648
+TRACE: torch.Tensor | None = None  # int64 [B*Hkv, TRACE_SLOTS]: the top-K programs' clock stamps (timelines)
+TRACE_SLOTS = 16
+
+
+@triton.jit
+def _stamp(tr_ptr, slot, dep, TRACE: tl.constexpr):
+    """Kernel timelines: this program's SM clock (``%clock64``) once the scalar ``dep`` is computed, into
+    ``tr_ptr[program, slot]`` (only when the constexpr TRACE is set: no cost otherwise)."""
+    if TRACE:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+        tl.store(tr_ptr + tl.program_id(0) * 16 + slot, t)
+
+
+@triton.jit
+def _stamp_max(tr_ptr, slot, x, TRACE: tl.constexpr):
+    """:func:`_stamp` once the whole tile ``x`` is available (its max: one reduction more, only when tracing)."""
+    if TRACE:
+        _stamp(tr_ptr, slot, tl.max(x, axis=0), TRACE)
 
 
 @triton.jit
@@ -105,14 +124,15 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 
 
 @triton.jit
-def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX,
-                 s_sb, s_sh, s_ib, s_ih,
+def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tr_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL,
+                 KMAX, s_sb, s_sh, s_ib, s_ih,
                  GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr):
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, TRACE: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
     n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
+    _stamp(tr_ptr, 0, n, TRACE)
     s_row = s_ptr + i_b * s_sb + i_h * s_sh
     out = idx_ptr + i_b * s_ib + i_h * s_ih
     k = tl.arange(0, BLOCK_K)
@@ -128,8 +148,10 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
+        _stamp_max(tr_ptr, 1, gkey, TRACE)
         keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
+        _stamp(tr_ptr, 2, n_groups, TRACE)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
         cg_row = cg_ptr + i_bh * TG_PAD
         tl.store(cg_row + pos_g, i_g, mask=keep_g)
@@ -141,8 +163,11 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, HKV, NMAX, NG
         j = grp * GROUP + i_c % GROUP
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
+        _stamp_max(tr_ptr, 3, key, TRACE)
         chosen = _top_k_mask(key, TOPK)
+        _stamp(tr_ptr, 4, tl.sum(chosen.to(tl.int32), axis=0), TRACE)
         _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+        _stamp(tr_ptr, 5, n, TRACE)
 
 
 @triton.jit
@@ -260,11 +285,14 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, tg_pad)
     nmax_pad = max(16, triton.next_power_of_2(nmax))
     ng_pad = max(16, triton.next_power_of_2(ng))
+    trace = TRACE is not None
+    if trace and (TRACE.shape[0] < bsz * hkv or TRACE.shape[1] != TRACE_SLOTS or TRACE.dtype != torch.int64):
+        raise ValueError(f"TRACE must be int64 [>= {bsz * hkv}, {TRACE_SLOTS}]")
     _topk_kernel[(bsz * hkv,)](
-        scores, nb, gmax, cg, idx, cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
+        scores, nb, gmax, cg, idx, cnt, TRACE if trace else cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
+        SINGLE=single, NMAX_PAD=nmax_pad if single else 16, TRACE=trace,
         num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0)),
     )
     return idx, cnt
