@@ -80,10 +80,10 @@ def _search(key, K_LO, K_HI, P_CAP, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G: tl.constexpr,
+def _gather_groups(keep_g, n_keep, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G: tl.constexpr,
                    GROUP: tl.constexpr):
-    """Keys and ids of the blocks of the kept groups (at most CAP_G), in ascending block order."""
-    n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
+    """Keys and ids of the blocks of the kept groups (``n_keep`` of them, at most CAP_G), in ascending block
+    order."""
     pos = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
     tl.debug_barrier()  # an earlier gather's reads of the scratch row are done
     tl.store(cg_row + pos, i_g, mask=keep_g)
@@ -122,6 +122,9 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
     p_out = p_ptr + i_b * s_pb + i_h * s_ph
     k = tl.arange(0, BLOCK_K)
     kp = tl.arange(0, BLOCK_P)
+    i_g = tl.arange(0, NG_PAD)
+    if not SINGLE:  # issued first: its latency overlaps the threshold's two dependent loads
+        gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
     if FROM_PREV:  # the smallest current key among the previous selection's dynamic blocks
         i_q = tl.arange(0, BLOCK_Q)
         q_cnt = tl.load(qc_ptr + i_b * s_qcb + i_h * s_qch)
@@ -151,36 +154,40 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
             c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
             held = c_tau >= TOPK
         else:
-            i_g = tl.arange(0, NG_PAD)
-            gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
             _stamp_max(tr_ptr, 2, gkey, TRACE)
             cand_g = (gkey >= tk) & (gkey > -2147483648)
-            narrowed = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+            n_keep = tl.sum(cand_g.to(tl.int32), axis=0)
+            narrowed = n_keep > CAP_G
             _stamp(tr_ptr, 3, narrowed, TRACE)
             if narrowed:  # a guess too low to gather: raise it over the group maxima (at least K groups stay)
                 t_n, _t, _c, _l, _n = _search(tl.where(cand_g, gkey, -2147483648), TOPK, CAP_G, 0, INTERP)
                 tk = t_n.to(tl.int32)
                 cand_g = (gkey >= tk) & (gkey > -2147483648)
-            too_low = tl.sum(cand_g.to(tl.int32), axis=0) > CAP_G
+                n_keep = tl.sum(cand_g.to(tl.int32), axis=0)
+            too_low = n_keep > CAP_G
             keep_g = cand_g
             if too_low:  # no threshold narrows it (ties): the full search's stage 1
                 keep_g = _top_k_mask(gkey, TOPK)
+                n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
             cg_row = cg_ptr + i_bh * CAP_G
-            key, j = _gather_groups(keep_g, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
+            key, j = _gather_groups(keep_g, n_keep, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
             _stamp_max(tr_ptr, 4, key, TRACE)
             c_tau = tl.sum((key >= tk).to(tl.int32), axis=0)
             _stamp(tr_ptr, 5, c_tau, TRACE)
             held = (c_tau >= TOPK) & (too_low == 0)
             if (c_tau < TOPK) & (too_low == 0):  # the guess was too high: the full search's stage 1
-                key, j = _gather_groups(_top_k_mask(gkey, TOPK), i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL,
-                                        CAP_G, GROUP)
+                best_g = _top_k_mask(gkey, TOPK)
+                key, j = _gather_groups(best_g, tl.sum(best_g.to(tl.int32), axis=0), i_g, cg_row, s_row, n, NMAX,
+                                        N_SINK, N_LOCAL, CAP_G, GROUP)
         tile = tl.where(held & (key < tk), -2147483648, key)
         tl.store(st_ptr + i_bh, tl.where(too_low, -1, c_tau))
         path = tl.where(too_low, 2, tl.where(held, tl.where(narrowed, 4, 0), 1))  # TOO_LOW, NARROWED, HELD, TOO_HIGH
         tl.store(st_ptr + BH + i_bh, path)
         if COMPACT:  # the search over a short list: C(τ), narrowed to CAP_C keys if it holds more
             live = tile > -2147483648
-            cnt = tl.sum(live.to(tl.int32), axis=0)
+            cnt = c_tau  # held: the tile is C(τ)
+            if held == 0:
+                cnt = tl.sum(live.to(tl.int32), axis=0)
             if held & (cnt > CAP_C):
                 t_w, _t, _c, _l, _n = _search(tile, TOPK, CAP_C, 0, INTERP)
                 tile = tl.where(tile >= t_w.to(tl.int32), tile, -2147483648)
