@@ -125,17 +125,18 @@ class BlockMetadata:
         elif cfg.method == "infllm_v2":
             ops.infllm_metadata_append(self.ckeys, cache, cfg.window, cfg.stride)
 
-    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False):
+    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False, collect=None):
         """Block scores ``[B, Hkv, N_max]`` float32 of the configured method; ``with_groups``: ``(scores,
-        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise)."""
+        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise);
+        ``collect``: see :func:`prr.ops.quest_scores` (needs ``with_groups``)."""
         cfg = self.cfg
         groups = (cfg.n_sink, cfg.n_local) if with_groups else None
         if cfg.method == "quest":
             return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate,
-                                    group_max_for=groups)
+                                    group_max_for=groups, collect=collect)
         if cfg.method == "infllm_v2":
             return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate,
-                                     group_max_for=groups)
+                                     group_max_for=groups, collect=collect)
         s = ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
         return (s, None) if with_groups else s
 

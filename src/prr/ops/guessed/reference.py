@@ -326,3 +326,82 @@ def _p_selection(dyn, n_next, n_sink, n_local, cap):
     live = j < nn
     forced = live & ((j < n_sink) | (j >= nn - n_local) | (nn <= cap))
     return _mask_to_selection((forced | (dyn & live)).expand(dyn.shape), cap)
+
+
+# The collected top-K: the threshold carried from the previous step, C(τ) collected by the scoring kernel.
+
+def pack_candidates(keys: torch.Tensor) -> torch.Tensor:
+    """int64 packing of order keys with their block ids, ``key << 32 | (2^31 - 1 - block)``: distinct values
+    whose order is DSA's choice (score first, then the lower block id). ``keys [..., N]`` int64 order keys."""
+    j = torch.arange(keys.shape[-1], device=keys.device)
+    return (keys << 32) | (2 ** 31 - 1 - j)
+
+
+def collect_candidates(scores: torch.Tensor, num_blocks: torch.Tensor, n_sink: int, n_local: int,
+                       tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the scoring kernel's ``collect`` leaves per row: the packed dynamic candidates scoring at or above
+    ``tau [B, Hkv]`` (NaN read as -inf), *sorted descending* (the kernel's list is in arrival order) and
+    INT64_MIN-padded to ``[B, Hkv, N]``, and their count ``[B, Hkv]``."""
+    n = num_blocks.long().clamp(0, scores.shape[-1])[:, None, None]
+    keys = _dynamic_keys(scores, n, n_sink, n_local)
+    tk = order_key(torch.where(torch.isnan(tau), float("-inf"), tau.float())).long()[..., None]
+    cand = (keys >= tk) & (keys > INT_MIN)
+    packed = torch.where(cand, pack_candidates(keys), -(2 ** 63))
+    return torch.sort(packed, dim=-1, descending=True).values, cand.sum(-1).to(torch.int32)
+
+
+def next_carried_key(thr, tu, c_all, g_key, top_k: int, guess_k: int):
+    """The next step's carried threshold key (int64 tensors): the ``guess_k``-th candidate's key when the list
+    held it (``g_key > INT_MIN``), else the line through ``(thr, K)`` (the K-th key) and ``(tu, c_all)`` (the
+    threshold used and the candidates counted at it) read at ``guess_k``; a mirror below ``tu`` when
+    ``c_all == K``; the key of -inf when the row has no K-th key (``thr == INT32_MAX``). Clamped to the keys of
+    -inf and +inf."""
+    num = (guess_k - top_k) * (tu - thr).abs()
+    den = (c_all - top_k).abs()
+    lin = thr - num // den.clamp(min=1)
+    mirror = tu - (thr - tu).abs() - 1
+    x = torch.where(den > 0, lin, mirror)
+    x = torch.where(g_key > INT_MIN, g_key, x)
+    x = torch.where(thr == 2 ** 31 - 1, KEY_NEG_INF, x)
+    return x.clamp(KEY_NEG_INF, KEY_POS_INF)
+
+
+def select_blocks_collected(scores: torch.Tensor, num_blocks: torch.Tensor, top_k: int, n_sink: int = 1,
+                            n_local: int = 2, *, tau: torch.Tensor, guess_k: int, cap: int):
+    """DSA's selection from the candidates the scoring kernel collected at a carried threshold, exactly.
+
+    The scoring kernel (``collect``) appends every dynamic block scoring at or above its row's ``tau`` to a
+    list of ``cap`` entries and counts them: ``|C(τ)|``. If ``K <= |C(τ)| <= cap`` the guess held: the top K of
+    the list (ranked by score, ties to the lower ids) are DSA's; otherwise the full two-stage search runs. The
+    selection is :func:`prr.select_blocks`'s either way.
+
+    Returns ``(indices, counts, next_tau, stats)``: the selection; ``next_tau [B, Hkv]`` float32, the
+    threshold for the next step (:func:`next_carried_key`: aimed at ``guess_k`` candidates); ``stats [2, B,
+    Hkv]`` int32: ``|C(τ)|`` (the row's blocks for a short row) and the path (:data:`HELD`,
+    :data:`TOO_HIGH`: fewer than K, :data:`TOO_LOW`: more than the list holds, :data:`SHORT`)."""
+    kmax = check_select_inputs(scores, num_blocks, top_k, n_sink, n_local)
+    check.tensor("tau", tau, ndim=2, dtypes=(torch.float32,), device=scores.device)
+    check.shape("tau", tau, tuple(scores.shape[:2]))
+    check.positive_int("guess_k", guess_k)
+    check.positive_int("cap", cap)
+    if guess_k < top_k or cap < guess_k:
+        raise ValueError(f"need top_k <= guess_k <= cap, got {top_k}, {guess_k}, {cap}")
+    bsz, hkv, n_max = scores.shape
+    n = num_blocks.long().clamp(0, n_max)[:, None, None]
+    keys = _dynamic_keys(scores, n, n_sink, n_local)
+    indices, counts = _stable_select(scores, n, top_k, n_sink, n_local, kmax)
+    srt, c_all = collect_candidates(scores, num_blocks, n_sink, n_local, tau)
+    c_all = c_all.long()
+    tu = order_key(torch.where(torch.isnan(tau), float("-inf"), tau.float())).long()
+    chosen = _selection_dynamic_mask(indices, counts, n_max, n, n_sink, n_local)
+    thr = torch.where(chosen, keys, 2 ** 31 - 1).amin(-1)
+    held = (c_all >= top_k) & (c_all <= cap)
+    g_pack = srt[..., min(guess_k, n_max) - 1] if guess_k <= n_max else torch.full_like(c_all, -(2 ** 63))
+    g_key = torch.where(held & (c_all >= guess_k), g_pack >> 32, INT_MIN)
+    nxt = key_to_float(next_carried_key(thr, tu, c_all, g_key, top_k, guess_k))
+    short = (n[..., 0] <= kmax).expand(bsz, hkv)
+    next_tau = torch.where(short, float("-inf"), nxt)
+    path = torch.where(short, SHORT, torch.where(held, HELD, torch.where(c_all < top_k, TOO_HIGH, TOO_LOW)))
+    c_stat = torch.where(short, n[..., 0].expand(bsz, hkv), c_all)
+    stats = torch.stack([c_stat, path]).to(torch.int32)
+    return indices, counts, next_tau.float(), stats

@@ -315,3 +315,134 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         INTERP=interp, CAP_C=cap_c, COMPACT=compact, TRACE=tr is not None, num_warps=TOPK_WARPS or topk_warps(tile),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats
+
+
+@triton.jit
+def _next_tau_key(thr, tu, c_all, g_key, TOPK, GUESS_K):
+    """The next carried threshold key (see ``reference.next_carried_key``): the GUESS_K-th key when the list
+    held it (``g_key`` > INT32_MIN), else the line through (K-th key, K) and (the threshold used, its count) read
+    at GUESS_K; a mirror below the threshold used when the count was exactly K; the key of -inf without a K-th
+    key."""
+    thr64 = thr.to(tl.int64)
+    tu64 = tu.to(tl.int64)
+    num = (GUESS_K - TOPK) * tl.abs(tu64 - thr64)
+    den = tl.abs(c_all.to(tl.int64) - TOPK)
+    lin = thr64 - num // tl.maximum(den, 1)
+    mirror = tu64 - tl.abs(thr64 - tu64) - 1
+    x = tl.where(den > 0, lin, mirror)
+    x = tl.where(g_key > -2147483648, g_key.to(tl.int64), x)
+    x = tl.where(thr == 2147483647, -2139095041, x)
+    return tl.minimum(tl.maximum(x, -2139095041), 2139095040)
+
+
+@triton.jit
+def _collected_topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, col_ptr, ccnt_ptr, srt_ptr, tau_ptr, idx_ptr, cnt_ptr,
+                           st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, GUESS_K, CAP, s_sb, s_sh,
+                           s_ib, s_ih, GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr,
+                           BLOCK_K: tl.constexpr, CAP_PAD: tl.constexpr, CH: tl.constexpr, RESET: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = i_bh // HKV
+    i_h = i_bh % HKV
+    n = tl.minimum(tl.maximum(tl.load(nblk_ptr + i_b), 0), NMAX)  # block counts out of range stay in bounds
+    s_row = s_ptr + i_b * s_sb + i_h * s_sh
+    out = idx_ptr + i_b * s_ib + i_h * s_ih
+    k = tl.arange(0, BLOCK_K)
+    c_all = tl.load(ccnt_ptr + i_bh)
+    tau = tl.load(tau_ptr + i_bh)
+    tu = _order_key(tl.where(tau == tau, tau, float("-inf")))  # the threshold the scorer collected at
+    i_g = tl.arange(0, NG_PAD)
+    gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)  # (the fallback's stage 1)
+    if n <= KMAX:  # a short context: every live block
+        tl.store(out + k, tl.where(k < n, k, -1), mask=k < KMAX)
+        tl.store(cnt_ptr + i_bh, n)
+        tl.store(tau_ptr + i_bh, float("-inf"))
+        tl.store(st_ptr + i_bh, n)
+        tl.store(st_ptr + BH + i_bh, 3)  # SHORT
+    else:
+        held = (c_all >= TOPK) & (c_all <= CAP)
+        if held:  # the list holds C(τ) whole and at least K: the top K of C(τ) are the row's
+            i_c = tl.arange(0, CAP_PAD)
+            valid = i_c < c_all
+            col_row = col_ptr + i_bh * CAP
+            lst = tl.load(col_row + i_c, mask=valid, other=-9223372036854775808)
+            low = lst & 0xFFFFFFFF  # 2^31 - 1 - block: larger is a lower block id
+            rank = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries ahead in DSA's order (score, then lower id)
+            below = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries with a lower block id
+            for m0 in range(0, c_all, CH):
+                i_m = m0 + tl.arange(0, CH)
+                lm = tl.load(col_row + i_m, mask=i_m < c_all, other=-9223372036854775808)
+                lm_low = tl.where(i_m < c_all, lm & 0xFFFFFFFF, -1)
+                rank += tl.sum((lm[None, :] > lst[:, None]).to(tl.int32), axis=1)
+                below += tl.sum((lm_low[None, :] > low[:, None]).to(tl.int32), axis=1)
+            chosen = valid & (rank < TOPK)
+            blk = (2147483647 - low).to(tl.int32)
+            key = (lst >> 32).to(tl.int32)
+            srt_row = srt_ptr + i_bh * CAP
+            tl.store(srt_row + below, tl.where(chosen, blk, -1), mask=valid)  # C(τ) in ascending block order
+            tl.debug_barrier()  # read back by other threads of this program
+            sid = tl.load(srt_row + i_c, mask=valid, other=-1)
+            _write_selection(out, cnt_ptr + i_bh, sid >= 0, sid, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+            thr = tl.min(tl.where(chosen, key, 2147483647), axis=0)
+            g_key = tl.max(tl.where(valid & (rank == GUESS_K - 1), key, -2147483648), axis=0)
+        else:  # the guess failed (|C(τ)| < K, or more than the list holds): the full two-stage search
+            keep_g = _top_k_mask(gkey, TOPK)
+            n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
+            key, j = _gather_groups(keep_g, n_keep, i_g, cg_ptr + i_bh * TG_PAD, s_row, n, NMAX, N_SINK, N_LOCAL,
+                                    TG_PAD, GROUP)
+            chosen = _top_k_mask(key, TOPK)
+            _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
+            thr = tl.min(tl.where(chosen, key, 2147483647), axis=0)
+            g_key = tl.full((), -2147483648, tl.int32)
+        nxt = _next_tau_key(thr, tu, c_all, g_key, TOPK, GUESS_K)
+        tl.store(tau_ptr + i_bh, _key_to_float(nxt))
+        tl.store(st_ptr + i_bh, c_all)
+        tl.store(st_ptr + BH + i_bh, tl.where(held, 0, tl.where(c_all < TOPK, 1, 2)))  # HELD, TOO_HIGH, TOO_LOW
+    if RESET:  # for the next step's scorer, once every thread has read the count
+        tl.debug_barrier()
+        tl.store(ccnt_ptr + i_bh, 0)
+
+
+def select_blocks_collected(scores, num_blocks, top_k: int, n_sink: int, n_local: int, *, tau, collected,
+                            guess_k: int, group_max, out=None, reset: bool = True):
+    """Triton twin of :func:`prr.ops.guessed.reference.select_blocks_collected`: ``collected = (list [B, Hkv,
+    CAP] int64, counter [B, Hkv] int32)`` as the scoring kernel's ``collect`` wrote them at the thresholds
+    ``tau`` (updated in place to the next step's); ``group_max`` from the same kernel; ``reset=False`` leaves
+    the counter as read (benchmarks replaying one step). ``out``: buffers for (indices, counts, stats)."""
+    bsz, hkv, nmax = scores.shape
+    if scores.stride(-1) != 1 or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32 with a unit last stride (got {scores.dtype}, {scores.stride()})")
+    col, ccnt = collected
+    rows = bsz * hkv
+    if col.dtype != torch.int64 or not col.is_contiguous() or col.numel() % max(rows, 1):
+        raise ValueError("the collected list must be contiguous int64 [B, Hkv, CAP]")
+    cap = col.numel() // max(rows, 1)
+    for name, t, dt in (("counter", ccnt, torch.int32), ("tau", tau, torch.float32)):
+        if t.dtype != dt or not t.is_contiguous() or t.numel() != rows:
+            raise ValueError(f"the {name} must be contiguous {dt} [B, Hkv]")
+    if group_max is None:
+        raise ValueError("group_max (written by the scoring kernel) is required: the fallback searches it")
+    dev = scores.device
+    kmax = n_sink + n_local + top_k
+    idx = _alloc(out, 0, (bsz, hkv, kmax), torch.int32, dev)
+    cnt = _alloc(out, 1, (bsz, hkv), torch.int32, dev)
+    stats = _alloc(out, 2, (2, bsz, hkv), torch.int32, dev)
+    nb = num_blocks if num_blocks.dtype == torch.int32 else num_blocks.to(torch.int32)
+    ng = triton.cdiv(nmax, GROUP)
+    tg_pad = max(16, triton.next_power_of_2(min(top_k, ng)))
+    gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, tg_pad)
+    if single:
+        raise ValueError("the collected top-K is for rows of more than 512 blocks (shorter rows: select_blocks)")
+    cap_pad = max(16, triton.next_power_of_2(cap))
+    srt = torch.empty(rows, cap, dtype=torch.int32, device=dev)
+    ng_pad = max(16, triton.next_power_of_2(ng))
+    _collected_topk_kernel[(rows,)](
+        scores, nb, gmax, cg, col, ccnt, srt, tau, idx, cnt, stats, hkv, rows, nmax, ng, top_k, n_sink, n_local,
+        kmax, guess_k, cap, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)), CAP_PAD=cap_pad,
+        CH=COLLECT_CHUNK, RESET=reset,
+        num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP)),
+    )
+    return idx, cnt, stats
+
+
+COLLECT_CHUNK = 16  # list entries compared per step of the collected top-K's ranking loop (for sweeps)
