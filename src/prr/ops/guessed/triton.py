@@ -365,25 +365,26 @@ def _collected_topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, col_ptr, ccnt_ptr, sr
             valid = i_c < c_all
             col_row = col_ptr + i_bh * CAP
             lst = tl.load(col_row + i_c, mask=valid, other=-9223372036854775808)
-            low = lst & 0xFFFFFFFF  # 2^31 - 1 - block: larger is a lower block id
             rank = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries ahead in DSA's order (score, then lower id)
-            below = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries with a lower block id
             for m0 in range(0, c_all, CH):
                 i_m = m0 + tl.arange(0, CH)
                 lm = tl.load(col_row + i_m, mask=i_m < c_all, other=-9223372036854775808)
-                lm_low = tl.where(i_m < c_all, lm & 0xFFFFFFFF, -1)
                 rank += tl.sum((lm[None, :] > lst[:, None]).to(tl.int32), axis=1)
-                below += tl.sum((lm_low[None, :] > low[:, None]).to(tl.int32), axis=1)
-            chosen = valid & (rank < TOPK)
-            blk = (2147483647 - low).to(tl.int32)
-            key = (lst >> 32).to(tl.int32)
-            srt_row = srt_ptr + i_bh * CAP
-            tl.store(srt_row + below, tl.where(chosen, blk, -1), mask=valid)  # C(τ) in ascending block order
+            top = valid & (rank < TOPK)  # exactly K
+            lkey = (lst >> 32).to(tl.int32)
+            g_key = tl.max(tl.where(valid & (rank == GUESS_K - 1), lkey, -2147483648), axis=0)
+            # the K chosen, compacted, then ordered by block id among themselves
+            srt_row = srt_ptr + i_bh * BLOCK_K
+            tl.store(srt_row + tl.cumsum(top.to(tl.int32), axis=0) - 1, lst, mask=top)
             tl.debug_barrier()  # read back by other threads of this program
-            sid = tl.load(srt_row + i_c, mask=valid, other=-1)
-            _write_selection(out, cnt_ptr + i_bh, sid >= 0, sid, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
-            thr = tl.min(tl.where(chosen, key, 2147483647), axis=0)
-            g_key = tl.max(tl.where(valid & (rank == GUESS_K - 1), key, -2147483648), axis=0)
+            ch = tl.load(srt_row + k, mask=k < TOPK, other=-9223372036854775808)
+            ch_low = tl.where(k < TOPK, ch & 0xFFFFFFFF, -1)  # 2^31 - 1 - block: larger is a lower id
+            order = tl.sum((ch_low[None, :] > ch_low[:, None]).to(tl.int32), axis=1)
+            tl.store(out + N_SINK + order, (2147483647 - ch_low).to(tl.int32), mask=k < TOPK)
+            tl.store(out + k, k, mask=k < N_SINK)
+            tl.store(out + N_SINK + TOPK + k, n - N_LOCAL + k, mask=k < N_LOCAL)
+            tl.store(cnt_ptr + i_bh, N_SINK + TOPK + N_LOCAL)  # = KMAX: no padding
+            thr = tl.min(tl.where(k < TOPK, (ch >> 32).to(tl.int32), 2147483647), axis=0)
         else:  # the guess failed (|C(τ)| < K, or more than the list holds): the full two-stage search
             keep_g = _top_k_mask(gkey, TOPK)
             n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
@@ -433,16 +434,17 @@ def select_blocks_collected(scores, num_blocks, top_k: int, n_sink: int, n_local
     if single:
         raise ValueError("the collected top-K is for rows of more than 512 blocks (shorter rows: select_blocks)")
     cap_pad = max(16, triton.next_power_of_2(cap))
-    srt = torch.empty(rows, cap, dtype=torch.int32, device=dev)
+    block_k = max(16, triton.next_power_of_2(kmax))
+    srt = torch.empty(rows, block_k, dtype=torch.int64, device=dev)
     ng_pad = max(16, triton.next_power_of_2(ng))
     _collected_topk_kernel[(rows,)](
         scores, nb, gmax, cg, col, ccnt, srt, tau, idx, cnt, stats, hkv, rows, nmax, ng, top_k, n_sink, n_local,
         kmax, guess_k, cap, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)), CAP_PAD=cap_pad,
-        CH=COLLECT_CHUNK, RESET=reset,
-        num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP)),
+        GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=block_k, CAP_PAD=cap_pad, CH=COLLECT_CHUNK, RESET=reset,
+        num_warps=COLLECT_WARPS or max(8, topk_warps(max(ng_pad, tg_pad * GROUP))),
     )
     return idx, cnt, stats
 
 
 COLLECT_CHUNK = 16  # list entries compared per step of the collected top-K's ranking loop (for sweeps)
+COLLECT_WARPS: int | None = None  # warps of the collected top-K (None: at least 8; for sweeps)
