@@ -169,3 +169,32 @@ def test_cuda_scorer_and_collected_topk_over_drifting_steps(ctx, batch):
         assert int(cnt.abs().sum()) == 0
         paths += st[1].flatten().tolist()
     assert paths.count(HELD) >= len(paths) // 2, paths
+
+
+def test_dsa_layer_step_on_the_collected_top_k_equals_dsa_while_decoding():
+    """DSA's layer step with ``topk="collected"`` (the reference path on the CPU), decoding with appends
+    across block boundaries: the output bit for bit serialized DSA's; the threshold settles so most rows
+    hold after the first steps; PRR refuses it."""
+    from prr.runtime.layer import LayerStep
+
+    base = make_cache([900, 700], hkv=2, d=64, capacity=1024, seed=2)
+    cache = prr.KVCache(base.k, base.v, base.page_table, base.seq_lens)
+    cfg = prr.SparseConfig.from_budget("quest", 256)
+    meta = prr.BlockMetadata(cfg, cache)
+    step = LayerStep(cache, meta, 8, method="dsa", topk="collected")
+    gen = torch.Generator().manual_seed(4)
+    q = make_query(cache, 4, scale=2.0)
+    paths = []
+    for _ in range(12):
+        kv = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64)
+        q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        cache.append(kv[0], kv[1])
+        meta.append(cache)
+        want = prr.dsa_step(q, cache, meta)
+        o, _ = step.run(q)
+        assert torch.equal(o, want.o) and torch.equal(step.last["s_idx"], want.selection.indices)
+        paths += step.collected.stats[1].flatten().tolist()
+    assert paths[:4] == [TOO_LOW] * 4 or paths[:4].count(TOO_LOW) + paths[:4].count(HELD) == 4
+    assert paths[4:].count(HELD) >= len(paths[4:]) * 3 // 4, paths
+    with pytest.raises(ValueError, match="collected"):
+        LayerStep(cache, meta, 8, method="prr", topk="collected")
