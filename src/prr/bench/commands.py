@@ -91,7 +91,7 @@ def _cmd_bench_e2e(args) -> int:
 
     check_model_name(args.model)
     contexts, batches = _contexts(args.contexts), _ints("--batches", args.batches)
-    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr"))
+    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "dsa_collected", "prr"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     for flag, v in (("--budget", args.budget), ("--steps", args.steps)):
         if v <= 0:
@@ -254,7 +254,7 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,dsa_guessed,prr",
                    help="which of dense, dsa, dsa_guessed (PRR's engine without speculation: DSA on the guessed "
-                        "top-K), prr to time")
+                        "top-K), dsa_collected (the same on the collected top-K), prr to time")
     s.add_argument("--amortized", default="", help="amortized DSA settings MxC (host schedule), e.g. 16x8: a "
                    "dsa_mMcC row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")

@@ -267,7 +267,8 @@ class LayerStep:
         forced = self.counts.forced if self.counts is not None else StepCounts.from_blocks(
             nblk, self.cfg, self.cache.num_kv_heads).forced
         return StepStats(sel.counts, zero, zero, sel.counts, zero, forced,
-                         guess=self.guessed.stats if self.guessed is not None else None)
+                         guess=self.guessed.stats if self.guessed is not None else
+                         self.collected.stats if self.collected is not None else None)
 
     def _tail(self, sel, nblk, fork: bool = True):
         """Put the next P in place: the guessed top-K's (a copy), or fold S's scores into the Holt predictor
