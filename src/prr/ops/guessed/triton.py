@@ -364,7 +364,8 @@ def _collected_topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, col_ptr, ccnt_ptr, sr
             i_c = tl.arange(0, CAP_PAD)
             valid = i_c < c_all
             col_row = col_ptr + i_bh * CAP
-            lst = tl.load(col_row + i_c, mask=valid, other=-9223372036854775808)
+            # (issued without the count's mask: past the count the slots hold stale entries, masked here)
+            lst = tl.where(valid, tl.load(col_row + i_c, mask=i_c < CAP, other=0), -9223372036854775808)
             rank = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries ahead in DSA's order (score, then lower id)
             for m0 in range(0, c_all, CH):
                 i_m = m0 + tl.arange(0, CH)

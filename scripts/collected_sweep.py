@@ -1,0 +1,71 @@
+"""The collected top-K's held path across its knobs (GPU): threshold aim G x K, list capacity, ranking chunk,
+warps; Llama-3.1-8B budget 2048 at 128K and 512K, batch 1 and 8, against the full top-K in the same run.
+
+    PYTHONPATH=src python scripts/collected_sweep.py --out out/collected_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from prr import ops
+from prr.bench.common import graph_overhead_us
+from prr.bench.kernels import RandomLayer
+from prr.bench.topk import previous_query
+from prr.ops.guessed import triton as gt
+from prr.provenance import environment
+from prr.timing import time_op
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/collected_sweep.json")
+    ap.add_argument("--cases", default="1:131072,1:524288,8:131072")
+    a = ap.parse_args()
+    over = graph_overhead_us()
+    res = {"env": environment(), "overhead_us": over, "rows": []}
+    for c in a.cases.split(","):
+        b, ctx = (int(x) for x in c.split(":"))
+        lay = RandomLayer.make("llama-3.1-8b", b, ctx, "quest", budget=2048)
+        cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
+        k, ns, nl = cfg.top_k, cfg.n_sink, cfg.n_local
+        q_prev, _, _ = previous_query(lay)
+        srt_prev = meta.scores(q_prev, cache).sort(-1, descending=True).values
+        scores, gmax = meta.scores(q, cache, with_groups=True)
+        t_full = time_op(lambda: ops.select_blocks(scores, nblk, k, ns, nl, group_max=gmax)) - over
+        res["rows"].append({"case": lay.case, "op": "full", "net_us": round(t_full, 2)})
+        print(lay.case, "full", round(t_full, 2))
+        for mult, cap in ((2, 512), (3, 512), (3, 1024)):
+            tau = srt_prev[..., mult * k - 1].contiguous()
+            col = torch.empty(*tau.shape, cap, dtype=torch.int64, device="cuda")
+            cnt = torch.zeros(tau.shape, dtype=torch.int32, device="cuda")
+            s2, g2 = meta.scores(q, cache, with_groups=True, collect=(tau, col, cnt))
+            st = ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
+                                             guess_k=mult * k, group_max=g2, reset=False)[3]
+            counted = cnt.flatten().tolist()
+            for ch in (16, 64):
+                for warps in (8, 16):
+                    gt.COLLECT_CHUNK, gt.COLLECT_WARPS = ch, warps
+                    try:
+                        us = time_op(lambda: ops.select_blocks_collected(
+                            s2, nblk, k, ns, nl, tau=tau, collected=(col, cnt), guess_k=mult * k, group_max=g2,
+                            reset=False)) - over
+                    finally:
+                        gt.COLLECT_CHUNK, gt.COLLECT_WARPS = 16, None
+                    row = {"case": lay.case, "op": "collected", "g": mult, "cap": cap, "chunk": ch, "warps": warps,
+                           "net_us": round(us, 2), "speedup": round(t_full / us, 3),
+                           "paths": st[1].flatten().tolist(), "counted": counted}
+                    res["rows"].append(row)
+                    print(json.dumps({x: row[x] for x in ("case", "g", "cap", "chunk", "warps", "net_us", "speedup")}),
+                          "held", row["paths"].count(0), "/", len(row["paths"]))
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        del lay, cache, meta
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
