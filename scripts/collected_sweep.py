@@ -46,21 +46,22 @@ def main():
             st = ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
                                              guess_k=mult * k, group_max=g2, reset=False)[3]
             counted = cnt.flatten().tolist()
-            for ch in (16, 64):
-                for warps in (8, 16):
-                    gt.COLLECT_CHUNK, gt.COLLECT_WARPS = ch, warps
-                    try:
-                        us = time_op(lambda: ops.select_blocks_collected(
-                            s2, nblk, k, ns, nl, tau=tau, collected=(col, cnt), guess_k=mult * k, group_max=g2,
-                            reset=False)) - over
-                    finally:
-                        gt.COLLECT_CHUNK, gt.COLLECT_WARPS = 16, None
-                    row = {"case": lay.case, "op": "collected", "g": mult, "cap": cap, "chunk": ch, "warps": warps,
-                           "net_us": round(us, 2), "speedup": round(t_full / us, 3),
-                           "paths": st[1].flatten().tolist(), "counted": counted}
-                    res["rows"].append(row)
-                    print(json.dumps({x: row[x] for x in ("case", "g", "cap", "chunk", "warps", "net_us", "speedup")}),
-                          "held", row["paths"].count(0), "/", len(row["paths"]))
+            for search, ch, warps in ((False, 16, 8), (False, 64, 8), (False, 16, 16), (True, 16, 8),
+                                      (True, 16, 16)):
+                gt.COLLECT_CHUNK, gt.COLLECT_WARPS, gt.COLLECT_SEARCH = ch, warps, search
+                try:
+                    us = time_op(lambda: ops.select_blocks_collected(
+                        s2, nblk, k, ns, nl, tau=tau, collected=(col, cnt), guess_k=mult * k, group_max=g2,
+                        reset=False)) - over
+                finally:
+                    gt.COLLECT_CHUNK, gt.COLLECT_WARPS, gt.COLLECT_SEARCH = 16, None, False
+                row = {"case": lay.case, "op": "collected", "g": mult, "cap": cap, "search": search, "chunk": ch,
+                       "warps": warps, "net_us": round(us, 2), "speedup": round(t_full / us, 3),
+                       "paths": st[1].flatten().tolist(), "counted": counted}
+                res["rows"].append(row)
+                print(json.dumps({x: row[x] for x in ("case", "g", "cap", "search", "chunk", "warps", "net_us",
+                                                      "speedup")}), "held", row["paths"].count(0), "/",
+                      len(row["paths"]))
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         del lay, cache, meta

@@ -339,7 +339,8 @@ def _next_tau_key(thr, tu, c_all, g_key, TOPK, GUESS_K):
 def _collected_topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, col_ptr, ccnt_ptr, srt_ptr, tau_ptr, idx_ptr, cnt_ptr,
                            st_ptr, HKV, BH, NMAX, NG, TOPK, N_SINK, N_LOCAL, KMAX, GUESS_K, CAP, s_sb, s_sh,
                            s_ib, s_ih, GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr,
-                           BLOCK_K: tl.constexpr, CAP_PAD: tl.constexpr, CH: tl.constexpr, RESET: tl.constexpr):
+                           BLOCK_K: tl.constexpr, CAP_PAD: tl.constexpr, CH: tl.constexpr, RESET: tl.constexpr,
+                           SEARCH: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -366,14 +367,32 @@ def _collected_topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, col_ptr, ccnt_ptr, sr
             col_row = col_ptr + i_bh * CAP
             # (issued without the count's mask: past the count the slots hold stale entries, masked here)
             lst = tl.where(valid, tl.load(col_row + i_c, mask=i_c < CAP, other=0), -9223372036854775808)
-            rank = tl.zeros([CAP_PAD], dtype=tl.int32)  # entries ahead in DSA's order (score, then lower id)
-            for m0 in range(0, c_all, CH):
-                i_m = m0 + tl.arange(0, CH)
-                lm = tl.load(col_row + i_m, mask=i_m < c_all, other=-9223372036854775808)
-                rank += tl.sum((lm[None, :] > lst[:, None]).to(tl.int32), axis=1)
-            top = valid & (rank < TOPK)  # exactly K
-            lkey = (lst >> 32).to(tl.int32)
-            g_key = tl.max(tl.where(valid & (rank == GUESS_K - 1), lkey, -2147483648), axis=0)
+            if SEARCH:  # the K-th score by the guessed kernel's search over the list's keys; ties ranked by id
+                lkey = tl.where(valid, (lst >> 32).to(tl.int32), -2147483648)
+                t_s, _t, _c, _l, _n = _search(lkey, TOPK, TOPK, 0, True)
+                t_s = t_s.to(tl.int32)
+                above = lkey > t_s
+                tie = (lkey == t_s) & valid
+                n_above = tl.sum(above.to(tl.int32), axis=0)
+                top = above | tie
+                if n_above + tl.sum(tie.to(tl.int32), axis=0) > TOPK:  # ties straddle the K-th score
+                    r_tie = tl.zeros([CAP_PAD], dtype=tl.int32)
+                    for m0 in range(0, c_all, CH):
+                        i_m = m0 + tl.arange(0, CH)
+                        lm = tl.load(col_row + i_m, mask=i_m < c_all, other=-9223372036854775808)
+                        tm = ((lm >> 32).to(tl.int32) == t_s) & (i_m < c_all)
+                        r_tie += tl.sum((tm[None, :] & (lm[None, :] > lst[:, None])).to(tl.int32), axis=1)
+                    top = above | (tie & (r_tie < TOPK - n_above))
+                g_key = tl.full((), -2147483648, tl.int32)
+            else:  # every entry's rank in DSA's order (score, then lower id): entries ahead of it
+                rank = tl.zeros([CAP_PAD], dtype=tl.int32)
+                for m0 in range(0, c_all, CH):
+                    i_m = m0 + tl.arange(0, CH)
+                    lm = tl.load(col_row + i_m, mask=i_m < c_all, other=-9223372036854775808)
+                    rank += tl.sum((lm[None, :] > lst[:, None]).to(tl.int32), axis=1)
+                top = valid & (rank < TOPK)  # exactly K
+                lkey = (lst >> 32).to(tl.int32)
+                g_key = tl.max(tl.where(valid & (rank == GUESS_K - 1), lkey, -2147483648), axis=0)
             # the K chosen, compacted, then ordered by block id among themselves
             srt_row = srt_ptr + i_bh * BLOCK_K
             tl.store(srt_row + tl.cumsum(top.to(tl.int32), axis=0) - 1, lst, mask=top)
@@ -442,6 +461,7 @@ def select_blocks_collected(scores, num_blocks, top_k: int, n_sink: int, n_local
         scores, nb, gmax, cg, col, ccnt, srt, tau, idx, cnt, stats, hkv, rows, nmax, ng, top_k, n_sink, n_local,
         kmax, guess_k, cap, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=block_k, CAP_PAD=cap_pad, CH=COLLECT_CHUNK, RESET=reset,
+        SEARCH=COLLECT_SEARCH,
         num_warps=COLLECT_WARPS or max(8, topk_warps(max(ng_pad, tg_pad * GROUP))),
     )
     return idx, cnt, stats
@@ -449,3 +469,6 @@ def select_blocks_collected(scores, num_blocks, top_k: int, n_sink: int, n_local
 
 COLLECT_CHUNK = 16  # list entries compared per step of the collected top-K's ranking loop (for sweeps)
 COLLECT_WARPS: int | None = None  # warps of the collected top-K (None: at least 8; for sweeps)
+# The K-th of the list by the guessed kernel's interpolation search over its keys (ties ranked by id) instead of
+# every entry's rank (its next threshold then always follows the line rule; for sweeps: not the reference's)
+COLLECT_SEARCH = False
