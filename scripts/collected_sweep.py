@@ -14,6 +14,7 @@ import torch
 from prr import ops
 from prr.bench.common import graph_overhead_us
 from prr.bench.kernels import RandomLayer
+from prr.algo.sparse import select
 from prr.bench.topk import previous_query
 from prr.ops.guessed import triton as gt
 from prr.provenance import environment
@@ -37,7 +38,11 @@ def main():
         scores, gmax = meta.scores(q, cache, with_groups=True)
         t_full = time_op(lambda: ops.select_blocks(scores, nblk, k, ns, nl, group_max=gmax)) - over
         res["rows"].append({"case": lay.case, "op": "full", "net_us": round(t_full, 2)})
-        print(lay.case, "full", round(t_full, 2))
+        t_score = time_op(lambda: meta.scores(q, cache, with_groups=True)) - over
+        t_sel_full = time_op(lambda: select(q, cache, meta, nblk=nblk)) - over
+        res["rows"].append({"case": lay.case, "op": "score", "net_us": round(t_score, 2)})
+        res["rows"].append({"case": lay.case, "op": "selection_full", "net_us": round(t_sel_full, 2)})
+        print(lay.case, "full", round(t_full, 2), "score", round(t_score, 2), "selection", round(t_sel_full, 2))
         for mult, cap in ((2, 512), (3, 512), (3, 1024)):
             tau = srt_prev[..., mult * k - 1].contiguous()
             col = torch.empty(*tau.shape, cap, dtype=torch.int64, device="cuda")
@@ -46,6 +51,22 @@ def main():
             st = ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
                                              guess_k=mult * k, group_max=g2, reset=False)[3]
             counted = cnt.flatten().tolist()
+            extra = {}
+            for name, c_fake in (("too_high", torch.zeros_like(cnt)), ("too_low", torch.full_like(cnt, cap + 1))):
+                extra[name] = round(time_op(lambda c_fake=c_fake: ops.select_blocks_collected(
+                    s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, c_fake), guess_k=mult * k, group_max=g2,
+                    reset=False)) - over, 2)
+            t_col, c_sel = tau.clone(), torch.zeros_like(cnt)
+
+            def sel(t_col=t_col, c_sel=c_sel, mult=mult, col=col):
+                s3, g3 = meta.scores(q, cache, with_groups=True, collect=(t_col, col, c_sel))
+                return ops.select_blocks_collected(s3, nblk, k, ns, nl, tau=t_col, collected=(col, c_sel),
+                                                   guess_k=mult * k, group_max=g3)
+
+            extra["selection"] = round(time_op(sel) - over, 2)
+            extra["selection_paths"] = sel()[3][1].flatten().tolist()  # (the threshold fed back by the replays)
+            res["rows"].append({"case": lay.case, "op": "collected_paths", "g": mult, "cap": cap, **extra})
+            print(lay.case, mult, cap, json.dumps(extra))
             for search, ch, warps in ((False, 16, 8), (False, 64, 8), (False, 16, 16), (True, 16, 8),
                                       (True, 16, 16)):
                 gt.COLLECT_CHUNK, gt.COLLECT_WARPS, gt.COLLECT_SEARCH = ch, warps, search
