@@ -25,12 +25,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/collected_sweep.json")
     ap.add_argument("--cases", default="1:131072,1:524288,8:131072")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, a small model: checks the script")
     a = ap.parse_args()
-    over = graph_overhead_us()
+    global time_op
+    if a.smoke:  # each op run once, timed as 1 us
+        time_op = lambda fn: (fn(), 1.0)[1]  # noqa: E731
+        over, model, dev, dtype = 0.0, "smollm2-135m", "cpu", torch.float32
+    else:
+        over, model, dev, dtype = graph_overhead_us(), "llama-3.1-8b", "cuda", torch.bfloat16
     res = {"env": environment(), "overhead_us": over, "rows": []}
     for c in a.cases.split(","):
         b, ctx = (int(x) for x in c.split(":"))
-        lay = RandomLayer.make("llama-3.1-8b", b, ctx, "quest", budget=2048)
+        lay = RandomLayer.make(model, b, ctx, "quest", budget=2048, device=dev, dtype=dtype)
         cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
         k, ns, nl = cfg.top_k, cfg.n_sink, cfg.n_local
         q_prev, _, _ = previous_query(lay)
@@ -45,8 +51,8 @@ def main():
         print(lay.case, "full", round(t_full, 2), "score", round(t_score, 2), "selection", round(t_sel_full, 2))
         for mult, cap in ((2, 512), (3, 512), (3, 1024)):
             tau = srt_prev[..., mult * k - 1].contiguous()
-            col = torch.empty(*tau.shape, cap, dtype=torch.int64, device="cuda")
-            cnt = torch.zeros(tau.shape, dtype=torch.int32, device="cuda")
+            col = torch.empty(*tau.shape, cap, dtype=torch.int64, device=dev)
+            cnt = torch.zeros(tau.shape, dtype=torch.int32, device=dev)
             s2, g2 = meta.scores(q, cache, with_groups=True, collect=(tau, col, cnt))
             st = ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
                                              guess_k=mult * k, group_max=g2, reset=False)[3]
@@ -86,7 +92,8 @@ def main():
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         del lay, cache, meta
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
