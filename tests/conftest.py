@@ -10,6 +10,22 @@ if not torch.cuda.is_available():
 
 import prr
 
+# Under pytest-xdist (the README's test command runs 2 workers) each worker takes its share of the cores for
+# PyTorch's intra-op threads: two workers of two threads each would oversubscribe a 2-core machine, where the
+# threads that wait for each other slow small ops many times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
+
+
+def pytest_collection_modifyitems(items):
+    """The files holding a test marked ``slow`` run first (the order is otherwise kept). Under pytest-xdist
+    (``--dist loadfile --no-loadscope-reorder``) one worker then starts the long run at once while the other
+    works through the rest, instead of starting it last and finishing alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
