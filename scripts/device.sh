@@ -17,8 +17,7 @@
 #   e2e-smollm2      SmolLM2-135M shapes at 5K tokens, budget 1024
 #   select           prr bench select: full scan vs amortized selection at 512K, b1 and b8
 #   guessed-tests    the guessed top-K's and the layer runtime's GPU tests
-#   topk             prr bench topk: the guessed and collected top-Ks vs the full one, Llama-3.1-8B 128K/512K x
-#                    b1/b8, budget 2048 (COLLECTED=G:CAP,... picks the collected settings)
+#   topk             prr bench topk: the guessed top-K vs the full one, Llama-3.1-8B 128K/512K x b1/b8, budget 2048
 #   topk-timeline    scripts/topk_timeline.py: SM-clock stamps at the top-K programs' phase boundaries (full and
 #                    guessed; L2 flushed and warm) and single-program primitives at the top-K's tile sizes
 #   layer-targets    the layer step at the issue's two target cases (Llama-3.1-8B b1 128K and GLM-4-9B b1 512K,
@@ -72,11 +71,9 @@ for step in "$@"; do
       --out "$OUT/bench_e2e_smollm2_h200.json" 2>&1 | quiet | tail -8 | tee -a "$OUT/run.log" ;;
     select) timeout 200 python3 -m prr bench select --batches 1,8 --contexts 512K --amortized 16x4,16x8,32x4,32x6 \
       --out "$OUT/bench_select_h200.json" 2>&1 | quiet | tail -40 | tee -a "$OUT/run.log" ;;
-    guessed-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_guessed.py tests/test_collected.py \
-      tests/test_runtime.py 2>&1 \
+    guessed-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_guessed.py tests/test_runtime.py 2>&1 \
       | tail -6 | tee -a "$OUT/run.log" ;;
-    topk) timeout 300 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 16 \
-      --collected "${COLLECTED:-3:1024,2:512,4:1024}" \
+    topk) timeout 200 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 16 \
       --out "$OUT/bench_topk.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
     topk-timeline) timeout 400 python3 scripts/topk_timeline.py --out "$OUT/topk_timeline.json" 2>&1 \
       | tee "$OUT/topk_timeline.log" | tail -150 ;;

@@ -125,18 +125,17 @@ class BlockMetadata:
         elif cfg.method == "infllm_v2":
             ops.infllm_metadata_append(self.ckeys, cache, cfg.window, cfg.stride)
 
-    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False, collect=None):
+    def scores(self, q: torch.Tensor, cache: KVCache, with_groups: bool = False):
         """Block scores ``[B, Hkv, N_max]`` float32 of the configured method; ``with_groups``: ``(scores,
-        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise);
-        ``collect``: see :func:`prr.ops.quest_scores` (needs ``with_groups``)."""
+        group_max)``, the top-K's stage-1 group maxima written by the same Triton kernel (None otherwise)."""
         cfg = self.cfg
         groups = (cfg.n_sink, cfg.n_local) if with_groups else None
         if cfg.method == "quest":
             return ops.quest_scores(q, self.kmin, self.kmax, cache, cfg.block_size, cfg.aggregate,
-                                    group_max_for=groups, collect=collect)
+                                    group_max_for=groups)
         if cfg.method == "infllm_v2":
             return ops.infllm_scores(q, self.ckeys, cache, cfg.block_size, cfg.window, cfg.stride, cfg.aggregate,
-                                     group_max_for=groups, collect=collect)
+                                     group_max_for=groups)
         s = ops.oracle_scores(q, cache, cfg.block_size, cfg.aggregate)
         return (s, None) if with_groups else s
 
@@ -200,48 +199,6 @@ class GuessedTopK:
         ops.select_blocks_guessed(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, prev=self.prev,
                                   spec_k=self.spec_k, num_blocks_next=nblk_next, group_max=gmax,
                                   out=self.buffers())
-        return Selection(self.s_idx, self.s_cnt, scores)
-
-
-class CollectedTopK:
-    """One layer's collected top-K (:func:`prr.select_blocks_collected`) with its state, fixed buffers updated
-    in place: the carried threshold ``tau`` (aimed at ``guess_mult * K`` blocks), the list of ``cap``
-    candidates the scoring kernel fills and its counter, the rows' ``stats [2, B, Hkv]``. Starts at a
-    threshold of -inf (every block a candidate: the first step falls back, exactly). On the CPU (no
-    kernel) the reference computes the same from the scores."""
-
-    def __init__(self, batch: int, num_kv_heads: int, cfg: SparseConfig, guess_mult: int = 3, cap: int = 1024,
-                 device="cpu"):
-        self.cfg = cfg
-        self.guess_k = check.positive_int("guess_mult", guess_mult) * cfg.top_k
-        self.cap = check.positive_int("cap", cap)
-        if self.cap < self.guess_k:
-            raise ValueError(f"cap ({cap}) must hold the guess_mult * top_k ({self.guess_k}) blocks aimed at")
-        shape = (batch, num_kv_heads)
-        self.tau = torch.full(shape, float("-inf"), device=device)
-        self.col = torch.empty(*shape, self.cap, dtype=torch.int64, device=device)
-        self.cnt = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.s_idx = torch.full((*shape, cfg.k_max), -1, dtype=torch.int32, device=device)
-        self.s_cnt = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.stats = torch.zeros(2, *shape, dtype=torch.int32, device=device)
-
-    def reset(self) -> None:
-        self.tau.fill_(float("-inf"))
-        self.cnt.zero_()
-
-    def select(self, q: torch.Tensor, cache: KVCache, meta: BlockMetadata, nblk: torch.Tensor) -> Selection:
-        """This step's selection (the same S as :func:`select`); the threshold moves on for the next step."""
-        cfg = self.cfg
-        collect = (self.tau, self.col, self.cnt)
-        scores, gmax = meta.scores(q, cache, with_groups=True, collect=collect)
-        idx, cnt, _, st = ops.select_blocks_collected(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local,
-                                                      tau=self.tau, collected=(self.col, self.cnt),
-                                                      guess_k=self.guess_k, cap=self.cap, group_max=gmax,
-                                                      out=(self.s_idx, self.s_cnt, self.stats))
-        if idx is not self.s_idx:  # (the reference path returns new tensors)
-            self.s_idx.copy_(idx)
-            self.s_cnt.copy_(cnt)
-            self.stats.copy_(st)
         return Selection(self.s_idx, self.s_cnt, scores)
 
 

@@ -91,7 +91,7 @@ def _cmd_bench_e2e(args) -> int:
 
     check_model_name(args.model)
     contexts, batches = _contexts(args.contexts), _ints("--batches", args.batches)
-    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "dsa_collected", "prr"))
+    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     for flag, v in (("--budget", args.budget), ("--steps", args.steps)):
         if v <= 0:
@@ -136,22 +136,11 @@ def _cmd_bench_topk(args) -> int:
     models, batches = _models("--models", args.models), _ints("--batches", args.batches)
     contexts, budgets = _contexts(args.contexts), _ints("--budgets", args.budgets)
     warps = [None] + (_ints("--warps", args.warps) if args.warps else [])
-    collected = []
-    for item in filter(None, args.collected.split(",")):
-        try:
-            mult, cap = (int(x) for x in item.split(":"))
-        except ValueError:
-            print(f"error: --collected takes G:CAP pairs (e.g. 3:1024), got {item!r}", file=sys.stderr)
-            return 2
-        if mult < 1 or cap < 16:
-            print(f"error: --collected {item!r}: G >= 1 and CAP >= 16", file=sys.stderr)
-            return 2
-        collected.append((mult, cap))
     if _no_cuda("topk"):
         return 2
     from . import topk
 
-    topk.run(models, batches, contexts, budgets, args.out, warps=warps, collected=tuple(collected))
+    topk.run(models, batches, contexts, budgets, args.out, warps=warps)
     print(f"saved {args.out}")
     return 0
 
@@ -254,7 +243,7 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,dsa_guessed,prr",
                    help="which of dense, dsa, dsa_guessed (PRR's engine without speculation: DSA on the guessed "
-                        "top-K), dsa_collected (the same on the collected top-K), prr to time")
+                        "top-K), prr to time")
     s.add_argument("--amortized", default="", help="amortized DSA settings MxC (host schedule), e.g. 16x8: a "
                    "dsa_mMcC row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
@@ -278,9 +267,6 @@ def register(sub) -> None:
     s.add_argument("--contexts", default="128K,512K")
     s.add_argument("--budgets", default="2048", help="selection budgets in tokens (Quest blocks of 16)")
     s.add_argument("--warps", default="", help="also time the guessed top-K at these program widths, e.g. 4,8,16")
-    s.add_argument("--collected", default="3:1024",
-                   help="collected top-K settings G:CAP (threshold aimed at G x K blocks, a list of CAP), comma "
-                        "separated; empty: none")
     s.add_argument("--out", default="results/bench_topk.json")
     s.set_defaults(func=_cmd_bench_topk)
     s = bsub.add_parser("serve", help="continuous batching under load (N clients, a prompt-length mix) against "

@@ -127,10 +127,9 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
             for attention, setting in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 n_steps = steps
                 if setting is None:
-                    guessed = attention in ("dsa_guessed", "dsa_collected")
+                    guessed = attention == "dsa_guessed"
                     eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
-                                 n_dense_layers=n_dense_layers, speculate=not guessed,
-                                 topk="collected" if attention == "dsa_collected" else "guessed")
+                                 n_dense_layers=n_dense_layers, speculate=not guessed)
                 else:  # whole periods: every timed window holds its share of scans
                     eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
                                           sparse=cfg, n_dense_layers=n_dense_layers)
@@ -164,7 +163,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                                rescore_median_us=round(statistics.median(times[1:]), 1))
                 if attention == "prr":
                     row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
-                if attention in ("prr", "dsa_guessed", "dsa_collected"):
+                if attention in ("prr", "dsa_guessed"):
                     paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
                     row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
                 if tp is not None:

@@ -180,17 +180,6 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
              "candidates_over_k": round(sum(cand) / len(cand) / cfg.top_k, 3) if cand else None}
     g = gdsa.guessed
     t_gsel = add("selection_guessed", "graph", time_op(lambda: g.select(q, cache, meta, counts.nblk)), **guess)
-    # DSA on the collected top-K: the threshold carried from the step before (its G-th score), then fed back
-    # replay after replay; the scorer collects the candidates above it
-    cdsa = LayerStep(cache, meta, hq, method="dsa", topk="collected", counts=counts)
-    col = cdsa.collected
-    col.tau.copy_(s_prev.sort(-1, descending=True).values[..., col.guess_k - 1])
-    cdsa.q.copy_(q)
-    t_cdsa = add("dsa_collected", "graph", timed("dsa_collected", cdsa))
-    cdsa.replay()
-    cpaths = col.stats[1].flatten().tolist()
-    collected_info = {"paths": {PATHS[p]: cpaths.count(p) for p in sorted(set(cpaths))},
-                      "candidates_over_k": round(col.stats[0].float().mean().item() / cfg.top_k, 3)}
 
     def prr_new(ratio, mode, tail=False):
         """The PRR step on the guessed top-K, P the previous step's top-K'; its measured hit rate."""
@@ -248,8 +237,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
                "budget": cfg.budget_tokens, "budget_decision": dec.reason, "dsa_us": round(t_dsa, 2),
                "selection_us": round(t_sel, 2), "selection_guessed_us": round(t_gsel, 2),
                "attention_us": round(t_att, 2), "dsa_guessed_us": round(t_gdsa, 2),
-               "speedup_guessed_dsa": round(t_dsa / t_gdsa, 3), "dsa_collected_us": round(t_cdsa, 2),
-               "speedup_collected_dsa": round(t_dsa / t_cdsa, 3), "collected": collected_info, "prr_best_us": round(best[0], 2),
+               "speedup_guessed_dsa": round(t_dsa / t_gdsa, 3), "prr_best_us": round(best[0], 2),
                "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
                "speedup_best": round(t_dsa / best[0], 3), "speedup_exact": round(t_dsa / best_exact, 3),
                "prr_auto_us": round(auto, 2), "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
@@ -320,7 +308,6 @@ def run(models, batches, contexts, methods, out: str, budgets=None, sweep: bool 
 
 def summary_table(summaries: list[dict]) -> str:
     cols = ("case", "dsa_us", "selection_us", "selection_guessed_us", "dsa_guessed_us", "speedup_guessed_dsa",
-            "dsa_collected_us", "speedup_collected_dsa",
             "prr_best_us", "prr_best_ratio", "prr_best_hit", "speedup_best", "speedup_exact", "prr_auto_us",
             "speedup_auto", "candidates_over_k", "prr_vs_dense", "drift_hit", "speedup_drift_path")
     lines = ["  ".join(cols)]

@@ -13,11 +13,6 @@ reads it. Each op graph-captured and timed by :mod:`prr.bench.common` (L2 flushe
   same program: the price of a failed guess); ``topk_guessed_too_low``: a guess below every score with a
   small gather (every row narrows over the group maxima first);
 - ``selection_full`` / ``selection_guessed``: score + top-K, each in one graph.
-- the collected top-K (:func:`prr.select_blocks_collected`) per setting ``G:CAP`` (the count the carried
-  threshold aims at, in multiples of K, and the list's capacity): ``topk_collected`` (the scorer collected at
-  the previous query's G-th score), ``topk_collected_too_high`` / ``_too_low`` (an empty list, an overflowing
-  one: the full search after the count), ``selection_collected`` (score + collect + top-K in one graph, the
-  threshold fed back replay after replay).
 
 Targets (issue #25): the guessed top-K >= 2x faster than the full one at 8,192 and 32,768 blocks per row, b1
 and b8, when the guess holds; the fallback <= 1.15x the full one; the selection at Llama-3.1-8B b1 128K /
@@ -48,8 +43,7 @@ def previous_query(lay: RandomLayer, target: float = 0.80, seed: int = 1):
 
 
 def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, overhead: float,
-               timer=None, device="cuda", dtype=torch.bfloat16, warps=(None,),
-               collected=((3, 1024),)) -> tuple[list[Row], dict]:
+               timer=None, device="cuda", dtype=torch.bfloat16, warps=(None,)) -> tuple[list[Row], dict]:
     """Rows and a summary of one case. ``timer(fn) -> median us`` (tests pass a stand-in); ``warps``: program
     widths of the guessed top-K to time (None: its own rule)."""
     from ..timing import time_op
@@ -68,7 +62,7 @@ def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, 
                         extra))
         return us - overhead
 
-    q_prev, prev, sigma = previous_query(lay)
+    _, prev, sigma = previous_query(lay)
     scores, gmax = meta.scores(q, cache, with_groups=True)
     k, ns, nl = cfg.top_k, cfg.n_sink, cfg.n_local
     add("score", lambda: meta.scores(q, cache, with_groups=True), meta_b)
@@ -106,62 +100,15 @@ def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, 
 
     t_sel_full = add("selection_full", lambda: select(q, cache, meta, nblk=nblk), meta_b)
     t_sel_guess = add("selection_guessed", sel_guessed, meta_b)
-    col_info = {}
-    for mult, cap in collected:
-        col_info[f"{mult}:{cap}"] = _collected(add, lay, q_prev, scores, gmax, mult, cap, row_b, meta_b)
     best = min(t_guess.values())
-    summary = {"collected": col_info, "case": case, "blocks": int(meta.kmax.shape[2]), "top_k": k, "topk_full_us": round(t_full, 2),
+    summary = {"case": case, "blocks": int(meta.kmax.shape[2]), "top_k": k, "topk_full_us": round(t_full, 2),
                "topk_guessed_us": round(best, 2), "topk_speedup": round(t_full / best, 3),
                "fallback_vs_full": round(t_high / t_full, 3), "selection_full_us": round(t_sel_full, 2),
                "selection_guessed_us": round(t_sel_guess, 2), **info}
     return rows, summary
 
 
-def _collected(add, lay, q_prev, scores, gmax, mult: int, cap: int, row_b: int, meta_b: int) -> dict:
-    """The collected top-K's rows at one setting (threshold aimed at ``mult * K`` blocks, a list of ``cap``)."""
-    cfg, cache, meta, q, nblk = lay.cfg, lay.cache, lay.meta, lay.q, lay.nblk
-    k, ns, nl = cfg.top_k, cfg.n_sink, cfg.n_local
-    b, hkv, _ = scores.shape
-    g = mult * k
-    prev_scores = meta.scores(q_prev, cache)
-    tau0 = prev_scores.sort(-1, descending=True).values[..., g - 1].contiguous()
-    col = torch.empty(b, hkv, cap, dtype=torch.int64, device=q.device)
-    cnt = torch.zeros(b, hkv, dtype=torch.int32, device=q.device)
-    tau = tau0.clone()
-    s2, g2 = meta.scores(q, cache, with_groups=True, collect=(tau, col, cnt))
-    c_held = cnt.clone()
-    _, _, _, st = ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
-                                              guess_k=g, group_max=g2, reset=False)
-    assert torch.equal(ops.select_blocks_collected(s2, nblk, k, ns, nl, tau=tau.clone(), collected=(col, cnt),
-                                                   guess_k=g, group_max=g2, reset=False)[0],
-                       ops.select_blocks(s2, nblk, k, ns, nl, group_max=g2)[0])
-    paths = st[1].flatten().tolist()
-    held = [c for c, p in zip(st[0].flatten().tolist(), paths, strict=True) if p == 0]
-    info = {"paths": {PATHS[p]: paths.count(p) for p in sorted(set(paths))},
-            "candidates_over_k": round(sum(held) / len(held) / k, 3) if held else None}
-    tag = f"_g{mult}_cap{cap}"
-    t_held = add("topk_collected" + tag, lambda: ops.select_blocks_collected(
-        s2, nblk, k, ns, nl, tau=tau, collected=(col, cnt), guess_k=g, group_max=g2, reset=False), row_b, **info)
-    empty = torch.zeros_like(cnt)
-    over = torch.full_like(cnt, cap + 1)
-    t_high = add("topk_collected_too_high" + tag, lambda: ops.select_blocks_collected(
-        s2, nblk, k, ns, nl, tau=tau, collected=(col, empty), guess_k=g, group_max=g2, reset=False), row_b)
-    t_low = add("topk_collected_too_low" + tag, lambda: ops.select_blocks_collected(
-        s2, nblk, k, ns, nl, tau=tau, collected=(col, over), guess_k=g, group_max=g2, reset=False), row_b)
-    cnt.zero_()
-    tau.copy_(tau0)
-
-    def sel():
-        s, gm = meta.scores(q, cache, with_groups=True, collect=(tau, col, cnt))
-        return ops.select_blocks_collected(s, nblk, k, ns, nl, tau=tau, collected=(col, cnt), guess_k=g,
-                                           group_max=gm)
-
-    t_sel = add("selection_collected" + tag, sel, meta_b)
-    return {**info, "counted": c_held.flatten().tolist()[:8], "topk_us": round(t_held, 2),
-            "too_high_us": round(t_high, 2), "too_low_us": round(t_low, 2), "selection_us": round(t_sel, 2)}
-
-
-def run(models, batches, contexts, budgets, out: str, warps=(None,), collected=((3, 1024),)) -> dict:
+def run(models, batches, contexts, budgets, out: str, warps=(None,)) -> dict:
     copy = copy_bandwidth_tbps()
     overhead = graph_overhead_us()
     print(f"copy bandwidth {copy:.2f} TB/s; graph replay overhead {overhead:.1f} us")
@@ -169,7 +116,7 @@ def run(models, batches, contexts, budgets, out: str, warps=(None,), collected=(
     cases = [(m, b, c, bu) for m in models for b in batches for c in contexts for bu in budgets]
     for m, b, c, bu in tqdm(cases, desc="bench topk", unit="case"):
         try:
-            r, s = bench_case(m, b, c, bu, copy, overhead, warps=warps, collected=collected)
+            r, s = bench_case(m, b, c, bu, copy, overhead, warps=warps)
             rows += r
             summaries.append(s)
         except Exception as e:  # one broken case must not lose the others' numbers

@@ -98,9 +98,6 @@ class Engine:
             scores, calibrated on the prompt, updated by a tail kernel per layer).
         speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
             step's, no speculation or repair).
-        topk: the top-K of those DSA steps: ``"guessed"`` (the previous selection bounds the threshold) or
-            ``"collected"`` (the scoring kernel collects the blocks above a threshold carried from the step
-            before: :class:`prr.algo.sparse.CollectedTopK`).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
@@ -108,13 +105,12 @@ class Engine:
                  sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
                  auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection",
-                 speculate: bool = True, topk: str = "guessed"):
+                 speculate: bool = True):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
         check.choice("predictor", predictor, PREDICTORS)
         self.predictor_kind = predictor
         # False: PRR's steps decode as DSA on the guessed top-K (no P, no speculation); ratio="auto" decides
         self.speculate_requested = self.speculate = bool(speculate)
-        self.dsa_topk = check.choice("topk", topk, ("guessed", "collected"))
         check.choice("auto_sparse", auto_sparse, ("dsa", "prr"))
         if auto_crossover is not None:
             check.positive_int("auto_crossover", auto_crossover)
@@ -319,8 +315,7 @@ class Engine:
         streams = StepStreams(torch.cuda.Stream(device=cache0.device) if cuda else None,
                               torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None,
                               defer_tail=True)
-        settings = StepSettings("prr" if self.speculate else "dsa",
-                                topk="guessed" if self.speculate else self.dsa_topk, ratio=self.ratio,
+        settings = StepSettings("prr" if self.speculate else "dsa", topk="guessed", ratio=self.ratio,
                                 mode=self.mode, grow=1)
         for i in range(self.n_dense_layers, c.num_layers):
             seed = self._calibrate_layer(i, spec_k) if i in self._calib_q else None

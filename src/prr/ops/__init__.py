@@ -8,7 +8,7 @@ Each op lives in its own folder: ``reference.py`` is the PyTorch ground truth (a
 from . import backend
 from ._common import num_blocks
 from .attention import block_states, dense_decode, sparse_decode
-from .guessed import select_blocks_collected, select_blocks_guessed
+from .guessed import select_blocks_guessed
 from .holt import holt_update_
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
@@ -33,7 +33,6 @@ __all__ = [
     "quest_scores",
     "repair_combine",
     "select_blocks",
-    "select_blocks_collected",
     "select_blocks_guessed",
     "selection_contains",
     "selection_difference",

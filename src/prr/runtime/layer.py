@@ -28,22 +28,20 @@ import torch
 from .. import _checks as check
 from .. import ops
 from ..algo.predictor import HoltPredictor
-from ..algo.sparse import BlockMetadata, CollectedTopK, GuessedTopK, select
+from ..algo.sparse import BlockMetadata, GuessedTopK, select
 from ..algo.step import STEP_MODES, StepCounts, StepStats, prr_stats, speculative_top_k
 from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
-TOPKS = ("full", "guessed", "collected")
+TOPKS = ("full", "guessed")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """What one layer's step computes.
 
-    ``method``: ``"dsa"`` (select, then attend) or ``"prr"``. ``topk``: how S's top-K is found, ``"full"``,
-    ``"guessed"`` or ``"collected"`` (the scoring kernel collects the candidates above a carried threshold:
-    :class:`prr.algo.sparse.CollectedTopK`; DSA only for now) — the same S; default: full for DSA, guessed for
-    PRR. ``ratio``: PRR's speculation ratio
+    ``method``: ``"dsa"`` (select, then attend) or ``"prr"``. ``topk``: how S's top-K is found, ``"full"`` or
+    ``"guessed"`` (the same S; default: full for DSA, guessed for PRR). ``ratio``: PRR's speculation ratio
     (``K' = ceil(r K)``); ``mode``: ``"exact"``, ``"union"`` or ``"predicted"`` (the ablation: attention over P
     alone). ``grow``: tokens the cache gains before each step (a model decoding one token per step: 1), so P
     is predicted over the next step's blocks. ``scale``: the softmax scale (default ``1/sqrt(D)``)."""
@@ -128,8 +126,6 @@ class LayerStep:
         self.amortized = amortized
         if predictor is not None and not isinstance(predictor, HoltPredictor):
             raise TypeError(f"predictor must be a HoltPredictor or None, got {type(predictor).__name__}")
-        if method == "prr" and settings.topk == "collected":
-            raise ValueError("the collected top-K runs with method='dsa' (PRR takes P from the guessed top-K)")
         if method == "prr" and predictor is None and settings.topk != "guessed":
             raise ValueError("PRR without a Holt predictor takes P from the guessed top-K: topk='guessed'")
         check.gqa(num_q_heads, cache.num_kv_heads)
@@ -152,9 +148,6 @@ class LayerStep:
         self.fixed_counts = counts
         self.grow = settings.grow
         self.guessed = None
-        self.collected = None
-        if settings.topk == "collected":
-            self.collected = CollectedTopK(cache.batch, cache.num_kv_heads, self.cfg, device=cache.device)
         if settings.topk == "guessed":
             self.guessed = GuessedTopK(cache.batch, cache.num_kv_heads, self.cfg,
                                        self.spec_k if method == "prr" else None, device=cache.device,
@@ -243,8 +236,6 @@ class LayerStep:
     def _select(self, q, nblk):
         """S: the full selection, or the guessed top-K's (which also writes the next P, over the next step's
         blocks)."""
-        if self.collected is not None:
-            return self.collected.select(q, self.cache, self.meta, nblk)
         if self.guessed is None:
             return select(q, self.cache, self.meta, nblk=nblk, amortized=self.amortized)
         nxt = self._nblk_next(nblk) if self.method == "prr" and self.predictor is None else None
@@ -267,8 +258,7 @@ class LayerStep:
         forced = self.counts.forced if self.counts is not None else StepCounts.from_blocks(
             nblk, self.cfg, self.cache.num_kv_heads).forced
         return StepStats(sel.counts, zero, zero, sel.counts, zero, forced,
-                         guess=self.guessed.stats if self.guessed is not None else
-                         self.collected.stats if self.collected is not None else None)
+                         guess=self.guessed.stats if self.guessed is not None else None)
 
     def _tail(self, sel, nblk, fork: bool = True):
         """Put the next P in place: the guessed top-K's (a copy), or fold S's scores into the Holt predictor

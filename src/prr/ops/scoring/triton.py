@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
-from ..select.triton import GROUP, _collect, _dynamic_keys, _order_key
+from ..select.triton import GROUP, _dynamic_keys
 
 # Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them). 64 x 2
 # was the fastest of 32/64/128 x 2/4/8 in all five cases swept on the H200 (scripts/ab_select.py --sweep all).
@@ -29,29 +29,14 @@ def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _store_group_max(g_row, key, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """The selection's stage 1 in the scoring kernel's tail (saves its launch): the order key of the best
-    dynamic candidate (live, not sink or local, finite: ``key``, :func:`_dynamic_keys` of the program's blocks)
-    of each group of GROUP blocks, exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
+    dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]``,
+    exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
+    key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
     gmax = tl.max(tl.reshape(key, (BLOCK_N // GROUP, GROUP)), axis=1)
     i_gr = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
     tl.store(g_row + i_gr, gmax, mask=i_gr < NG)
-
-
-@triton.jit
-def _select_tail(gmax_ptr, tau_ptr, col_ptr, ccnt_ptr, agg, i_n, n, N_SINK, N_LOCAL, NG, CAP,
-                 BLOCK_N: tl.constexpr, GROUP: tl.constexpr, WRITE_GMAX: tl.constexpr, COLLECT: tl.constexpr):
-    """What the scoring kernel does for the selection after storing its scores: the top-K's group maxima and,
-    with COLLECT, the candidates at or above the row's carried threshold (:func:`_collect`)."""
-    if WRITE_GMAX or COLLECT:
-        i_bh = tl.program_id(0)
-        key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
-        if WRITE_GMAX:
-            _store_group_max(gmax_ptr + i_bh * NG, key, NG, BLOCK_N, GROUP)
-        if COLLECT:
-            tau = tl.load(tau_ptr + i_bh)
-            tk = _order_key(tl.where(tau == tau, tau, float("-inf")))  # NaN reads as -inf
-            _collect(col_ptr + i_bh * CAP, ccnt_ptr + i_bh, key, i_n, tk, CAP)
 
 
 @triton.jit
@@ -71,11 +56,11 @@ def _quest_bound(q, b_hi, b_lo, m_g, PREC: tl.constexpr, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, tau_ptr, col_ptr, ccnt_ptr, HKV,
-                         NMAX, NG, N_SINK, N_LOCAL, CAP, s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
+def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL,
+                         s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                         WRITE_GMAX: tl.constexpr, COLLECT: tl.constexpr):
+                         WRITE_GMAX: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -96,17 +81,18 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, 
     else:
         agg = tl.full([BLOCK_N], float("-inf"), tl.float32)
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
-    _select_tail(gmax_ptr, tau_ptr, col_ptr, ccnt_ptr, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, CAP,
-                 BLOCK_N, GROUP, WRITE_GMAX, COLLECT)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 @triton.jit
-def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, tau_ptr, col_ptr, ccnt_ptr, HKV, NMAX, CMAX,
-                          NG, N_SINK, N_LOCAL, CAP, s_qb, s_qh, s_cb, s_ch, s_cn, s_ob, s_oh,
+def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, CMAX, NG, N_SINK, N_LOCAL,
+                          s_qb, s_qh, s_cb, s_ch, s_cn, s_ob, s_oh,
                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           WINDOW: tl.constexpr, STRIDE: tl.constexpr, INSIDE: tl.constexpr,
                           BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                          WRITE_GMAX: tl.constexpr, COLLECT: tl.constexpr):
+                          WRITE_GMAX: tl.constexpr):
     PER: tl.constexpr = BS // STRIDE  # windows starting in one block; the first INSIDE lie wholly inside
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
@@ -128,8 +114,9 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, tau_ptr, co
     nblk = (seq_len + BS - 1) // BS
     blk = tl.where(i_n < nblk, blk, float("-inf"))
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
-    _select_tail(gmax_ptr, tau_ptr, col_ptr, ccnt_ptr, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, CAP,
-                 BLOCK_N, GROUP, WRITE_GMAX, COLLECT)
+    if WRITE_GMAX:
+        _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 def _group_max_buffer(q, hkv, nmax, forced):
@@ -141,32 +128,12 @@ def _group_max_buffer(q, hkv, nmax, forced):
     return torch.empty(q.shape[0] * hkv, ng, dtype=torch.int32, device=q.device), ng, *forced
 
 
-def _collect_args(collect, rows: int, forced, gmax):
-    """``(tau, list, counter, CAP)`` kernel arguments for ``collect=(tau [B, Hkv] float32, list [B, Hkv, CAP]
-    int64, counter [B, Hkv] int32)`` (checked), or dummies."""
-    if collect is None:
-        return gmax, gmax, gmax, 1
-    if forced is None:
-        raise ValueError("collect needs group_max_for (the sink and local blocks are not candidates)")
-    tau, col, cnt = collect
-    if tau.dtype != torch.float32 or not tau.is_contiguous() or tau.numel() != rows:
-        raise ValueError(f"collect: tau must be contiguous float32 with {rows} entries")
-    if col.dtype != torch.int64 or not col.is_contiguous() or col.numel() % rows or col.numel() == 0:
-        raise ValueError(f"collect: the list must be contiguous int64 [{rows} rows, CAP]")
-    if cnt.dtype != torch.int32 or not cnt.is_contiguous() or cnt.numel() != rows:
-        raise ValueError(f"collect: the counter must be contiguous int32 with {rows} entries")
-    return tau, col, cnt, col.numel() // rows
-
-
 def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str = "sum", out=None,
-                 group_max_for=None, collect=None):
+                 group_max_for=None):
     """Triton twin of :func:`prr.ops.scoring.reference.quest_scores` (`out` reuses a buffer).
 
     ``group_max_for=(n_sink, n_local)``: also return the top-K's stage-1 group maxima for that selection
-    (``(scores, group_max)``; pass it on to :func:`prr.ops.select.triton.select_blocks`).
-    ``collect=(tau, list, counter)``: also append every dynamic block scoring at or above its row's ``tau`` to
-    the row's list (see :func:`prr.ops.select.triton._collect`; the counter must start at 0: the collected
-    top-K resets it after reading)."""
+    (``(scores, group_max)``; pass it on to :func:`prr.ops.select.triton.select_blocks`)."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -177,20 +144,19 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = QUEST_BLOCK_N
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
-    tau, col, ccnt, cap = _collect_args(collect, bsz * hkv, group_max_for, gmax)
     _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, kmin, kmax, cache.seq_lens, out, gmax, tau, col, ccnt, hkv, nmax, ng, n_sink, n_local, cap,
+        q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
         PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
-        COLLECT=collect is not None, num_warps=QUEST_WARPS,
+        num_warps=QUEST_WARPS,
     )
     return out if group_max_for is None else (out, gmax)
 
 
 def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16, aggregate="sum", out=None,
-                  group_max_for=None, collect=None):
-    """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores` (``group_max_for``, ``collect``: see
+                  group_max_for=None):
+    """Triton twin of :func:`prr.ops.scoring.reference.infllm_scores` (``group_max_for``: see
     :func:`quest_scores`)."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
@@ -202,13 +168,12 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = 16
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
-    tau, col, ccnt, cap = _collect_args(collect, bsz * hkv, group_max_for, gmax)
     _infllm_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
-        q, ckeys, cache.seq_lens, out, gmax, tau, col, ccnt, hkv, nmax, ckeys.shape[2], ng, n_sink, n_local, cap,
+        q, ckeys, cache.seq_lens, out, gmax, hkv, nmax, ckeys.shape[2], ng, n_sink, n_local,
         q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride,
         INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", GROUP=GROUP,
-        WRITE_GMAX=group_max_for is not None, COLLECT=collect is not None, num_warps=4,
+        WRITE_GMAX=group_max_for is not None, num_warps=4,
     )
     return out if group_max_for is None else (out, gmax)
 

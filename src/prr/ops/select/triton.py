@@ -110,21 +110,6 @@ def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
 
 
 @triton.jit
-def _collect(col_row, cnt_at, key, i_n, tk, CAP):
-    """Append this program's dynamic candidates at or above the carried threshold key ``tk`` to the row's list
-    ``col_row [CAP]`` as packed int64 ``key << 32 | (2^31 - 1 - block)`` (distinct values ordered like DSA's
-    choice: score first, then the lower block id); one ``atomic_add`` on the row's counter reserves the slots.
-    The counter counts every candidate, past CAP too (the list then is incomplete and the top-K falls back)."""
-    c_m = (key >= tk) & (key > -2147483648)
-    c = tl.sum(c_m.to(tl.int32), axis=0)
-    if c > 0:
-        base = tl.atomic_add(cnt_at, c)
-        pos = base + tl.cumsum(c_m.to(tl.int32), axis=0) - 1
-        packed = (key.to(tl.int64) << 32) | (2147483647 - i_n).to(tl.int64)
-        tl.store(col_row + pos, packed, mask=c_m & (pos < CAP))
-
-
-@triton.jit
 def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_sb, s_sh,
                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
     i_bh = tl.program_id(0)
