@@ -7,8 +7,8 @@ reads it. Each op graph-captured and timed by :mod:`prr.bench.common` (L2 flushe
 
 - ``score``: the Quest scorer (writing the full top-K's stage-1 group maxima, as the selection does);
 - ``topk_full``: today's two-stage top-K given those maxima (serialized DSA's, the paper's baseline);
-- ``topk_guessed``: the guessed top-K from the previous selection (interpolation search; ``_bisect``:
-  bisection only), with the path its rows took and ``|C(τ)| / K``;
+- ``topk_guessed``: the guessed top-K from the previous selection (its default, bisection; ``_interp``: with
+  interpolation steps), with the path its rows took and ``|C(τ)| / K``;
 - ``topk_guessed_too_high``: a guess above every score (every row falls back to the full search in the
   same program: the price of a failed guess); ``topk_guessed_too_low``: a guess below every score with a
   small gather (every row narrows over the group maxima first);
@@ -88,7 +88,7 @@ def bench_case(model: str, batch: int, ctx: int, budget: int, copy_tbps: float, 
                              **info)
         finally:
             gk.TOPK_WARPS = None
-    add("topk_guessed_bisect", guessed(prev=held.prev, interp=False), row_b, **info)
+    add("topk_guessed_interp", guessed(prev=held.prev, interp=True), row_b, **info)
     high = torch.full((batch, hkv), float("inf"), device=q.device)
     low = torch.full((batch, hkv), float("-inf"), device=q.device)
     t_high = add("topk_guessed_too_high", guessed(guess=high), row_b)

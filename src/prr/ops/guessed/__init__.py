@@ -8,7 +8,7 @@ from .reference import HELD, NARROWED, PATHS, SHORT, TOO_HIGH, TOO_LOW, key_to_f
 
 def select_blocks_guessed(scores, num_blocks, top_k, n_sink=1, n_local=2, *, guess=None, prev=None, guess_k=None,
                           spec_k=None,
-                          num_blocks_next=None, group_max=None, out=None, interp=True):
+                          num_blocks_next=None, group_max=None, out=None, interp=False):
     guess_k = 2 * top_k if guess_k is None else guess_k
     spec_k = top_k if spec_k is None else spec_k
     if backend.use_triton(scores):

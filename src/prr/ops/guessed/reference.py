@@ -186,7 +186,7 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
                           n_local: int = 2, *, guess: torch.Tensor | None = None,
                           prev: tuple[torch.Tensor, torch.Tensor] | None = None, guess_k: int | None = None,
                           spec_k: int | None = None, num_blocks_next: torch.Tensor | None = None,
-                          interp: bool = True):
+                          interp: bool = False):
     """DSA's selection ``sink ∪ local ∪ topK(rest)`` found from a guessed threshold, plus the next step's guess
     and predicted set.
 
@@ -203,7 +203,9 @@ def select_blocks_guessed(scores: torch.Tensor, num_blocks: torch.Tensor, top_k:
             guess, fewer a shorter search.
         spec_k: dynamic blocks of the next predicted set P (default ``top_k``).
         num_blocks_next: ``[B]`` blocks per sequence at the next step (P's local window; default num_blocks).
-        interp: interpolation steps in the search (the kernel's default); False: bisection only.
+        interp: interpolation steps in the search; False (the default): bisection only, the faster on an H100
+            (its 64-bit division costs more than the passes it saves: 11.2 against 12.9 us at Llama-3.1-8B b1
+            128K, `results/bench_topk_h100.json`).
 
     Returns:
         ``(indices, counts, next_guess, p_indices, p_counts, stats)``: the selection (equal to

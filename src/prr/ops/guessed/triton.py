@@ -6,7 +6,8 @@ Guess, verify, refine, on the two-stage layout of :mod:`prr.ops.select.triton`:
    of ``C(τ)``; they are gathered in ascending order (a compare and a prefix sum over the group maxima the
    scoring kernel wrote, where the full search runs a bisection over them) and ``|C(τ)|`` counted.
 2. *Refine*: if ``|C(τ)| >= K`` the K-th key is searched among ``C(τ)`` alone, between its smallest and
-   largest key (a range far narrower than the row's), by interpolation steps safeguarded by bisection.
+   largest key (a range far narrower than the row's), by bisection (or, ``interp=True``, interpolation steps
+   safeguarded by bisection: fewer passes, each dearer; slower on an H100).
 3. Otherwise (the guess was too high, or so low that more groups qualify than the program gathers) the full
    two-stage search runs in the same program: no host sync, graph-safe.
 
@@ -261,7 +262,7 @@ def _alloc(out, i, shape, dtype, dev):
 
 def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int = 2, *, guess=None,
                           prev=None, guess_k: int, spec_k: int, num_blocks_next=None, group_max=None, out=None,
-                          interp: bool = True):
+                          interp: bool = False):
     """Triton twin of :func:`prr.ops.guessed.reference.select_blocks_guessed` (float32 scores with a unit last
     stride; ``group_max`` as for :func:`prr.ops.select.triton.select_blocks`; ``out``: buffers for the six
     results, None entries allocated)."""
