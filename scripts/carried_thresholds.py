@@ -42,7 +42,7 @@ def replay(history: dict, k: int, n_sink: int, n_local: int, mults=(1, 1.5, 2, 3
                 r["held"] += int((cnt >= k).sum())
                 r["c_over_k"] += (cnt / k).tolist()
                 for m in mults:
-                    g = min(int(round(m * k)), int(d0.sum())) - 1
+                    g = min(round(m * k), int(d0.sum())) - 1
                     cnt = (s1 >= srt[:, g:g + 1]).sum(-1)
                     r = out[f"carried_{m}k"]
                     r["rows"] += h

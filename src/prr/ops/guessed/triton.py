@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..select import triton as _select_triton
 from ..select.triton import (
     GROUP,
     _candidate_keys,
@@ -32,7 +33,6 @@ from ..select.triton import (
     group_maxima,
     topk_warps,
 )
-from ..select import triton as _select_triton
 from .reference import compact_capacity, guess_capacity
 
 TOPK_WARPS: int | None = None  # warps of the program (None: by tile size, as the full top-K; for sweeps)
