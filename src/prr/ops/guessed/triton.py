@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..select import triton as _select_triton
 from ..select.triton import (
     GROUP,
     _candidate_keys,
@@ -32,6 +31,7 @@ from ..select.triton import (
     _write_selection,
     group_maxima,
     topk_warps,
+    trace_arg,
 )
 from .reference import compact_capacity, guess_capacity
 
@@ -300,12 +300,10 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
     compact = (nmax_pad if single else cap_g * GROUP) > cap_c
     clist = torch.empty(2, bsz * hkv, cap_c if compact else 1, dtype=torch.int32, device=dev)
     q_idx, q_cnt = prev if prev is not None else (idx, cnt)  # (placeholders when the guess is given)
-    tr = _select_triton.TRACE  # clock stamps for kernel timelines (see prr.ops.select.triton.TRACE)
-    if tr is not None and (tr.shape[0] < bsz * hkv or tr.shape[1] != _select_triton.TRACE_SLOTS):
-        raise ValueError(f"TRACE must be int64 [>= {bsz * hkv}, {_select_triton.TRACE_SLOTS}]")
+    tr, trace = trace_arg(bsz * hkv, cnt)  # clock stamps for kernel timelines (prr.ops.select.triton.TRACE)
     _guessed_topk_kernel[(bsz * hkv,)](
-        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt,
-        cnt if tr is None else tr, nxt,
+        scores, nb, nn, nxt if guess is None else guess, q_idx, q_cnt, gmax, cg, clist[0], clist[1], idx, cnt, tr,
+        nxt,
         p_idx, p_cnt, stats,
         hkv, bsz * hkv, nmax, ng, top_k, n_sink, n_local, kmax, spec_k, pmax, guess_k, q_idx.shape[-1],
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), p_idx.stride(0), p_idx.stride(1),
@@ -313,6 +311,6 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         GROUP=GROUP, NG_PAD=ng_pad, CAP_G=cap_g, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
         FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
-        INTERP=interp, CAP_C=cap_c, COMPACT=compact, TRACE=tr is not None, num_warps=TOPK_WARPS or topk_warps(tile),
+        INTERP=interp, CAP_C=cap_c, COMPACT=compact, TRACE=trace, num_warps=TOPK_WARPS or topk_warps(tile),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats

@@ -35,6 +35,16 @@ TRACE: torch.Tensor | None = None  # int64 [B*Hkv, TRACE_SLOTS]: the top-K progr
 TRACE_SLOTS = 16
 
 
+def trace_arg(rows: int, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The kernels' ``(tr_ptr, TRACE)`` arguments: :data:`TRACE` (checked to hold ``rows`` programs) when set,
+    else ``placeholder`` (never written)."""
+    if TRACE is None:
+        return placeholder, False
+    if TRACE.dtype != torch.int64 or TRACE.shape[0] < rows or TRACE.shape[1] != TRACE_SLOTS:
+        raise ValueError(f"TRACE must be int64 [>= {rows}, {TRACE_SLOTS}]")
+    return TRACE, True
+
+
 @triton.jit
 def _stamp(tr_ptr, slot, dep, TRACE: tl.constexpr):
     """Kernel timelines: this program's SM clock (``%clock64``) once the scalar ``dep`` is computed, into
@@ -42,7 +52,7 @@ def _stamp(tr_ptr, slot, dep, TRACE: tl.constexpr):
     if TRACE:
         t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
                                       is_pure=False, pack=1)
-        tl.store(tr_ptr + tl.program_id(0) * 16 + slot, t)
+        tl.store(tr_ptr + tl.program_id(0) * 16 + slot, t)  # 16: TRACE_SLOTS
 
 
 @triton.jit
@@ -285,11 +295,9 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
     gmax, cg, single = group_maxima(scores, nb, n_sink, n_local, group_max, tg_pad)
     nmax_pad = max(16, triton.next_power_of_2(nmax))
     ng_pad = max(16, triton.next_power_of_2(ng))
-    trace = TRACE is not None
-    if trace and (TRACE.shape[0] < bsz * hkv or TRACE.shape[1] != TRACE_SLOTS or TRACE.dtype != torch.int64):
-        raise ValueError(f"TRACE must be int64 [>= {bsz * hkv}, {TRACE_SLOTS}]")
+    tr, trace = trace_arg(bsz * hkv, cnt)
     _topk_kernel[(bsz * hkv,)](
-        scores, nb, gmax, cg, idx, cnt, TRACE if trace else cnt, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
+        scores, nb, gmax, cg, idx, cnt, tr, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         SINGLE=single, NMAX_PAD=nmax_pad if single else 16, TRACE=trace,
