@@ -386,6 +386,13 @@ def _(tmp):
         pass
 
 
+@case("unknown-pdl-mode", "an unknown programmatic-dependent-launch mode", "prr.ops.backend.use_pdl, PRR_PDL",
+      ValueError, "unknown PDL mode 'yes'; expected one of auto, on, off")
+def _(tmp):
+    with prr.ops.backend.use_pdl("yes"):
+        pass
+
+
 # ---- prompts and generation ------------------------------------------------------------------------------------
 @case("prompt-over-window", "a prompt plus new tokens longer than the model's context", "prr.model.Engine.generate",
       ValueError, "prompt (60 tokens) + max_new_tokens (8) exceeds the model's context of 64 tokens")

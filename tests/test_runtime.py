@@ -211,6 +211,48 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode, split, topk):
             torch.testing.assert_close(outs[0][0].float(), dsa.o.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("method,mode,topk", [("dsa", "exact", "full"), ("prr", "exact", "full"),
+                                              ("prr", "exact", "guessed"), ("prr", "union", "guessed")])
+def test_graph_with_dependent_launch_equals_graph_without(method, mode, topk):
+    """The same decode steps replayed from a graph captured with programmatic dependent launch and from one
+    captured without: outputs and P equal bit for bit over 6 steps with appends (every kernel waits for the ones
+    before it before it reads or writes anything)."""
+    runs = []
+    for pdl in ("off", "on"):
+        cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
+        step = LayerStep(cache, meta, 8, method=method, predictor=pred if topk == "full" else None, ratio=1.5,
+                         mode=mode, topk=topk, grow=1)
+        with prr.ops.backend.use_pdl(pdl):
+            step.capture()
+        runs.append((cache, meta, step))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
+    for _ in range(6):
+        kv = torch.randn(2, 2, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+        q = q + 0.3 * torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+        outs = []
+        for cache, meta, step in runs:
+            cache.append(kv[0], kv[1])
+            meta.append(cache)
+            outs.append([t.clone() for t in step.replay(q)])
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        if method == "prr":
+            assert torch.equal(runs[0][2].p_idx, runs[1][2].p_idx)
+
+
+def test_dependent_launch_is_off_on_the_cpu_and_checked():
+    """Programmatic dependent launch only reaches CUDA launches; an unknown mode is an error."""
+    x = torch.zeros(4)
+    for mode in ("auto", "on", "off"):
+        with prr.ops.backend.use_pdl(mode):
+            assert prr.ops.backend.pdl_launch(x) == {}
+    with pytest.raises(ValueError, match="unknown PDL mode"):
+        with prr.ops.backend.use_pdl("1"):
+            pass
+
+
 def test_dsa_layer_step_ignores_a_predictor():
     """A DSA step given a predictor (as a model wires every layer alike) neither reads nor snapshots it."""
     cache, _, meta, pred = _decode_setup("quest")

@@ -55,3 +55,51 @@ def use_backend(mode: str):
         yield
     finally:
         _override = prev
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled while the kernel
+# before it in the stream is still running, and waits on the device (``griddepcontrol.wait``) until that kernel
+# has finished and its writes are visible. Every prr kernel takes ``PDL`` and, when set, waits first thing
+# (``prr.ops.pdl_prologue``) and lets its own dependents launch; a kernel that is not ours (PyTorch's) is never
+# launched early, so the chain stays ordered whatever runs between two prr kernels.
+PDL_MODES = ("auto", "on", "off")
+_pdl_override: str | None = None
+
+
+def pdl_mode() -> str:
+    mode = _pdl_override or os.environ.get("PRR_PDL", "auto")
+    if mode not in PDL_MODES:
+        raise ValueError(f"unknown PRR_PDL {mode!r}; expected one of {', '.join(PDL_MODES)}")
+    return mode
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """The launch arguments of a kernel whose inputs include ``t``: ``{"PDL": True, "launch_pdl": True}`` on a
+    CUDA device of compute capability 9.0 or later unless ``PRR_PDL=off`` (or :func:`use_pdl`), else ``{}``
+    (the kernels' ``PDL`` defaults to off; the CPU interpreter never takes it)."""
+    if t.device.type != "cuda" or pdl_mode() == "off":
+        return {}
+    if not _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        if pdl_mode() == "on":
+            raise RuntimeError("PRR_PDL=on needs a GPU of compute capability 9.0 or later (Hopper)")
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@contextlib.contextmanager
+def use_pdl(mode: str):
+    """Launch the kernels inside the block with programmatic dependent launch ``mode`` ("auto", "on", "off");
+    a CUDA graph keeps the mode it was captured with."""
+    global _pdl_override
+    if mode not in PDL_MODES:
+        raise ValueError(f"unknown PDL mode {mode!r}; expected one of {', '.join(PDL_MODES)}")
+    prev, _pdl_override = _pdl_override, mode
+    try:
+        yield
+    finally:
+        _pdl_override = prev

@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 from ...cache import KVCache
+from ..backend import pdl_launch
 from ..merge.triton import merge_partials
+from ..pdl import pdl_prologue
 
 
 @triton.jit
@@ -119,7 +121,9 @@ def _sparse_decode_kernel(
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb, s_ib, s_ih, s_cb, s_ch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, PREC: tl.constexpr, WRITE_SPLITS: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
     i_d = tl.arange(0, D)
@@ -232,7 +236,7 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
         idx.stride(0), idx.stride(1), cnt.stride(0), cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, PREC=_prec(q.dtype), WRITE_SPLITS=write_splits, WRITE_BLOCKS=write_blocks,
-        num_warps=4,
+        num_warps=4, **pdl_launch(q),
     )
     return (so, slse), (bo, blse)
 

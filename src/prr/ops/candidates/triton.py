@@ -19,6 +19,8 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
 from ..scoring.triton import _aggregate_rows, _quest_bound
 from ..select.triton import _order_key, _top_k_mask
 from .reference import check_force
@@ -46,7 +48,9 @@ def _quest_candidate_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, cand_ptr, out_pt
                             tick_ptr, idx_ptr, cnt_ptr, TOPK, N_SINK, N_LOCAL, KMAX, s_ib, s_ih,
                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                             BLOCK_C: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, PLAN: tl.constexpr,
-                            FUSE: tl.constexpr = False, C_PAD: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16):
+                            FUSE: tl.constexpr = False, C_PAD: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16,
+                            PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -83,7 +87,8 @@ def _infllm_candidate_kernel(q_ptr, ck_ptr, len_ptr, cand_ptr, out_ptr, step_ptr
                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                              WINDOW: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
                              INSIDE: tl.constexpr, BLOCK_C: tl.constexpr, AGG_MAX: tl.constexpr,
-                             PLAN: tl.constexpr):
+                             PLAN: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -146,7 +151,9 @@ def _select_candidates_row(cand_row, s_row, n, out, cnt_at, C, TOPK, N_SINK, N_L
 
 @triton.jit
 def _select_candidates_kernel(cand_ptr, s_ptr, nblk_ptr, idx_ptr, cnt_ptr, HKV, C, TOPK, N_SINK, N_LOCAL, KMAX,
-                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                              s_cb, s_ch, s_sb, s_sh, s_ib, s_ih, C_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -223,7 +230,7 @@ def quest_candidate_scores(q, kmin, kmax, cache: KVCache, cand, block_size: int,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_C=block_c, PREC=_prec(q.dtype),
         AGG_MAX=aggregate == "max", PLAN=plan is not None, FUSE=select is not None, C_PAD=c_pad,
         BLOCK_K=max(16, triton.next_power_of_2(kmax_sel)),
-        num_warps=_cand_topk_warps(c_pad) if select is not None else 4,
+        num_warps=_cand_topk_warps(c_pad) if select is not None else 4, **pdl_launch(q),
     )
     return (idx, cnt, out) if select is not None else out
 
@@ -251,7 +258,7 @@ def infllm_candidate_scores(q, ckeys, cache: KVCache, cand, block_size=64, windo
         cand.stride(0), cand.stride(1), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride, PER=per,
         INSIDE=(block_size - window) // stride + 1, BLOCK_C=block_c, AGG_MAX=aggregate == "max",
-        PLAN=plan is not None, num_warps=4,
+        PLAN=plan is not None, num_warps=4, **pdl_launch(q),
     )
     return out
 
@@ -277,7 +284,7 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
         cand, scores, nb, idx, cnt, hkv, c, top_k, n_sink, n_local, kmax,
         cand.stride(0), cand.stride(1), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         C_PAD=c_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        num_warps=num_warps or _cand_topk_warps(c_pad),
+        num_warps=num_warps or _cand_topk_warps(c_pad), **pdl_launch(cand),
     )
     return idx, cnt
 
@@ -287,7 +294,9 @@ def select_candidates(cand, scores, num_blocks, top_k: int, n_sink: int = 1, n_l
 @triton.jit
 def _plan_kernel(step_ptr, len_ptr, nscan_ptr, cand_ptr, scans_ptr, scan_ptr, glen_ptr, gnblk_ptr, nblk_ptr,
                  HKV, EVERY, R, C, s_cb, s_ch,
-                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr, FORCE: tl.constexpr):
+                 BS: tl.constexpr, H_PAD: tl.constexpr, R_PAD: tl.constexpr, FORCE: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_b = tl.program_id(0)
     step = tl.load(step_ptr + i_b)
     seq_len = tl.load(len_ptr + i_b)
@@ -314,7 +323,9 @@ def _plan_kernel(step_ptr, len_ptr, nscan_ptr, cand_ptr, scans_ptr, scan_ptr, gl
 
 
 @triton.jit
-def _commit_kernel(cand_ptr, idx_ptr, scan_ptr, HKV, K, s_cb, s_ch, s_ib, s_ih, K_PAD: tl.constexpr):
+def _commit_kernel(cand_ptr, idx_ptr, scan_ptr, HKV, K, s_cb, s_ch, s_ib, s_ih, K_PAD: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -337,7 +348,7 @@ def amortized_plan(step, seq_lens, nblk_scan, cand, scans, every: int, new_slots
     out = [torch.empty(bsz, dtype=torch.int32, device=cand.device) for _ in range(4)]
     _plan_kernel[(bsz,)](step, seq_lens, nblk_scan, cand, scans, *out, hkv, every, new_slots, c, cand.stride(0),
                          cand.stride(1), BS=block_size, H_PAD=triton.next_power_of_2(hkv),
-                         R_PAD=triton.next_power_of_2(new_slots), FORCE=force, num_warps=1)
+                         R_PAD=triton.next_power_of_2(new_slots), FORCE=force, num_warps=1, **pdl_launch(step))
     return tuple(out)
 
 
@@ -348,7 +359,7 @@ def commit_candidates(cand, scan_idx, scan) -> None:
         raise ValueError("scan_idx must be int32 with a unit last stride")
     bsz, hkv, k = scan_idx.shape
     _commit_kernel[(bsz * hkv,)](cand, scan_idx, scan, hkv, k, cand.stride(0), cand.stride(1), scan_idx.stride(0),
-                                 scan_idx.stride(1), K_PAD=triton.next_power_of_2(k), num_warps=4)
+                                 scan_idx.stride(1), K_PAD=triton.next_power_of_2(k), num_warps=4, **pdl_launch(cand))
 
 
 __all__ = ["amortized_plan", "commit_candidates", "infllm_candidate_scores", "quest_candidate_scores",

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 from ...cache import KVCache
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
 
 
 def _warps(block: int) -> int:
@@ -16,7 +18,8 @@ def _warps(block: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, H, eps, s_x, s_r, s_y, s_s,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     m = i < H
@@ -43,12 +46,13 @@ def rms_norm(x, w, eps, residual=None):
     if r:
         res = x if residual is None else residual
         _rms_norm_kernel[(r,)](x, res, w, y, s, h, float(eps), x.stride(0), res.stride(0), y.stride(0), s.stride(0),
-                               HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block))
+                               HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block), **pdl_launch(x))
     return y, s
 
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, out_ptr, F, s_gu, s_out, BLOCK: tl.constexpr):
+def _swiglu_kernel(gu_ptr, out_ptr, F, s_gu, s_out, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = i < F
@@ -67,13 +71,15 @@ def swiglu(gu):
     out = torch.empty(r, f, dtype=gu.dtype, device=gu.device)
     block = 1024
     if r:
-        _swiglu_kernel[(r, triton.cdiv(f, block))](gu, out, f, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+        _swiglu_kernel[(r, triton.cdiv(f, block))](gu, out, f, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+                                                   **pdl_launch(gu))
     return out
 
 
 @triton.jit
 def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, HQ, HKV, s_qkv, s_cs,
-                     D: tl.constexpr, INTERLEAVED: tl.constexpr):
+                     D: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     HALF: tl.constexpr = D // 2
@@ -113,7 +119,7 @@ def rope_qkv(qkv, cos, sin, hq, hkv, d, interleaved=False):
     v = torch.empty(b, hkv, d, dtype=qkv.dtype, device=qkv.device)
     if b:
         _rope_qkv_kernel[(b, hq + 2 * hkv)](qkv, cos, sin, q, k, v, hq, hkv, qkv.stride(0), cos.stride(0), D=d,
-                                             INTERLEAVED=interleaved, num_warps=1)
+                                             INTERLEAVED=interleaved, num_warps=1, **pdl_launch(qkv))
     return q, k, v
 
 
@@ -121,7 +127,8 @@ def rope_qkv(qkv, cos, sin, hq, hkv, d, interleaved=False):
 def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_ptr, len_ptr, kmin_ptr, kmax_ptr, CAP, NPAGES, QCAP,
                    s_kb, s_kh, s_vb, s_vh, s_cp, s_ch, s_cs, s_vp, s_vch, s_vcs, s_ptb, s_mb, s_mh, s_mn,
                    D: tl.constexpr, PAGE: tl.constexpr, OFFSET: tl.constexpr, QUEST: tl.constexpr,
-                   BS: tl.constexpr):
+                   BS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(len_ptr + b) + OFFSET  # OFFSET -1: the lengths already count this token
@@ -174,6 +181,6 @@ def append_kv(cache: KVCache, k, v, quest=None, advanced=False):
             k, v, cache.k, cache.v, cache.page_table, cache.seq_lens, kmin, kmax, cap, cache.k.shape[0], qcap,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3],
             cache.page_table.stride(0), *ms, D=d, PAGE=cache.page_size, OFFSET=-1 if advanced else 0,
-            QUEST=quest is not None, BS=bs, num_warps=1)
+            QUEST=quest is not None, BS=bs, num_warps=1, **pdl_launch(k))
     if not advanced:
         cache.seq_lens.add_(1)

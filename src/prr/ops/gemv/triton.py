@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
+
 TILE = 4096  # M_PAD x BN x BK: the float32 accumulator's size per program
 STAGES = 3
 WARPS = 4
@@ -25,7 +28,8 @@ WARPS = 4
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
                    HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, MP)
     n_ok = rn < N
@@ -52,8 +56,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
 
 @triton.jit
 def _linear_dot_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
-                       HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """A few rows on the tensor cores: x's rows padded to 16 (the smallest tl.dot), one product per K tile."""
+    pdl_prologue(PDL)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, 16)
     n_ok = rn < N
@@ -85,7 +91,7 @@ def linear_dot(x, w, bias=None, *, bn: int = 32, bk: int = 512, stages: int = 4,
     if n:
         _linear_dot_kernel[(triton.cdiv(n, bn),)](
             x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps,
+            HAS_BIAS=bias is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps, **pdl_launch(x),
         )
     return y
 
@@ -116,5 +122,6 @@ def linear(x, w, bias=None, *, bn: int | None = None, bk: int | None = None, sta
     _linear_kernel[(triton.cdiv(n, bn),)](
         x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, MP=mp, BN=bn, BK=bk, EVEN_K=k % bk == 0, STAGES=stages, num_warps=warps,
+        **pdl_launch(x),
     )
     return y

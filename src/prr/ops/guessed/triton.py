@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
 from ..select.triton import (
     GROUP,
     _candidate_keys,
@@ -111,7 +113,9 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
                          GROUP: tl.constexpr, NG_PAD: tl.constexpr, CAP_G: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                          FROM_PREV: tl.constexpr, SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr,
-                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr, TRACE: tl.constexpr):
+                         INTERP: tl.constexpr, CAP_C: tl.constexpr, COMPACT: tl.constexpr, TRACE: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -312,5 +316,6 @@ def select_blocks_guessed(scores, num_blocks, top_k: int, n_sink: int = 1, n_loc
         BLOCK_P=max(16, triton.next_power_of_2(pmax)), BLOCK_Q=max(16, triton.next_power_of_2(q_idx.shape[-1])),
         FROM_PREV=prev is not None, SINGLE=single, NMAX_PAD=nmax_pad if single else 16,
         INTERP=interp, CAP_C=cap_c, COMPACT=compact, TRACE=trace, num_warps=TOPK_WARPS or topk_warps(tile),
+        **pdl_launch(scores),
     )
     return idx, cnt, nxt, p_idx, p_cnt, stats

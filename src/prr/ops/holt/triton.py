@@ -9,10 +9,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
+
 
 @triton.jit
 def _holt_kernel(s_ptr, nblk_ptr, lvl_ptr, trd_ptr, known_ptr, pred_ptr, alpha, beta, gamma, HKV, N,
-                 s_sb, s_sh, s_lb, s_lh, WRITE_PRED: tl.constexpr, BLOCK_N: tl.constexpr):
+                 s_sb, s_sh, s_lb, s_lh, WRITE_PRED: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -49,7 +53,8 @@ def _holt_kernel(s_ptr, nblk_ptr, lvl_ptr, trd_ptr, known_ptr, pred_ptr, alpha, 
 
 
 @triton.jit
-def _known_kernel(known_ptr, nblk_ptr, B, BLOCK: tl.constexpr):
+def _known_kernel(known_ptr, nblk_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i = tl.arange(0, BLOCK)
     m = i < B
     k = tl.load(known_ptr + i, mask=m, other=0)
@@ -70,7 +75,7 @@ def holt_update_(level, trend, known, scores, num_blocks, alpha, beta, gamma, pr
         scores, num_blocks, level, trend, known, pred if pred is not None else level,
         float(alpha), float(beta), float(gamma), hkv, n, scores.stride(0), scores.stride(1),
         level.stride(0), level.stride(1), WRITE_PRED=pred is not None, BLOCK_N=block,
-        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16), **pdl_launch(scores),
     )
     # `known` is read by every row's program above, so it advances in a second, ordered launch.
-    _known_kernel[(1,)](known, num_blocks, bsz, BLOCK=max(16, triton.next_power_of_2(bsz)))
+    _known_kernel[(1,)](known, num_blocks, bsz, BLOCK=max(16, triton.next_power_of_2(bsz)), **pdl_launch(known))

@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
+
 MERGE_BLOCK_N = 128  # most parts per pass (module-level for a sweep)
 
 
@@ -40,7 +43,9 @@ def _merge_chunked(o_ptr, lse_ptr, row, N, m_run, l_run, acc, s_row_o, s_n_o, s_
 @triton.jit
 def _merge_kernel(o1_ptr, lse1_ptr, N1, s1_row_o, s1_n_o, s1_row_l,
                   o2_ptr, lse2_ptr, N2, s2_row_o, s2_n_o, s2_row_l,
-                  out_ptr, out_lse_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr):
+                  out_ptr, out_lse_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     m_run = tl.full([], float("-inf"), tl.float32)
     l_run = tl.zeros([], tl.float32)
@@ -95,7 +100,7 @@ def merge_partials(o, lse, o2=None, lse2=None, out_dtype=None):
             a_o, a_l, a_o.shape[1], a_o.stride(0), a_o.stride(1), a_l.stride(0),
             b_o, b_l, n2, b_o.stride(0), b_o.stride(1), b_l.stride(0),
             out, out_lse, D=d, BLOCK_N=block_n, BLOCK_N2=_parts_per_pass(n2),
-            num_warps=max(1, min(8, block_n * d // 1024)),
+            num_warps=max(1, min(8, block_n * d // 1024)), **pdl_launch(a_o),
         )
     return out.view(*lead, d), out_lse.view(*lead)
 

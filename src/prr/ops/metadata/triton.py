@@ -12,12 +12,16 @@ import triton
 import triton.language as tl
 
 from ...cache import KVCache
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
 
 
 @triton.jit
 def _quest_append_kernel(k_ptr, pt_ptr, len_ptr, kmin_ptr, kmax_ptr, HKV, CAP, NPAGES,
                          s_kp, s_kh, s_ks, s_ptb, s_mb, s_mh, s_mn,
-                         D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr, H_PAD: tl.constexpr):
+                         D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr, H_PAD: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_b = tl.program_id(0)
     i_h = tl.arange(0, H_PAD)
     i_d = tl.arange(0, D)
@@ -43,7 +47,9 @@ def _quest_append_kernel(k_ptr, pt_ptr, len_ptr, kmin_ptr, kmax_ptr, HKV, CAP, N
 @triton.jit
 def _infllm_append_kernel(k_ptr, pt_ptr, len_ptr, ck_ptr, HKV, CMAX, CAP, NPAGES,
                           s_kp, s_kh, s_ks, s_ptb, s_cb, s_ch, s_cn,
-                          D: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr, STRIDE: tl.constexpr):
+                          D: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr, STRIDE: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
     start = tl.load(len_ptr + i_b) - WINDOW
@@ -67,7 +73,7 @@ def quest_metadata_append(kmin, kmax, cache: KVCache, block_size: int) -> None:
         min(cache.page_table.shape[1] * cache.page_size, kmax.shape[2] * block_size), cache.k.shape[0],
         *cache.k.stride()[:3], cache.page_table.stride(0), kmax.stride(0), kmax.stride(1), kmax.stride(2),
         D=cache.head_dim, BS=block_size, PAGE=cache.page_size,
-        H_PAD=max(2, triton.next_power_of_2(cache.num_kv_heads)), num_warps=1,
+        H_PAD=max(2, triton.next_power_of_2(cache.num_kv_heads)), num_warps=1, **pdl_launch(cache.k),
     )
 
 
@@ -83,5 +89,5 @@ def infllm_metadata_append(ckeys, cache: KVCache, window: int = 32, stride: int 
         cache.k, cache.page_table, cache.seq_lens, ckeys, cache.num_kv_heads, ckeys.shape[2],
         cache.page_table.shape[1] * cache.page_size, cache.k.shape[0], *cache.k.stride()[:3],
         cache.page_table.stride(0), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2),
-        D=cache.head_dim, PAGE=cache.page_size, WINDOW=window, STRIDE=stride, num_warps=1,
+        D=cache.head_dim, PAGE=cache.page_size, WINDOW=window, STRIDE=stride, num_warps=1, **pdl_launch(cache.k),
     )

@@ -30,7 +30,9 @@ from ..attention.triton import (
     check_layout,
     chunk_slots,
 )
+from ..backend import pdl_launch
 from ..merge.triton import merge_partials
+from ..pdl import pdl_prologue
 
 
 @triton.jit
@@ -44,7 +46,9 @@ def _repair_kernel(
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     i_split = tl.program_id(1)
     i_b, i_h, hq, m_g, q = _group_queries(q_ptr, s_qb, s_qh, HKV, G, G_PAD, D, PREC)
     i_g = tl.arange(0, G_PAD)
@@ -135,7 +139,7 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
-        EXACT=exact, num_warps=4,
+        EXACT=exact, num_warps=4, **pdl_launch(q),
     )
     return so, slse
 

@@ -13,6 +13,8 @@ import triton.language as tl
 
 from ...cache import KVCache
 from ..attention.triton import _prec, check_layout
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
 from ..select.triton import GROUP, _dynamic_keys
 
 # Tile of the Quest scoring kernel: blocks per program and warps (module-level so a sweep can set them). 64 x 2
@@ -60,7 +62,8 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, 
                          s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                         WRITE_GMAX: tl.constexpr):
+                         WRITE_GMAX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -92,7 +95,8 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, 
                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           WINDOW: tl.constexpr, STRIDE: tl.constexpr, INSIDE: tl.constexpr,
                           BLOCK_N: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                          WRITE_GMAX: tl.constexpr):
+                          WRITE_GMAX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     PER: tl.constexpr = BS // STRIDE  # windows starting in one block; the first INSIDE lie wholly inside
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
@@ -149,7 +153,7 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
         PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
-        num_warps=QUEST_WARPS,
+        num_warps=QUEST_WARPS, **pdl_launch(q),
     )
     return out if group_max_for is None else (out, gmax)
 
@@ -173,7 +177,7 @@ def infllm_scores(q, ckeys, cache: KVCache, block_size=64, window=32, stride=16,
         q.stride(0), q.stride(1), ckeys.stride(0), ckeys.stride(1), ckeys.stride(2), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, WINDOW=window, STRIDE=stride,
         INSIDE=(block_size - window) // stride + 1, BLOCK_N=block_n, AGG_MAX=aggregate == "max", GROUP=GROUP,
-        WRITE_GMAX=group_max_for is not None, num_warps=4,
+        WRITE_GMAX=group_max_for is not None, num_warps=4, **pdl_launch(q),
     )
     return out if group_max_for is None else (out, gmax)
 

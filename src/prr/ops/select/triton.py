@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import pdl_launch
+from ..pdl import pdl_prologue
+
 GROUP = 16  # blocks per group in stage 1
 TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size; module-level for a sweep)
 # Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
@@ -121,7 +124,8 @@ def _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL):
 
 @triton.jit
 def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_sb, s_sh,
-                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -137,7 +141,8 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tr_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL,
                  KMAX, s_sb, s_sh, s_ib, s_ih,
                  GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, TRACE: tl.constexpr):
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -197,7 +202,8 @@ def _write_selection(out, cnt_ptr, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK
 @triton.jit
 def _overlap_kernel(p_ptr, pc_ptr, s_ptr, sc_ptr, out_ptr, HKV, KP, KS, BH,
                     s_pb, s_ph, s_pcb, s_pch, s_sb, s_sh, s_scb, s_sch,
-                    KS_PAD: tl.constexpr, CH: tl.constexpr):
+                    KS_PAD: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
     i_h = i_bh % HKV
@@ -232,7 +238,7 @@ def selection_overlap(p_idx, p_cnt, s_idx, s_cnt):
             p_idx, p_cnt, s_idx, s_cnt, out, hkv, kp, ks, bsz * hkv,
             p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
             s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
-            KS_PAD=ks_pad, CH=max(1, min(64, 16384 // ks_pad)), num_warps=4,
+            KS_PAD=ks_pad, CH=max(1, min(64, 16384 // ks_pad)), num_warps=4, **pdl_launch(p_idx),
         )
     return out
 
@@ -261,7 +267,7 @@ def group_maxima(scores, nb, n_sink: int, n_local: int, group_max, scratch_cols:
         block_g = 64
         _group_max_kernel[(bsz * hkv, triton.cdiv(ng, block_g))](
             scores, nb, gmax, hkv, nmax, ng, n_sink, n_local, scores.stride(0), scores.stride(1),
-            GROUP=GROUP, BLOCK_G=block_g, num_warps=4,
+            GROUP=GROUP, BLOCK_G=block_g, num_warps=4, **pdl_launch(scores),
         )
         return gmax, cg, False
     if group_max.shape != (bsz * hkv, ng) or group_max.dtype != torch.int32 or not group_max.is_contiguous():
@@ -302,5 +308,6 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
         SINGLE=single, NMAX_PAD=nmax_pad if single else 16, TRACE=trace,
         num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0)),
+        **pdl_launch(scores),
     )
     return idx, cnt
