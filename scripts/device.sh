@@ -25,7 +25,7 @@
 #   e2e-llama        whole-model decode, DSA vs DSA on the guessed top-K vs PRR: Llama-3.1-8B 128K b1
 #   e2e-glm          the same for GLM-4-9B-1M at 1M b1
 #   pdl-layer        the layer step at Llama-3.1-8B b1 128K / 2048 with programmatic dependent launch off, then on
-#   pdl-e2e          whole-model decode (dense, DSA, PRR) at Llama-3.1-8B 128K b1, dependent launch off, then on
+#   pdl-e2e          whole-model decode (dense, DSA, PRR) at Llama-3.1-8B 128K b1, dependent launch off and on
 #   diag-prr         kernel timelines of DSA's and PRR's layer step (scripts/diag_prr.py; draw them with
 #                    prr bench plot $OUT/diag_prr.json --timelines)
 #   diag-amortized   kernel timelines of amortized selection's scan and re-score steps
@@ -92,9 +92,8 @@ for step in "$@"; do
     pdl-layer) for m in off on; do PRR_PDL=$m timeout 200 python3 -m prr bench layer --quick --timelines \
       --models llama-3.1-8b --batches 1 --contexts 128K --budgets 2048 --methods quest \
       --out "$OUT/bench_layer_llama_128k_pdl_$m.json" 2>&1 | quiet | tail -3; done | tee -a "$OUT/run.log" ;;
-    pdl-e2e) for m in off on; do PRR_PDL=$m timeout 240 python3 -m prr bench e2e --contexts 128K --batches 1 \
-      --attentions dense,dsa,prr --out "$OUT/bench_e2e_llama_128k_pdl_$m.json" 2>&1 | quiet | tail -5; done \
-      | tee -a "$OUT/run.log" ;;
+    pdl-e2e) timeout 330 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dense,dsa,prr \
+      --pdl off,on --out "$OUT/bench_e2e_llama_128k_pdl.json" 2>&1 | quiet | tail -14 | tee -a "$OUT/run.log" ;;
     diag-prr) timeout 300 python3 scripts/diag_prr.py --out "$OUT" --timelines 2 \
       --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192}" 2>&1 | quiet \
       | tail -30 | tee -a "$OUT/run.log" ;;

@@ -25,6 +25,7 @@ from ..eval.amortized import AmortizedEngine
 from ..model.engine import Engine
 from ..model.tp import TensorParallel, is_main, load_model_tp
 from ..model.weights import load_model
+from ..ops.backend import use_pdl
 from ..ops.guessed import PATHS
 from .common import copy_bandwidth_tbps, environment
 from .kernels import _label, _metadata_bytes
@@ -91,15 +92,20 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
             "collectives_alone_us": round(alone, 1), "collectives_alone_share": round(alone / med, 3)}
 
 
+def _name(row: dict) -> str:
+    return row["attention"] + (f" pdl {row['pdl']}" if "pdl" in row else "")
+
+
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
-        amortized=()) -> dict:
+        amortized=(), pdl=("auto",)) -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
     speculation off, DSA on the guessed top-K; ``amortized``: ``[(m, c)]``, each
     adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
-    re-score step's graph)."""
+    re-score step's graph; ``pdl``: the programmatic-dependent-launch modes to time each configuration under,
+    rows tagged ``pdl`` and compared within their mode)."""
     import gc
     import json
     import os
@@ -121,58 +127,61 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         spare = (steps + 2 + (1 + TIMELINE_REPLAYS if breakdown else 0)) * (1 if tp is None else 2)
         spare += 2 * max([m for m, _ in amortized], default=0)  # whole periods, started at a scan
         ctx = min(ctx_asked, c.max_context - spare)
-        for b in batches:
+        for b, mode in [(b, mode) for b in batches for mode in pdl]:
             res = {}
             configs = [(a, None) for a in attentions] + [(f"dsa_m{m}c{f:g}", (m, f)) for m, f in amortized]
             for attention, setting in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
-                n_steps = steps
-                if setting is None:
-                    guessed = attention == "dsa_guessed"
-                    eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
-                                 n_dense_layers=n_dense_layers, speculate=not guessed)
-                else:  # whole periods: every timed window holds its share of scans
-                    eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
-                                          sparse=cfg, n_dense_layers=n_dense_layers)
-                    n_steps = setting[0] * -(-steps // setting[0])
-                eng.fill_random(b, ctx, spare)
-                eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
-                eng.capture_decode()
-                if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
-                    while not eng._graph.selectors[0].next_is_scan():
-                        eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
-                times = _time_steps(eng, n_steps)
-                sparse_layers = 0 if attention == "dense" else c.num_layers - n_dense_layers
-                kv_tok = 2 * c.num_kv_heads * c.head_dim * BF16
-                att_b = (c.num_layers - sparse_layers) * b * ctx * kv_tok + sparse_layers * (
-                    _metadata_bytes(cfg, b, c.num_kv_heads, c.head_dim, ctx) + b * cfg.budget_tokens * kv_tok)
-                floor_us = (weights_b + att_b) / (copy * 1e12) * 1e6
-                # amortized: the mean over whole periods (a scan and m - 1 re-scores), not the re-score's median
-                med = statistics.median(times) if setting is None else statistics.fmean(times)
-                row = {"model": model_name, "context": ctx, "batch": b, "attention": attention,
-                       "median_us": round(med, 1), "ms_per_token": round(med / 1e3, 3),
-                       "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
-                       "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
-                       "steps_us": [round(t, 1) for t in times]}
-                if breakdown:  # where the step's time goes: one kernel timeline of the captured step
-                    graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
-                    tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
-                    row["breakdown"] = step_breakdown(tl, "prr" if attention == "prr" else "dsa")
-                    row["breakdown"]["kernels"] = len(tl)
-                if setting is not None:
-                    row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
-                               rescore_median_us=round(statistics.median(times[1:]), 1))
-                if attention == "prr":
-                    row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
-                if attention in ("prr", "dsa_guessed"):
-                    paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
-                    row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
-                if tp is not None:
-                    row["tp"] = tp.world
-                if split:
-                    row.update(_tp_columns(eng, steps, med))
-                res[attention] = row
-                rows.append(row)
-                del eng
+                with use_pdl(mode):
+                    n_steps = steps
+                    if setting is None:
+                        guessed = attention == "dsa_guessed"
+                        eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
+                                     n_dense_layers=n_dense_layers, speculate=not guessed)
+                    else:  # whole periods: every timed window holds its share of scans
+                        eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
+                                              sparse=cfg, n_dense_layers=n_dense_layers)
+                        n_steps = setting[0] * -(-steps // setting[0])
+                    eng.fill_random(b, ctx, spare)
+                    eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
+                    eng.capture_decode()
+                    if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
+                        while not eng._graph.selectors[0].next_is_scan():
+                            eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
+                    times = _time_steps(eng, n_steps)
+                    sparse_layers = 0 if attention == "dense" else c.num_layers - n_dense_layers
+                    kv_tok = 2 * c.num_kv_heads * c.head_dim * BF16
+                    att_b = (c.num_layers - sparse_layers) * b * ctx * kv_tok + sparse_layers * (
+                        _metadata_bytes(cfg, b, c.num_kv_heads, c.head_dim, ctx) + b * cfg.budget_tokens * kv_tok)
+                    floor_us = (weights_b + att_b) / (copy * 1e12) * 1e6
+                    # amortized: the mean over whole periods (a scan and m - 1 re-scores), not the re-score's median
+                    med = statistics.median(times) if setting is None else statistics.fmean(times)
+                    row = {"model": model_name, "context": ctx, "batch": b, "attention": attention,
+                           "median_us": round(med, 1), "ms_per_token": round(med / 1e3, 3),
+                           "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
+                           "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
+                           "steps_us": [round(t, 1) for t in times]}
+                    if breakdown:  # where the step's time goes: one kernel timeline of the captured step
+                        graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
+                        tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
+                        row["breakdown"] = step_breakdown(tl, "prr" if attention == "prr" else "dsa")
+                        row["breakdown"]["kernels"] = len(tl)
+                    if setting is not None:
+                        row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
+                                   rescore_median_us=round(statistics.median(times[1:]), 1))
+                    if attention == "prr":
+                        row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
+                    if attention in ("prr", "dsa_guessed"):
+                        paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
+                        row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
+                    if len(pdl) > 1:
+                        row["pdl"] = mode
+                    if tp is not None:
+                        row["tp"] = tp.world
+                    if split:
+                        row.update(_tp_columns(eng, steps, med))
+                    res[attention] = row
+                    rows.append(row)
+                    del eng
                 gc.collect()  # the engine's captured graph sits in reference cycles: free its pool now
                 torch.cuda.empty_cache()
             for r in res.values():
@@ -193,7 +202,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     print(f"{'context':>8} {'batch':>5} {'attention':>9} {'ms/token':>9} {'tok/s':>8} {'x floor':>8} {'vs dense':>9} "
           f"{'vs DSA':>7}")
     for r in rows:
-        print(f"{_label(r['context']):>8} {r['batch']:>5} {r['attention']:>9} {r['ms_per_token']:>9.3f} "
+        print(f"{_label(r['context']):>8} {r['batch']:>5} {_name(r):>9} {r['ms_per_token']:>9.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['x_floor']:>8.2f} {r.get('speedup_vs_dense', float('nan')):>9.2f} "
               f"{r.get('speedup_vs_dsa', float('nan')):>7.2f}" + (f" collectives {100 * r['collectives_share']:.0f}%"
                                                  if "collectives_share" in r else ""))
@@ -202,6 +211,6 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         for r in rows:
             if "breakdown" in r:
                 ex = r["breakdown"]["exclusive_us"]
-                print(f"{_label(r['context']):>8} {r['batch']:>5} {r['attention']:>9} " + " ".join(
+                print(f"{_label(r['context']):>8} {r['batch']:>5} {_name(r):>9} " + " ".join(
                     f"{k} {v / 1e3:.2f}" for k, v in ex.items() if v > 0))
     return {"rows": rows}
