@@ -12,7 +12,6 @@ SS = (4, 8, 16, 32)
 stats = collections.defaultdict(lambda: [0.0, 0])
 prev = {}
 calls = [0]
-nlayers = [None]
 
 def bound(q, lo, hi, g):
     b, hkv, n, d = lo.shape
@@ -27,7 +26,7 @@ def hook(q, kmin, kmax, cache, block_size, aggregate="sum", **kw):
     g = q.shape[1] // hkv
     nblk = ops.num_blocks(cache.seq_lens, block_size)
     j = torch.arange(n)
-    key = calls[0]; calls[0] += 1
+    calls[0] += 1
     for i in range(b):
         nb = int(nblk[i])
         dyn = (j >= cfg.n_sink) & (j < nb - cfg.n_local)
@@ -37,7 +36,7 @@ def hook(q, kmin, kmax, cache, block_size, aggregate="sum", **kw):
         sd = s[i].masked_fill(~dyn, float("-inf"))  # [H, N]
         top = sd.topk(K, -1)
         taus = {"ideal": top.values[:, -1]}
-        lk = ("L", key % 30)
+        lk = kmin.data_ptr()  # one metadata buffer per layer: the layer's previous selection
         if lk in prev:
             taus["prev_min"] = sd.gather(-1, prev[lk]).min(-1).values
         prev[lk] = top.indices
