@@ -32,6 +32,7 @@ from prr.algo.sparse import GuessedTopK
 from prr.bench.kernels import RandomLayer
 from prr.bench.topk import previous_query
 from prr.ops.select import triton as st
+from prr.ops.select.triton import _clock
 from prr.provenance import environment
 from prr.timing import capture
 
@@ -40,12 +41,6 @@ FULL = {0: "start", 1: "group maxima loaded", 2: "stage 1 (top groups)", 3: "sta
 GUESSED = {0: "start", 1: "tau (prev selection's min)", 2: "group maxima loaded", 3: "candidate groups counted",
            4: "candidate tile gathered", 5: "|C| counted", 6: "C compacted, read back", 7: "K-th found",
            8: "selection written", 9: "next P written"}
-
-
-@triton.jit
-def _clock(dep):
-    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
-                                     is_pure=False, pack=1)
 
 
 @triton.jit

@@ -175,6 +175,23 @@ def test_prr_on_the_guessed_top_k_equals_dsa_while_decoding(mode):
     assert sum(hits) / len(hits) > 0.5
 
 
+def _decode_steps(runs, replay, seed, steps=6):
+    """Drive identical ``(cache, meta, LayerStep)`` states through ``steps`` CUDA decode steps with the same
+    appends and a drifting bf16 query, each run eagerly or (``replay[i]``) from its captured graph; yields
+    ``(q, outs)`` per step, ``outs[i]`` run i's cloned outputs."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
+    for _ in range(steps):
+        kv = torch.randn(2, 2, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+        q = q + 0.3 * torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+        outs = []
+        for (cache, meta, step), rep in zip(runs, replay, strict=True):
+            cache.append(kv[0], kv[1])
+            meta.append(cache)
+            outs.append([t.clone() for t in (step.replay(q) if rep else step.run(q))])
+        yield q, outs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("topk", ["full", "guessed"])
@@ -192,16 +209,7 @@ def test_graph_replay_equals_eager_over_decode_steps(method, mode, split, topk):
                                                    mode=mode, topk=topk, grow=1)))
     runs[1][3].capture(split_tail=split)
     assert (runs[1][3].tail_graph is not None) == (split and method == "prr")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
-    for _ in range(6):
-        kv = torch.randn(2, 2, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
-        q = q + 0.3 * torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-        outs = []
-        for i, (cache, meta, _, step) in enumerate(runs):
-            cache.append(kv[0], kv[1])
-            meta.append(cache)
-            outs.append([t.clone() for t in (step.replay(q) if i else step.run(q))])
+    for q, outs in _decode_steps([(c, m, s) for c, m, _, s in runs], replay=(False, True), seed=0):
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
         if method == "prr":
             assert torch.equal(runs[0][2].level, runs[1][2].level)
@@ -227,16 +235,7 @@ def test_graph_with_dependent_launch_equals_graph_without(method, mode, topk):
         with prr.ops.backend.use_pdl(pdl):
             step.capture()
         runs.append((cache, meta, step))
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(2, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) * 2
-    for _ in range(6):
-        kv = torch.randn(2, 2, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
-        q = q + 0.3 * torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-        outs = []
-        for cache, meta, step in runs:
-            cache.append(kv[0], kv[1])
-            meta.append(cache)
-            outs.append([t.clone() for t in step.replay(q)])
+    for _q, outs in _decode_steps(runs, replay=(True, True), seed=1):
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
         if method == "prr":
             assert torch.equal(runs[0][2].p_idx, runs[1][2].p_idx)

@@ -16,7 +16,26 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
-_override: str | None = None
+_overrides: dict[str, str | None] = {"PRR_BACKEND": None, "PRR_PDL": None}  # set by use_backend / use_pdl
+
+
+def _mode(var: str, modes: tuple[str, ...]) -> str:
+    """The mode a context manager set, else the environment variable ``var``'s (default "auto"), checked."""
+    mode = _overrides[var] or os.environ.get(var, "auto")
+    if mode not in modes:
+        raise ValueError(f"unknown {var} {mode!r}; expected one of {', '.join(modes)}")
+    return mode
+
+
+@contextlib.contextmanager
+def _overriding(var: str, mode: str, modes: tuple[str, ...], what: str):
+    if mode not in modes:
+        raise ValueError(f"unknown {what} {mode!r}; expected one of {', '.join(modes)}")
+    prev, _overrides[var] = _overrides[var], mode
+    try:
+        yield
+    finally:
+        _overrides[var] = prev
 
 
 @functools.cache
@@ -29,10 +48,7 @@ def triton_available() -> bool:
 
 
 def current() -> str:
-    mode = _override or os.environ.get("PRR_BACKEND", "auto")
-    if mode not in BACKENDS:
-        raise ValueError(f"unknown PRR_BACKEND {mode!r}; expected one of {', '.join(BACKENDS)}")
-    return mode
+    return _mode("PRR_BACKEND", BACKENDS)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -44,17 +60,9 @@ def use_triton(t: torch.Tensor) -> bool:
     return mode == "triton" and triton_available()
 
 
-@contextlib.contextmanager
 def use_backend(mode: str):
     """Run the ops inside the block on `mode` ("auto", "triton" or "reference")."""
-    global _override
-    if mode not in BACKENDS:
-        raise ValueError(f"unknown backend {mode!r}; expected one of {', '.join(BACKENDS)}")
-    prev, _override = _override, mode
-    try:
-        yield
-    finally:
-        _override = prev
+    return _overriding("PRR_BACKEND", mode, BACKENDS, "backend")
 
 
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled while the kernel
@@ -63,14 +71,10 @@ def use_backend(mode: str):
 # (``prr.ops.pdl_prologue``) and lets its own dependents launch; a kernel that is not ours (PyTorch's) is never
 # launched early, so the chain stays ordered whatever runs between two prr kernels.
 PDL_MODES = ("auto", "on", "off")
-_pdl_override: str | None = None
 
 
 def pdl_mode() -> str:
-    mode = _pdl_override or os.environ.get("PRR_PDL", "auto")
-    if mode not in PDL_MODES:
-        raise ValueError(f"unknown PRR_PDL {mode!r}; expected one of {', '.join(PDL_MODES)}")
-    return mode
+    return _mode("PRR_PDL", PDL_MODES)
 
 
 @functools.cache
@@ -82,24 +86,17 @@ def pdl_launch(t: torch.Tensor) -> dict:
     """The launch arguments of a kernel whose inputs include ``t``: ``{"PDL": True, "launch_pdl": True}`` on a
     CUDA device of compute capability 9.0 or later unless ``PRR_PDL=off`` (or :func:`use_pdl`), else ``{}``
     (the kernels' ``PDL`` defaults to off; the CPU interpreter never takes it)."""
-    if t.device.type != "cuda" or pdl_mode() == "off":
+    mode = "off" if t.device.type != "cuda" else pdl_mode()
+    if mode == "off":
         return {}
     if not _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()):
-        if pdl_mode() == "on":
+        if mode == "on":
             raise RuntimeError("PRR_PDL=on needs a GPU of compute capability 9.0 or later (Hopper)")
         return {}
     return {"PDL": True, "launch_pdl": True}
 
 
-@contextlib.contextmanager
 def use_pdl(mode: str):
     """Launch the kernels inside the block with programmatic dependent launch ``mode`` ("auto", "on", "off");
     a CUDA graph keeps the mode it was captured with."""
-    global _pdl_override
-    if mode not in PDL_MODES:
-        raise ValueError(f"unknown PDL mode {mode!r}; expected one of {', '.join(PDL_MODES)}")
-    prev, _pdl_override = _pdl_override, mode
-    try:
-        yield
-    finally:
-        _pdl_override = prev
+    return _overriding("PRR_PDL", mode, PDL_MODES, "PDL mode")

@@ -49,13 +49,18 @@ def trace_arg(rows: int, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]
 
 
 @triton.jit
+def _clock(dep):
+    """This SM's clock (``%clock64``, int64) read once the scalar ``dep`` is computed."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _stamp(tr_ptr, slot, dep, TRACE: tl.constexpr):
-    """Kernel timelines: this program's SM clock (``%clock64``) once the scalar ``dep`` is computed, into
-    ``tr_ptr[program, slot]`` (only when the constexpr TRACE is set: no cost otherwise)."""
+    """Kernel timelines: :func:`_clock` once the scalar ``dep`` is computed, into ``tr_ptr[program, slot]`` (only
+    when the constexpr TRACE is set: no cost otherwise)."""
     if TRACE:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep.to(tl.int32)], dtype=tl.int64,
-                                      is_pure=False, pack=1)
-        tl.store(tr_ptr + tl.program_id(0) * 16 + slot, t)  # 16: TRACE_SLOTS
+        tl.store(tr_ptr + tl.program_id(0) * 16 + slot, _clock(dep))  # 16: TRACE_SLOTS
 
 
 @triton.jit
