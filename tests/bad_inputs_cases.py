@@ -365,6 +365,12 @@ def _(tmp):
     Engine(tiny_model(), attention="sparse")
 
 
+@case("unknown-overlap", "an unknown place for PRR's speculation", "prr.model.Engine, prr.runtime.StepSettings",
+      ValueError, "unknown overlap 'attention'; expected one of 'selection', 'topk'")
+def _(tmp):
+    Engine(tiny_model(), attention="prr", overlap="attention")
+
+
 @case("unknown-preset", "an unknown model preset", "prr.model.ModelConfig.from_name", ValueError,
       "unknown model 'llama-9'; expected one of smollm2-135m, llama-3.1-8b, llama-3.1-70b, glm-4-9b, glm-4-9b-1m, "
       "qwen3-8b")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import prr
+from prr.algo.sparse import GuessedTopK
 from prr.runtime import BudgetCache, BudgetDecision, LayerStep, StepStreams, choose_budget
 
 from conftest import make_cache, make_query
@@ -239,6 +240,58 @@ def test_graph_with_dependent_launch_equals_graph_without(method, mode, topk):
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
         if method == "prr":
             assert torch.equal(runs[0][2].p_idx, runs[1][2].p_idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode,topk", [("exact", "full"), ("exact", "guessed"), ("union", "guessed")])
+@pytest.mark.parametrize("replay", [False, True])
+def test_speculation_beside_the_topk_equals_beside_the_selection(mode, topk, replay):
+    """PRR's speculation started after the scores (``overlap="topk"``) computes what it computes beside the whole
+    selection: outputs and P equal bit for bit over 6 steps with appends, eagerly and from graphs."""
+    runs = []
+    for overlap in ("selection", "topk"):
+        cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
+        step = LayerStep(cache, meta, 8, method="prr", predictor=pred if topk == "full" else None, ratio=1.5,
+                         mode=mode, topk=topk, grow=1, overlap=overlap)
+        if replay:
+            step.capture()
+        runs.append((cache, meta, step))
+    for _q, outs in _decode_steps(runs, replay=(replay, replay), seed=2):
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(runs[0][2].p_idx, runs[1][2].p_idx) and torch.equal(runs[0][2].p_cnt, runs[1][2].p_cnt)
+
+
+@pytest.mark.parametrize("guessed", [False, True])
+def test_after_scores_runs_between_the_scores_and_the_topk(guessed):
+    """The selection calls ``after_scores`` once, after the scores are written and before the top-K, and selects
+    the same S with it as without."""
+    cache, cfg, meta, _ = _decode_setup("quest")
+    q = make_query(cache, 4)
+    nblk = prr.ops.num_blocks(cache.seq_lens, cfg.block_size)
+    want = prr.select(q, cache, meta, nblk=nblk)
+    seen = []
+    real_scores = meta.scores
+
+    def scores(*a, **k):
+        seen.append("scores")
+        return real_scores(*a, **k)
+
+    meta.scores = scores
+    if guessed:
+        g = GuessedTopK(cache.batch, cache.num_kv_heads, cfg)
+        g.seed(want.indices, want.counts)
+        got = g.select(q, cache, meta, nblk, after_scores=lambda: seen.append("hook"))
+    else:
+        got = prr.select(q, cache, meta, nblk=nblk, after_scores=lambda: seen.append("hook"))
+    assert seen == ["scores", "hook"]
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
+
+
+def test_step_overlap_is_checked():
+    cache, _cfg, meta, _ = _decode_setup("quest")
+    with pytest.raises(ValueError, match="unknown overlap 'scores'"):
+        LayerStep(cache, meta, 8, method="prr", overlap="scores")
 
 
 def test_dependent_launch_is_off_on_the_cpu_and_checked():

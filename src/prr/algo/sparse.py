@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -191,11 +192,14 @@ class GuessedTopK:
         return [(self.s_idx, self.s_cnt)] + ([self.prev] if self.prev[0] is not self.s_idx else [])
 
     def select(self, q: torch.Tensor, cache: KVCache, meta: BlockMetadata, nblk: torch.Tensor,
-               nblk_next: torch.Tensor | None = None) -> Selection:
+               nblk_next: torch.Tensor | None = None, after_scores: Callable[[], None] | None = None) -> Selection:
         """This step's selection (the same S as :func:`select`), found from the previous one; also writes the
-        next P (over ``nblk_next`` blocks) and the stats."""
+        next P (over ``nblk_next`` blocks) and the stats. ``after_scores()``: called once the scores' kernels
+        are launched, before the top-K's (a runtime forks work that waits for the scores there)."""
         cfg = self.cfg
         scores, gmax = meta.scores(q, cache, with_groups=True)
+        if after_scores is not None:
+            after_scores()
         ops.select_blocks_guessed(scores, nblk, cfg.top_k, cfg.n_sink, cfg.n_local, prev=self.prev,
                                   spec_k=self.spec_k, num_blocks_next=nblk_next, group_max=gmax,
                                   out=self.buffers())
@@ -203,12 +207,14 @@ class GuessedTopK:
 
 
 def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | None = None,
-           nblk: torch.Tensor | None = None, amortized=None) -> Selection:
+           nblk: torch.Tensor | None = None, amortized=None,
+           after_scores: Callable[[], None] | None = None) -> Selection:
     """The true DSA selection of this step: score every block, then sink ∪ local ∪ top-K. ``nblk`` (blocks per
     sequence, ``ops.num_blocks(cache.seq_lens, block_size)``) may be passed when the caller has it already.
     ``amortized`` (or one attached as ``meta.amortized``): a :class:`prr.algo.amortized.AmortizedSelector`
     selects instead (a full scan every m steps, candidates re-scored between; its Selection has no scores);
-    a ``top_k`` other than the config's runs the full selection."""
+    a ``top_k`` other than the config's runs the full selection. ``after_scores()``: called between the scores'
+    launch and the top-K's (not with amortized selection)."""
     if not isinstance(meta, BlockMetadata):
         raise TypeError(f"meta must be a BlockMetadata, got {type(meta).__name__}")
     amortized = amortized if amortized is not None else meta.amortized
@@ -216,6 +222,8 @@ def select(q: torch.Tensor, cache: KVCache, meta: BlockMetadata, top_k: int | No
         return amortized.select(q, cache, nblk)
     cfg = meta.cfg
     scores, gmax = meta.scores(q, cache, with_groups=True)
+    if after_scores is not None:
+        after_scores()
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size) if nblk is None else nblk
     idx, cnt = ops.select_blocks(scores, nblk, top_k or cfg.top_k, cfg.n_sink, cfg.n_local, group_max=gmax)
     return Selection(idx, cnt, scores)

@@ -94,6 +94,7 @@ def _cmd_bench_e2e(args) -> int:
     attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     pdl = _choices("--pdl", args.pdl, ("auto", "on", "off"))
+    overlaps = _choices("--overlap", args.overlap, ("selection", "topk"))
     for flag, v in (("--budget", args.budget), ("--steps", args.steps)):
         if v <= 0:
             raise ValueError(f"{flag} must be positive, got {v}")
@@ -113,7 +114,7 @@ def _cmd_bench_e2e(args) -> int:
                          "backend (one GPU per rank)")
     e2e.run(args.model, contexts, batches, args.out, method=args.method, budget=args.budget, steps=args.steps,
             n_dense_layers=args.dense_layers, ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=attentions,
-            breakdown=not args.no_breakdown, amortized=amortized, pdl=pdl)
+            breakdown=not args.no_breakdown, amortized=amortized, pdl=pdl, overlaps=overlaps)
     print(f"saved {args.out}")
     return 0
 
@@ -249,6 +250,8 @@ def register(sub) -> None:
                    "dsa_mMcC row each")
     s.add_argument("--pdl", default="auto", help="programmatic dependent launch modes to time each configuration "
                    "under, comma separated (auto, on, off; e.g. off,on for an A/B in one run)")
+    s.add_argument("--overlap", default="selection", help="what PRR's speculation runs beside, comma separated: "
+                   "selection (scores and top-K), topk (the top-K alone, after the scores); one prr row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
     s.add_argument("--no-breakdown", action="store_true", help="skip the per-token breakdown (a kernel timeline of "
                    "one replay per configuration: selection, speculation, repair, attention vs the rest)")

@@ -93,19 +93,21 @@ def _tp_columns(eng: Engine, steps: int, med: float) -> dict:
 
 
 def _name(row: dict) -> str:
-    return row["attention"] + (f" pdl {row['pdl']}" if "pdl" in row else "")
+    return row["attention"] + (f" pdl {row['pdl']}" if "pdl" in row else "") + (
+        f" {row['overlap']}" if "overlap" in row else "")
 
 
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
-        amortized=(), pdl=("auto",)) -> dict:
+        amortized=(), pdl=("auto",), overlaps=("selection",)) -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
     speculation off, DSA on the guessed top-K; ``amortized``: ``[(m, c)]``, each
     adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
     re-score step's graph; ``pdl``: the programmatic-dependent-launch modes to time each configuration under,
-    rows tagged ``pdl`` and compared within their mode)."""
+    rows tagged ``pdl`` and compared within their mode; ``overlaps``: what PRR's speculation runs beside
+    (:class:`prr.runtime.StepSettings`), one ``prr`` row each, tagged ``overlap`` when there are several)."""
     import gc
     import json
     import os
@@ -129,14 +131,15 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         ctx = min(ctx_asked, c.max_context - spare)
         for b, mode in [(b, mode) for b in batches for mode in pdl]:
             res = {}
-            configs = [(a, None) for a in attentions] + [(f"dsa_m{m}c{f:g}", (m, f)) for m, f in amortized]
-            for attention, setting in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
+            configs = [(a, None, ov) for a in attentions for ov in (overlaps if a == "prr" else ("selection",))]
+            configs += [(f"dsa_m{m}c{f:g}", (m, f), "selection") for m, f in amortized]
+            for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
                     n_steps = steps
                     if setting is None:
                         guessed = attention == "dsa_guessed"
                         eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
-                                     n_dense_layers=n_dense_layers, speculate=not guessed)
+                                     n_dense_layers=n_dense_layers, speculate=not guessed, overlap=overlap)
                     else:  # whole periods: every timed window holds its share of scans
                         eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
                                               sparse=cfg, n_dense_layers=n_dense_layers)
@@ -175,11 +178,13 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                         row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
                     if len(pdl) > 1:
                         row["pdl"] = mode
+                    if attention == "prr" and len(overlaps) > 1:
+                        row["overlap"] = overlap
                     if tp is not None:
                         row["tp"] = tp.world
                     if split:
                         row.update(_tp_columns(eng, steps, med))
-                    res[attention] = row
+                    res[attention if "overlap" not in row else f"{attention} {overlap}"] = row
                     rows.append(row)
                     del eng
                 gc.collect()  # the engine's captured graph sits in reference cycles: free its pool now

@@ -25,7 +25,7 @@ from ..algo.sparse import BlockMetadata, SparseConfig
 from ..algo.step import StepCounts, dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..ops import fused
-from ..runtime.layer import LayerStep, StepSettings, StepStreams
+from ..runtime.layer import OVERLAPS, LayerStep, StepSettings, StepStreams
 from . import auto
 from .generation import CacheFull, Generation, GenerationConfig, GenerationStats, SequenceResult
 from .llama import Llama
@@ -98,6 +98,8 @@ class Engine:
             scores, calibrated on the prompt, updated by a tail kernel per layer).
         speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
             step's, no speculation or repair).
+        overlap: what PRR's speculation runs beside on a GPU: ``"selection"`` (scores and top-K) or ``"topk"``
+            (the top-K alone, after the scores; :class:`prr.runtime.StepSettings`).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
@@ -105,12 +107,14 @@ class Engine:
                  sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
                  auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection",
-                 speculate: bool = True):
+                 speculate: bool = True, overlap: str = "selection"):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
         check.choice("predictor", predictor, PREDICTORS)
         self.predictor_kind = predictor
         # False: PRR's steps decode as DSA on the guessed top-K (no P, no speculation); ratio="auto" decides
         self.speculate_requested = self.speculate = bool(speculate)
+        check.choice("overlap", overlap, OVERLAPS)
+        self.overlap = overlap
         check.choice("auto_sparse", auto_sparse, ("dsa", "prr"))
         if auto_crossover is not None:
             check.positive_int("auto_crossover", auto_crossover)
@@ -316,7 +320,7 @@ class Engine:
                               torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None,
                               defer_tail=True)
         settings = StepSettings("prr" if self.speculate else "dsa", topk="guessed", ratio=self.ratio,
-                                mode=self.mode, grow=1)
+                                mode=self.mode, grow=1, overlap=self.overlap)
         for i in range(self.n_dense_layers, c.num_layers):
             seed = self._calibrate_layer(i, spec_k) if i in self._calib_q else None
             self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, settings,

@@ -34,6 +34,7 @@ from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
 TOPKS = ("full", "guessed")
+OVERLAPS = ("selection", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,11 @@ class StepSettings:
     ``"guessed"`` (the same S; default: full for DSA, guessed for PRR). ``ratio``: PRR's speculation ratio
     (``K' = ceil(r K)``); ``mode``: ``"exact"``, ``"union"`` or ``"predicted"`` (the ablation: attention over P
     alone). ``grow``: tokens the cache gains before each step (a model decoding one token per step: 1), so P
-    is predicted over the next step's blocks. ``scale``: the softmax scale (default ``1/sqrt(D)``)."""
+    is predicted over the next step's blocks. ``scale``: the softmax scale (default ``1/sqrt(D)``).
+    ``overlap``: what PRR's speculation runs beside (on a GPU): ``"selection"``, the scores and the top-K (the
+    paper's schedule), or ``"topk"``, the top-K alone: it starts once the scores are written, so the
+    bandwidth-bound scorer has the memory to itself and the speculation fills the SMs the latency-bound top-K
+    leaves idle."""
 
     method: str = "prr"
     topk: str | None = None
@@ -52,6 +57,7 @@ class StepSettings:
     mode: str = "exact"
     grow: int = 0
     scale: float | None = None
+    overlap: str = "selection"
 
     def __post_init__(self):
         check.choice("method", self.method, METHODS)
@@ -59,6 +65,7 @@ class StepSettings:
             object.__setattr__(self, "topk", "full" if self.method == "dsa" else "guessed")
         check.choice("topk", self.topk, TOPKS)
         check.choice("mode", self.mode, STEP_MODES)
+        check.choice("overlap", self.overlap, OVERLAPS)
         check.nonneg_int("grow", self.grow)
         speculative_top_k(1, self.ratio)  # validates the ratio
 
@@ -131,6 +138,7 @@ class LayerStep:
         check.gqa(num_q_heads, cache.num_kv_heads)
         self.cache, self.meta, self.cfg = cache, meta, meta.cfg
         self.method, self.mode, self.scale = method, settings.mode, settings.scale
+        self.overlap = settings.overlap
         self.predictor, self.layer = predictor, layer
         self.update_layer = layer if probe.update_layer is None else probe.update_layer
         self.spec_k = speculative_top_k(self.cfg.top_k, settings.ratio)
@@ -206,11 +214,15 @@ class LayerStep:
             return o, lse, sel, nblk
         main = torch.cuda.current_stream() if self.side is not None else None
         p_idx, p_cnt = self.p_idx, self.p_cnt
+        after_scores = None
         if main is not None:  # fork: the selection first (high priority), then the speculation
             self.sel_stream.wait_stream(main)
             self.side.wait_stream(main)
+            if self.overlap == "topk":  # the speculation waits for the scores: it runs beside the top-K alone
+                def after_scores():
+                    self.side.wait_stream(self.sel_stream)
         with self._sel():
-            sel = self._select(q, nblk)
+            sel = self._select(q, nblk, after_scores)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
@@ -233,13 +245,13 @@ class LayerStep:
             self.stats = self._prr_stats(sel, nblk)
         return o, lse, sel, nblk
 
-    def _select(self, q, nblk):
+    def _select(self, q, nblk, after_scores=None):
         """S: the full selection, or the guessed top-K's (which also writes the next P, over the next step's
-        blocks)."""
+        blocks). ``after_scores()`` is called between the scores' launch and the top-K's."""
         if self.guessed is None:
-            return select(q, self.cache, self.meta, nblk=nblk, amortized=self.amortized)
+            return select(q, self.cache, self.meta, nblk=nblk, amortized=self.amortized, after_scores=after_scores)
         nxt = self._nblk_next(nblk) if self.method == "prr" and self.predictor is None else None
-        return self.guessed.select(q, self.cache, self.meta, nblk, nxt)
+        return self.guessed.select(q, self.cache, self.meta, nblk, nxt, after_scores=after_scores)
 
     def _nblk_next(self, nblk):
         if not self.grow:
