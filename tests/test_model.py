@@ -160,6 +160,33 @@ def test_fill_random_engine_dsa_equals_prr_on_a_random_model():
         eng.capture_decode()
 
 
+def test_calibrate_seeds_the_first_selection_and_decides_auto_again():
+    """Calibration queries given after fill_random: ratio="auto" is decided again (on a CPU: serialized DSA),
+    PRR seeded from them still matches DSA, and malformed queries are refused with nothing changed."""
+    cfg = _tiny_cfg(max_context=1024)
+    model = Llama(cfg, random_weights(cfg, dtype=torch.float64))
+    sparse = prr.SparseConfig(top_k=6)
+    gen = torch.Generator().manual_seed(3)
+    qs = {1: torch.randn(2, 2, cfg.num_q_heads, cfg.head_dim, generator=gen, dtype=torch.float64)}
+    auto = Engine(model, None, attention="prr", ratio="auto", sparse=sparse, n_dense_layers=1)
+    auto.fill_random(2, 500, 8)
+    auto.calibrate(qs)
+    assert auto.attention == "dsa" and auto.spec_decision["speculation"] == "off"
+    outs = []
+    for attention in ("dsa", "prr"):
+        eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=1)
+        eng.fill_random(2, 500, 8)
+        eng.calibrate(qs)
+        tok = torch.tensor([3, 4])
+        outs.append(torch.stack([eng.step(tok) for _ in range(6)]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for bad, match in (({0: qs[1]}, "sparse layers"), ({1: qs[1][:, :1]}, r"\[W, 2, 4, 8\]")):
+        with pytest.raises(ValueError, match=match):
+            eng.calibrate(bad)
+    with pytest.raises(ValueError, match="nothing prefilled"):
+        Engine(model, None, attention="prr", sparse=sparse).calibrate(qs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_engine_prr_on_gpu_graph_equals_eager_and_matches_dsa():

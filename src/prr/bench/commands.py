@@ -91,7 +91,7 @@ def _cmd_bench_e2e(args) -> int:
 
     check_model_name(args.model)
     contexts, batches = _contexts(args.contexts), _ints("--batches", args.batches)
-    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr"))
+    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr", "prr_auto"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     pdl = _choices("--pdl", args.pdl, ("auto", "on", "off"))
     overlaps = _choices("--overlap", args.overlap, ("selection", "topk"))

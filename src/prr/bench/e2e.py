@@ -97,13 +97,28 @@ def _name(row: dict) -> str:
         f" {row['overlap']}" if "overlap" in row else "")
 
 
+def _drifted_queries(eng, layer: int, target: float = 0.80) -> dict:
+    """``{layer: [q_prev, q]}`` for :meth:`Engine.calibrate`: a random query and one drifted from it so that
+    consecutive selections over the layer's random cache overlap as real text's do (hit rate ~``target`` at
+    K' = K), as the layer bench's previous step."""
+    from .workload import calibrate_drift, drift
+
+    c, cache, meta = eng.cfg, eng.caches[layer], eng.metas[layer]
+    gen = torch.Generator(device=cache.device).manual_seed(0)
+    q = torch.randn(cache.batch, c.num_q_heads, c.head_dim, device=cache.device, generator=gen).to(cache.dtype)
+    sigma, _ = calibrate_drift(cache, meta, q, target)
+    q_prev = drift(q, sigma, torch.Generator(device=cache.device).manual_seed(1))
+    return {layer: torch.stack([q_prev, q])}
+
+
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
         amortized=(), pdl=("auto",), overlaps=("selection",)) -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
-    speculation off, DSA on the guessed top-K; ``amortized``: ``[(m, c)]``, each
-    adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
+    speculation off, DSA on the guessed top-K; ``prr_auto``: PRR with ``ratio="auto"``, the speculation budget
+    profiled on this GPU from a drifted random query pair, its decision in the row's ``auto``; ``amortized``:
+    ``[(m, c)]``, each adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
     re-score step's graph; ``pdl``: the programmatic-dependent-launch modes to time each configuration under,
     rows tagged ``pdl`` and compared within their mode; ``overlaps``: what PRR's speculation runs beside
@@ -131,26 +146,32 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         ctx = min(ctx_asked, c.max_context - spare)
         for b, mode in [(b, mode) for b in batches for mode in pdl]:
             res = {}
-            configs = [(a, None, ov) for a in attentions for ov in (overlaps if a == "prr" else ("selection",))]
-            configs += [(f"dsa_m{m}c{f:g}", (m, f), "selection") for m, f in amortized]
+            configs = [(a, None, ov) for a in attentions for ov in (overlaps if a == "prr" else (None,))]
+            configs += [(f"dsa_m{m}c{f:g}", (m, f), None) for m, f in amortized]
             for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
                     n_steps = steps
                     if setting is None:
                         guessed = attention == "dsa_guessed"
-                        eng = Engine(model, None, attention="prr" if guessed else attention, sparse=cfg, ratio=ratio,
-                                     n_dense_layers=n_dense_layers, speculate=not guessed, overlap=overlap)
+                        auto = attention == "prr_auto"
+                        eng = Engine(model, None, attention="dsa" if attention == "dsa" else (
+                                         "dense" if attention == "dense" else "prr"), sparse=cfg,
+                                     ratio="auto" if auto else ratio, n_dense_layers=n_dense_layers,
+                                     speculate=not guessed, **({"overlap": overlap} if overlap else {}))
                     else:  # whole periods: every timed window holds its share of scans
                         eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
                                               sparse=cfg, n_dense_layers=n_dense_layers)
                         n_steps = setting[0] * -(-steps // setting[0])
                     eng.fill_random(b, ctx, spare)
+                    if setting is None and auto:  # the profiler decides from a drifted query pair
+                        eng.calibrate(_drifted_queries(eng, n_dense_layers))
                     eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
                     eng.capture_decode()
                     if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
                         while not eng._graph.selectors[0].next_is_scan():
                             eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
                     times = _time_steps(eng, n_steps)
+                    speculating = setting is None and eng.attention == "prr" and eng.speculate
                     sparse_layers = 0 if attention == "dense" else c.num_layers - n_dense_layers
                     kv_tok = 2 * c.num_kv_heads * c.head_dim * BF16
                     att_b = (c.num_layers - sparse_layers) * b * ctx * kv_tok + sparse_layers * (
@@ -166,14 +187,16 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                     if breakdown:  # where the step's time goes: one kernel timeline of the captured step
                         graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
                         tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
-                        row["breakdown"] = step_breakdown(tl, "prr" if attention == "prr" else "dsa")
+                        row["breakdown"] = step_breakdown(tl, "prr" if speculating else "dsa")
                         row["breakdown"]["kernels"] = len(tl)
                     if setting is not None:
                         row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
                                    rescore_median_us=round(statistics.median(times[1:]), 1))
-                    if attention == "prr":
+                    if setting is None and auto:
+                        row["auto"] = eng.spec_decision
+                    if speculating:
                         row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
-                    if attention in ("prr", "dsa_guessed"):
+                    if setting is None and eng.attention == "prr":  # the guessed top-K
                         paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
                         row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
                     if len(pdl) > 1:

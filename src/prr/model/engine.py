@@ -482,6 +482,27 @@ class Engine:
         self.calibrate_window = 0
         self._build_sparse_state()
 
+    def calibrate(self, queries: dict[int, torch.Tensor]) -> None:
+        """Decide again from decode-time queries ``{layer: [W, B, Hq, D]}`` (the last W of each sparse layer, in
+        order, as a prefill keeps its prompt's): what ``ratio="auto"`` profiles and what seeds PRR's first
+        selection. For latency work on :meth:`fill_random`'s caches, which have no prompt."""
+        if not self.caches:
+            raise ValueError("nothing prefilled: calibrate after prefill() or fill_random()")
+        c, b = self.cfg, self.caches[0].batch
+        calib = {}
+        for i, qs in queries.items():
+            if not (isinstance(i, int) and self.n_dense_layers <= i < c.num_layers):
+                raise ValueError(f"calibration queries are for sparse layers ({self.n_dense_layers}.."
+                                 f"{c.num_layers - 1}), got layer {i!r}")
+            want = (b, c.num_q_heads, c.head_dim)
+            if not isinstance(qs, torch.Tensor) or qs.dim() != 4 or tuple(qs.shape[1:]) != want or qs.shape[0] < 1:
+                got = tuple(qs.shape) if isinstance(qs, torch.Tensor) else type(qs).__name__
+                raise ValueError(f"layer {i}'s calibration queries must be a [W, {b}, {c.num_q_heads}, {c.head_dim}] "
+                                 f"tensor, got {got}")
+            calib[i] = qs.to(device=self.model.device, dtype=self.model.dtype)
+        self._calib_q = calib
+        self._build_sparse_state()
+
     # ---- generation ----------------------------------------------------------------------------------------
     def stream(self, prompts=None, config: GenerationConfig | None = None, *,
                prefilled_from: Engine | None = None,
