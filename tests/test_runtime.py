@@ -176,6 +176,38 @@ def test_prr_on_the_guessed_top_k_equals_dsa_while_decoding(mode):
     assert sum(hits) / len(hits) > 0.5
 
 
+@pytest.mark.parametrize("mode", ["exact", "union"])
+def test_prr_on_the_full_top_k_takes_p_from_the_previous_selection(mode):
+    """PRR on the full top-K with no Holt predictor: P is the step before's S (K' = K), S is DSA's, and PRR exact
+    equals serialized DSA while decoding with appends across block boundaries; any other K' is refused."""
+    cache, _cfg, meta, _ = _decode_setup("quest")
+    step = LayerStep(cache, meta, 8, method="prr", topk="full", ratio=1.0, mode=mode, grow=1, collect_stats=True)
+    gen = torch.Generator().manual_seed(5)
+    q = make_query(cache, 4, scale=2.0)
+    prev = None
+    hits = []
+    for _ in range(20):
+        kv = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64)
+        q = q + 0.3 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        cache.append(kv[0], kv[1])
+        meta.append(cache)
+        if prev is not None:
+            assert torch.equal(step.p_idx, prev[0]) and torch.equal(step.p_cnt, prev[1])
+        want = prr.dsa_step(q, cache, meta)
+        o, lse = step.run(q)
+        assert torch.equal(step.last["s_idx"], want.selection.indices)
+        if mode == "exact":
+            torch.testing.assert_close(o, want.o, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(lse, want.lse, rtol=1e-12, atol=1e-12)
+        else:
+            assert bool((lse >= want.lse - 1e-9).all())
+        prev = (want.selection.indices.clone(), want.selection.counts.clone())
+        hits.append(step.stats.hit_rate())
+    assert sum(hits[1:]) / len(hits[1:]) > 0.5
+    with pytest.raises(ValueError, match="K' = K"):
+        LayerStep(cache, meta, 8, method="prr", topk="full", ratio=1.5)
+
+
 def _decode_steps(runs, replay, seed, steps=6):
     """Drive identical ``(cache, meta, LayerStep)`` states through ``steps`` CUDA decode steps with the same
     appends and a drifting bf16 query, each run eagerly or (``replay[i]``) from its captured graph; yields
@@ -244,16 +276,19 @@ def test_graph_with_dependent_launch_equals_graph_without(method, mode, topk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mode,topk", [("exact", "full"), ("exact", "guessed"), ("union", "guessed")])
+@pytest.mark.parametrize("mode,topk,holt", [("exact", "full", True), ("exact", "guessed", False),
+                                            ("union", "guessed", False), ("exact", "full", False)])
 @pytest.mark.parametrize("replay", [False, True])
-def test_speculation_beside_the_topk_equals_beside_the_selection(mode, topk, replay):
+def test_speculation_beside_the_topk_equals_beside_the_selection(mode, topk, holt, replay):
     """PRR's speculation started after the scores (``overlap="topk"``) computes what it computes beside the whole
-    selection: outputs and P equal bit for bit over 6 steps with appends, eagerly and from graphs."""
+    selection: outputs and P equal bit for bit over 6 steps with appends, eagerly and from graphs (P from Holt's
+    predictor, the guessed top-K, or the previous selection on the full top-K)."""
     runs = []
     for overlap in ("selection", "topk"):
         cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
-        step = LayerStep(cache, meta, 8, method="prr", predictor=pred if topk == "full" else None, ratio=1.5,
-                         mode=mode, topk=topk, grow=1, overlap=overlap)
+        step = LayerStep(cache, meta, 8, method="prr", predictor=pred if holt else None,
+                         ratio=1.0 if topk == "full" and not holt else 1.5, mode=mode, topk=topk, grow=1,
+                         overlap=overlap)
         if replay:
             step.capture()
         runs.append((cache, meta, step))

@@ -182,14 +182,16 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
     g = gdsa.guessed
     t_gsel = add("selection_guessed", "graph", time_op(lambda: g.select(q, cache, meta, counts.nblk)), **guess)
 
-    def prr_new(ratio, mode, tail=False, overlap="selection"):
-        """The PRR step on the guessed top-K, P the previous step's top-K'; its measured hit rate."""
+    def prr_new(ratio, mode, tail=False, overlap="selection", topk="guessed"):
+        """The PRR step on the guessed top-K, P the previous step's top-K' (on the full top-K, K' = K: the
+        previous step's S); its measured hit rate."""
         spec_k = speculative_top_k(cfg.top_k, ratio)
         step = LayerStep(cache, meta, hq, method="prr", ratio=ratio, mode=mode, counts=counts, overlap=overlap,
-                         probe=StepProbe(tail=tail, hold_prediction=True))
+                         topk=topk, probe=StepProbe(tail=tail, hold_prediction=True))
         step.seed(prev, ops.select_blocks(s_prev, nblk, spec_k, cfg.n_sink, cfg.n_local))
         step.q.copy_(q)
-        us = timed(f"prr_{mode}_r{ratio}" + ("" if overlap == "selection" else f"_{overlap}"), step)
+        us = timed(f"prr_{mode}_r{ratio}" + ("" if overlap == "selection" else f"_{overlap}")
+                   + ("" if topk == "guessed" else f"_{topk}"), step)
         step.replay()
         got = ops.selection_contains(step.last["s_idx"], step.last["s_cnt"], step.p_idx, step.p_cnt).sum().item()
         forced = (cfg.n_sink + cfg.n_local) * batch * hkv
@@ -200,13 +202,16 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
     by_overlap = {}
     for ratio in (1.0, 1.5):
         for mode in ("exact", "union"):
-            for overlap in OVERLAPS:  # the speculation beside the whole selection, or beside its top-K alone
-                us, measured, step = prr_new(ratio, mode, overlap=overlap)
+            # the speculation beside the whole selection, or beside its top-K alone; at K' = K also on the full
+            # top-K (P: the previous step's S)
+            for overlap, topk in itertools.product(OVERLAPS, ("guessed", "full") if ratio == 1.0 else ("guessed",)):
+                us, measured, step = prr_new(ratio, mode, overlap=overlap, topk=topk)
                 net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False,
-                          overlap=overlap)
-                by_overlap[overlap] = min(by_overlap.get(overlap, float("inf")), net)
+                          overlap=overlap, topk=topk)
+                for key in (f"overlap_{overlap}", f"topk_{topk}"):
+                    by_overlap[key] = min(by_overlap.get(key, float("inf")), net)
                 if best is None or net < best[0]:
-                    best = (net, f"{mode} r={ratio} overlap={overlap}", measured)
+                    best = (net, f"{mode} r={ratio} overlap={overlap} topk={topk}", measured)
                 if mode == "exact":
                     best_exact = min(best_exact, net)
             if mode == "exact":
@@ -246,7 +251,7 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
                "speedup_guessed_dsa": round(t_dsa / t_gdsa, 3), "prr_best_us": round(best[0], 2),
                "prr_best_ratio": best[1], "prr_best_hit": round(best[2], 3),
                "speedup_best": round(t_dsa / best[0], 3), "speedup_exact": round(t_dsa / best_exact, 3),
-               **{f"speedup_best_overlap_{k}": round(t_dsa / v, 3) for k, v in by_overlap.items()},
+               **{f"speedup_best_{k}": round(t_dsa / v, 3) for k, v in by_overlap.items()},
                "prr_auto_us": round(auto, 2), "speedup_auto": round(t_dsa / auto, 3), "spec_k": dec.spec_k,
                "auto_topk": dec.topk, "budget_two_points": two_points.reason,
                "floor_us": round(floor_us, 2), "prr_x_floor": round(best[0] / floor_us, 2),

@@ -103,7 +103,8 @@ class LayerStep:
         num_q_heads: Hq.
         settings: a :class:`StepSettings`, or its fields as keywords (``method="dsa"``, ``ratio=1.5``, ...).
         predictor, layer: PRR's P from a :class:`prr.HoltPredictor` (its ``layer`` slot); None (default):
-            from the guessed top-K.
+            from the guessed top-K (its top-K' of this step's scores), or on the full top-K the previous step's
+            selection itself (K' = K).
         counts: block counts (:class:`prr.algo.step.StepCounts`) every step uses unless :meth:`run` is given its
             own (a benchmark of one layer as a model runs it; without counts the step counts itself: three
             small kernels, ~5 us at batch 1 on an H200). They are fixed: for a cache that grows between steps
@@ -133,8 +134,11 @@ class LayerStep:
         self.amortized = amortized
         if predictor is not None and not isinstance(predictor, HoltPredictor):
             raise TypeError(f"predictor must be a HoltPredictor or None, got {type(predictor).__name__}")
-        if method == "prr" and predictor is None and settings.topk != "guessed":
-            raise ValueError("PRR without a Holt predictor takes P from the guessed top-K: topk='guessed'")
+        if method == "prr" and predictor is None and settings.topk != "guessed" and (
+                speculative_top_k(meta.cfg.top_k, settings.ratio) != meta.cfg.top_k):
+            raise ValueError("PRR on the full top-K without a Holt predictor takes P from the previous step's "
+                             "selection, so K' = K (ratio=1); other K' take it from the guessed top-K "
+                             "(topk='guessed')")
         check.gqa(num_q_heads, cache.num_kv_heads)
         self.cache, self.meta, self.cfg = cache, meta, meta.cfg
         self.method, self.mode, self.scale = method, settings.mode, settings.scale
@@ -287,10 +291,11 @@ class LayerStep:
                 # here (on the main stream after the join, as a dozen PyTorch ops per layer, they cost a PRR
                 # step of Llama-3.1-8B ~1 ms per token; now one selection_overlap kernel)
                 self.stats = self._prr_stats(sel, nblk)
-            if self.predictor is None:  # the guessed top-K wrote the next P beside S
+            if self.predictor is None:  # the guessed top-K wrote the next P beside S; on the full one P is S
                 if not self.hold_prediction:
-                    self.p_idx.copy_(self.guessed.p_idx)
-                    self.p_cnt.copy_(self.guessed.p_cnt)
+                    g = self.guessed
+                    self.p_idx.copy_(g.p_idx if g is not None else sel.indices)
+                    self.p_cnt.copy_(g.p_cnt if g is not None else sel.counts)
             else:
                 pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
                 self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
