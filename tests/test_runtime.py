@@ -95,8 +95,8 @@ def test_layer_step_decoding_with_appends_equals_prr_step(mode):
 
 def test_layer_step_rejects_bad_setup():
     cache, _, meta, pred = _decode_setup("quest")
-    with pytest.raises(ValueError, match="takes P from the guessed top-K"):
-        LayerStep(cache, meta, 8, method="prr", topk="full")
+    with pytest.raises(ValueError, match="other K' take it from the guessed top-K"):
+        LayerStep(cache, meta, 8, method="prr", topk="full", ratio=1.5)
     with pytest.raises(TypeError, match="HoltPredictor or None"):
         LayerStep(cache, meta, 8, method="prr", predictor=object())
     with pytest.raises(ValueError, match="unknown topk"):
