@@ -371,6 +371,12 @@ def _(tmp):
     Engine(tiny_model(), attention="prr", overlap="attention")
 
 
+@case("previous-predictor-ratio", "P from the previous selection with K' other than K", "prr.model.Engine",
+      ValueError, "predictor='previous' speculates over the previous selection (K' = K): ratio must be 1, got 1.5")
+def _(tmp):
+    Engine(tiny_model(), attention="prr", predictor="previous", ratio=1.5)
+
+
 @case("unknown-preset", "an unknown model preset", "prr.model.ModelConfig.from_name", ValueError,
       "unknown model 'llama-9'; expected one of smollm2-135m, llama-3.1-8b, llama-3.1-70b, glm-4-9b, glm-4-9b-1m, "
       "qwen3-8b")

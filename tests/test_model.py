@@ -150,12 +150,14 @@ def test_fill_random_engine_dsa_equals_prr_on_a_random_model():
     model = Llama(cfg, random_weights(cfg, dtype=torch.float64))
     sparse = prr.SparseConfig(top_k=6)
     outs = []
-    for attention in ("dsa", "prr"):
-        eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=1)
+    for attention, predictor in (("dsa", "selection"), ("prr", "selection"), ("prr", "previous")):
+        eng = Engine(model, None, attention=attention, sparse=sparse, n_dense_layers=1, predictor=predictor,
+                     ratio=1.0 if predictor == "previous" else 1.5)
         eng.fill_random(2, 500, 8)
         tok = torch.tensor([3, 4])
         outs.append(torch.stack([eng.step(tok) for _ in range(6)]))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-10, atol=1e-10)
     with pytest.raises(RuntimeError, match="CUDA graphs need"):
         eng.capture_decode()
 

@@ -91,7 +91,8 @@ def _cmd_bench_e2e(args) -> int:
 
     check_model_name(args.model)
     contexts, batches = _contexts(args.contexts), _ints("--batches", args.batches)
-    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr", "prr_auto"))
+    attentions = _choices("--attentions", args.attentions, ("dense", "dsa", "dsa_guessed", "prr", "prr_auto",
+                                                                 "prr_previous"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     pdl = _choices("--pdl", args.pdl, ("auto", "on", "off"))
     overlaps = _choices("--overlap", args.overlap, ("selection", "topk"))
@@ -245,7 +246,8 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,dsa_guessed,prr",
                    help="which of dense, dsa, dsa_guessed (PRR's engine without speculation: DSA on the guessed "
-                        "top-K), prr to time")
+                        "top-K), prr, prr_auto (ratio auto), prr_previous (K' = K on the full top-K, P the previous "
+                        "S) to time")
     s.add_argument("--amortized", default="", help="amortized DSA settings MxC (host schedule), e.g. 16x8: a "
                    "dsa_mMcC row each")
     s.add_argument("--pdl", default="auto", help="programmatic dependent launch modes to time each configuration "

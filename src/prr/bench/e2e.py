@@ -117,7 +117,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         amortized=(), pdl=("auto",), overlaps=("selection",)) -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
     speculation off, DSA on the guessed top-K; ``prr_auto``: PRR with ``ratio="auto"``, the speculation budget
-    profiled on this GPU from a drifted random query pair, its decision in the row's ``auto``; ``amortized``:
+    profiled on this GPU from a drifted random query pair, its decision in the row's ``auto``;
+    ``prr_previous``: PRR at K' = K on DSA's full top-K, P the previous step's S; ``amortized``:
     ``[(m, c)]``, each adds a ``dsa_mMcC`` row: serialized DSA whose sparse layers select through a host-scheduled
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
     re-score step's graph; ``pdl``: the programmatic-dependent-launch modes to time each configuration under,
@@ -146,18 +147,21 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
         ctx = min(ctx_asked, c.max_context - spare)
         for b, mode in [(b, mode) for b in batches for mode in pdl]:
             res = {}
-            configs = [(a, None, ov) for a in attentions for ov in (overlaps if a == "prr" else (None,))]
+            configs = [(a, None, ov) for a in attentions
+                       for ov in (overlaps if a in ("prr", "prr_previous") else (None,))]
             configs += [(f"dsa_m{m}c{f:g}", (m, f), None) for m, f in amortized]
             for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
                     n_steps = steps
                     if setting is None:
                         guessed = attention == "dsa_guessed"
-                        auto = attention == "prr_auto"
+                        auto, previous = attention == "prr_auto", attention == "prr_previous"
                         eng = Engine(model, None, attention="dsa" if attention == "dsa" else (
                                          "dense" if attention == "dense" else "prr"), sparse=cfg,
-                                     ratio="auto" if auto else ratio, n_dense_layers=n_dense_layers,
-                                     speculate=not guessed, **({"overlap": overlap} if overlap else {}))
+                                     ratio="auto" if auto else (1.0 if previous else ratio),
+                                     n_dense_layers=n_dense_layers, speculate=not guessed,
+                                     predictor="previous" if previous else "selection",
+                                     **({"overlap": overlap} if overlap else {}))
                     else:  # whole periods: every timed window holds its share of scans
                         eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
                                               sparse=cfg, n_dense_layers=n_dense_layers)
@@ -196,12 +200,12 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                         row["auto"] = eng.spec_decision
                     if speculating:
                         row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)
-                    if setting is None and eng.attention == "prr":  # the guessed top-K
+                    if setting is None and eng._step_stats and eng._step_stats[0].guess is not None:
                         paths = torch.stack([s.guess[1] for s in eng._step_stats]).flatten().tolist()
                         row["guess_paths"] = {p: paths.count(i) for i, p in enumerate(PATHS) if paths.count(i)}
                     if len(pdl) > 1:
                         row["pdl"] = mode
-                    if attention == "prr" and len(overlaps) > 1:
+                    if attention in ("prr", "prr_previous") and len(overlaps) > 1:
                         row["overlap"] = overlap
                     if tp is not None:
                         row["tp"] = tp.world

@@ -37,7 +37,7 @@ ATTENTIONS = ("dense", "dsa", "prr")
 AUTO_CPU_RATIO = 1.5
 """PRR's speculation ratio for ``ratio="auto"`` under tensor parallelism on GPUs (the budget profiler times one
 rank's slice; each rank could decide differently)."""
-PREDICTORS = ("selection", "holt")
+PREDICTORS = ("selection", "holt", "previous")
 
 __all__ = ["ATTENTIONS", "AUTO_CPU_RATIO", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
 
@@ -95,7 +95,8 @@ class Engine:
             tensor parallelism :data:`AUTO_CPU_RATIO`.
         predictor: where PRR's predicted set P comes from: ``"selection"`` (the guessed top-K writes it beside
             S, from the same search: no predictor state or kernel) or ``"holt"`` (Holt's smoothing of the
-            scores, calibrated on the prompt, updated by a tail kernel per layer).
+            scores, calibrated on the prompt, updated by a tail kernel per layer) or ``"previous"`` (the previous
+            step's S, its selection found by DSA's own full top-K: K' = K, so ``ratio`` must be 1).
         speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
             step's, no speculation or repair).
         overlap: what PRR's speculation runs beside on a GPU: ``"selection"`` (scores and top-K) or ``"topk"``
@@ -110,6 +111,9 @@ class Engine:
                  speculate: bool = True, overlap: str = "selection"):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
         check.choice("predictor", predictor, PREDICTORS)
+        if predictor == "previous" and ratio != 1:
+            raise ValueError(f"predictor='previous' speculates over the previous selection (K' = K): ratio must be "
+                             f"1, got {ratio!r}")
         self.predictor_kind = predictor
         # False: PRR's steps decode as DSA on the guessed top-K (no P, no speculation); ratio="auto" decides
         self.speculate_requested = self.speculate = bool(speculate)
@@ -319,8 +323,9 @@ class Engine:
         streams = StepStreams(torch.cuda.Stream(device=cache0.device) if cuda else None,
                               torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None,
                               defer_tail=True)
-        settings = StepSettings("prr" if self.speculate else "dsa", topk="guessed", ratio=self.ratio,
-                                mode=self.mode, grow=1, overlap=self.overlap)
+        full = self.predictor_kind == "previous" and self.speculate  # P = the previous S, the full top-K
+        settings = StepSettings("prr" if self.speculate else "dsa", topk="full" if full else "guessed",
+                                ratio=self.ratio, mode=self.mode, grow=1, overlap=self.overlap)
         for i in range(self.n_dense_layers, c.num_layers):
             seed = self._calibrate_layer(i, spec_k) if i in self._calib_q else None
             self._steps[i] = LayerStep(self.caches[i], self.metas[i], c.num_q_heads, settings,
