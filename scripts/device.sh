@@ -27,7 +27,8 @@
 #   pdl-layer        the layer step at Llama-3.1-8B b1 128K / 2048 with programmatic dependent launch off, then on
 #   pdl-e2e          whole-model decode (dense, DSA, PRR) at Llama-3.1-8B 128K b1, dependent launch off and on
 #   overlap-e2e      whole-model decode at Llama-3.1-8B 128K b1: DSA, PRR with its speculation beside the
-#                    selection and beside the top-K alone (StepSettings.overlap), and PRR with ratio="auto"
+#                    selection and beside the top-K alone (StepSettings.overlap), on the guessed and on the full
+#                    top-K (predictor="previous"), and PRR with ratio="auto"
 #   diag-prr         kernel timelines of DSA's and PRR's layer step (scripts/diag_prr.py; draw them with
 #                    prr bench plot $OUT/diag_prr.json --timelines)
 #   diag-amortized   kernel timelines of amortized selection's scan and re-score steps
@@ -96,7 +97,7 @@ for step in "$@"; do
       --out "$OUT/bench_layer_llama_128k_pdl_$m.json" 2>&1 | quiet | tail -3; done | tee -a "$OUT/run.log" ;;
     pdl-e2e) timeout 330 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dense,dsa,prr \
       --pdl off,on --out "$OUT/bench_e2e_llama_128k_pdl.json" 2>&1 | quiet | tail -14 | tee -a "$OUT/run.log" ;;
-    overlap-e2e) timeout 400 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa,prr,prr_auto \
+    overlap-e2e) timeout 400 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa,prr,prr_previous,prr_auto \
       --overlap selection,topk --out "$OUT/bench_e2e_llama_128k_overlap.json" 2>&1 | quiet | tail -14 \
       | tee -a "$OUT/run.log" ;;
     diag-prr) timeout 300 python3 scripts/diag_prr.py --out "$OUT" --timelines 2 \
