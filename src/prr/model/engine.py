@@ -263,7 +263,7 @@ class Engine:
 
         qs = self._calib_q[layer]
         return profile_budget(self.caches[layer], self.metas[layer], qs[-1], q_prev=qs[-2] if len(qs) > 1 else None,
-                              mode=self.mode)
+                              mode=self.mode, overlap=self.overlap)
 
     def _resolve_speculation(self) -> None:
         """``ratio="auto"``: K' from the profiler, or speculation off (PRR decodes as serialized DSA)."""

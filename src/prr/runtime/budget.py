@@ -107,11 +107,12 @@ def confirm_best(decision: BudgetDecision, t_sel: float, t_att: float, t_spec: d
     return confirm_budget(picked, t_d, t_p, min_gain=min_gain)
 
 
-def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None, prev=None):
-    """DSA and PRR's critical path (speculation over the given P beside the selection, then the repair; no tail),
-    each a :class:`prr.runtime.LayerStep` with the guessed top-K started from ``prev`` (a selection; default:
-    this query's own, an optimistic guess): ``(t_dsa, t_prr)`` from ``timer(step)`` (default: capture a CUDA
-    graph and time its replay)."""
+def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None, prev=None,
+                  overlap: str = "selection"):
+    """DSA and PRR's critical path (speculation over the given P beside the selection, or beside its top-K alone
+    with ``overlap="topk"``, then the repair; no tail), each a :class:`prr.runtime.LayerStep` with the guessed
+    top-K started from ``prev`` (a selection; default: this query's own, an optimistic guess): ``(t_dsa, t_prr)``
+    from ``timer(step)`` (default: capture a CUDA graph and time its replay)."""
     from ..algo.sparse import select
     from ..algo.step import StepCounts
     from .layer import LayerStep, StepProbe
@@ -131,7 +132,7 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
     hold = StepProbe(tail=False, hold_prediction=True)
     dsa = LayerStep(cache, meta, q.shape[1], method="dsa", topk="guessed", counts=counts, probe=hold)
     prr = LayerStep(cache, meta, q.shape[1], method="prr", ratio=spec_k / cfg.top_k, mode=mode, counts=counts,
-                    probe=hold)
+                    probe=hold, overlap=overlap)
     if prr.spec_k != spec_k or tuple(prr.p_idx.shape) != tuple(p_idx.shape):
         raise ValueError(f"the step's K' ({prr.spec_k}, P {tuple(prr.p_idx.shape)}) does not match the "
                          f"prediction's ({spec_k}, {tuple(p_idx.shape)})")
@@ -149,7 +150,7 @@ def trace_hit_rate(ratio: float) -> float:
 
 def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25, 1.5), hit_rate=trace_hit_rate,
                    mode: str = "exact", min_gain: float = 0.02, budget_cache: BudgetCache | None = None,
-                   refresh: bool = False, gpu_name: str | None = None) -> BudgetDecision:
+                   refresh: bool = False, gpu_name: str | None = None, overlap: str = "selection") -> BudgetDecision:
     """Time the full and the guessed top-K, then selection, attention, speculation and repair over a sweep of K'
     on the GPU in use, choose K' (:func:`choose_budget`) and cache the decision per (GPU, shapes, context
     bucket).
@@ -157,7 +158,8 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
     ``q_prev``: the step before's query (its selection starts the guessed top-K, as in decoding; default:
     ``q`` itself, which flatters the guess). `hit_rate(ratio)` gives the hit rate to model for each K'/K
     (default: the real-trace rates); the repair is timed with a prediction that hits exactly that share of
-    the true selection.
+    the true selection. ``overlap``: where the confirming step runs the speculation
+    (:class:`prr.runtime.StepSettings`).
     """
     import torch
 
@@ -171,7 +173,7 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
     store = budget_cache or BudgetCache()
     gpu = gpu_name or torch.cuda.get_device_name(q.device)
     key = BudgetCache.key(gpu, bsz, hq, cache.num_kv_heads, d, cfg.method, cfg.budget_tokens,
-                          int(cache.seq_lens.max()), mode)
+                          int(cache.seq_lens.max()), mode, overlap)
     if not refresh and (hit := store.get(key)) is not None:
         return hit
     nblk = ops.num_blocks(cache.seq_lens, cfg.block_size)
@@ -205,7 +207,7 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
 
     def measure(k):
         p_idx, p_cnt = _prediction_with_hit_rate(sel, nblk, cfg, k, hit_rate(k / cfg.top_k))
-        return measure_steps(cache, meta, q, p_idx, p_cnt, k, mode, prev=prev)
+        return measure_steps(cache, meta, q, p_idx, p_cnt, k, mode, prev=prev, overlap=overlap)
 
     # the model ignores contention between the branches: time the overlapped step itself
     dec = confirm_best(dec, t_sel, t_att, t_spec, t_rep, measure, min_gain=min_gain)
@@ -242,8 +244,9 @@ class BudgetCache(JsonCache):
 
     @staticmethod
     def key(gpu: str, batch: int, hq: int, hkv: int, d: int, method: str, budget: int, tokens: int,
-            mode: str = "exact") -> str:
-        return f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{method}|{budget}|{mode}|ctx{context_bucket(tokens)}|guessed"
+            mode: str = "exact", overlap: str = "selection") -> str:
+        tail = "" if overlap == "selection" else f"|overlap-{overlap}"
+        return f"{gpu}|b{batch}|{hq}x{hkv}x{d}|{method}|{budget}|{mode}|ctx{context_bucket(tokens)}|guessed{tail}"
 
     def get(self, key: str) -> BudgetDecision | None:
         d = self.get_entry(key)
