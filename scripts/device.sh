@@ -26,6 +26,7 @@
 #   e2e-glm          the same for GLM-4-9B-1M at 1M b1
 #   pdl-layer        the layer step at Llama-3.1-8B b1 128K / 2048 with programmatic dependent launch off, then on
 #   pdl-e2e          whole-model decode (dense, DSA, PRR) at Llama-3.1-8B 128K b1, dependent launch off and on
+#   overlap-layer    the layer step at Llama-3.1-8B b1 128K / 2048 alone (layer-targets' first case)
 #   overlap-e2e      whole-model decode at Llama-3.1-8B 128K b1: DSA, PRR with its speculation beside the
 #                    selection and beside the top-K alone (StepSettings.overlap), on the guessed and on the full
 #                    top-K (predictor="previous"), and PRR with ratio="auto"
@@ -97,6 +98,9 @@ for step in "$@"; do
       --out "$OUT/bench_layer_llama_128k_pdl_$m.json" 2>&1 | quiet | tail -3; done | tee -a "$OUT/run.log" ;;
     pdl-e2e) timeout 330 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dense,dsa,prr \
       --pdl off,on --out "$OUT/bench_e2e_llama_128k_pdl.json" 2>&1 | quiet | tail -14 | tee -a "$OUT/run.log" ;;
+    overlap-layer) timeout 240 python3 -m prr bench layer --quick --timelines --models llama-3.1-8b --batches 1 \
+      --contexts 128K --budgets 2048 --methods quest --out "$OUT/bench_layer_llama_128k.json" 2>&1 | quiet \
+      | tail -3 | tee -a "$OUT/run.log" ;;
     overlap-e2e) timeout 400 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa,prr,prr_previous,prr_auto \
       --overlap selection,topk --out "$OUT/bench_e2e_llama_128k_overlap.json" 2>&1 | quiet | tail -14 \
       | tee -a "$OUT/run.log" ;;
