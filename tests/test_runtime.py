@@ -349,6 +349,14 @@ def test_dsa_layer_step_ignores_a_predictor():
     torch.testing.assert_close(step.run(q)[0], prr.dsa_step(q, cache, meta).o, rtol=1e-12, atol=1e-12)
 
 
+def test_guessed_top_k_must_pay_by_a_margin():
+    from prr.runtime.budget import guessed_pays
+
+    assert not guessed_pays(34.7, 34.3, 11.8)  # 0.9% of the step: noise, serialized DSA on the full top-K
+    assert guessed_pays(34.7, 30.0, 11.8) and not guessed_pays(30.0, 34.7, 11.8)
+    assert guessed_pays(34.7, 34.3, 11.8, min_gain=0.0)
+
+
 def test_prediction_with_hit_rate_and_cached_profile(tmp_path):
     from prr.runtime.budget import _prediction_with_hit_rate, profile_budget, trace_hit_rate
 

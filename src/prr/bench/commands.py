@@ -252,8 +252,9 @@ def register(sub) -> None:
                    "dsa_mMcC row each")
     s.add_argument("--pdl", default="auto", help="programmatic dependent launch modes to time each configuration "
                    "under, comma separated (auto, on, off; e.g. off,on for an A/B in one run)")
-    s.add_argument("--overlap", default="selection", help="what PRR's speculation runs beside, comma separated: "
-                   "selection (scores and top-K), topk (the top-K alone, after the scores); one prr row each")
+    s.add_argument("--overlap", default="topk", help="what PRR's speculation runs beside, comma separated: topk "
+                   "(the top-K alone, after the scores: the engine's default), selection (scores and top-K); one prr "
+                   "row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
     s.add_argument("--no-breakdown", action="store_true", help="skip the per-token breakdown (a kernel timeline of "
                    "one replay per configuration: selection, speculation, repair, attention vs the rest)")

@@ -114,7 +114,7 @@ def _drifted_queries(eng, layer: int, target: float = 0.80) -> dict:
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
-        amortized=(), pdl=("auto",), overlaps=("selection",)) -> dict:
+        amortized=(), pdl=("auto",), overlaps=("topk",)) -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
     speculation off, DSA on the guessed top-K; ``prr_auto``: PRR with ``ratio="auto"``, the speculation budget
     profiled on this GPU from a drifted random query pair, its decision in the row's ``auto``;

@@ -99,8 +99,9 @@ class Engine:
             step's S, its selection found by DSA's own full top-K: K' = K, so ``ratio`` must be 1).
         speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
             step's, no speculation or repair).
-        overlap: what PRR's speculation runs beside on a GPU: ``"selection"`` (scores and top-K) or ``"topk"``
-            (the top-K alone, after the scores; :class:`prr.runtime.StepSettings`).
+        overlap: what PRR's speculation runs beside on a GPU: ``"topk"`` (the default: the top-K alone, after
+            the scores) or ``"selection"`` (scores and top-K, the paper's schedule); :class:`prr.runtime.StepSettings`.
+            Whole-model decode measured "topk" the faster of the two in every pair run (the Results page).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
 
@@ -108,7 +109,7 @@ class Engine:
                  sparse: SparseConfig | None = None, ratio: float | str = 1.5, mode: str = "exact",
                  n_dense_layers: int = 2, calibrate_window: int = 16, graphs: bool = True,
                  auto_sparse: str = "dsa", auto_crossover: int | None = None, predictor: str = "selection",
-                 speculate: bool = True, overlap: str = "selection"):
+                 speculate: bool = True, overlap: str = "topk"):
         check.choice("attention", attention, (*ATTENTIONS, "auto"))
         check.choice("predictor", predictor, PREDICTORS)
         if predictor == "previous" and ratio != 1:

@@ -185,7 +185,7 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
     t_full = time_op(lambda: select(q, cache, meta, nblk=nblk))
     t_guess = time_op(lambda: guessed.select(q, cache, meta, nblk))
     t_att = time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size))
-    if t_guess >= t_full:
+    if not guessed_pays(t_full, t_guess, t_att, min_gain):
         dec = BudgetDecision(None, t_full + t_att, t_full + t_att, 0.0,
                              f"off: the guessed top-K does not pay here (selection {t_guess:.1f} vs {t_full:.1f} "
                              "us with the full one): serialized DSA", topk="full", t_full_us=t_full + t_att)
@@ -215,6 +215,13 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
                               reason=f"{dec.reason}; guessed top-K: selection {t_guess:.1f} vs {t_full:.1f} us")
     store.put(key, dec)
     return dec
+
+
+def guessed_pays(t_full: float, t_guess: float, t_att: float, min_gain: float = 0.02) -> bool:
+    """Whether DSA's step on the guessed top-K beats it on the full one by at least ``min_gain`` of the step
+    (selection + attention): a smaller edge is within the timing's noise, and a whole model measured it as a
+    loss (H100, Llama-3.1-8B 128K b1: selections 34.3 against 34.7 us, 0.98x DSA's tokens/s)."""
+    return t_full - t_guess >= min_gain * (t_full + t_att)
 
 
 def _prediction_with_hit_rate(sel, nblk, cfg, spec_k: int, hit: float, seed: int = 0):
