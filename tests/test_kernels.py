@@ -112,6 +112,11 @@ def test_sparse_decode_kernel(dtype, lens, hkv, g, d, bs, page):
         bo3, blse3 = prr.ops.block_states(q, cache, idx, cnt, bs, max_programs=1)
     assert torch.equal(bo2, bo) and torch.equal(blse2, blse)
     assert torch.equal(bo3, bo) and torch.equal(blse3, blse)
+    # The merged output with the grid capped (every slot in one split): the same attention by the same rule.
+    with use_backend("triton"):
+        o4, lse4 = prr.ops.sparse_decode(q, cache, idx, cnt, bs, max_programs=1)
+    _assert_rule(o4.cpu(), o_ref, own, dtype)
+    torch.testing.assert_close(lse4.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
 
 
 def test_sparse_decode_kernel_full_budget_equals_dense_and_noncontiguous_inputs():

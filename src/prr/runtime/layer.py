@@ -74,7 +74,7 @@ class StepSettings:
 class StepProbe:
     """Benchmark knobs. ``hold_prediction``: the tail writes its prediction to scratch, so P (and the hit rate)
     stays as set; ``tail=False`` leaves the tail out (the critical path alone); ``update_layer``: the Holt
-    slot the tail folds scores into (default: the step's layer); ``spec_programs``: cap the exact-mode
+    slot the tail folds scores into (default: the step's layer); ``spec_programs``: cap the
     speculation's grid (it then leaves SMs to the selection's kernels)."""
 
     hold_prediction: bool = False  # (also holds the guessed top-K's previous selection as seeded)
@@ -233,7 +233,8 @@ class LayerStep:
                                             max_programs=self.spec_programs)
                 spec = {"block_o": bo, "block_lse": blse}
             else:
-                so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale)
+                so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
+                                             max_programs=self.spec_programs)
                 spec = {"spec_o": so, "spec_lse": slse}
         if main is not None:  # join
             main.wait_stream(self.sel_stream)

@@ -241,25 +241,32 @@ def sparse_decode_launch(q, cache: KVCache, indices, counts, block_size, scale, 
     return (so, slse), (bo, blse)
 
 
+def _capped_splits(q, cache: KVCache, indices, block_size, max_programs):
+    """Splits per (sequence, KV head) under a grid of at most ``max_programs`` (None: the kernel's own rule)."""
+    if not max_programs:
+        return None
+    rows = q.shape[0] * cache.num_kv_heads
+    return max(1, min(num_splits(rows, indices.shape[-1], q.device, chunk_slots(block_size)), max_programs // rows))
+
+
 def block_states(q, cache: KVCache, indices, counts, block_size, scale=None, max_programs=None):
     """Triton twin of :func:`prr.ops.attention.reference.block_states`: per-slot states only (no split states,
     no merge: PRR's exact-mode speculation needs nothing else). ``max_programs`` caps the grid."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    splits = None
-    if max_programs:
-        rows = q.shape[0] * cache.num_kv_heads
-        splits = max(1, min(num_splits(rows, indices.shape[-1], q.device, chunk_slots(block_size)),
-                            max_programs // rows))
+    splits = _capped_splits(q, cache, indices, block_size, max_programs)
     _, (bo, blse) = sparse_decode_launch(q, cache, indices, counts, block_size, scale, write_splits=False,
                                          write_blocks=True, splits=splits)
     return bo, blse
 
 
-def sparse_decode(q, cache: KVCache, indices, counts, block_size, scale=None, return_block_states=False):
-    """Triton twin of :func:`prr.ops.attention.reference.sparse_decode` (same arguments and results)."""
+def sparse_decode(q, cache: KVCache, indices, counts, block_size, scale=None, return_block_states=False,
+                  max_programs=None):
+    """Triton twin of :func:`prr.ops.attention.reference.sparse_decode` (same arguments and results);
+    ``max_programs`` caps the grid."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     (so, slse), (bo, blse) = sparse_decode_launch(q, cache, indices, counts, block_size, scale,
-                                                  write_blocks=return_block_states)
+                                                  write_blocks=return_block_states,
+                                                  splits=_capped_splits(q, cache, indices, block_size, max_programs))
     o, lse = merge_partials(so, slse, out_dtype=q.dtype)
     if return_block_states:
         return o, lse, bo, blse
