@@ -101,13 +101,12 @@ def _drifted_queries(eng, layer: int, target: float = 0.80) -> dict:
     """``{layer: [q_prev, q]}`` for :meth:`Engine.calibrate`: a random query and one drifted from it so that
     consecutive selections over the layer's random cache overlap as real text's do (hit rate ~``target`` at
     K' = K), as the layer bench's previous step."""
-    from .workload import calibrate_drift, drift
+    from .workload import drifted_query
 
     c, cache, meta = eng.cfg, eng.caches[layer], eng.metas[layer]
     gen = torch.Generator(device=cache.device).manual_seed(0)
     q = torch.randn(cache.batch, c.num_q_heads, c.head_dim, device=cache.device, generator=gen).to(cache.dtype)
-    sigma, _ = calibrate_drift(cache, meta, q, target)
-    q_prev = drift(q, sigma, torch.Generator(device=cache.device).manual_seed(1))
+    q_prev, _ = drifted_query(cache, meta, q, target)
     return {layer: torch.stack([q_prev, q])}
 
 
@@ -153,9 +152,9 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
             for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
                     n_steps = steps
+                    guessed, previous = attention == "dsa_guessed", attention == "prr_previous"
+                    auto = attention == "prr_auto"
                     if setting is None:
-                        guessed = attention == "dsa_guessed"
-                        auto, previous = attention == "prr_auto", attention == "prr_previous"
                         eng = Engine(model, None, attention="dsa" if attention == "dsa" else (
                                          "dense" if attention == "dense" else "prr"), sparse=cfg,
                                      ratio="auto" if auto else (1.0 if previous else ratio),
@@ -167,7 +166,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                                               sparse=cfg, n_dense_layers=n_dense_layers)
                         n_steps = setting[0] * -(-steps // setting[0])
                     eng.fill_random(b, ctx, spare)
-                    if setting is None and auto:  # the profiler decides from a drifted query pair
+                    if auto:  # the profiler decides from a drifted query pair
                         eng.calibrate(_drifted_queries(eng, n_dense_layers))
                     eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
                     eng.capture_decode()
@@ -196,7 +195,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                     if setting is not None:
                         row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
                                    rescore_median_us=round(statistics.median(times[1:]), 1))
-                    if setting is None and auto:
+                    if auto:
                         row["auto"] = eng.spec_decision
                     if speculating:
                         row["hit_rate"] = round(sum(s.hit_rate() for s in eng._step_stats) / len(eng._step_stats), 3)

@@ -206,24 +206,20 @@ def bench_case(model, batch, ctx, method, copy_tbps, overhead, budget: int | Non
     for ratio in (1.0, 1.5):
         for mode in ("exact", "union"):
             # the speculation beside the whole selection, or beside its top-K alone; at K' = K also on the full
-            # top-K (P: the previous step's S)
-            for overlap, topk in itertools.product(OVERLAPS, ("guessed", "full") if ratio == 1.0 else ("guessed",)):
-                us, measured, step = prr_new(ratio, mode, overlap=overlap, topk=topk)
+            # top-K (P: the previous step's S), and beside the top-K with its grid leaving the top-K's SMs free
+            variants = [(ov, tk, None) for ov, tk in itertools.product(
+                OVERLAPS, ("guessed", "full") if ratio == 1.0 else ("guessed",))]
+            variants += [("topk", "full", spare_sms)] if ratio == 1.0 else []
+            for overlap, topk, cap in variants:
+                us, measured, step = prr_new(ratio, mode, overlap=overlap, topk=topk, spec_programs=cap)
+                extra = {} if cap is None else {"spec_programs": cap}
                 net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False,
-                          overlap=overlap, topk=topk)
-                for key in (f"overlap_{overlap}", f"topk_{topk}"):
+                          overlap=overlap, topk=topk, **extra)
+                for key in ((f"overlap_{overlap}", f"topk_{topk}") if cap is None else ("spec_capped",)):
                     by_overlap[key] = min(by_overlap.get(key, float("inf")), net)
                 if best is None or net < best[0]:
-                    best = (net, f"{mode} r={ratio} overlap={overlap} topk={topk}", measured)
-                if mode == "exact":
-                    best_exact = min(best_exact, net)
-            if ratio == 1.0:  # beside the top-K with the speculation's grid leaving the top-K's SMs free
-                us, measured, _ = prr_new(ratio, mode, overlap="topk", topk="full", spec_programs=spare_sms)
-                net = add(f"prr_{mode}_path", "graph", us, ratio=ratio, hit_rate=round(measured, 3), tail=False,
-                          overlap="topk", topk="full", spec_programs=spare_sms)
-                by_overlap["spec_capped"] = min(by_overlap.get("spec_capped", float("inf")), net)
-                if net < best[0]:
-                    best = (net, f"{mode} r={ratio} overlap=topk topk=full spec_programs={spare_sms}", measured)
+                    best = (net, f"{mode} r={ratio} overlap={overlap} topk={topk}"
+                            + ("" if cap is None else f" spec_programs={cap}"), measured)
                 if mode == "exact":
                     best_exact = min(best_exact, net)
             if mode == "exact":

@@ -30,14 +30,13 @@ from ..ops.guessed import PATHS
 from ..ops.guessed import triton as gk
 from .common import Row, copy_bandwidth_tbps, graph_overhead_us, save, table
 from .kernels import RandomLayer, _label, _metadata_bytes
-from .workload import calibrate_drift, drift
+from .workload import drifted_query
 
 
 def previous_query(lay: RandomLayer, target: float = 0.80, seed: int = 1):
     """A query one decode step before the case's: drifted so the predictor's hit rate at K' = K is about
     ``target`` (the real traces' overlap), and its selection."""
-    sigma, _ = calibrate_drift(lay.cache, lay.meta, lay.q, target)
-    q_prev = drift(lay.q, sigma, torch.Generator(device=lay.q.device).manual_seed(seed))
+    q_prev, sigma = drifted_query(lay.cache, lay.meta, lay.q, target, seed)
     s = select(q_prev, lay.cache, lay.meta, nblk=lay.nblk)
     return q_prev, (s.indices.clone(), s.counts.clone()), sigma
 

@@ -65,3 +65,11 @@ def calibrate_drift(cache: KVCache, meta: BlockMetadata, q0: torch.Tensor, targe
         else:
             hi = mid
     return best
+
+
+def drifted_query(cache: KVCache, meta: BlockMetadata, q: torch.Tensor, target: float = 0.80,
+                  seed: int = 1) -> tuple[torch.Tensor, float]:
+    """A query one decode step before ``q``: drifted so the predictor's hit rate at K' = K is about ``target``
+    (consecutive selections overlapping as real text's do); ``(q_prev, sigma)``."""
+    sigma, _ = calibrate_drift(cache, meta, q, target)
+    return drift(q, sigma, torch.Generator(device=q.device).manual_seed(seed)), sigma
