@@ -26,6 +26,8 @@ SEQ_LEN, POOL = 512, 8192
 
 def _server(smollm, attention="prr", **kw):
     model, tok = smollm
+    if attention == "prr":  # speculation on (ratio "auto" decodes as DSA in a server)
+        kw.setdefault("ratio", 1.5)
     cfg = ServeConfig(attention=attention, sparse=SPARSE, max_batch=kw.pop("max_batch", 16), max_seq_len=SEQ_LEN,
                       max_tokens_in_cache=kw.pop("pool", POOL), api_key=KEY, max_tokens_cap=64, **kw)
     sch = build_scheduler(model, tok, cfg)
@@ -118,6 +120,27 @@ def test_concurrent_requests_each_get_what_they_get_alone(smollm, attention):
         assert srv.server.scheduler.peak_running > 4  # they were decoded together
         h = _health(srv)
         assert h["running"] == 0 and h["pages_in_use"] == 0
+
+
+def test_prr_with_ratio_auto_serves_as_dsa(smollm):
+    """One server, many contexts: no context to profile the speculation at, so ``ratio="auto"`` (the default)
+    decodes PRR as serialized DSA, says why in /health, and answers as the DSA server does."""
+    _, tok = smollm
+    prompt = _prompts(tok, 4)[3]
+    texts = {}
+    for name, attention, kw in (("auto", "prr", {"ratio": "auto"}), ("dsa", "dsa", {})):
+        with _server(smollm, attention, max_batch=2, **kw) as srv:
+            r = _client(srv).completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0)
+            texts[name] = r.choices[0].text
+            h = _health(srv)
+            runner = srv.server.scheduler.runner
+            if name == "auto":
+                assert runner.requested == "prr" and runner.attention == "dsa"
+                assert h["attention"] == "dsa" and h["speculation"]["speculation"] == "off"
+                assert "pass a ratio to speculate" in h["speculation"]["reason"]
+            else:
+                assert h["attention"] == "dsa" and h["speculation"] is None
+    assert texts["auto"] == texts["dsa"]
 
 
 BAD = [

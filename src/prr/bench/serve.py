@@ -92,8 +92,9 @@ def _continuous(model, tok, attention, specs, cfg, *, concurrency, send_times, h
         sched.stop(timeout=60)
     row = {"attention": attention, "batching": "continuous", "transport": "http" if http else "in-process",
            **summarize(recs, wall), "setup_s": round(setup_s, 2), "decode_steps": sched.steps,
-           "peak_running": sched.peak_running, "cuda_graphs": bool(sched.runner._captured)}
-    if attention == "prr":
+           "peak_running": sched.peak_running, "cuda_graphs": bool(sched.runner._captured),
+           "decoded_as": sched.runner.attention, "spec_decision": sched.runner.spec_decision}
+    if sched.runner.attention == "prr":
         hr = sched.metrics.hit_rate()
         row["hit_rate"] = None if hr != hr else round(hr, 4)
     if probe:
@@ -176,11 +177,8 @@ def run(model_name: str, out: str, *, attentions=("dense", "dsa", "prr"), reques
                           http=http, probe=memory_probe)
         row["pool_tokens"] = pool
         rows.append(row)
-        if static:
-            from ..model.engine import AUTO_CPU_RATIO
-
-            srow = _static(model, tok, attention, specs, {**cfg, "ratio": AUTO_CPU_RATIO if ratio == "auto" else ratio},
-                           fill)
+        if static:  # the same requests as static batches, decoded as the server decoded them
+            srow = _static(model, tok, row["decoded_as"], specs, cfg, fill)
             srow["pool_tokens"] = pool
             rows.append(srow)
             row["speedup_vs_static"] = round(row["throughput_tok_s"] / srow["throughput_tok_s"], 3)

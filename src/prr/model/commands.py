@@ -245,8 +245,6 @@ def tp_args(s) -> None:
 
 
 def register(sub) -> None:
-    from .engine import AUTO_CPU_RATIO
-
     def model_args(s, budget):
         s.add_argument("--model", default="smollm2", help="smollm2 (bundled), a .gguf file, a Hugging Face "
                                                            "checkpoint directory, or a preset (random weights)")
@@ -255,7 +253,8 @@ def register(sub) -> None:
         s.add_argument("--ratio", type=_ratio_arg, default="auto",
                        help="PRR speculation ratio (K' = ceil(r K)), or auto (default): on a GPU the speculation "
                             "budget profiler picks K' at the prompt's context, or turns speculation off where it "
-                            f"does not pay (PRR then decodes as DSA); {AUTO_CPU_RATIO} on a CPU")
+                            "does not pay (PRR then decodes as DSA); on a CPU PRR decodes as DSA (nothing runs "
+                            "beside the selection there)")
         s.add_argument("--mode", default="exact", choices=["exact", "union"])
         s.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
         s.add_argument("--max-new-tokens", type=int, default=32)

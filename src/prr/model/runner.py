@@ -20,7 +20,8 @@ preemption is ever needed); block metadata, predictor state and P are per slot a
 (``max_seq_len``): Quest's metadata is 1/16 of the KV bytes of a full slot. The predictor's (alpha, beta,
 gamma) are fixed per runner (they are baked into the captured steps); what a slot calibrates on its prompt is
 its own state, replayed over the last ``calibrate_window`` prompt positions. ``ratio`` is fixed too (the
-speculation budget profiler needs one context; a batch holds many).
+speculation budget profiler needs one context; a batch holds many): with ``"auto"`` PRR decodes as serialized
+DSA.
 """
 
 from __future__ import annotations
@@ -86,10 +87,17 @@ def _predictor_rows(pred: HoltPredictor, nb: int) -> HoltPredictor:
     return v
 
 
+AUTO_OFF_REASON = ("ratio='auto' in a batch of many contexts: the speculation budget profiler times one context, "
+                   "and PRR at a fixed ratio measured slower than serialized DSA in continuous batching (0.84x, "
+                   "H100, results/bench_serve_smoke_h100.json); PRR decodes as serialized DSA (the same "
+                   "selection); pass a ratio to speculate")
+
+
 class SlotRunner:
     """``max_batch`` slots of at most ``max_seq_len`` tokens each (prompt and generated), their pages from a pool
     of ``max_tokens_in_cache`` tokens. ``attention``: ``"dense"``, ``"dsa"`` or ``"prr"``; ``sparse``, ``ratio``
-    (``"auto"``: :data:`prr.model.engine.AUTO_CPU_RATIO`), ``mode``, ``n_dense_layers`` and ``calibrate_window``
+    (PRR with ``"auto"``, the default, decodes as serialized DSA: :data:`AUTO_OFF_REASON`, in ``spec_decision``),
+    ``mode``, ``n_dense_layers`` and ``calibrate_window``
     as for :class:`prr.model.engine.Engine`. ``graphs``: on a GPU, capture one decode step per bucket."""
 
     def __init__(self, model: Llama, tokenizer=None, *, attention: str = "dense", sparse: SparseConfig | None = None,
@@ -99,7 +107,12 @@ class SlotRunner:
         check.choice("attention", attention, ATTENTIONS)
         self.model, self.tok, self.cfg = model, tokenizer, model.cfg
         c, dev = model.cfg, model.device
-        self.attention, self.mode = attention, mode
+        self.requested, self.mode = attention, mode
+        self.spec_decision: dict | None = None  # ratio="auto" with PRR: speculation off, and why
+        if attention == "prr" and ratio == "auto":
+            attention = "dsa"
+            self.spec_decision = {"speculation": "off", "ratio": None, "topk": "full", "reason": AUTO_OFF_REASON}
+        self.attention = attention
         self.sparse = sparse or SparseConfig.from_budget("quest", 1024)
         self.ratio = AUTO_CPU_RATIO if ratio == "auto" else ratio
         self.spec_k = speculative_top_k(self.sparse.top_k, self.ratio)

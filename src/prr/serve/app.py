@@ -182,7 +182,8 @@ def create_app(scheduler: Scheduler, model_id: str, *, api_key: str | None = Non
     async def health(request):
         snap = scheduler.snapshot()
         ok = scheduler.admitting
-        return JSONResponse({"status": "ok" if ok else "shutting down", **snap}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "shutting down", **snap, "attention": runner.attention,
+                             "speculation": runner.spec_decision}, status_code=200 if ok else 503)
 
     async def metrics(request):
         s = scheduler.snapshot()

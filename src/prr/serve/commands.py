@@ -49,7 +49,8 @@ def register(sub) -> None:
     s.add_argument("--method", default="quest", choices=["quest", "infllm_v2", "oracle"])
     s.add_argument("--budget", type=_positive, default=1024, help="DSA tokens per step, forced blocks included")
     s.add_argument("--ratio", type=_ratio_arg, default="auto",
-                   help="PRR speculation ratio (K' = ceil(r K)); auto: the fixed default (one server, many contexts)")
+                   help="PRR speculation ratio (K' = ceil(r K)); auto (default): PRR decodes as serialized DSA "
+                        "(one server, many contexts: nothing to profile the speculation at)")
     s.add_argument("--mode", default="exact", choices=["exact", "union"])
     s.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")

@@ -58,7 +58,10 @@ def serve(model, tok, model_id: str, cfg: ServeConfig, host: str = "127.0.0.1", 
     scheduler = build_scheduler(model, tok, cfg)
     app = build_app(scheduler, model_id, cfg, drain_s=graceful_s)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s)
-    print(f"prr serve: {model_id} ({cfg.attention}) on http://{host}:{port}/v1", file=sys.stderr)
+    runner = scheduler.runner
+    how = cfg.attention if runner.spec_decision is None else \
+        f"{cfg.attention} decoding as {runner.attention}: {runner.spec_decision['reason']}"
+    print(f"prr serve: {model_id} ({how}) on http://{host}:{port}/v1", file=sys.stderr)
     _Server(config, scheduler).run()
 
 
