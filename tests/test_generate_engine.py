@@ -120,14 +120,26 @@ def test_auto_ratio_follows_the_budget_profiler(monkeypatch):
     assert st.guess is not None and st.guess["held"] == 1.0
 
 
-def test_auto_ratio_is_not_profiled_under_tensor_parallelism():
-    """Each rank would time its own slice and might decide otherwise: tensor parallel keeps the fixed ratio."""
+def test_auto_ratio_under_tensor_parallelism_takes_rank_0s_decision():
+    """Each rank times its own slice and might decide otherwise: every rank takes rank 0's K' and search (the
+    collective itself is tested over gloo in test_tp.py); a rank that agrees keeps its own decision."""
     from types import SimpleNamespace
 
-    eng = Engine(_model(), None, attention="prr", sparse=prr.SparseConfig(top_k=4), ratio="auto")
-    eng._calib_q = {2: torch.zeros(1, 1, 4, 8)}
-    eng.model = SimpleNamespace(device=torch.device("cuda"), tp=SimpleNamespace(world=2))
-    assert eng._profile_speculation(2) is None
+    from prr.model.engine import _rank0_decision
+    from prr.runtime import BudgetDecision
+
+    def group(rank0):  # a TP group whose rank 0 decided `rank0` ([K' or -1, guessed])
+        return SimpleNamespace(active=True, rank0_ints=lambda mine, device: list(rank0))
+
+    dev = torch.device("cpu")
+    off = BudgetDecision(None, 10.0, 10.5, -0.05, "off: gain -5.0% < 2%", topk="full")
+    on = BudgetDecision(3, 10.0, 9.0, 0.1, "on: gain +10.0%", topk="guessed")
+    assert _rank0_decision(None, off, dev) is off and _rank0_decision(SimpleNamespace(active=False), on, dev) is on
+    assert _rank0_decision(group([-1, 0]), off, dev) is off
+    got = _rank0_decision(group([3, 1]), off, dev)
+    assert got.spec_k == 3 and got.topk == "guessed" and got.enabled and got.reason.startswith("rank 0's decision")
+    got = _rank0_decision(group([-1, 1]), on, dev)
+    assert got.spec_k is None and got.topk == "guessed" and not got.enabled and "+10.0%" in got.reason
 
 
 def test_ragged_random_fill_decodes_and_prr_matches_dsa():

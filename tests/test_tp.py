@@ -193,3 +193,8 @@ def test_tp2_decode_equals_tp1(tp2_runs, dtype):
     # the reference's own sparse runs really are sparse, and PRR exact == DSA there too
     assert torch.equal(ref["prr"]["tokens"], ref["dsa"]["tokens"])
     assert not torch.equal(ref["dsa"]["logits"], ref["dense"]["logits"])
+
+
+def test_tp2_ranks_take_rank_0s_decision(tp2_runs):
+    """A setup-time decision (the speculation budget's) broadcast from rank 0 over gloo reaches every rank."""
+    assert [r["rank0_ints"] for r in tp2_runs] == [[10, 0], [10, 0]]

@@ -14,6 +14,7 @@ streaming, the CUDA graph of the step) is :mod:`prr.model.generation`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,11 +36,23 @@ from .tokenizer import Tokenizer
 ATTENTIONS = ("dense", "dsa", "prr")
 
 AUTO_CPU_RATIO = 1.5
-"""PRR's speculation ratio for ``ratio="auto"`` under tensor parallelism on GPUs (the budget profiler times one
-rank's slice; each rank could decide differently)."""
+"""PRR's speculation ratio for ``ratio="auto"`` where the budget profiler has no query to time (a GPU engine
+calibrated on no prompt positions, ``calibrate_window=0``)."""
 PREDICTORS = ("selection", "holt", "previous")
 
 __all__ = ["ATTENTIONS", "AUTO_CPU_RATIO", "CacheFull", "CapturedStep", "Engine", "GenerationStats"]
+
+
+def _rank0_decision(tp, dec, device):
+    """Tensor parallelism: rank 0's budget decision (K' or off, and the top-K search) on every rank."""
+    if tp is None or not tp.active:
+        return dec
+    mine = [-1 if dec.spec_k is None else dec.spec_k, int(dec.topk == "guessed")]
+    spec_k, guessed = tp.rank0_ints(mine, device)
+    if [spec_k, guessed] == mine:
+        return dec
+    return dataclasses.replace(dec, spec_k=None if spec_k < 0 else spec_k, topk="guessed" if guessed else "full",
+                               reason=f"rank 0's decision (this rank measured: {dec.reason})")
 
 
 class CapturedStep:
@@ -92,7 +105,7 @@ class Engine:
             pay (then PRR decodes as DSA with the guessed top-K, or the full one where that does not pay
             either: the same selection; ``spec_decision`` says why); on a CPU no speculation and the full
             top-K (nothing runs beside the selection there, and the full search is the cheaper one); under
-            tensor parallelism :data:`AUTO_CPU_RATIO`.
+            tensor parallelism every rank profiles its slice and all take rank 0's decision.
         predictor: where PRR's predicted set P comes from: ``"selection"`` (the guessed top-K writes it beside
             S, from the same search: no predictor state or kernel) or ``"holt"`` (Holt's smoothing of the
             scores, calibrated on the prompt, updated by a tail kernel per layer) or ``"previous"`` (the previous
@@ -255,16 +268,17 @@ class Engine:
 
     def _profile_speculation(self, layer: int):
         """The speculation budget profiler's decision (:class:`prr.runtime.BudgetDecision`) for one layer at
-        the current context, on its last calibration query; None where it does not run: a CPU, no query, or
-        tensor parallelism (each rank would time its own slice and might decide differently)."""
-        tp = getattr(self.model, "tp", None)
-        if self.model.device.type != "cuda" or layer not in self._calib_q or (tp is not None and tp.world > 1):
+        the current context, on its last calibration query; None where it does not run: a CPU or no query.
+        Under tensor parallelism every rank times its own slice (the same shapes) and all take rank 0's
+        decision, so the ranks' steps stay alike."""
+        if self.model.device.type != "cuda" or layer not in self._calib_q:
             return None
         from ..runtime import profile_budget
 
         qs = self._calib_q[layer]
-        return profile_budget(self.caches[layer], self.metas[layer], qs[-1], q_prev=qs[-2] if len(qs) > 1 else None,
-                              mode=self.mode, overlap=self.overlap)
+        dec = profile_budget(self.caches[layer], self.metas[layer], qs[-1], q_prev=qs[-2] if len(qs) > 1 else None,
+                             mode=self.mode, overlap=self.overlap)
+        return _rank0_decision(getattr(self.model, "tp", None), dec, self.model.device)
 
     def _resolve_speculation(self) -> None:
         """``ratio="auto"``: K' from the profiler, or speculation off (PRR decodes as serialized DSA)."""
@@ -282,8 +296,7 @@ class Engine:
         if dec is None:
             self.ratio = AUTO_CPU_RATIO
             self.spec_decision = {"context": ctx, "speculation": "on", "ratio": self.ratio, "topk": "guessed",
-                                  "reason": "not profiled (tensor parallel, or no calibration query): the fixed "
-                                            "ratio"}
+                                  "reason": "not profiled (no calibration query): the fixed ratio"}
             return
         top_k = self.sparse.top_k
         if dec.enabled:

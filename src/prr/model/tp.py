@@ -200,6 +200,16 @@ class TensorParallel:
             dist.all_reduce(x)
         return x
 
+    def rank0_ints(self, values: list[int], device: torch.device) -> list[int]:
+        """Rank 0's ``values`` on every rank (a decision taken once, outside the decode step: it syncs)."""
+        if not self.active:
+            return list(values)
+        import torch.distributed as dist
+
+        x = torch.tensor(values, dtype=torch.int64, device="cpu" if self.backend == "gloo" else device)
+        dist.broadcast(x, src=0)
+        return [int(v) for v in x.tolist()]
+
     def embed(self, tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Vocabulary-parallel embedding: rows of this rank's tokens, zeros for the others, summed over ranks."""
         if self.world == 1:

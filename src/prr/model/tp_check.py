@@ -157,6 +157,7 @@ def spawn_worker(rank: int, world: int, init_file: str, out_dir: str, cfg: Model
         tp = TensorParallel(rank, world, "gloo")
         w, ids = full_weights(cfg), prompt(cfg)
         runs = {str(dt): rank_runs(tp, cfg, w, ids, steps, sparse, dt) for dt in dtypes}
+        runs["rank0_ints"] = tp.rank0_ints([10 + rank, rank], torch.device("cpu"))  # a setup-time decision
         torch.save(runs, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
