@@ -1,12 +1,14 @@
-"""Keeping PRR's speculation off the top-K's SMs: the layer step with the speculation's stream in a CUDA green
-context (an SM partition), with its grid capped to the SMs the top-K leaves idle, and as it runs today.
+"""Keeping PRR's speculation off the top-K's SMs, at one layer step (PRR on the full top-K, K' = K, P the
+previous step's S, speculation beside the top-K): as it runs today (``overlap="topk"``); with the speculation's
+grid capped to the SMs the top-K leaves idle; with the speculation's stream in a PyTorch green context (the
+speculation confined, the top-K free to land anywhere); and with ``overlap="partition"`` (the top-K and the
+speculation on disjoint SM groups, :mod:`prr.runtime.partition`) at two group sizes.
 
 Run on the GPU machine: PYTHONPATH=src python3 scripts/sm_partition.py --out DIR [--case model:b:ctx:budget]
-Per variant (PRR on the full top-K, K' = K, P the previous step's S, speculation beside the top-K; exact and
-union): graph replay microseconds (net of the one-kernel graph overhead), the top-K kernel's and the
-speculation's durations from the kernel timeline, and whether the output equals the default placement's bit for
-bit (the same kernels and grid on other SMs must give the same bits). DSA and DSA's selection alone are timed in
-the same run. A variant whose green context or graph capture fails is reported with its error, not dropped.
+Per variant, exact and union: graph replay microseconds (net of the one-kernel graph overhead), the top-K
+kernel's and the speculation's durations from the kernel timeline, and whether the output equals the default
+placement's bit for bit (the same kernels and grid on other SMs must give the same bits). DSA is timed in the
+same run. A variant whose green context or graph capture fails is reported with its error, not dropped.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from prr.bench.timeline import graph_timeline
 from prr.bench.topk import previous_query
 from prr.runtime import LayerStep, StepProbe
 from prr.runtime.layer import StepStreams
+from prr.runtime.partition import PartitionUnavailable, partition_streams
 from prr.timing import time_graph
 
 
@@ -43,61 +46,6 @@ def green_stream(num_sms: int):
     finally:
         gc.pop_context()
     return gc, s, "torch.cuda.Stream() inside set_context()"
-
-
-def disjoint_streams(n_topk: int):
-    """Two streams on disjoint SM sets through the driver (ctypes on libcuda; torch's green contexts each take
-    the device's first SMs): one on a group of ``n_topk`` SMs, one on the SMs that remain. Returns them as
-    ``torch.cuda.ExternalStream`` and the SM counts granted."""
-    import ctypes
-
-    cu = ctypes.CDLL("libcuda.so.1")
-    torch.cuda.init()
-
-    def ok(r, what):
-        if r != 0:
-            raise RuntimeError(f"{what} failed with CUresult {r}")
-
-    dev = ctypes.c_int()
-    ok(cu.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device()), "cuDeviceGet")
-    # CUdevResource is an opaque struct (type, padding, a union holding smCount at byte 96); one group only, so
-    # the array stride never matters. Generous buffers cover the struct's size in every CUDA version.
-    full, group, rest = (ctypes.create_string_buffer(4096) for _ in range(3))
-    ok(cu.cuDeviceGetDevResource(dev, full, 1), "cuDeviceGetDevResource")  # CU_DEV_RESOURCE_TYPE_SM
-    n = ctypes.c_uint(1)
-    ok(cu.cuDevSmResourceSplitByCount(group, ctypes.byref(n), full, rest, 0, ctypes.c_uint(n_topk)),
-       "cuDevSmResourceSplitByCount")
-    streams, counts = [], []
-    for res in (group, rest):
-        desc, gctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        ok(cu.cuDevResourceGenerateDesc(ctypes.byref(desc), res, 1), "cuDevResourceGenerateDesc")
-        ok(cu.cuGreenCtxCreate(ctypes.byref(gctx), desc, dev, 1), "cuGreenCtxCreate")  # default stream flag
-        ok(cu.cuGreenCtxStreamCreate(ctypes.byref(stream), gctx, 1, 0), "cuGreenCtxStreamCreate")  # non-blocking
-        streams.append(torch.cuda.ExternalStream(stream.value))
-        counts.append(int.from_bytes(res.raw[96:100], "little"))
-    return streams[0], streams[1], counts
-
-
-class TopKOnStream(LayerStep):
-    """The layer step with its top-K (everything the selection launches after the scores) on ``topk_stream``."""
-
-    topk_stream = None
-
-    def _select(self, q, nblk, after_scores=None):
-        sel_stream = torch.cuda.current_stream()
-
-        def hook():
-            if after_scores is not None:
-                after_scores()
-            self.topk_stream.wait_stream(sel_stream)
-            torch.cuda.set_stream(self.topk_stream)
-
-        try:
-            out = super()._select(q, nblk, hook)
-        finally:
-            torch.cuda.set_stream(sel_stream)
-        sel_stream.wait_stream(self.topk_stream)
-        return out
 
 
 def kernel_us(tl, *keys):
@@ -156,22 +104,20 @@ def main():
             except Exception as e:
                 out["rows"].append({"variant": f"{mode}_green{n}", "error": f"{type(e).__name__}: {e}"})
                 print(f"green context of {n} SMs: {e!r}", flush=True)
-        for n in (8 * -(-rows_ // 8), 8 * -(-rows_ // 8) + 8):
+        for n in (rows_, 8 * -(-rows_ // 8) + 8):  # the top-K on a group of SMs, the speculation on the rest
             try:
-                ts, ss, got = disjoint_streams(n)
-                variants.append((f"split{got[0]}+{got[1]}", StepStreams(side=ss), ts))
-            except Exception as e:
-                out["rows"].append({"variant": f"{mode}_split{n}", "error": f"{type(e).__name__}: {e}"})
-                print(f"disjoint partition of {n} SMs: {e!r}", flush=True)
+                ts, ss, g, r = partition_streams(torch.cuda.current_device(), n)
+                variants.append((f"partition{g}+{r}", StepStreams(side=ss, topk=ts), "partition"))
+            except PartitionUnavailable as e:
+                out["rows"].append({"variant": f"{mode}_partition{n}", "error": str(e)})
+                print(f"partition of {n} SMs: {e}", flush=True)
         base = None
         for name, streams, cap in variants:
-            topk_stream = cap if isinstance(cap, torch.cuda.Stream) else None
-            cap = None if topk_stream is not None else cap
-            kind = TopKOnStream if topk_stream is not None else LayerStep
-            step = kind(cache, meta, hq, method="prr", ratio=1.0, mode=mode, counts=counts, overlap="topk",
-                        topk="full", streams=streams if streams is not None else True,
-                        probe=StepProbe(tail=False, hold_prediction=True, spec_programs=cap))
-            step.topk_stream = topk_stream
+            overlap = "partition" if cap == "partition" else "topk"
+            cap = None if cap == "partition" else cap
+            step = LayerStep(cache, meta, hq, method="prr", ratio=1.0, mode=mode, counts=counts, overlap=overlap,
+                             topk="full", streams=streams if streams is not None else True,
+                             probe=StepProbe(tail=False, hold_prediction=True, spec_programs=cap))
             step.seed(prev)
             row = record(f"{mode}_{name}", step, spec_programs=cap)
             if row.get("out") is not None:
