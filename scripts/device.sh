@@ -30,10 +30,6 @@
 #   overlap-e2e      whole-model decode at Llama-3.1-8B 128K b1: DSA, PRR with its speculation beside the
 #                    selection and beside the top-K alone (StepSettings.overlap), on the guessed and on the full
 #                    top-K (predictor="previous"), and PRR with ratio="auto"
-#   sm-partition     scripts/sm_partition.py: PRR's speculation in a green context (an SM partition), with its grid
-#                    capped, and as today, at Llama-3.1-8B b1 128K and GLM-4-9B b1 512K (budget 2048)
-#   partition-e2e    whole-model decode, DSA and PRR with overlap topk and partition (the top-K and the speculation on
-#                    disjoint SMs): Llama-3.1-8B 128K b1, then GLM-4-9B-1M 1M b1
 #   diag-prr         kernel timelines of DSA's and PRR's layer step (scripts/diag_prr.py; draw them with
 #                    prr bench plot $OUT/diag_prr.json --timelines)
 #   diag-amortized   kernel timelines of amortized selection's scan and re-score steps
@@ -108,13 +104,6 @@ for step in "$@"; do
     overlap-e2e) timeout 400 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions dsa,prr,prr_previous,prr_auto \
       --overlap selection,topk --out "$OUT/bench_e2e_llama_128k_overlap.json" 2>&1 | quiet | tail -14 \
       | tee -a "$OUT/run.log" ;;
-    sm-partition) for c in llama-3.1-8b:1:131072:2048 glm-4-9b:1:524288:2048; do timeout 240 python3 \
-      scripts/sm_partition.py --out "$OUT" --case "$c" 2>&1 | quiet | tail -14; done | tee -a "$OUT/run.log" ;;
-    partition-e2e) { timeout 300 python3 -m prr bench e2e --contexts 128K --batches 1 --attentions \
-      dsa,prr,prr_previous --overlap topk,partition --out "$OUT/bench_e2e_llama_128k_partition.json" 2>&1 | quiet \
-      | tail -8; timeout 240 python3 -m prr bench e2e --model glm-4-9b-1m --contexts 1M --batches 1 --steps 8 \
-      --attentions dsa,prr,prr_previous --overlap topk,partition --out "$OUT/bench_e2e_glm_1m_partition.json" 2>&1 \
-      | quiet | tail -8; } | tee -a "$OUT/run.log" ;;
     diag-prr) timeout 300 python3 scripts/diag_prr.py --out "$OUT" --timelines 2 \
       --cases "${DIAG_CASES:-llama-3.1-8b:1:131072:quest:2048,llama-3.1-8b:1:32768:quest:8192}" 2>&1 | quiet \
       | tail -30 | tee -a "$OUT/run.log" ;;

@@ -366,7 +366,7 @@ def _(tmp):
 
 
 @case("unknown-overlap", "an unknown place for PRR's speculation", "prr.model.Engine, prr.runtime.StepSettings",
-      ValueError, "unknown overlap 'attention'; expected one of 'selection', 'topk', 'partition'")
+      ValueError, "unknown overlap 'attention'; expected one of 'selection', 'topk'")
 def _(tmp):
     Engine(tiny_model(), attention="prr", overlap="attention")
 

@@ -280,28 +280,21 @@ def test_graph_with_dependent_launch_equals_graph_without(method, mode, topk):
                                             ("union", "guessed", False), ("exact", "full", False)])
 @pytest.mark.parametrize("replay", [False, True])
 def test_speculation_beside_the_topk_equals_beside_the_selection(mode, topk, holt, replay):
-    """PRR's speculation started after the scores (``overlap="topk"``), and so on disjoint SMs from the top-K
-    (``"partition"``, where the driver can split the SMs), computes what it computes beside the whole selection:
-    outputs and P equal bit for bit over 6 steps with appends, eagerly and from graphs (P from Holt's predictor,
-    the guessed top-K, or the previous selection on the full top-K)."""
-    from prr.runtime.partition import PartitionUnavailable
-
+    """PRR's speculation started after the scores (``overlap="topk"``) computes what it computes beside the whole
+    selection: outputs and P equal bit for bit over 6 steps with appends, eagerly and from graphs (P from Holt's
+    predictor, the guessed top-K, or the previous selection on the full top-K)."""
     runs = []
-    for overlap in ("selection", "topk", "partition"):
+    for overlap in ("selection", "topk"):
         cache, _cfg, meta, pred = _decode_setup("quest", device="cuda", dtype=torch.bfloat16)
-        try:
-            step = LayerStep(cache, meta, 8, method="prr", predictor=pred if holt else None,
-                             ratio=1.0 if topk == "full" and not holt else 1.5, mode=mode, topk=topk, grow=1,
-                             overlap=overlap)
-        except PartitionUnavailable:
-            continue
+        step = LayerStep(cache, meta, 8, method="prr", predictor=pred if holt else None,
+                         ratio=1.0 if topk == "full" and not holt else 1.5, mode=mode, topk=topk, grow=1,
+                         overlap=overlap)
         if replay:
             step.capture()
         runs.append((cache, meta, step))
-    for _q, outs in _decode_steps(runs, replay=(replay,) * len(runs), seed=2):
-        for r in range(1, len(runs)):
-            assert torch.equal(outs[0][0], outs[r][0]) and torch.equal(outs[0][1], outs[r][1])
-            assert torch.equal(runs[0][2].p_idx, runs[r][2].p_idx) and torch.equal(runs[0][2].p_cnt, runs[r][2].p_cnt)
+    for _q, outs in _decode_steps(runs, replay=(replay, replay), seed=2):
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(runs[0][2].p_idx, runs[1][2].p_idx) and torch.equal(runs[0][2].p_cnt, runs[1][2].p_cnt)
 
 
 @pytest.mark.parametrize("guessed", [False, True])
@@ -334,27 +327,6 @@ def test_step_overlap_is_checked():
     cache, _cfg, meta, _ = _decode_setup("quest")
     with pytest.raises(ValueError, match="unknown overlap 'scores'"):
         LayerStep(cache, meta, 8, method="prr", overlap="scores")
-
-
-def test_partition_overlap_on_a_cpu_is_the_plain_step():
-    """``overlap="partition"`` splits SMs between streams on a GPU; on a CPU (no streams) the step is the same
-    computation as any other overlap's: equal outputs and P."""
-    outs = []
-    for overlap in ("topk", "partition"):
-        cache, _cfg, meta, _ = _decode_setup("quest")
-        q = make_query(cache, 4)
-        step = LayerStep(cache, meta, 8, method="prr", ratio=1.0, topk="full", overlap=overlap)
-        sel = prr.select(q, cache, meta)
-        step.seed((sel.indices.clone(), sel.counts.clone()))
-        outs.append([t.clone() for t in step.run(q)] + [step.p_idx.clone()])
-    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-
-
-def test_partition_streams_refuse_a_bad_count():
-    from prr.runtime.partition import partition_streams
-
-    with pytest.raises(ValueError, match="sms must be a positive count, got 0"):
-        partition_streams(0, 0)
 
 
 def test_dependent_launch_is_off_on_the_cpu_and_checked():

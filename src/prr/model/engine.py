@@ -27,7 +27,6 @@ from ..algo.step import StepCounts, dsa_step, speculative_top_k
 from ..cache import KVCache
 from ..ops import fused
 from ..runtime.layer import OVERLAPS, LayerStep, StepSettings, StepStreams
-from ..runtime.partition import partition_streams
 from . import auto
 from .generation import CacheFull, Generation, GenerationConfig, GenerationStats, SequenceResult
 from .llama import Llama
@@ -114,8 +113,7 @@ class Engine:
         speculate: False: PRR decodes as DSA on the guessed top-K (the same selection found from the previous
             step's, no speculation or repair).
         overlap: what PRR's speculation runs beside on a GPU: ``"topk"`` (the default: the top-K alone, after
-            the scores), ``"selection"`` (scores and top-K, the paper's schedule) or ``"partition"`` (as "topk",
-            the top-K and the speculation on disjoint SMs); :class:`prr.runtime.StepSettings`.
+            the scores) or ``"selection"`` (scores and top-K, the paper's schedule); :class:`prr.runtime.StepSettings`.
             Whole-model decode measured "topk" the faster of the two in every pair run (the Results page).
         graphs: on a GPU, generation captures the decode step in a CUDA graph after its first (eager) step.
     """
@@ -336,12 +334,9 @@ class Engine:
         # priority) and the side stream that runs the speculation and each layer's deferred tail (the next P
         # into place) beside the next layer's projections; the token's step joins it once at the end.
         cuda = cache0.device.type == "cuda"
-        topk_stream = side = None
-        if cuda and self.overlap == "partition" and self.speculate:  # the top-K's SMs apart from the rest
-            topk_stream, side = partition_streams(cache0.device.index or 0, cache0.batch * c.num_kv_heads)[:2]
-        streams = StepStreams(side or torch.cuda.Stream(device=cache0.device) if cuda else None,
+        streams = StepStreams(torch.cuda.Stream(device=cache0.device) if cuda else None,
                               torch.cuda.Stream(device=cache0.device, priority=-1) if cuda else None,
-                              defer_tail=True, topk=topk_stream)
+                              defer_tail=True)
         full = self.predictor_kind == "previous" and self.speculate  # P = the previous S, the full top-K
         settings = StepSettings("prr" if self.speculate else "dsa", topk="full" if full else "guessed",
                                 ratio=self.ratio, mode=self.mode, grow=1, overlap=self.overlap)

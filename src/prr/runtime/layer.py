@@ -31,11 +31,10 @@ from ..algo.predictor import HoltPredictor
 from ..algo.sparse import BlockMetadata, GuessedTopK, select
 from ..algo.step import STEP_MODES, StepCounts, StepStats, prr_stats, speculative_top_k
 from ..cache import KVCache
-from .partition import partition_streams
 
 METHODS = ("dsa", "prr")
 TOPKS = ("full", "guessed")
-OVERLAPS = ("selection", "topk", "partition")
+OVERLAPS = ("selection", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +49,7 @@ class StepSettings:
     ``overlap``: what PRR's speculation runs beside (on a GPU): ``"selection"``, the scores and the top-K (the
     paper's schedule), or ``"topk"``, the top-K alone: it starts once the scores are written, so the
     bandwidth-bound scorer has the memory to itself and the speculation fills the SMs the latency-bound top-K
-    leaves idle; or ``"partition"``, as ``"topk"`` with the top-K and the speculation on disjoint sets of SMs
-    (CUDA green contexts, :mod:`prr.runtime.partition`): the top-K's programs get SMs of their own."""
+    leaves idle."""
 
     method: str = "prr"
     topk: str | None = None
@@ -95,7 +93,6 @@ class StepStreams:
     side: torch.cuda.Stream | None = None
     sel: torch.cuda.Stream | None = None
     defer_tail: bool = False
-    topk: torch.cuda.Stream | None = None  # overlap="partition": the top-K's stream (the side stream: the rest)
 
 
 class LayerStep:
@@ -153,14 +150,8 @@ class LayerStep:
         cuda = cache.device.type == "cuda"
         st = streams if isinstance(streams, StepStreams) else StepStreams()
         two = cuda and streams is not False and method == "prr"
-        self.topk_stream = None
-        if two and settings.overlap == "partition" and (st.topk is None or st.side is None):
-            st = dataclasses.replace(st, **dict(zip(("topk", "side"), partition_streams(
-                cache.device.index or 0, cache.batch * cache.num_kv_heads)[:2], strict=True)))
         self.side = (st.side or torch.cuda.Stream(device=cache.device)) if two else None
         self.sel_stream = (st.sel or torch.cuda.Stream(device=cache.device, priority=-1)) if two else None
-        if two and settings.overlap == "partition":
-            self.topk_stream = st.topk
         self.tail, self.hold_prediction = probe.tail, probe.hold_prediction
         self.defer_tail, self.collect_stats = st.defer_tail, collect_stats
         self.spec_programs = probe.spec_programs
@@ -231,17 +222,11 @@ class LayerStep:
         if main is not None:  # fork: the selection first (high priority), then the speculation
             self.sel_stream.wait_stream(main)
             self.side.wait_stream(main)
-            if self.overlap != "selection":  # the speculation waits for the scores: beside the top-K alone
+            if self.overlap == "topk":  # the speculation waits for the scores: it runs beside the top-K alone
                 def after_scores():
                     self.side.wait_stream(self.sel_stream)
-                    if self.topk_stream is not None:  # the top-K on its own SMs
-                        self.topk_stream.wait_stream(self.sel_stream)
-                        torch.cuda.set_stream(self.topk_stream)
         with self._sel():
             sel = self._select(q, nblk, after_scores)
-            if self.topk_stream is not None:  # (the stream the selection was launched from)
-                torch.cuda.set_stream(self.sel_stream)
-                self.sel_stream.wait_stream(self.topk_stream)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
                 bo, blse = ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
