@@ -149,30 +149,35 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
             configs = [(a, None, ov) for a in attentions
                        for ov in (overlaps if a in ("prr", "prr_previous") else (None,))]
             configs += [(f"dsa_m{m}c{f:g}", (m, f), None) for m, f in amortized]
+            def build(attention, setting, overlap, b=b, ctx=ctx, spare=spare):
+                """The configuration's engine, filled, compiled and captured."""
+                if setting is None:
+                    eng = Engine(model, None, attention="dsa" if attention == "dsa" else (
+                                     "dense" if attention == "dense" else "prr"), sparse=cfg,
+                                 ratio="auto" if attention == "prr_auto" else (
+                                     1.0 if attention == "prr_previous" else ratio),
+                                 n_dense_layers=n_dense_layers, speculate=attention != "dsa_guessed",
+                                 predictor="previous" if attention == "prr_previous" else "selection",
+                                 **({"overlap": overlap} if overlap else {}))
+                else:  # whole periods: every timed window holds its share of scans
+                    eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
+                                          sparse=cfg, n_dense_layers=n_dense_layers)
+                eng.fill_random(b, ctx, spare)
+                if attention == "prr_auto":  # the profiler decides from a drifted query pair
+                    eng.calibrate(_drifted_queries(eng, n_dense_layers))
+                eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
+                eng.capture_decode()
+                if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
+                    while not eng._graph.selectors[0].next_is_scan():
+                        eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
+                return eng
+
+            timed = []
             for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
-                    n_steps = steps
-                    guessed, previous = attention == "dsa_guessed", attention == "prr_previous"
+                    n_steps = steps if setting is None else setting[0] * -(-steps // setting[0])
                     auto = attention == "prr_auto"
-                    if setting is None:
-                        eng = Engine(model, None, attention="dsa" if attention == "dsa" else (
-                                         "dense" if attention == "dense" else "prr"), sparse=cfg,
-                                     ratio="auto" if auto else (1.0 if previous else ratio),
-                                     n_dense_layers=n_dense_layers, speculate=not guessed,
-                                     predictor="previous" if previous else "selection",
-                                     **({"overlap": overlap} if overlap else {}))
-                    else:  # whole periods: every timed window holds its share of scans
-                        eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
-                                              sparse=cfg, n_dense_layers=n_dense_layers)
-                        n_steps = setting[0] * -(-steps // setting[0])
-                    eng.fill_random(b, ctx, spare)
-                    if auto:  # the profiler decides from a drifted query pair
-                        eng.calibrate(_drifted_queries(eng, n_dense_layers))
-                    eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))  # compile, eagerly
-                    eng.capture_decode()
-                    if setting is not None:  # the eager step above was a scan: start the timed periods at a scan
-                        while not eng._graph.selectors[0].next_is_scan():
-                            eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
+                    eng = build(attention, setting, overlap)
                     times = _time_steps(eng, n_steps)
                     speculating = setting is None and eng.attention == "prr" and eng.speculate
                     sparse_layers = 0 if attention == "dense" else c.num_layers - n_dense_layers
@@ -187,11 +192,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                            "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
                            "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
                            "steps_us": [round(t, 1) for t in times]}
-                    if breakdown:  # where the step's time goes: one kernel timeline of the captured step
-                        graph = eng._graph.graph if setting is None else eng._graph.kinds[False][0]
-                        tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
-                        row["breakdown"] = step_breakdown(tl, "prr" if speculating else "dsa")
-                        row["breakdown"]["kernels"] = len(tl)
+                    timed.append((row, (attention, setting, overlap), speculating))
                     if setting is not None:
                         row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
                                    rescore_median_us=round(statistics.median(times[1:]), 1))
@@ -214,6 +215,19 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                     rows.append(row)
                     del eng
                 gc.collect()  # the engine's captured graph sits in reference cycles: free its pool now
+                torch.cuda.empty_cache()
+            # Where each step's time goes: one kernel timeline of the captured step, from the same configuration
+            # built again once every configuration is timed. The profiler's callbacks stay registered after it
+            # stops and slow every later graph launch (~0.1 ms per step on an H100): no step is timed after one.
+            for row, config, speculating in (timed if breakdown else ()):
+                with use_pdl(mode):
+                    eng = build(*config)
+                    graph = eng._graph.graph if config[1] is None else eng._graph.kinds[False][0]
+                    tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
+                    row["breakdown"] = step_breakdown(tl, "prr" if speculating else "dsa")
+                    row["breakdown"]["kernels"] = len(tl)
+                    del eng, graph
+                gc.collect()
                 torch.cuda.empty_cache()
             for r in res.values():
                 r["fused_projections"] = fuse

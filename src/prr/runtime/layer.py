@@ -37,11 +37,6 @@ TOPKS = ("full", "guessed")
 OVERLAPS = ("selection", "topk")
 
 
-def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """The tail's copy of the next P into place (one function, so a diagnostic can swap how it copies)."""
-    dst.copy_(src)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """What one layer's step computes.
@@ -300,8 +295,8 @@ class LayerStep:
             if self.predictor is None:  # the guessed top-K wrote the next P beside S; on the full one P is S
                 if not self.hold_prediction:
                     g = self.guessed
-                    _copy_into(self.p_idx, g.p_idx if g is not None else sel.indices)
-                    _copy_into(self.p_cnt, g.p_cnt if g is not None else sel.counts)
+                    self.p_idx.copy_(g.p_idx if g is not None else sel.indices)
+                    self.p_cnt.copy_(g.p_cnt if g is not None else sel.counts)
             else:
                 pred = self.pred_scores if not self.hold_prediction else torch.empty_like(self.pred_scores)
                 self.predictor.update(self.update_layer, sel.scores, nblk, pred=pred)
