@@ -10,6 +10,7 @@ of one step by kind. Writes ``DIR/diag_launch.json``.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -52,7 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--context", type=int, default=131072 - 64)
+    ap.add_argument("--context", type=int, default=131072 - 256)
     ap.add_argument("--steps", type=int, default=12)
     args = ap.parse_args()
     model, _ = load_model(args.model, dtype=torch.bfloat16, device="cuda")
@@ -78,6 +79,7 @@ def main():
             print(row, flush=True)
             out["rows"].append(row)
             del eng, graph
+            gc.collect()  # the captured graph sits in reference cycles
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "diag_launch.json"), "w") as f:
