@@ -114,8 +114,8 @@ def _cmd_bench_e2e(args) -> int:
         raise ValueError("bench e2e under tensor parallelism captures the step in a CUDA graph: use the nccl "
                          "backend (one GPU per rank)")
     e2e.run(args.model, contexts, batches, args.out, method=args.method, budget=args.budget, steps=args.steps,
-            n_dense_layers=args.dense_layers, ratio=args.ratio, tp=tp, fuse=not args.no_fuse, attentions=attentions,
-            breakdown=not args.no_breakdown, amortized=amortized, pdl=pdl, overlaps=overlaps)
+            n_dense_layers=args.dense_layers, ratio=args.ratio, prr_mode=args.mode, tp=tp, fuse=not args.no_fuse,
+            attentions=attentions, breakdown=not args.no_breakdown, amortized=amortized, pdl=pdl, overlaps=overlaps)
     print(f"saved {args.out}")
     return 0
 
@@ -242,6 +242,8 @@ def register(sub) -> None:
     s.add_argument("--method", default="quest", choices=["quest", "infllm_v2"])
     s.add_argument("--budget", type=int, default=2048)
     s.add_argument("--ratio", type=float, default=1.0)
+    s.add_argument("--mode", default="exact", choices=["exact", "union"],
+                   help="PRR's exact (DSA's output) or union (attention over P and S) mode")
     s.add_argument("--dense-layers", type=int, default=2)
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--attentions", default="dense,dsa,dsa_guessed,prr",

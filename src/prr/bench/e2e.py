@@ -113,7 +113,7 @@ def _drifted_queries(eng, layer: int, target: float = 0.80) -> dict:
 def run(model_name: str, contexts, batches, out: str, method: str = "quest", budget: int = 2048,
         steps: int = 12, n_dense_layers: int = 2, ratio: float = 1.0, tp: TensorParallel | None = None,
         fuse: bool = True, attentions=("dense", "dsa", "dsa_guessed", "prr"), breakdown: bool = True,
-        amortized=(), pdl=("auto",), overlaps=("topk",)) -> dict:
+        amortized=(), pdl=("auto",), overlaps=("topk",), prr_mode: str = "exact") -> dict:
     """Whole-model decode: per context and batch, one engine per attention (``dsa_guessed``: PRR's engine with
     speculation off, DSA on the guessed top-K; ``prr_auto``: PRR with ``ratio="auto"``, the speculation budget
     profiled on this GPU from a drifted random query pair, its decision in the row's ``auto``;
@@ -122,7 +122,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     :class:`prr.algo.amortized.AmortizedSelector`, timed over whole periods of m steps, its breakdown from the
     re-score step's graph; ``pdl``: the programmatic-dependent-launch modes to time each configuration under,
     rows tagged ``pdl`` and compared within their mode; ``overlaps``: what PRR's speculation runs beside
-    (:class:`prr.runtime.StepSettings`), one ``prr`` row each, tagged ``overlap`` when there are several)."""
+    (:class:`prr.runtime.StepSettings`), one ``prr`` row each, tagged ``overlap`` when there are several);
+    ``prr_mode``: PRR's ``"exact"`` (DSA's output) or ``"union"`` (attention over P ∪ S)."""
     import gc
     import json
     import os
@@ -158,6 +159,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                                      1.0 if attention == "prr_previous" else ratio),
                                  n_dense_layers=n_dense_layers, speculate=attention != "dsa_guessed",
                                  predictor="previous" if attention == "prr_previous" else "selection",
+                                 mode=prr_mode,
                                  **({"overlap": overlap} if overlap else {}))
                 else:  # whole periods: every timed window holds its share of scans
                     eng = AmortizedEngine(model, None, every=setting[0], factor=setting[1], schedule="host",
@@ -240,7 +242,8 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     with open(out, "w") as f:
         json.dump({"schema": "prr-bench/1", "bench": "e2e", "env": environment(),
                    "meta": {"copy_tbps": copy, "model": model_name, "method": method, "budget": budget,
-                            "n_dense_layers": n_dense_layers, "ratio": ratio, "weights_bytes": weights_b,
+                            "n_dense_layers": n_dense_layers, "ratio": ratio, "mode": prr_mode,
+                            "weights_bytes": weights_b,
                             "fused_projections": fuse,
                             "tensor_parallel": None if tp is None else tp.world},
                    "rows": rows}, f, indent=1)
