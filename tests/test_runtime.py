@@ -1,5 +1,8 @@
 """The layer runtime (eager on CPU; graph == eager on a GPU) and the speculation budget."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -125,6 +128,33 @@ def test_choose_budget_picks_largest_hidden_k_and_falls_back():
     assert slow.spec_k == 64 and slow.t_prr_us == pytest.approx(34.0)
     with pytest.raises(ValueError, match="same K'"):
         choose_budget(1.0, 1.0, {64: 1.0}, {96: 1.0})
+
+
+def _write_entries(path, rank, n):
+    from prr.jsoncache import JsonCache
+
+    cache = JsonCache("x", path)
+    for i in range(n):
+        cache.put_entry(f"rank{rank}-{i % 4}", {"i": i})
+
+
+def test_json_cache_takes_concurrent_writers(tmp_path):
+    """Tensor-parallel ranks profile at once and write the same cache file: no writer fails or leaves a file
+    that does not parse (each writes its own temporary file, then replaces the cache atomically)."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "shared.json")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_entries, args=(path, r, 300)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    with open(path) as f:
+        data = json.load(f)
+    assert data and all(k.startswith("rank") for k in data)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 def test_budget_cache_roundtrip(tmp_path):

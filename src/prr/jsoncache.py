@@ -29,7 +29,7 @@ class JsonCache:
         data = self._load()
         data[key] = entry
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = self.path + ".tmp"
+        tmp = f"{self.path}.{os.getpid()}.tmp"  # one per process: tensor-parallel ranks write the same cache
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written cache
+        os.replace(tmp, self.path)  # atomic: a crash or a concurrent writer never leaves a half-written cache
