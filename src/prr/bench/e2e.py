@@ -137,7 +137,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
     c = model.cfg
     weights_b = sum(t.numel() * t.element_size() for t in model.w.values())
     cfg = SparseConfig.from_budget(method, budget)
-    rows = []
+    rows, timed = [], []  # timed: what each row needs to be built again for its breakdown
     for ctx_asked in contexts:
         # "128K" is the whole window of a 128K model: leave room for the decoded tokens.
         # tensor parallel (--tp 1 too, so TP=1 and TP=N run the same context): a second run, without collectives
@@ -174,7 +174,6 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                         eng.step(torch.zeros(b, dtype=torch.long, device="cuda"))
                 return eng
 
-            timed = []
             for attention, setting, overlap in tqdm(configs, desc=f"e2e {_label(ctx)} b{b}", leave=False):
                 with use_pdl(mode):
                     n_steps = steps if setting is None else setting[0] * -(-steps // setting[0])
@@ -194,7 +193,7 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                            "tokens_per_s": round(b * 1e6 / med, 1), "floor_us": round(floor_us, 1),
                            "x_floor": round(med / floor_us, 2), "tbps": round((weights_b + att_b) / med / 1e6, 3),
                            "steps_us": [round(t, 1) for t in times]}
-                    timed.append((row, (attention, setting, overlap), speculating))
+                    timed.append((row, build, (attention, setting, overlap), mode, speculating))
                     if setting is not None:
                         row.update(every=setting[0], factor=setting[1], scan_step_us=round(times[0], 1),
                                    rescore_median_us=round(statistics.median(times[1:]), 1))
@@ -218,24 +217,25 @@ def run(model_name: str, contexts, batches, out: str, method: str = "quest", bud
                     del eng
                 gc.collect()  # the engine's captured graph sits in reference cycles: free its pool now
                 torch.cuda.empty_cache()
-            # Where each step's time goes: one kernel timeline of the captured step, from the same configuration
-            # built again once every configuration is timed. The profiler's callbacks stay registered after it
-            # stops and slow every later graph launch (~0.1 ms per step on an H100): no step is timed after one.
-            for row, config, speculating in (timed if breakdown else ()):
-                with use_pdl(mode):
-                    eng = build(*config)
-                    graph = eng._graph.graph if config[1] is None else eng._graph.kinds[False][0]
-                    tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
-                    row["breakdown"] = step_breakdown(tl, "prr" if speculating else "dsa")
-                    row["breakdown"]["kernels"] = len(tl)
-                    del eng, graph
-                gc.collect()
-                torch.cuda.empty_cache()
             for r in res.values():
                 r["fused_projections"] = fuse
                 for base in ("dense", "dsa"):
                     if base in res:
                         r[f"speedup_vs_{base}"] = round(res[base]["median_us"] / r["median_us"], 3)
+    # Where each step's time goes: one kernel timeline of the captured step, from the same configuration built
+    # again once every configuration of every context and batch is timed. The profiler's callbacks stay
+    # registered after it stops and slow every later graph launch (~0.1 ms per step on an H100): no step is timed
+    # after one.
+    for row, build, config, mode, speculating in (timed if breakdown else ()):
+        with use_pdl(mode):
+            eng = build(*config)
+            graph = eng._graph.graph if config[1] is None else eng._graph.kinds[False][0]
+            tl = graph_timeline(graph, replays=TIMELINE_REPLAYS)
+            row["breakdown"] = step_breakdown(tl, "prr" if speculating else "dsa")
+            row["breakdown"]["kernels"] = len(tl)
+            del eng, graph
+        gc.collect()
+        torch.cuda.empty_cache()
     if not is_main(tp):
         return {"rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
