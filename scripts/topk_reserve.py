@@ -10,6 +10,10 @@ kernels (their launch metadata), so the reserve variants are captured last; grap
 they were captured with.
 
 Run on the GPU machine: PYTHONPATH=src python3 scripts/topk_reserve.py --out DIR [--case model:b:ctx:budget]
+Then, as a diagnostic of why the top-K slows beside the speculation: the full selection alone with a stand-in
+started beside its top-K (nothing, a copy: memory traffic only, a spin kernel: SM work only, the speculation
+itself), with and without the reservation.
+
 Per variant: graph replay microseconds (net of the one-kernel graph overhead), the top-K kernel's and the
 speculation's durations and the top-K's end from the kernel timeline, and whether the output equals the default
 variant's bit for bit.
@@ -21,7 +25,11 @@ import os
 import traceback
 
 import torch
+import triton
+import triton.language as tl
 
+from prr import ops
+from prr.algo.sparse import select
 from prr.algo.step import StepCounts
 from prr.bench.common import environment, graph_overhead_us
 from prr.bench.kernels import RandomLayer
@@ -62,6 +70,70 @@ def reserve_shared(jit_fn, nbytes: int) -> list:
         ck._init_handles()
         done.append((ck.metadata.name, before))
     return done
+
+
+@triton.jit
+def _spin_kernel(x_ptr, n_iter):
+    """Work with no memory traffic: a dependent FMA chain per thread, one store at the end."""
+    i = tl.program_id(0) * 128 + tl.arange(0, 128)
+    a = i.to(tl.float32)
+    for _ in range(n_iter):
+        a = a * 0.999999 + 0.5
+    tl.store(x_ptr + i, a)
+
+
+def contention(lay, prev, overhead, tag, out):
+    """The full selection (scores, then the top-K on a high-priority stream) with a stand-in started beside the
+    top-K once the scores are written, as PRR's speculation is: nothing, a copy (memory traffic only), a spin
+    kernel (SM work only, no memory) or the speculation itself (PRR exact's block states over P)."""
+    cache, meta, q, cfg = lay.cache, lay.meta, lay.q, lay.cfg
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    src = torch.empty(22 << 20, dtype=torch.uint8, device=q.device)
+    dst = torch.empty_like(src)
+    spin = torch.empty(4 * sms * 128, device=q.device)
+    p_idx, p_cnt = prev
+    stand_ins = {
+        "none": None,
+        "copy": lambda: dst.copy_(src),
+        "spin": lambda: _spin_kernel[(4 * sms,)](spin, 3000, num_warps=4),
+        "spec": lambda: ops.block_states(q, cache, p_idx, p_cnt, cfg.block_size),
+    }
+    sel_s, side = torch.cuda.Stream(priority=-1), torch.cuda.Stream()
+    for name, fn in stand_ins.items():
+        def body(fn=fn):
+            main = torch.cuda.current_stream()
+            sel_s.wait_stream(main)
+            side.wait_stream(main)
+
+            def after():
+                if fn is not None:
+                    side.wait_stream(sel_s)
+                    with torch.cuda.stream(side):
+                        fn()
+            with torch.cuda.stream(sel_s):
+                select(q, cache, meta, nblk=lay.nblk, after_scores=after)
+            main.wait_stream(sel_s)
+            main.wait_stream(side)
+        row = {"variant": f"select+{name}_{tag}"}
+        try:
+            body()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                body()
+            us = time_graph(g) - overhead
+            tl_ = graph_timeline(g)
+            top = [r for r in tl_ if any(k in r["name"] for k in TOPK_NAMES)]
+            scores_end = max(r["end_us"] for r in tl_ if "scores" in r["name"])
+            other = [r for r in tl_ if r not in top and "scores" not in r["name"]]
+            row.update(net_us=round(us, 2), scores_end_us=round(scores_end, 2),
+                       topk_end_us=kernel_end(tl_, TOPK_NAMES),
+                       topk_after_scores_us=round(kernel_end(tl_, TOPK_NAMES) - scores_end, 2),
+                       stand_in_us=round(sum(r["dur_us"] for r in other), 2), timeline=tl_)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+        print({k: v for k, v in row.items() if k not in ("timeline", "trace")}, flush=True)
+        out["rows"].append(row)
 
 
 def kernel_us(tl, keys):
@@ -125,6 +197,7 @@ def main():
 
     for name, key, st in steps("default"):
         record(name, st, key)
+    contention(lay, prev, overhead, "default", out)
     select_triton.TOPK_WARPS = guessed_triton.TOPK_WARPS = 32
     for name, key, st in steps("w32"):
         record(name, st, key)
@@ -134,13 +207,17 @@ def main():
     print("reserved:", out["reserved"], flush=True)
     for name, key, st in steps("reserve"):
         record(name, st, key)
+    contention(lay, prev, overhead, "reserve", out)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"topk_reserve_{model}_{ctx}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)
     for r in out["rows"]:
-        if "net_us" in r:
+        if "topk_after_scores_us" in r:
+            print(f"{r['variant']:>22}  {r['net_us']:7.2f} us  top-K ends {r['topk_after_scores_us']:6.2f} us after "
+                  f"the scores  stand-in {r['stand_in_us']:6.2f}")
+        elif "net_us" in r:
             print(f"{r['variant']:>22}  {r['net_us']:7.2f} us  top-K {r['topk_us']:6.2f} (ends {r['topk_end_us']})"
                   f"  spec {r['spec_us']:6.2f}" + (f"  equal {r['equal_to_default']}" if "equal_to_default" in r
                                                    else ""))
