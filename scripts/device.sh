@@ -35,8 +35,6 @@
 #   diag-amortized   kernel timelines of amortized selection's scan and re-score steps
 #   gen              scripts/gen_gpu.py: generation with graphs, a ragged 32K-128K batch, auto's crossover
 #   hf               scripts/hf_gpu.py: prr.hf in bf16 and its 32K latency against transformers' SDPA
-#   topk-reserve     scripts/topk_reserve.py: the top-K programs holding their SMs alone (all the shared memory, or
-#                    32 warps) beside PRR's speculation, Llama-3.1-8B b1 128K and GLM-4-9B b1 512K, budget 2048
 #   layer-real       the layer step at the real model's hit rates (needs results/real_model_h200/locality_k125.json)
 # The real bundled model on a GPU (the wheel must travel first): scripts/gpu_real_model.sh. Several GPUs:
 # scripts/tp_gpu.sh.
@@ -114,8 +112,6 @@ for step in "$@"; do
     gen) timeout 300 python3 scripts/gen_gpu.py --out "$OUT" --new-tokens 32 2>&1 | quiet | tail -15 \
       | tee -a "$OUT/run.log" ;;
     hf) timeout 300 python3 scripts/hf_gpu.py --out "$OUT" --steps 16 2>&1 | quiet | tail -15 | tee -a "$OUT/run.log" ;;
-    topk-reserve) for c in llama-3.1-8b:1:131072:2048 glm-4-9b:1:524288:2048; do timeout 250 python3 \
-      scripts/topk_reserve.py --out "$OUT" --case "$c" 2>&1 | quiet | tail -22; done | tee -a "$OUT/run.log" ;;
     layer-real) LOCALITY=results/real_model_h200/locality_k125.json timeout 200 bash scripts/gpu_real_model.sh \
       run layer-real 2>&1 | tail -30 | tee -a "$OUT/run.log" ;;
     *) echo "unknown step $step (bash scripts/device.sh list)" ;;
