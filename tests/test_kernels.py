@@ -217,17 +217,14 @@ def test_infllm_scores_kernel(dtype):
     torch.testing.assert_close(s.cpu().double()[~dead], s_ref[~dead], rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(params=["single", "two-stage", "single-arity4", "two-stage-arity8"])
+@pytest.fixture(params=["single", "two-stage"])
 def topk_path(request, monkeypatch):
     """Run a top-K test through both kernel paths: one search over the whole row (rows up to
-    ``TOPK_SINGLE_MAX`` blocks) and the two stages (group maxima, then their blocks); each by bisection and by
-    a search counting several thresholds per pass (``TOPK_ARITY``)."""
+    ``TOPK_SINGLE_MAX`` blocks) and the two stages (group maxima, then their blocks)."""
     from prr.ops.select import triton as sel_triton
 
-    path, _, arity = request.param.partition("-arity")
-    monkeypatch.setattr(sel_triton, "TOPK_SINGLE_MAX", 1 << 20 if path == "single" else 0)
-    monkeypatch.setattr(sel_triton, "TOPK_ARITY", int(arity or 2))
-    return path
+    monkeypatch.setattr(sel_triton, "TOPK_SINGLE_MAX", 1 << 20 if request.param == "single" else 0)
+    return request.param
 
 
 # "large": 6000 blocks, 300 chosen: 8192 candidates in the second stage.

@@ -172,15 +172,8 @@ def test_select_blocks_kernel(data):
     scores = torch.stack([torch.randperm(nmax, generator=gen) for _ in range(b * hkv)]).view(b, hkv, nmax).float()
     scores = scores.masked_fill(torch.rand(scores.shape, generator=gen) < 0.1, float("-inf"))
     ref = ref_select.select_blocks(scores, nblk, top_k, n_sink, n_local)
-    from prr.ops.select import triton as sel_triton
-
-    arity = data.draw(st.sampled_from([2, 4, 8, 16]), label="thresholds per search pass")
-    before, sel_triton.TOPK_ARITY = sel_triton.TOPK_ARITY, arity
-    try:
-        with use_backend("triton"):
-            out = prr.select_blocks(scores, nblk, top_k, n_sink, n_local)
-    finally:
-        sel_triton.TOPK_ARITY = before
+    with use_backend("triton"):
+        out = prr.select_blocks(scores, nblk, top_k, n_sink, n_local)
     assert torch.equal(out[1], ref[1]) and torch.equal(out[0], ref[0])
 
 

@@ -138,7 +138,7 @@ def _select_candidates_row(cand_row, s_row, n, out, cnt_at, C, TOPK, N_SINK, N_L
             j = tl.load(cand_row + i_c, mask=m_c, other=-1)
             s = tl.load(s_row + i_c, mask=m_c, other=float("-inf")).to(tl.float32)
         dyn = m_c & (j >= N_SINK) & (j < n - N_LOCAL) & (s > float("-inf"))  # NaN fails the compare
-        chosen = _top_k_mask(tl.where(dyn, _order_key(s), -2147483648), TOPK, 2)
+        chosen = _top_k_mask(tl.where(dyn, _order_key(s), -2147483648), TOPK)
         n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
         pos = N_SINK + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.store(out + pos, j, mask=chosen)

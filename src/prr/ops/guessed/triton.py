@@ -172,7 +172,7 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
             too_low = n_keep > CAP_G
             keep_g = cand_g
             if too_low:  # no threshold narrows it (ties): the full search's stage 1
-                keep_g = _top_k_mask(gkey, TOPK, 2)
+                keep_g = _top_k_mask(gkey, TOPK)
                 n_keep = tl.sum(keep_g.to(tl.int32), axis=0)
             cg_row = cg_ptr + i_bh * CAP_G
             key, j = _gather_groups(keep_g, n_keep, i_g, cg_row, s_row, n, NMAX, N_SINK, N_LOCAL, CAP_G, GROUP)
@@ -181,7 +181,7 @@ def _guessed_topk_kernel(s_ptr, nblk_ptr, nnext_ptr, guess_ptr, q_ptr, qc_ptr, g
             _stamp(tr_ptr, 5, c_tau, TRACE)
             held = (c_tau >= TOPK) & (too_low == 0)
             if (c_tau < TOPK) & (too_low == 0):  # the guess was too high: the full search's stage 1
-                best_g = _top_k_mask(gkey, TOPK, 2)
+                best_g = _top_k_mask(gkey, TOPK)
                 key, j = _gather_groups(best_g, tl.sum(best_g.to(tl.int32), axis=0), i_g, cg_row, s_row, n, NMAX,
                                         N_SINK, N_LOCAL, CAP_G, GROUP)
         tile = tl.where(held & (key < tk), -2147483648, key)

@@ -33,8 +33,6 @@ TOPK_WARPS: int | None = None  # warps of the top-K program (None: by tile size;
 # Rows of up to this many blocks (padded to a power of two) take one search over all their blocks instead of
 # the two stages (module-level for a sweep): faster on SmolLM2's ~320-block rows, slower at 8,192 and up
 TOPK_SINGLE_MAX = 512
-# Thresholds the top-K's search counts per pass (2: bisection; module-level for a sweep): see _kth_key
-TOPK_ARITY = 2
 INT_MIN = -2147483648
 TRACE: torch.Tensor | None = None  # int64 [B*Hkv, TRACE_SLOTS]: the top-K programs' clock stamps (timelines)
 TRACE_SLOTS = 16
@@ -81,48 +79,33 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_key(key, k, ARITY: tl.constexpr):
+def _kth_key(key, k):
     """The k-th largest of `key` (INT32_MIN entries never count), or any threshold with exactly k keys at or
     above it; INT32_MIN if fewer than k count.
 
-    Search for the largest T with #(key >= T) >= k, between the smallest and the largest live key (not the
+    Bisection for the largest T with #(key >= T) >= k, between the smallest and the largest live key (not the
     whole int32 range), stopping as soon as a threshold has exactly k keys at or above it (that set is the
     top k: ties at a threshold that is no key's value cannot arise). At batch 1 each pass is a dependent
-    block-wide reduction, so passes are the top-K's latency. ``ARITY`` 2: bisection, about log2(n) + a few
-    passes; ``ARITY`` A > 2: each pass counts A thresholds spread over the range at once (one reduction over
-    an ``[A, n]`` compare) and cuts the range A-fold: log_A(range) passes of A times the compares. (A 16-ary
-    search over the whole int32 range, 8 passes, measured slower on the H200: 29 vs 22 us at 128K.)
+    block-wide reduction, so passes are the top-K's latency: about log2(n) + a few instead of 32. (A 16-ary
+    search, 8 passes of a [16, n] compare, measured slower on the H200: 29 vs 22 us at 128K.)
     """
     live = key > -2147483648
     n = tl.sum(live.to(tl.int32), axis=0)
     lo = tl.min(tl.where(live, key, 2147483647), axis=0).to(tl.int64)  # #(key >= lo) = n >= k
     hi = tl.max(key, axis=0).to(tl.int64)  # #(key >= hi + 1) = 0 < k
-    if ARITY == 2:
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-            lo_next = tl.where(c >= k, mid, lo)
-            hi = tl.where(c == k, mid, tl.where(c > k, hi, mid - 1))
-            lo = lo_next
-    else:
-        step = tl.arange(0, ARITY).to(tl.int64) + 1  # thresholds m_1 < ... < m_A = hi, all above lo
-        while lo < hi:
-            m = lo + ((hi - lo) * step + ARITY - 1) // ARITY
-            c = tl.sum((key[None, :] >= m[:, None].to(tl.int32)).to(tl.int32), axis=1)  # non-increasing in m
-            ok = c >= k  # a prefix of the thresholds
-            lo_next = tl.max(tl.where(ok, m, lo), axis=0)  # the largest threshold still holding k keys
-            hi_next = tl.min(tl.where(ok, hi + 1, m), axis=0) - 1  # below the smallest one holding fewer
-            exact = tl.min(tl.where(ok, c, 2147483647), axis=0) == k  # at lo_next: exactly k keys, the top k
-            lo = lo_next
-            hi = tl.where(exact, lo_next, hi_next)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo_next = tl.where(c >= k, mid, lo)
+        hi = tl.where(c == k, mid, tl.where(c > k, hi, mid - 1))
+        lo = lo_next
     return tl.where(n >= k, lo, -2147483648).to(tl.int32)
 
 
 @triton.jit
-def _top_k_mask(key, k, ARITY: tl.constexpr):
-    """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions (``ARITY``:
-    the search's, :func:`_kth_key`)."""
-    thr = _kth_key(key, k, ARITY)
+def _top_k_mask(key, k):
+    """The k largest keys (INT32_MIN never counts), ties at the k-th going to the lowest positions."""
+    thr = _kth_key(key, k)
     above = key > thr
     tie = (key == thr) & (key > -2147483648)
     rank = tl.cumsum(tie.to(tl.int32), axis=0)
@@ -163,8 +146,7 @@ def _group_max_kernel(s_ptr, nblk_ptr, g_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL, s_
 def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tr_ptr, HKV, NMAX, NG, TOPK, N_SINK, N_LOCAL,
                  KMAX, s_sb, s_sh, s_ib, s_ih,
                  GROUP: tl.constexpr, NG_PAD: tl.constexpr, TG_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, TRACE: tl.constexpr, ARITY: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 SINGLE: tl.constexpr, NMAX_PAD: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     i_bh = tl.program_id(0)
     i_b = i_bh // HKV
@@ -180,14 +162,14 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tr_ptr, HKV, 
     elif SINGLE:  # a row short enough for one search over all its blocks (no group stage)
         j = tl.arange(0, NMAX_PAD)
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
-        chosen = _top_k_mask(key, TOPK, ARITY)
+        chosen = _top_k_mask(key, TOPK)
         _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
     else:
         # Stage 1: the TOPK best groups by their max (ties: lowest group ids), gathered in ascending order.
         i_g = tl.arange(0, NG_PAD)
         gkey = tl.load(g_ptr + i_bh * NG + i_g, mask=i_g < NG, other=-2147483648)
         _stamp_max(tr_ptr, 1, gkey, TRACE)
-        keep_g = _top_k_mask(gkey, TOPK, ARITY)
+        keep_g = _top_k_mask(gkey, TOPK)
         n_groups = tl.sum(keep_g.to(tl.int32), axis=0)
         _stamp(tr_ptr, 2, n_groups, TRACE)
         pos_g = tl.cumsum(keep_g.to(tl.int32), axis=0) - 1
@@ -202,7 +184,7 @@ def _topk_kernel(s_ptr, nblk_ptr, g_ptr, cg_ptr, idx_ptr, cnt_ptr, tr_ptr, HKV, 
         key = _candidate_keys(s_row, j, n, NMAX, N_SINK, N_LOCAL)
         key = tl.where(slot < n_groups, key, -2147483648)
         _stamp_max(tr_ptr, 3, key, TRACE)
-        chosen = _top_k_mask(key, TOPK, ARITY)
+        chosen = _top_k_mask(key, TOPK)
         _stamp(tr_ptr, 4, tl.sum(chosen.to(tl.int32), axis=0), TRACE)
         _write_selection(out, cnt_ptr + i_bh, chosen, j, n, k, N_SINK, N_LOCAL, KMAX, BLOCK_K)
         _stamp(tr_ptr, 5, n, TRACE)
@@ -329,7 +311,7 @@ def select_blocks(scores, num_blocks, top_k: int, n_sink: int = 1, n_local: int 
         scores, nb, gmax, cg, idx, cnt, tr, hkv, nmax, ng, top_k, n_sink, n_local, kmax,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
         GROUP=GROUP, NG_PAD=ng_pad, TG_PAD=tg_pad, BLOCK_K=max(16, triton.next_power_of_2(kmax)),
-        SINGLE=single, NMAX_PAD=nmax_pad if single else 16, TRACE=trace, ARITY=TOPK_ARITY,
+        SINGLE=single, NMAX_PAD=nmax_pad if single else 16, TRACE=trace,
         num_warps=TOPK_WARPS or topk_warps(max(ng_pad, tg_pad * GROUP, nmax_pad if single else 0)),
         **pdl_launch(scores),
     )
