@@ -182,21 +182,9 @@ def test_merge_kernel_with_empty_parts_and_garbage(n, block, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # scoring and selection
 # --------------------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["one-tile", "tile-loop"])
-def quest_tiles(request, monkeypatch):
-    """Run a Quest scoring test through both kernels: one tile per program, and a loop over 3 tiles of 16
-    blocks per program (so rows end mid-program and programs past a sequence's end read nothing)."""
-    from prr.ops.scoring import triton as sc
-
-    if request.param == "tile-loop":
-        monkeypatch.setattr(sc, "QUEST_TILES", 3)
-        monkeypatch.setattr(sc, "QUEST_BLOCK_N", 16)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("g,aggregate", [(1, "sum"), (4, "sum"), (8, "max")], ids=["G1-sum", "G4-sum", "G8-max"])
-def test_quest_scores_kernel(dtype, g, aggregate, quest_tiles):
+def test_quest_scores_kernel(dtype, g, aggregate):
     base = make_cache([500, 37, 260], hkv=2, d=64, capacity=512)
     cache = _to(base, dtype)
     q = make_query(base, g).to(DEVICE, dtype)
@@ -296,7 +284,7 @@ def test_topk_kernel_extreme_keys_and_early_exit(seed, topk_path):
 
 
 @pytest.mark.parametrize("method", ["quest", "infllm_v2"])
-def test_scoring_kernel_writes_the_topk_group_maxima(method, topk_path, quest_tiles):
+def test_scoring_kernel_writes_the_topk_group_maxima(method, topk_path):
     """The scoring kernel's tail writes exactly the top-K's stage-1 group maxima (so the selection skips that
     launch), and select() with them equals the reference selection."""
     from prr.ops.select import triton as sel_triton

@@ -21,10 +21,6 @@ from ..select.triton import GROUP, _dynamic_keys
 # was the fastest of 32/64/128 x 2/4/8 in all five cases swept on the H200 (scripts/ab_select.py --sweep all).
 QUEST_BLOCK_N = 64
 QUEST_WARPS = 2
-# Tiles of BLOCK_N blocks each program walks (1: one tile, the kernel above; more: a loop whose loads the
-# compiler pipelines over QUEST_STAGES buffers); module-level for a sweep
-QUEST_TILES = 1
-QUEST_STAGES = 2
 
 
 @triton.jit
@@ -35,13 +31,13 @@ def _aggregate_rows(s, m_g, AGG_MAX: tl.constexpr):
 
 
 @triton.jit
-def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, tile, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+def _store_group_max(g_row, agg, i_n, n, N_SINK, N_LOCAL, NG, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """The selection's stage 1 in the scoring kernel's tail (saves its launch): the order key of the best
-    dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]`` (the
-    ``tile``-th BLOCK_N blocks), exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
+    dynamic candidate (live, not sink or local, finite) of each group of GROUP blocks ``i_n [BLOCK_N]``,
+    exactly what :func:`prr.ops.select.triton._group_max_kernel` stores."""
     key = _dynamic_keys(agg, i_n, n, N_SINK, N_LOCAL)
     gmax = tl.max(tl.reshape(key, (BLOCK_N // GROUP, GROUP)), axis=1)
-    i_gr = tile * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
+    i_gr = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)  # BLOCK_N: whole groups
     tl.store(g_row + i_gr, gmax, mask=i_gr < NG)
 
 
@@ -89,40 +85,8 @@ def _quest_scores_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, 
         agg = tl.full([BLOCK_N], float("-inf"), tl.float32)
         tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
     if WRITE_GMAX:
-        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG,
-                         tl.program_id(1), BLOCK_N, GROUP)
-
-
-@triton.jit
-def _quest_scores_loop_kernel(q_ptr, kmin_ptr, kmax_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, NG, N_SINK, N_LOCAL,
-                              s_qb, s_qh, s_mb, s_mh, s_mn, s_ob, s_oh,
-                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                              BLOCK_N: tl.constexpr, PREC: tl.constexpr, AGG_MAX: tl.constexpr, GROUP: tl.constexpr,
-                              WRITE_GMAX: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
-                              PDL: tl.constexpr = False):
-    """:func:`_quest_scores_kernel` over TILES consecutive tiles per program: the query loaded once, the tiles'
-    loads pipelined over STAGES buffers (chunks past the sequence are masked, so they read nothing)."""
-    pdl_prologue(PDL)
-    i_bh = tl.program_id(0)
-    i_b = i_bh // HKV
-    i_h = i_bh % HKV
-    i_g = tl.arange(0, G_PAD)
-    i_d = tl.arange(0, D)
-    m_g = i_g < G
-    nblk = (tl.load(len_ptr + i_b) + BS - 1) // BS
-    q = tl.load(q_ptr + i_b * s_qb + (i_h * G + i_g)[:, None] * s_qh + i_d[None, :], mask=m_g[:, None], other=0.0)
-    for t in tl.range(0, TILES, num_stages=STAGES):
-        tile = tl.program_id(1) * TILES + t
-        i_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = (i_n < nblk) & (i_n < NMAX)
-        off = i_b * s_mb + i_h * s_mh + i_n[:, None].to(tl.int64) * s_mn + i_d[None, :]
-        b_hi = tl.load(kmax_ptr + off, mask=m_n[:, None], other=0.0)
-        b_lo = tl.load(kmin_ptr + off, mask=m_n[:, None], other=0.0)
-        agg = tl.where(m_n, _quest_bound(q, b_hi, b_lo, m_g, PREC, AGG_MAX), float("-inf"))
-        tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, agg, mask=i_n < NMAX)
-        if WRITE_GMAX:
-            _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, tile,
-                             BLOCK_N, GROUP)
+        _store_group_max(gmax_ptr + i_bh * NG, agg, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 @triton.jit
@@ -155,8 +119,8 @@ def _infllm_scores_kernel(q_ptr, ck_ptr, len_ptr, out_ptr, gmax_ptr, HKV, NMAX, 
     blk = tl.where(i_n < nblk, blk, float("-inf"))
     tl.store(out_ptr + i_b * s_ob + i_h * s_oh + i_n, blk, mask=i_n < NMAX)
     if WRITE_GMAX:
-        _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG,
-                         tl.program_id(1), BLOCK_N, GROUP)
+        _store_group_max(gmax_ptr + i_bh * NG, blk, i_n, tl.minimum(nblk, NMAX), N_SINK, N_LOCAL, NG, BLOCK_N,
+                         GROUP)
 
 
 def _group_max_buffer(q, hkv, nmax, forced):
@@ -184,17 +148,13 @@ def quest_scores(q, kmin, kmax, cache: KVCache, block_size: int, aggregate: str 
     out = torch.empty(bsz, hkv, nmax, dtype=torch.float32, device=q.device) if out is None else out
     block_n = QUEST_BLOCK_N
     gmax, ng, n_sink, n_local = _group_max_buffer(q, hkv, nmax, group_max_for)
-    args = (q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
-            q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1))
-    meta = dict(G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
-                PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
-                num_warps=QUEST_WARPS, **pdl_launch(q))
-    tiles = triton.cdiv(nmax, block_n)
-    if QUEST_TILES > 1:
-        _quest_scores_loop_kernel[(bsz * hkv, triton.cdiv(tiles, QUEST_TILES))](
-            *args, TILES=QUEST_TILES, STAGES=QUEST_STAGES, **meta)
-    else:
-        _quest_scores_kernel[(bsz * hkv, tiles)](*args, **meta)
+    _quest_scores_kernel[(bsz * hkv, triton.cdiv(nmax, block_n))](
+        q, kmin, kmax, cache.seq_lens, out, gmax, hkv, nmax, ng, n_sink, n_local,
+        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kmax.stride(2), out.stride(0), out.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, BLOCK_N=block_n,
+        PREC=_prec(q.dtype), AGG_MAX=aggregate == "max", GROUP=GROUP, WRITE_GMAX=group_max_for is not None,
+        num_warps=QUEST_WARPS, **pdl_launch(q),
+    )
     return out if group_max_for is None else (out, gmax)
 
 
