@@ -387,6 +387,27 @@ def test_guessed_top_k_must_pay_by_a_margin():
     assert guessed_pays(34.7, 34.3, 11.8, min_gain=0.0)
 
 
+def test_measure_dsa_steps_times_dsa_on_both_top_ks():
+    """The guessed top-K's confirmation, run eagerly on the CPU through an injected timer: DSA's step on the full
+    and on the guessed top-K, the same selection and output; a gain seen in the selections but not in the steps
+    (what GLM-4-9B b1 32K / 8192 measured on the H100) keeps the full top-K."""
+    from prr.runtime.budget import guessed_pays, measure_dsa_steps
+
+    cache, _cfg, meta, _ = _decode_setup("quest")
+    q = make_query(cache, 4)
+    s = prr.select(q, cache, meta)
+    seen = {}
+
+    def timer(step):
+        seen[step.settings.topk] = (step.run(step.q), step.last["s_idx"].clone())
+        return {"full": 27.9, "guessed": 28.9}[step.settings.topk]
+
+    assert measure_dsa_steps(cache, meta, q, (s.indices, s.counts), timer=timer) == (27.9, 28.9)
+    assert torch.equal(seen["full"][1], seen["guessed"][1]) and torch.equal(seen["full"][1], s.indices)
+    torch.testing.assert_close(seen["guessed"][0][0], seen["full"][0][0], rtol=0, atol=0)
+    assert guessed_pays(19.0, 18.2, 9.7) and not guessed_pays(27.9, 28.9, 0.0)
+
+
 def test_prediction_with_hit_rate_and_cached_profile(tmp_path):
     from prr.runtime.budget import _prediction_with_hit_rate, profile_budget, trace_hit_rate
 

@@ -1,9 +1,9 @@
 """The speculation budget: how many blocks to speculate, or whether to speculate at all, on this GPU.
 
 First the top-K: the guessed top-K (:func:`prr.ops.select_blocks_guessed`, its previous selection from the
-step before) is timed against the full one; the cheaper is the selection PRR's steps use (the same S either
-way). Then, with that selection's time as ``t_sel``, PRR's step costs
-``max(t_sel, t_spec(K')) + t_repair + t_rest`` against DSA's ``t_sel + t_att``.
+step before) is timed against the full one, the selections and then DSA's whole steps; the guessed one is kept
+only where both are cheaper by ``min_gain`` (the same S either way). Then, with that selection's time as
+``t_sel``, PRR's step costs ``max(t_sel, t_spec(K')) + t_repair + t_rest`` against DSA's ``t_sel + t_att``.
 From times measured on the GPU in use, :func:`choose_budget` takes the largest K' whose speculation hides
 under the selection (if none does, the cheapest), models the step at the measured hit rate, and switches
 speculation off when the modelled gain is under ``min_gain`` (2%). The model ignores that speculation and
@@ -142,6 +142,31 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
     return timer(dsa), timer(prr)
 
 
+def measure_dsa_steps(cache, meta, q, prev, timer=None):
+    """Serialized DSA's step on the full and on the guessed top-K (started from the selection ``prev``), each a
+    :class:`prr.runtime.LayerStep`: ``(t_full, t_guessed)`` from ``timer(step)`` (default: capture a CUDA
+    graph and time its replay)."""
+    from ..algo.step import StepCounts
+    from .layer import LayerStep, StepProbe
+
+    if timer is None:
+        from ..timing import time_graph
+
+        def timer(step):
+            step.capture()
+            return time_graph(step.graph)
+
+    counts = StepCounts.of(cache.seq_lens, meta.cfg, cache.num_kv_heads)
+    times = []
+    for topk in ("full", "guessed"):
+        step = LayerStep(cache, meta, q.shape[1], method="dsa", topk=topk, counts=counts,
+                         probe=StepProbe(tail=False, hold_prediction=True))
+        step.seed(prev)
+        step.q.copy_(q)
+        times.append(timer(step))
+    return times[0], times[1]
+
+
 # Hit rates measured on real-model traces (DESIGN.md section 3: Holt, K = 64, SmolLM2): 0.80 at K' = K,
 # 0.94 at K' = 1.5K; linear in between, and assumed to fall at the same rate below K.
 def trace_hit_rate(ratio: float) -> float:
@@ -185,10 +210,17 @@ def profile_budget(cache, meta, q, *, q_prev=None, ratios=(0.5, 0.75, 1.0, 1.25,
     t_full = time_op(lambda: select(q, cache, meta, nblk=nblk))
     t_guess = time_op(lambda: guessed.select(q, cache, meta, nblk))
     t_att = time_op(lambda: ops.sparse_decode(q, cache, sel.indices, sel.counts, cfg.block_size))
-    if not guessed_pays(t_full, t_guess, t_att, min_gain):
+    why = f"selection {t_guess:.1f} vs {t_full:.1f} us with the full one"
+    pays = guessed_pays(t_full, t_guess, t_att, min_gain)
+    if pays:  # the selections alone can mislead (GLM-4-9B b1 32K / 8192, H100: 18.2 vs 19.0 us, yet its DSA step
+        # measured 28.9 vs 27.9): confirm on DSA's whole step, each top-K's
+        s_full, s_guess = measure_dsa_steps(cache, meta, q, prev)
+        pays = guessed_pays(s_full, s_guess, 0.0, min_gain)
+        why += f"; DSA step {s_guess:.1f} vs {s_full:.1f} us"
+    if not pays:
         dec = BudgetDecision(None, t_full + t_att, t_full + t_att, 0.0,
-                             f"off: the guessed top-K does not pay here (selection {t_guess:.1f} vs {t_full:.1f} "
-                             "us with the full one): serialized DSA", topk="full", t_full_us=t_full + t_att)
+                             f"off: the guessed top-K does not pay here ({why}): serialized DSA", topk="full",
+                             t_full_us=t_full + t_att)
         store.put(key, dec)
         return dec
     t_sel = t_guess
