@@ -55,7 +55,7 @@ for step in "$@"; do
       --contexts 32K,512K --methods quest --out "$OUT/bench_kernels_quick.json" 2>&1 | quiet | tail -40 ;;
     layer-sweep-b*) b=${step#layer-sweep-b}; timeout 560 python3 -m prr bench layer --quick \
       --models llama-3.1-8b,glm-4-9b --batches "$b" --contexts 32K,128K,512K --budgets 2048,4096,8192 \
-      --methods quest --out "$OUT/bench_layer_h200_b$b.json" 2>&1 | quiet | tail -45 | tee -a "$OUT/run.log" ;;
+      --methods quest --out "$OUT/bench_layer_b$b.json" 2>&1 | quiet | tail -45 | tee -a "$OUT/run.log" ;;
     layer-infllm) timeout 560 python3 -m prr bench layer --quick --models llama-3.1-8b,glm-4-9b --batches 1,4 \
       --contexts 32K,128K --budgets 4096,8192 --methods infllm_v2 --out "$OUT/bench_layer_h200_infllm.json" 2>&1 \
       | quiet | tail -60 | tee -a "$OUT/run.log" ;;

@@ -1,7 +1,7 @@
 """Merge `prr bench layer` JSONs measured in separate device calls (one sweep split to fit the per-call limit)
 into one file with one summary CSV; each part's environment (GPU, versions, commit, date) is kept.
 
-    python3 scripts/merge_layer_runs.py PART.json... --out results/bench_layer_h200.json
+    python3 scripts/merge_layer_runs.py PART.json... --out results/bench_layer_h100.json
 """
 
 import argparse

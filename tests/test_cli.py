@@ -58,7 +58,7 @@ def test_bench_plot_and_show_read_saved_results(tmp_path, capsys):
     import os
 
     root = os.path.join(os.path.dirname(__file__), "..", "results")
-    assert main(["bench", "plot", os.path.join(root, "bench_layer_h200.json"), "--out-dir", str(tmp_path)]) == 0
+    assert main(["bench", "plot", os.path.join(root, "bench_layer_h100.json"), "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "layer_latency.png").stat().st_size > 10_000
     assert main(["bench", "show", os.path.join(root, "bench_kernels_h200.json")]) == 0
     assert "NVIDIA H200" in capsys.readouterr().out
