@@ -13,8 +13,6 @@ puts 2 to 16 rows (padded to 16) on the tensor cores instead, which wins from tw
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,32 +23,12 @@ from ..pdl import pdl_prologue
 TILE = 4096  # M_PAD x BN x BK: the float32 accumulator's size per program
 STAGES = 3
 WARPS = 4
-# With dependent launch, a program is resident before the kernel ahead of it has finished: it asks L2 for its
-# weight rows (never written by any kernel) before it waits, so their reads overlap the kernel ahead's tail.
-# Module-level for an A/B; PRR_GEMV_PREFETCH=off turns it off in a new process.
-PREFETCH = os.environ.get("PRR_GEMV_PREFETCH", "on") != "off"
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, row0, N, K, s_wn, BN: tl.constexpr, LPR: tl.constexpr, EPL: tl.constexpr):
-    """Ask L2 for the 128-byte lines (``EPL`` elements each) of weight rows ``row0 .. row0 + BN`` (``LPR`` lines
-    a row, padded to a power of two; past a row's end, or past the last row, the last line is asked again): no
-    register is loaded and nothing waits for the lines."""
-    i = tl.arange(0, BN * LPR)
-    row = tl.minimum(row0 + i // LPR, N - 1)
-    col = tl.minimum((i % LPR) * EPL, K - 1)
-    ptr = w_ptr + row.to(tl.int64) * s_wn + col
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                                     is_pure=False, pack=1)
 
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
                    HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = False,
-                   LPR: tl.constexpr = 1, EPL: tl.constexpr = 64, PDL: tl.constexpr = False):
-    if PREFETCH:  # before the dependent-launch wait: the weights are no earlier kernel's output
-        pf = _prefetch_rows(w_ptr, tl.program_id(0) * BN, N, K, s_wn, BN, LPR, EPL)
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, MP)
@@ -74,18 +52,13 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-    if PREFETCH:  # (keeps the prefetches: their dummy results feed a store that never happens)
-        tl.store(y_ptr + tl.arange(0, BN * LPR) * 0, pf.to(y_ptr.dtype.element_ty), mask=pf != 0)
 
 
 @triton.jit
 def _linear_dot_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
                        HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                       PREFETCH: tl.constexpr = False, LPR: tl.constexpr = 1, EPL: tl.constexpr = 64,
                        PDL: tl.constexpr = False):
     """A few rows on the tensor cores: x's rows padded to 16 (the smallest tl.dot), one product per K tile."""
-    if PREFETCH:  # before the dependent-launch wait, as in _linear_kernel
-        pf = _prefetch_rows(w_ptr, tl.program_id(0) * BN, N, K, s_wn, BN, LPR, EPL)
     pdl_prologue(PDL)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, 16)
@@ -103,8 +76,6 @@ def _linear_dot_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-    if PREFETCH:
-        tl.store(y_ptr + tl.arange(0, BN * LPR) * 0, pf.to(y_ptr.dtype.element_ty), mask=pf != 0)
 
 
 def linear_dot(x, w, bias=None, *, bn: int = 32, bk: int = 512, stages: int = 4, warps: int = 4, out=None):
@@ -120,19 +91,9 @@ def linear_dot(x, w, bias=None, *, bn: int = 32, bk: int = 512, stages: int = 4,
     if n:
         _linear_dot_kernel[(triton.cdiv(n, bn),)](
             x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps, **_prefetch_args(w, k, bn),
-            **pdl_launch(x),
+            HAS_BIAS=bias is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps, **pdl_launch(x),
         )
     return y
-
-
-def _prefetch_args(w, k: int, bn: int) -> dict:
-    """The GEMV kernels' prefetch arguments: on only with dependent launch (a CUDA device; the interpreter runs
-    no inline assembly) and :data:`PREFETCH`."""
-    if not (PREFETCH and pdl_launch(w)):
-        return {}
-    epl = max(1, 128 // w.element_size())
-    return {"PREFETCH": True, "LPR": triton.next_power_of_2(triton.cdiv(k, epl)), "EPL": epl}
 
 
 def tiles(m_pad: int, k: int, tile: int = TILE) -> tuple[int, int]:
@@ -161,6 +122,6 @@ def linear(x, w, bias=None, *, bn: int | None = None, bk: int | None = None, sta
     _linear_kernel[(triton.cdiv(n, bn),)](
         x, w, w if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, MP=mp, BN=bn, BK=bk, EVEN_K=k % bk == 0, STAGES=stages, num_warps=warps,
-        **_prefetch_args(w, k, bn), **pdl_launch(x),
+        **pdl_launch(x),
     )
     return y
