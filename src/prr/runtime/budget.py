@@ -107,6 +107,14 @@ def confirm_best(decision: BudgetDecision, t_sel: float, t_att: float, t_spec: d
     return confirm_budget(picked, t_d, t_p, min_gain=min_gain)
 
 
+def _time_step_graph(step) -> float:
+    """The default timer of the confirmations below: capture the step's CUDA graph and time its replay."""
+    from ..timing import time_graph
+
+    step.capture()
+    return time_graph(step.graph)
+
+
 def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact", timer=None, prev=None,
                   overlap: str = "selection"):
     """DSA and PRR's critical path (speculation over the given P beside the selection, or beside its top-K alone
@@ -118,13 +126,7 @@ def measure_steps(cache, meta, q, p_idx, p_cnt, spec_k: int, mode: str = "exact"
     from .layer import LayerStep, StepProbe
 
     cfg = meta.cfg
-    if timer is None:
-        from ..timing import time_graph
-
-        def timer(step):
-            step.capture()
-            return time_graph(step.graph)
-
+    timer = timer or _time_step_graph
     if prev is None:
         s = select(q, cache, meta)
         prev = (s.indices, s.counts)
@@ -149,13 +151,7 @@ def measure_dsa_steps(cache, meta, q, prev, timer=None):
     from ..algo.step import StepCounts
     from .layer import LayerStep, StepProbe
 
-    if timer is None:
-        from ..timing import time_graph
-
-        def timer(step):
-            step.capture()
-            return time_graph(step.graph)
-
+    timer = timer or _time_step_graph
     counts = StepCounts.of(cache.seq_lens, meta.cfg, cache.num_kv_heads)
     times = []
     for topk in ("full", "guessed"):
