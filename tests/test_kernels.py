@@ -465,43 +465,6 @@ def test_repair_combine_kernel_hit_patterns(case, mode):
     torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["exact", "union"])
-def test_repair_waiting_on_the_signal_equals_the_repair(mode):
-    """A repair that waits for the speculation's signal on the device returns what the plain repair returns, bit
-    for bit, and leaves the flag at zero for the next step (twice over: the flag is reused); the reference
-    accepts the flag and ignores it; a flag that is not one int32 element on q's device is refused."""
-    dtype = LOWP[-1]
-    base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
-    cache = _to(base, dtype)
-    q = make_query(base, 2).to(DEVICE, dtype)
-    s_idx, s_cnt, p_idx, p_cnt = _overlapping_selections(cache, 16, 40, 70, "wide")
-    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    with use_backend("triton"):
-        if mode == "exact":
-            bo, blse = prr.ops.block_states(q, cache, p_idx, p_cnt, 16)
-            spec = dict(block_o=bo, block_lse=blse)
-        else:
-            so, slse = prr.sparse_decode(q, cache, p_idx, p_cnt, 16)
-            spec = dict(spec_o=so, spec_lse=slse)
-        want = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, **spec)
-        n = prr.ops.repair_programs(cache.batch, cache.num_kv_heads, s_idx.shape[-1], 16, q.device)
-        assert n >= cache.batch * cache.num_kv_heads
-        for _ in range(2):
-            prr.ops.repair_signal(flag, q, cache, 16, s_idx)
-            assert int(flag) == n  # (stream order: the signal has run)
-            got = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, flag=flag, **spec)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            assert int(flag) == 0
-        for bad in (flag.long(), torch.zeros(2, dtype=torch.int32, device=DEVICE)):
-            with pytest.raises(ValueError, match="flag must be a one-element int32 tensor"):
-                prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, flag=bad, **spec)
-    with use_backend("reference"):
-        prr.ops.repair_signal(flag, q, cache, 16, s_idx)
-        assert int(flag) == 0
-        ref = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, mode=mode, flag=flag, **spec)
-    torch.testing.assert_close(ref[1].float(), want[1].float(), rtol=1e-4, atol=1e-4)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # metadata append
 # --------------------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _cmd_bench_e2e(args) -> int:
                                                                  "prr_previous"))
     amortized = parse_amortized(args.amortized) if args.amortized else ()
     pdl = _choices("--pdl", args.pdl, ("auto", "on", "off"))
-    overlaps = _choices("--overlap", args.overlap, ("selection", "topk", "inline"))
+    overlaps = _choices("--overlap", args.overlap, ("selection", "topk"))
     for flag, v in (("--budget", args.budget), ("--steps", args.steps)):
         if v <= 0:
             raise ValueError(f"{flag} must be positive, got {v}")
@@ -255,9 +255,8 @@ def register(sub) -> None:
     s.add_argument("--pdl", default="auto", help="programmatic dependent launch modes to time each configuration "
                    "under, comma separated (auto, on, off; e.g. off,on for an A/B in one run)")
     s.add_argument("--overlap", default="topk", help="what PRR's speculation runs beside, comma separated: topk "
-                   "(the top-K alone, after the scores: the engine's default), selection (scores and top-K), inline "
-                   "(the top-K alone, the critical path on one stream, the repair waiting for a device signal); one "
-                   "prr row each")
+                   "(the top-K alone, after the scores: the engine's default), selection (scores and top-K); one prr "
+                   "row each")
     s.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up products (the baseline)")
     s.add_argument("--no-breakdown", action="store_true", help="skip the per-token breakdown (a kernel timeline of "
                    "one replay per configuration: selection, speculation, repair, attention vs the rest)")

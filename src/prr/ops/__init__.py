@@ -12,7 +12,7 @@ from .guessed import select_blocks_guessed
 from .holt import holt_update_
 from .merge import merge_states, merge_two
 from .metadata import infllm_metadata, infllm_metadata_append, quest_metadata, quest_metadata_append
-from .repair import repair_combine, repair_programs, repair_signal
+from .repair import repair_combine
 from .scoring import infllm_scores, oracle_scores, quest_scores
 from .select import select_blocks, selection_contains, selection_difference, selection_mask, selection_overlap
 
@@ -32,8 +32,6 @@ __all__ = [
     "quest_metadata_append",
     "quest_scores",
     "repair_combine",
-    "repair_programs",
-    "repair_signal",
     "select_blocks",
     "select_blocks_guessed",
     "selection_contains",

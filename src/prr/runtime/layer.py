@@ -34,7 +34,7 @@ from ..cache import KVCache
 
 METHODS = ("dsa", "prr")
 TOPKS = ("full", "guessed")
-OVERLAPS = ("selection", "topk", "inline")
+OVERLAPS = ("selection", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +49,7 @@ class StepSettings:
     ``overlap``: what PRR's speculation runs beside (on a GPU): ``"selection"``, the scores and the top-K (the
     paper's schedule), or ``"topk"``, the top-K alone: it starts once the scores are written, so the
     bandwidth-bound scorer has the memory to itself and the speculation fills the SMs the latency-bound top-K
-    leaves idle; or ``"inline"``, the top-K alone with the critical path on the caller's stream: scores, top-K,
-    repair and merge follow one another by dependent launches as DSA's kernels do, and the repair waits for the
-    speculation on the device (:func:`prr.ops.repair_signal`) instead of joining its stream (a repair grid of
-    more than two programs per SM joins as ``"topk"`` does, so that waiting programs never hold the GPU)."""
+    leaves idle."""
 
     method: str = "prr"
     topk: str | None = None
@@ -178,12 +175,6 @@ class LayerStep:
                                   float("-inf"), device=cache.device)
                 self.p_idx, self.p_cnt = ops.select_blocks(none, nblk, self.spec_k, self.cfg.n_sink,
                                                            self.cfg.n_local)
-        self.flag = None  # overlap="inline": the speculation's signal to the repair
-        if two and self.overlap == "inline" and self.mode != "predicted":
-            ks = self.cfg.top_k + self.cfg.n_sink + self.cfg.n_local
-            rows = ops.repair_programs(cache.batch, cache.num_kv_heads, ks, self.cfg.block_size, cache.device)
-            if rows <= 2 * torch.cuda.get_device_properties(cache.device).multi_processor_count:
-                self.flag = torch.zeros(1, dtype=torch.int32, device=cache.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tail_graph: torch.cuda.CUDAGraph | None = None
         self.kind_graphs: dict | None = None  # host-scheduled amortized selection: {scan: (graph, out, last)}
@@ -228,17 +219,13 @@ class LayerStep:
         main = torch.cuda.current_stream() if self.side is not None else None
         p_idx, p_cnt = self.p_idx, self.p_cnt
         after_scores = None
-        inline = main is not None and self.flag is not None
-        if inline:  # the selection on this stream; the speculation forks once the scores are written
-            def after_scores():
-                self.side.wait_stream(main)
-        elif main is not None:  # fork: the selection first (high priority), then the speculation
+        if main is not None:  # fork: the selection first (high priority), then the speculation
             self.sel_stream.wait_stream(main)
             self.side.wait_stream(main)
-            if self.overlap != "selection":  # the speculation waits for the scores: beside the top-K alone
+            if self.overlap == "topk":  # the speculation waits for the scores: it runs beside the top-K alone
                 def after_scores():
                     self.side.wait_stream(self.sel_stream)
-        with contextlib.nullcontext() if inline else self._sel():
+        with self._sel():
             sel = self._select(q, nblk, after_scores)
         with self._side():  # speculate over P (predicted at the end of the previous step)
             if self.mode == "exact":
@@ -249,19 +236,14 @@ class LayerStep:
                 so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
                                              max_programs=self.spec_programs)
                 spec = {"spec_o": so, "spec_lse": slse}
-            if inline:
-                ops.repair_signal(self.flag, q, cache, cfg.block_size, sel.indices)
-        if main is not None and not inline:  # join
+        if main is not None:  # join
             main.wait_stream(self.sel_stream)
             main.wait_stream(self.side)
         if self.mode == "predicted":
             o, lse = spec["spec_o"], spec["spec_lse"]
         else:
             o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
-                                        mode=self.mode, scale=self.scale, flag=self.flag if inline else None,
-                                        **spec)
-        if inline and not self.tail:  # (with a tail, the tail joins the speculation's stream)
-            main.wait_stream(self.side)
+                                        mode=self.mode, scale=self.scale, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats and not (self.tail and self.side is not None):  # (a stream-less tail runs after)
@@ -394,7 +376,6 @@ class LayerStep:
         if split_tail and self.method == "prr" and self.tail:
             with torch.cuda.graph(self.graph):
                 o, lse, sel, nblk = self._path()
-                self.join()  # (overlap="inline" leaves the speculation's stream to the tail to join)
             self.out, self._held = (o, lse), (sel, nblk)  # the tail graph reads these static buffers
             self.tail_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.tail_graph, pool=self.graph.pool()):

@@ -74,14 +74,3 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
     else:
         o, lse = merge_two(spec_o, spec_lse, o_m, lse_m)
     return o, lse
-
-
-def repair_signal(flag, q, cache, block_size, s_idx) -> None:
-    """Tell the repair launched with ``flag`` (a one-element int32 device tensor, zero before the first signal)
-    that the speculation's states are written.
-
-    Call it on the speculation's stream right after the speculation, once before each repair that passes the
-    same flag and the same ``q``, ``cache``, ``block_size`` and ``s_idx`` shapes: each repair program waits for
-    the signal on the device, so the repair needs no join with the speculation's stream and can follow the
-    top-K by a dependent launch; the flag is back at zero once the repair's programs have passed. This
-    reference runs in stream order and needs no signal: it does nothing."""

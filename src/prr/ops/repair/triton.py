@@ -9,11 +9,6 @@ masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] st
 against 10.0 us; docs/experiments/diag_prr_foldtile_h200.json). Union mode
 skips the hits (already inside P's merged state). One launch of the merge kernel combines the split states
 (and, in union mode, P's merged state).
-
-With a ``flag`` the repair follows the top-K on the same stream (a dependent launch) instead of a join with the
-speculation's stream: the speculation's stream runs :func:`repair_signal` after P's states, which adds the
-repair's program count to the flag, and each repair program waits for a positive flag before it reads P's states
-and then takes one off it (so the flag is back at zero when the last program has passed).
 """
 
 from __future__ import annotations
@@ -46,13 +41,12 @@ def _repair_kernel(
     p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
     bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
     so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
-    flag_ptr,  # the speculation's signal (WAIT)
     scale, HKV, KP, KS, PER, NSPLIT, CAP, NPAGES,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-    WAIT: tl.constexpr = False, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)
     i_split = tl.program_id(1)
@@ -81,11 +75,6 @@ def _repair_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if WAIT:  # P's states come from another stream: wait for its signal, then take this program's share off
-        ready = tl.atomic_add(flag_ptr, 0, sem="acquire")
-        while ready < 1:
-            ready = tl.atomic_add(flag_ptr, 0, sem="acquire")
-        tl.atomic_add(flag_ptr, -1, sem="relaxed")
     if EXACT:  # reuse: fold in P's stored state of each hit of the range, one [G_PAD, D] tile per slot
         for f in tl.static_range(PER_PAD):
             hit_f = tl.max(((i_r == f) & hit).to(tl.int32), axis=0) > 0
@@ -126,34 +115,8 @@ def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, s
     return max(4, chunk * tiles)
 
 
-def _split(rows: int, ks: int, block_size: int, device, splits=None) -> tuple[int, int]:
-    """S's slots per repair program and the programs per row."""
-    chunk = chunk_slots(block_size)
-    per = slots_per_program(rows, ks, chunk, device) if not splits else chunk * -(-max(ks, 1) // (chunk * splits))
-    return per, -(-max(ks, 1) // per)
-
-
-def repair_programs(batch: int, num_kv_heads: int, ks: int, block_size: int, device) -> int:
-    """The repair kernel's grid size for S rows of ``ks`` slots (what :func:`repair_signal` adds to the flag)."""
-    return batch * num_kv_heads * _split(batch * num_kv_heads, ks, block_size, device)[1]
-
-
-@triton.jit
-def _signal_kernel(flag_ptr, N, PDL: tl.constexpr = False):
-    pdl_prologue(PDL)  # the speculation before this kernel on its stream has finished, its states visible
-    tl.atomic_add(flag_ptr, N, sem="release")
-
-
-def repair_signal(flag, q, cache: KVCache, block_size, s_idx) -> None:
-    """Tell the repair launched with ``flag`` that P's states are written: call on the speculation's stream
-    after it, once per repair."""
-    bsz = q.shape[0]
-    _signal_kernel[(1,)](flag, repair_programs(bsz, cache.num_kv_heads, s_idx.shape[-1], block_size, q.device),
-                         **pdl_launch(q))
-
-
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                  splits=None, flag=None):
+                  splits=None):
     """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
@@ -161,27 +124,29 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     g = hq // hkv
     kp, ks = p_idx.shape[-1], s_idx.shape[-1]
     chunk = chunk_slots(block_size)
-    per, nsplit = _split(bsz * hkv, ks, block_size, q.device, splits)
+    per = slots_per_program(bsz * hkv, ks, chunk, q.device) if not splits else \
+        chunk * -(-max(ks, 1) // (chunk * splits))
+    nsplit = -(-max(ks, 1) // per)
     so = torch.empty(bsz, hq, nsplit, d, dtype=torch.float32, device=q.device)
     slse = torch.empty(bsz, hq, nsplit, dtype=torch.float32, device=q.device)
     per_pad = triton.next_power_of_2(per)
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
-        block_o if exact else so, block_lse if exact else slse, so, slse, flag if flag is not None else s_cnt,
+        block_o if exact else so, block_lse if exact else slse, so, slse,
         scale, hkv, kp, ks, per, nsplit, cache.page_table.shape[1] * cache.page_size, cache.k.shape[0],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
-        EXACT=exact, WAIT=flag is not None, num_warps=4, **pdl_launch(q),
+        EXACT=exact, num_warps=4, **pdl_launch(q),
     )
     return so, slse
 
 
 def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
-                   spec_o=None, spec_lse=None, mode="exact", scale=None, flag=None):
-    """Triton twin of :func:`prr.ops.repair.reference.repair_combine` (``flag``: see :func:`repair_signal`)."""
+                   spec_o=None, spec_lse=None, mode="exact", scale=None):
+    """Triton twin of :func:`prr.ops.repair.reference.repair_combine`."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     exact = mode == "exact"
     bsz, hq, d = q.shape
@@ -193,8 +158,7 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                                  "states (ops.block_states)")
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
-    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                             flag=flag)
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
     if exact:
         return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
