@@ -20,6 +20,8 @@
 #   topk             prr bench topk: the guessed top-K vs the full one, Llama-3.1-8B 128K/512K x b1/b8, budget 2048
 #   topk-timeline    scripts/topk_timeline.py: SM-clock stamps at the top-K programs' phase boundaries (full and
 #                    guessed; L2 flushed and warm) and single-program primitives at the top-K's tile sizes
+#   handoff          scripts/diag_handoff.py: how long a kernel waits for the one before it (ordinary launch,
+#                    dependent launch, a per-row device flag)
 #   layer-targets    the layer step at the issue's two target cases (Llama-3.1-8B b1 128K and GLM-4-9B b1 512K,
 #                    budget 2048), kernel timelines recorded
 #   e2e-llama        whole-model decode, DSA vs DSA on the guessed top-K vs PRR: Llama-3.1-8B 128K b1
@@ -81,6 +83,8 @@ for step in "$@"; do
       | tail -6 | tee -a "$OUT/run.log" ;;
     topk) timeout 200 python3 -m prr bench topk --batches 1,8 --contexts 128K,512K --warps 16 \
       --out "$OUT/bench_topk.json" 2>&1 | quiet | tail -12 | tee -a "$OUT/run.log" ;;
+    handoff) timeout 200 python3 scripts/diag_handoff.py --out "$OUT/diag_handoff.json" 2>&1 | tail -8 \
+      | tee -a "$OUT/run.log" ;;
     topk-timeline) timeout 400 python3 scripts/topk_timeline.py --out "$OUT/topk_timeline.json" 2>&1 \
       | tee "$OUT/topk_timeline.log" | tail -150 ;;
     layer-targets) { timeout 200 python3 -m prr bench layer --quick --timelines --models llama-3.1-8b --batches 1 \
