@@ -465,6 +465,28 @@ def test_repair_combine_kernel_hit_patterns(case, mode):
     torch.testing.assert_close(lse.cpu().double(), lse_ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_repair_calls_before_merge_once_and_computes_the_same(backend_name):
+    """``before_merge`` (where a caller joins the speculation's stream in union mode) is called exactly once and
+    changes nothing in the result; anything but a callable is refused."""
+    dtype = LOWP[-1]
+    base = make_cache([1500, 900], hkv=2, d=64, capacity=1504)
+    cache = _to(base, dtype)
+    q = make_query(base, 2).to(DEVICE, dtype)
+    s_idx, s_cnt, p_idx, p_cnt = _overlapping_selections(cache, 16, 40, 70, "wide")
+    calls = []
+    with use_backend(backend_name):
+        so, slse = prr.sparse_decode(q, cache, p_idx, p_cnt, 16)
+        kw = dict(mode="union", spec_o=so, spec_lse=slse)
+        want = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, **kw)
+        got = prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, before_merge=lambda: calls.append(1),
+                                     **kw)
+        with pytest.raises(TypeError, match="before_merge must be callable"):
+            prr.ops.repair_combine(q, cache, 16, p_idx, p_cnt, s_idx, s_cnt, before_merge=1, **kw)
+    assert calls == [1]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # metadata append
 # --------------------------------------------------------------------------------------------------------------

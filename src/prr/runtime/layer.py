@@ -236,14 +236,19 @@ class LayerStep:
                 so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
                                              max_programs=self.spec_programs)
                 spec = {"spec_o": so, "spec_lse": slse}
-        if main is not None:  # join
+        # Join. Union mode's repair reads S and P alone (P's merged state only enters the merge after it), so it
+        # starts as soon as S is written and the speculation's stream is joined before the merge.
+        late = main is not None and self.mode == "union"
+        if main is not None:
             main.wait_stream(self.sel_stream)
-            main.wait_stream(self.side)
+            if not late:
+                main.wait_stream(self.side)
         if self.mode == "predicted":
             o, lse = spec["spec_o"], spec["spec_lse"]
         else:
             o, lse = ops.repair_combine(q, cache, cfg.block_size, p_idx, p_cnt, sel.indices, sel.counts,
-                                        mode=self.mode, scale=self.scale, **spec)
+                                        mode=self.mode, scale=self.scale,
+                                        before_merge=(lambda: main.wait_stream(self.side)) if late else None, **spec)
         self.last = {"s_idx": sel.indices, "s_cnt": sel.counts, "p_idx": p_idx, "p_cnt": p_cnt,
                      "scores": sel.scores}
         if self.collect_stats and not (self.tail and self.side is not None):  # (a stream-less tail runs after)

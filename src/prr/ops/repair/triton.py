@@ -145,7 +145,7 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
 
 
 def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
-                   spec_o=None, spec_lse=None, mode="exact", scale=None):
+                   spec_o=None, spec_lse=None, mode="exact", scale=None, before_merge=None):
     """Triton twin of :func:`prr.ops.repair.reference.repair_combine`."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     exact = mode == "exact"
@@ -159,6 +159,8 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
     so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
+    if before_merge is not None:
+        before_merge()
     if exact:
         return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
