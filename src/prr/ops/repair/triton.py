@@ -5,7 +5,7 @@ once; see :func:`slots_per_program`), finds which are hits by comparing them wit
 ranks the misses by a prefix sum and attends them alone, CHUNK blocks per tile (no work for the hits, not even
 masked compute). It reads no speculation state, so it may run while the speculation finishes. The merge then
 combines the split states with, in exact mode, P's stored per-slot states of the slots S holds (reuse: never
-recomputed; the repair writes each hit's P slot for :func:`merge_hits`) or, in union mode, P's merged state.
+recomputed; :func:`merge_hits` finds them by the same comparison) or, in union mode, P's merged state.
 
 The repair kernel can also fold the hits' states itself (``exact=True`` in :func:`repair_launch`, one [G, D]
 state per slot; a [FCH, G, D] tile fold measured 4-8x slower, docs/experiments/diag_prr_foldtile_h200.json), but
@@ -32,7 +32,7 @@ from ..attention.triton import (
     chunk_slots,
 )
 from ..backend import pdl_launch
-from ..merge.triton import merge_partials
+from ..merge.triton import _merge_chunked, _parts_per_pass, merge_partials
 from ..pdl import pdl_prologue
 
 
@@ -42,13 +42,11 @@ def _repair_kernel(
     p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
     bo_ptr, blse_ptr,  # P's per-slot states [B, Hq, KP, D], [B, Hq, KP] (exact mode)
     so_ptr, slse_ptr,  # split states out [B, Hq, NSPLIT, D], [B, Hq, NSPLIT]
-    hp_ptr,  # HITS: each S slot's P slot if a hit, else -1 [B, Hkv, KS]
     scale, HKV, KP, KS, PER, NSPLIT, CAP, NPAGES,
     s_qb, s_qh, s_kp, s_kh, s_ks, s_vp, s_vh, s_vs, s_ptb,
     s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     CHUNK: tl.constexpr, KP_PAD: tl.constexpr, PER_PAD: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-    HITS: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)
@@ -71,9 +69,6 @@ def _repair_kernel(
     match = s_blk[:, None] == p_blk[None, :]  # [PER_PAD, KP_PAD]
     hit = tl.max(match.to(tl.int32), axis=1) > 0
     pos = tl.minimum(tl.sum(tl.where(match, i_p[None, :], 0), axis=1), KP - 1)  # duplicates in P stay in bounds
-    if HITS:
-        tl.store(hp_ptr + (i_b * HKV + i_h) * KS + start + i_r, tl.where(hit & (start + i_r < end), pos, -1),
-                 mask=start + i_r < KS)
     miss = ((start + i_r < end) & ~hit).to(tl.int32)
     rank = tl.cumsum(miss, axis=0) - 1
     n_miss = tl.sum(miss, axis=0)
@@ -122,10 +117,8 @@ def slots_per_program(rows: int, slots: int, chunk: int, device: torch.device, s
 
 
 def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact,
-                  splits=None, hit_pos=None):
-    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``.
-    ``hit_pos``: an int32 ``[B, Hkv, K_max]`` buffer the kernel fills with each S slot's P slot (-1: a miss or
-    an empty slot)."""
+                  splits=None):
+    """Launch the repair kernel; returns the split states ``([B, Hq, NSPLIT, D], [B, Hq, NSPLIT])``."""
     check_layout(cache, q)
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -140,77 +133,72 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     per_pad = triton.next_power_of_2(per)
     _repair_kernel[(bsz * hkv, nsplit)](
         q, cache.k, cache.v, cache.page_table, cache.seq_lens, p_idx, p_cnt, s_idx, s_cnt,
-        block_o if exact else so, block_lse if exact else slse, so, slse, hit_pos if hit_pos is not None else s_cnt,
+        block_o if exact else so, block_lse if exact else slse, so, slse,
         scale, hkv, kp, ks, per, nsplit, cache.page_table.shape[1] * cache.page_size, cache.k.shape[0],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], *cache.v.stride()[:3], cache.page_table.stride(0),
         p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
         s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=block_size, PAGE=cache.page_size,
         CHUNK=chunk, KP_PAD=max(16, triton.next_power_of_2(kp)), PER_PAD=per_pad, PREC=_prec(q.dtype),
-        EXACT=exact, HITS=hit_pos is not None, num_warps=4, **pdl_launch(q),
+        EXACT=exact, num_warps=4, **pdl_launch(q),
     )
     return so, slse
 
 
 @triton.jit
-def _fold_parts(o_ptr, lse_ptr, at, live, m_run, l_run, acc, i_d, D: tl.constexpr):
-    """Fold the parts at rows ``at`` (where ``live``) of ``lse [rows]`` / ``o [rows, D]`` (columns ``i_d``) into
-    a running state."""
-    lse = tl.load(lse_ptr + at, mask=live, other=float("-inf"))
-    m_new = tl.maximum(m_run, tl.max(lse, axis=0))
-    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-    w = tl.exp(lse - m_safe)  # 0 for parts left out
-    o = tl.load(o_ptr + at[:, None] * D + i_d[None, :], mask=live[:, None], other=0.0)
-    scale_old = tl.exp(m_run - m_safe)
-    acc = acc * scale_old + tl.sum(tl.where((w > 0)[:, None], w[:, None] * o, 0.0), axis=0)
-    return m_new, l_run * scale_old + tl.sum(w, axis=0), acc
-
-
-@triton.jit
-def _merge_hits_kernel(so_ptr, slse_ptr, NSPLIT, bo_ptr, blse_ptr, KP, hp_ptr, out_ptr, out_lse_ptr, HQ, G, KS,
-                       D: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+def _merge_hits_kernel(so_ptr, slse_ptr, NSPLIT, bo_ptr, blse_ptr, KP, p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
+                       out_ptr, out_lse_ptr, HQ, G, KS, s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, KS_PAD: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """One (sequence, query head) and DB of its D columns: the misses' split states, then P's per-slot states of
-    S's hits (their P slots written by the repair)."""
+    """One (sequence, query head): the misses' split states, then P's per-slot states of the slots S holds."""
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1) * DB + tl.arange(0, DB)
-    hp_row = hp_ptr + (row // G) * KS  # (b * Hq + hq) // G == b * Hkv + hq // G
+    i_b = row // HQ
+    i_h = (row % HQ) // G
+    i_d = tl.arange(0, D)
+    s_cnt = tl.minimum(tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch), KS)
+    i_s = tl.arange(0, KS_PAD)
+    s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + i_s, mask=i_s < s_cnt, other=-2)
+    p_cnt = tl.minimum(tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch), KP)
     m_run = tl.full([], float("-inf"), tl.float32)
     l_run = tl.zeros([], tl.float32)
-    acc = tl.zeros([DB], tl.float32)
-    for n0 in range(0, NSPLIT, BLOCK_N):
-        i_n = n0 + tl.arange(0, BLOCK_N)
-        m_run, l_run, acc = _fold_parts(so_ptr, slse_ptr, row * NSPLIT + i_n, i_n < NSPLIT, m_run, l_run, acc, i_d,
-                                        D)
-    for s0 in range(0, KS, BLOCK_S):
-        i_s = s0 + tl.arange(0, BLOCK_S)
-        pos = tl.load(hp_row + i_s, mask=i_s < KS, other=-1)
-        m_run, l_run, acc = _fold_parts(bo_ptr, blse_ptr, row * KP + pos, pos >= 0, m_run, l_run, acc, i_d, D)
+    acc = tl.zeros([D], tl.float32)
+    m_run, l_run, acc = _merge_chunked(so_ptr, slse_ptr, row, NSPLIT, m_run, l_run, acc, NSPLIT * D, D, NSPLIT,
+                                       D, BLOCK_N)
+    for p0 in range(0, KP, BLOCK_P):
+        i_p = p0 + tl.arange(0, BLOCK_P)
+        m_p = i_p < p_cnt
+        p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=m_p, other=-1)
+        hit = (tl.max((p_blk[:, None] == s_blk[None, :]).to(tl.int32), axis=1) > 0) & m_p
+        lse = tl.load(blse_ptr + row * KP + i_p, mask=hit, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        w = tl.exp(lse - m_safe)  # 0 for the slots S does not hold
+        o = tl.load(bo_ptr + (row * KP + i_p)[:, None] * D + i_d[None, :], mask=hit[:, None], other=0.0)
+        scale_old = tl.exp(m_run - m_safe)
+        acc = acc * scale_old + tl.sum(tl.where((w > 0)[:, None], w[:, None] * o, 0.0), axis=0)
+        l_run = l_run * scale_old + tl.sum(w, axis=0)
+        m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + row * D + i_d, out.to(out_ptr.dtype.element_ty))
-    if tl.program_id(1) == 0:
-        tl.store(out_lse_ptr + row, tl.where(l_run > 0, m_run + tl.log(l_run), float("-inf")))
+    tl.store(out_lse_ptr + row, tl.where(l_run > 0, m_run + tl.log(l_run), float("-inf")))
 
 
-MERGE_HITS_COLUMNS = 32  # D columns per merge program (module-level for a sweep)
-
-
-def merge_hits(so, slse, block_o, block_lse, hit_pos, out_dtype):
-    """Exact mode's merge: the misses' split states ``[B, Hq, NSPLIT, (D)]`` with P's per-slot states
-    ``block_o [B, Hq, K'_max, D]`` of S's hits, whose P slots ``hit_pos [B, Hkv, K_max]`` the repair wrote (-1:
-    not a hit); ``(o [B, Hq, D] out_dtype, lse [B, Hq] float32)``. Programs split D: a row's hits hold ~K
-    states of D floats, too many for one program to read quickly."""
+def merge_hits(so, slse, block_o, block_lse, p_idx, p_cnt, s_idx, s_cnt, out_dtype):
+    """Exact mode's merge: the misses' split states ``[B, Hq, NSPLIT, (D)]`` with P's per-slot states of the
+    slots whose block S holds (reuse); ``(o [B, Hq, D] out_dtype, lse [B, Hq] float32)``."""
     bsz, hq, nsplit, d = so.shape
-    hkv, ks = hit_pos.shape[1], hit_pos.shape[-1]
-    kp = block_o.shape[2]
+    hkv, kp, ks = p_idx.shape[1], p_idx.shape[-1], s_idx.shape[-1]
     out = torch.empty(bsz, hq, d, dtype=out_dtype, device=so.device)
     out_lse = torch.empty(bsz, hq, dtype=torch.float32, device=so.device)
-    db = min(d, MERGE_HITS_COLUMNS)
-    _merge_hits_kernel[(bsz * hq, d // db)](
-        so, slse, nsplit, block_o, block_lse, kp, hit_pos, out, out_lse, hq, hq // hkv, ks,
-        D=d, DB=db, BLOCK_N=min(128, max(16, triton.next_power_of_2(nsplit))),
-        BLOCK_S=min(256, max(16, triton.next_power_of_2(ks))), num_warps=4, **pdl_launch(so),
+    block_n = _parts_per_pass(nsplit)
+    block_p = _parts_per_pass(kp)
+    _merge_hits_kernel[(bsz * hq,)](
+        so, slse, nsplit, block_o, block_lse, kp, p_idx, p_cnt, s_idx, s_cnt, out, out_lse, hq, hq // hkv, ks,
+        p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
+        s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
+        D=d, BLOCK_N=block_n, BLOCK_P=block_p, KS_PAD=max(16, triton.next_power_of_2(ks)),
+        num_warps=max(1, min(8, max(block_n, block_p) * d // 1024)), **pdl_launch(so),
     )
     return out, out_lse
 
@@ -231,11 +219,9 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
     # The repair attends the misses alone (exact mode too): P's states are read only by the merge, so a caller
     # may join the speculation's stream just before it (``before_merge``)
-    hit_pos = torch.empty(s_idx.shape, dtype=torch.int32, device=q.device) if exact else None
-    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, None, None, scale, False,
-                             hit_pos=hit_pos)
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, None, None, scale, False)
     if before_merge is not None:
         before_merge()
     if exact:
-        return merge_hits(so, slse, block_o, block_lse, hit_pos, q.dtype)
+        return merge_hits(so, slse, block_o, block_lse, p_idx, p_cnt, s_idx, s_cnt, q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
