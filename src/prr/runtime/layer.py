@@ -236,9 +236,9 @@ class LayerStep:
                 so, slse = ops.sparse_decode(q, cache, p_idx, p_cnt, cfg.block_size, self.scale,
                                              max_programs=self.spec_programs)
                 spec = {"spec_o": so, "spec_lse": slse}
-        # Join. The repair attends S's misses, reading S and P alone (P's states only enter the merge after it), so
-        # it starts as soon as S is written and the speculation's stream is joined before the merge.
-        late = main is not None and self.mode != "predicted"
+        # Join. Union mode's repair reads S and P alone (P's merged state only enters the merge after it), so it
+        # starts as soon as S is written and the speculation's stream is joined before the merge.
+        late = main is not None and self.mode == "union"
         if main is not None:
             main.wait_stream(self.sel_stream)
             if not late:

@@ -23,9 +23,9 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
 
 
 repair_combine.__doc__ = reference.repair_combine.__doc__ + """
-    ``before_merge``: called after the repair's launch and before the merge's: the repair attends the misses
-    alone and reads no speculation state (the merge reads them: P's per-slot states of S's hits, or P's merged
-    state), so a caller that runs the speculation on another stream can join that stream here and let the
+    ``before_merge``: called once the kernels that read ``block_o`` / ``block_lse`` are launched and before the
+    merge that reads ``spec_o`` / ``spec_lse``: in union mode the repair itself reads neither speculation
+    state, so a caller that runs the speculation on another stream can join that stream here and let the
     repair start beside it (the PyTorch reference reads everything at once: it calls it first)."""
 
 __all__ = ["MODES", "repair_combine"]

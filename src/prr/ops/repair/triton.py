@@ -1,15 +1,14 @@
 """Reuse + repair + merge in Triton (twin: ``reference.repair_combine``).
 
-The repair: one program per (sequence, KV head, split); a split owns a range of S's slots (``PER``, loaded at
-once; see :func:`slots_per_program`), finds which are hits by comparing them with P's row, held in registers,
-ranks the misses by a prefix sum and attends them alone, CHUNK blocks per tile (no work for the hits, not even
-masked compute). It reads no speculation state, so it may run while the speculation finishes. The merge then
-combines the split states with, in exact mode, P's stored per-slot states of the slots S holds (reuse: never
-recomputed; :func:`merge_hits` finds them by the same comparison) or, in union mode, P's merged state.
-
-The repair kernel can also fold the hits' states itself (``exact=True`` in :func:`repair_launch`, one [G, D]
-state per slot; a [FCH, G, D] tile fold measured 4-8x slower, docs/experiments/diag_prr_foldtile_h200.json), but
-then it waits for the speculation before it starts.
+One program per (sequence, KV head, split); a split owns a range of S's slots (``PER``, loaded at once; see
+:func:`slots_per_program`) and finds which are hits by comparing them with P's row, held in registers. Exact
+mode folds each hit's stored per-slot state of P in (reuse: never recomputed); the misses of the range are
+ranked by a prefix sum and attended alone, CHUNK blocks per tile (repair: no work for the hits, not even
+masked compute). A [FCH, G, D] tile fold measured 4-8x slower than one [G, D] state per slot, and so did
+[HF, G_PAD, D] tiles of HF hits' states with lse and o loaded together (H200, Llama b1 128K / 2048: 17.9-25.1
+against 10.0 us; docs/experiments/diag_prr_foldtile_h200.json). Union mode
+skips the hits (already inside P's merged state). One launch of the merge kernel combines the split states
+(and, in union mode, P's merged state).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from ..attention.triton import (
     chunk_slots,
 )
 from ..backend import pdl_launch
-from ..merge.triton import _merge_chunked, _parts_per_pass, merge_partials
+from ..merge.triton import merge_partials
 from ..pdl import pdl_prologue
 
 
@@ -145,64 +144,6 @@ def repair_launch(q, cache: KVCache, block_size, p_idx, p_cnt, s_idx, s_cnt, blo
     return so, slse
 
 
-@triton.jit
-def _merge_hits_kernel(so_ptr, slse_ptr, NSPLIT, bo_ptr, blse_ptr, KP, p_idx_ptr, p_cnt_ptr, s_idx_ptr, s_cnt_ptr,
-                       out_ptr, out_lse_ptr, HQ, G, KS, s_pib, s_pih, s_pcb, s_pch, s_sib, s_sih, s_scb, s_sch,
-                       D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, KS_PAD: tl.constexpr,
-                       PDL: tl.constexpr = False):
-    """One (sequence, query head): the misses' split states, then P's per-slot states of the slots S holds."""
-    pdl_prologue(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    i_b = row // HQ
-    i_h = (row % HQ) // G
-    i_d = tl.arange(0, D)
-    s_cnt = tl.minimum(tl.load(s_cnt_ptr + i_b * s_scb + i_h * s_sch), KS)
-    i_s = tl.arange(0, KS_PAD)
-    s_blk = tl.load(s_idx_ptr + i_b * s_sib + i_h * s_sih + i_s, mask=i_s < s_cnt, other=-2)
-    p_cnt = tl.minimum(tl.load(p_cnt_ptr + i_b * s_pcb + i_h * s_pch), KP)
-    m_run = tl.full([], float("-inf"), tl.float32)
-    l_run = tl.zeros([], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    m_run, l_run, acc = _merge_chunked(so_ptr, slse_ptr, row, NSPLIT, m_run, l_run, acc, NSPLIT * D, D, NSPLIT,
-                                       D, BLOCK_N)
-    for p0 in range(0, KP, BLOCK_P):
-        i_p = p0 + tl.arange(0, BLOCK_P)
-        m_p = i_p < p_cnt
-        p_blk = tl.load(p_idx_ptr + i_b * s_pib + i_h * s_pih + i_p, mask=m_p, other=-1)
-        hit = (tl.max((p_blk[:, None] == s_blk[None, :]).to(tl.int32), axis=1) > 0) & m_p
-        lse = tl.load(blse_ptr + row * KP + i_p, mask=hit, other=float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(lse, axis=0))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        w = tl.exp(lse - m_safe)  # 0 for the slots S does not hold
-        o = tl.load(bo_ptr + (row * KP + i_p)[:, None] * D + i_d[None, :], mask=hit[:, None], other=0.0)
-        scale_old = tl.exp(m_run - m_safe)
-        acc = acc * scale_old + tl.sum(tl.where((w > 0)[:, None], w[:, None] * o, 0.0), axis=0)
-        l_run = l_run * scale_old + tl.sum(w, axis=0)
-        m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)
-    tl.store(out_ptr + row * D + i_d, out.to(out_ptr.dtype.element_ty))
-    tl.store(out_lse_ptr + row, tl.where(l_run > 0, m_run + tl.log(l_run), float("-inf")))
-
-
-def merge_hits(so, slse, block_o, block_lse, p_idx, p_cnt, s_idx, s_cnt, out_dtype):
-    """Exact mode's merge: the misses' split states ``[B, Hq, NSPLIT, (D)]`` with P's per-slot states of the
-    slots whose block S holds (reuse); ``(o [B, Hq, D] out_dtype, lse [B, Hq] float32)``."""
-    bsz, hq, nsplit, d = so.shape
-    hkv, kp, ks = p_idx.shape[1], p_idx.shape[-1], s_idx.shape[-1]
-    out = torch.empty(bsz, hq, d, dtype=out_dtype, device=so.device)
-    out_lse = torch.empty(bsz, hq, dtype=torch.float32, device=so.device)
-    block_n = _parts_per_pass(nsplit)
-    block_p = _parts_per_pass(kp)
-    _merge_hits_kernel[(bsz * hq,)](
-        so, slse, nsplit, block_o, block_lse, kp, p_idx, p_cnt, s_idx, s_cnt, out, out_lse, hq, hq // hkv, ks,
-        p_idx.stride(0), p_idx.stride(1), p_cnt.stride(0), p_cnt.stride(1),
-        s_idx.stride(0), s_idx.stride(1), s_cnt.stride(0), s_cnt.stride(1),
-        D=d, BLOCK_N=block_n, BLOCK_P=block_p, KS_PAD=max(16, triton.next_power_of_2(ks)),
-        num_warps=max(1, min(8, max(block_n, block_p) * d // 1024)), **pdl_launch(so),
-    )
-    return out, out_lse
-
-
 def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=None, block_lse=None,
                    spec_o=None, spec_lse=None, mode="exact", scale=None, before_merge=None):
     """Triton twin of :func:`prr.ops.repair.reference.repair_combine`."""
@@ -217,11 +158,9 @@ def repair_combine(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, *, block_o=
                                  "states (ops.block_states)")
     elif spec_o is None or spec_lse is None:
         raise ValueError("union mode needs spec_o and spec_lse (the merged state of P)")
-    # The repair attends the misses alone (exact mode too): P's states are read only by the merge, so a caller
-    # may join the speculation's stream just before it (``before_merge``)
-    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, None, None, scale, False)
+    so, slse = repair_launch(q, cache, block_size, p_idx, p_cnt, s_idx, s_cnt, block_o, block_lse, scale, exact)
     if before_merge is not None:
         before_merge()
     if exact:
-        return merge_hits(so, slse, block_o, block_lse, p_idx, p_cnt, s_idx, s_cnt, q.dtype)
+        return merge_partials(so, slse, out_dtype=q.dtype)
     return merge_partials(so, slse, spec_o[:, :, None], spec_lse[:, :, None].float(), out_dtype=q.dtype)
